@@ -1,0 +1,78 @@
+"""``python -m local_triton``: serve a model repository with the embedded Triton until Ctrl-C.
+
+Errors that stop the start (port in use, wrong platform, missing wheel, a model that does
+not load) are printed as one line, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from local_triton.server import DEFAULT_REPOSITORY, LaunchError, TritonServer, format_ready_line, models_in
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m local_triton", description=__doc__)
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--address", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument("--model-control-mode", choices=["none", "explicit"], default="none")
+    parser.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with explicit model control: a model to load at start (repeatable; '*' for all)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not echo Triton's own log")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    server = TritonServer(
+        model_repository=args.model_repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        address=args.address,
+        log_verbose=args.log_verbose,
+        model_control_mode=args.model_control_mode,
+        load_models=args.load_model,
+        log_stream=None if args.quiet else sys.stderr,
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except LaunchError as exc:
+        print(f"local_triton: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(format_ready_line(server, models_in(server.model_repository)), flush=True)
+        while not stopping.wait(0.5):
+            if not server.is_running():
+                print("local_triton: error: Triton exited unexpectedly; see its log above", file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

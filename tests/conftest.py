@@ -1,0 +1,28 @@
+"""Shared fixtures: one real embedded Triton for the whole session, on free ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from local_triton import TritonServer
+from training import data
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def triton() -> Iterator[TritonServer]:
+    """The project's model repository served by the real ``tritonserver`` binary."""
+    with TritonServer(model_repository=MODEL_REPOSITORY, http_port=0, grpc_port=0, metrics_port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def iris() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    return data.load()

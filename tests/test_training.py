@@ -1,0 +1,120 @@
+"""``python -m training``: deterministic, exported within Triton 24.10's limits, and committed as produced."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from training import CLASS_NAMES, export
+from training.__main__ import REPORT_NAME, main
+
+from .conftest import MODEL_REPOSITORY
+
+MODELS = [*CLASS_NAMES, "aggregate"]
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("repository")
+    assert main(["--output", str(out)]) == 0
+    return out
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_committed_configs_and_report_are_what_training_writes(retrained: Path) -> None:
+    for config in sorted(MODEL_REPOSITORY.glob("*/config.pbtxt")):
+        name = config.parent.name
+        assert (retrained / name / "config.pbtxt").read_text() == config.read_text(), name
+    assert sorted(p.parent.name for p in retrained.glob("*/config.pbtxt")) == sorted(
+        p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")
+    )
+    assert (retrained / REPORT_NAME).read_text() == (MODEL_REPOSITORY / REPORT_NAME).read_text()
+
+
+def test_committed_models_predict_as_retrained_ones(
+    retrained: Path, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    for name in CLASS_NAMES:
+        (committed,) = _run(MODEL_REPOSITORY / name / "1" / "model.onnx", {"input": x})
+        (fresh,) = _run(retrained / name / "1" / "model.onnx", {"input": x})
+        np.testing.assert_allclose(committed, fresh, atol=1e-6, err_msg=name)
+    feeds = {n: np.random.default_rng(0).random((150, 2), dtype=np.float32) for n in CLASS_NAMES}
+    for committed, fresh in zip(
+        _run(MODEL_REPOSITORY / "aggregate" / "1" / "model.onnx", feeds),
+        _run(retrained / "aggregate" / "1" / "model.onnx", feeds),
+        strict=True,
+    ):
+        assert committed.tolist() == fresh.tolist()
+
+
+def test_training_is_deterministic(retrained: Path, tmp_path: Path) -> None:
+    assert main(["--output", str(tmp_path)]) == 0
+    for name in MODELS:
+        first = (retrained / name / "1" / "model.onnx").read_bytes()
+        assert (tmp_path / name / "1" / "model.onnx").read_bytes() == first, name
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_loads_in_triton_24_10(name: str) -> None:
+    model = onnx.load(str(MODEL_REPOSITORY / name / "1" / "model.onnx"))
+    assert model.ir_version <= 8
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    assert opsets["ai.onnx"] <= 17
+    assert opsets.get("ai.onnx.ml", 0) <= 3
+
+
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_classifier_io_is_input_n4_to_probabilities_n2(
+    name: str, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = iris
+    session = ort.InferenceSession(str(MODEL_REPOSITORY / name / "1" / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+    (proba,) = session.run(None, {"input": x})
+    assert proba.shape == (150, 2) and proba.dtype == np.float32
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    # Label 0 is "this class": P(class) is high on the class's own rows.
+    own = y == CLASS_NAMES.index(name)
+    assert proba[own, 0].mean() > 0.8 and proba[~own, 0].mean() < 0.2
+
+
+def test_aggregate_is_argmax_of_class_probabilities() -> None:
+    rng = np.random.default_rng(1)
+    p_class = rng.random((64, 3), dtype=np.float32)
+    p_class[0] = [0.5, 0.5, 0.1]  # a tie goes to the first, as in the seed's loop
+    feeds = {n: np.stack([p_class[:, i], 1 - p_class[:, i]], axis=1) for i, n in enumerate(CLASS_NAMES)}
+    scores, label, proba, class_name = _run(MODEL_REPOSITORY / "aggregate" / "1" / "model.onnx", feeds)
+    np.testing.assert_array_equal(scores, p_class)
+    assert label.shape == (64, 1) and label.ravel().tolist() == p_class.argmax(axis=1).tolist()
+    np.testing.assert_array_equal(proba.ravel(), p_class.max(axis=1))
+    assert [str(c) for c in class_name.ravel()] == [CLASS_NAMES[i] for i in p_class.argmax(axis=1)]
+
+
+def test_report_states_accuracy_and_auc() -> None:
+    report = (MODEL_REPOSITORY / REPORT_NAME).read_text()
+    for name in CLASS_NAMES:
+        row = re.search(rf"^\| {name} \| ([\d.]+) \| ([\d.]+) \|", report, re.M)
+        assert row is not None, name
+        assert float(row[1]) >= 0.9 and float(row[2]) >= 0.95
+    assert float(re.search(r"all_rows_label_accuracy: ([\d.]+)", report)[1]) >= 0.95  # type: ignore[index]
+
+
+def test_export_mismatch_exits_nonzero_naming_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A negative tolerance makes every real export "differ": the check, not a stub, must catch it.
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    assert main(["--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "setosa" in err and "differ" in err
+    assert not (tmp_path / "setosa").exists()
