@@ -35,7 +35,8 @@ train: $(STAMP)
 triton: $(STAMP) models
 	$(BIN)/python -m local_triton
 
-run: triton
+run: $(STAMP) models
+	$(BIN)/python -m local_triton.stack
 
 test: $(STAMP) models
 	$(BIN)/python -m pytest

@@ -26,3 +26,33 @@ def triton() -> Iterator[TritonServer]:
 @pytest.fixture(scope="session")
 def iris() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     return data.load()
+
+
+TEST_MODELS = Path(__file__).resolve().parent / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def test_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's classifiers plus the test-only ``slow`` and ``failing`` models."""
+    import shutil
+
+    repository = tmp_path_factory.mktemp("test_repository")
+    for name in ("setosa", "versicolor", "virginica"):
+        shutil.copytree(MODEL_REPOSITORY / name, repository / name)
+    for model in TEST_MODELS.iterdir():
+        shutil.copytree(model, repository / model.name)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def explicit_triton(test_repository: Path) -> Iterator[TritonServer]:
+    """A second real Triton, with explicit model control, serving ``test_repository``."""
+    with TritonServer(
+        model_repository=test_repository,
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        model_control_mode="explicit",
+        load_models=["*"],
+    ) as server:
+        yield server

@@ -1,0 +1,42 @@
+"""``python -m client_proxy``: serve the proxy with uvicorn on ``PROXY_HOST:PROXY_PORT`` (0.0.0.0:9000).
+
+Invalid settings stop the start with one line naming the variable (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvicorn
+
+from client_proxy.config import ConfigError, load_settings, services_from_env
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+        # Parsed here too (the app parses them again in each worker) so that a bad SERVICE_*
+        # variable stops the start with one line instead of a traceback per worker.
+        services_from_env(os.environ, settings)
+    except ConfigError as exc:
+        print(f"client_proxy: error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        "client_proxy.asgi:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        # The proxy logs one line per request itself, with its request id and each service's outcome.
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.deadline_ms / 1000) + 5,
+        server_header=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

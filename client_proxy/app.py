@@ -1,0 +1,118 @@
+"""``create_app(settings, services)``: wires settings, services, the Triton gateway and the routes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from client_proxy.config import Service, Settings, load_settings, services_from_env
+from client_proxy.errors import ProxyError
+from client_proxy.fanout import FanOut
+from client_proxy.gateway import TritonGateway
+from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
+from client_proxy.routes import health, predict
+from client_proxy.state import JSON, ProxyState
+
+logger = logging.getLogger("client_proxy")
+
+
+def create_app(settings: Settings | None = None, services: list[Service] | None = None) -> FastAPI:
+    """The proxy app. Without arguments, settings and services come from the environment."""
+    settings = settings or load_settings()
+    services = services if services is not None else services_from_env(os.environ, settings)
+    configure_logging(settings.log_level)
+    metrics = ProxyMetrics()
+    gateway = TritonGateway(settings)
+    state = ProxyState(
+        settings=settings,
+        services=services,
+        gateway=gateway,
+        fanout=FanOut(gateway.infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
+        metrics=metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway.open(services)
+        logger.info("serving %s", ", ".join(f"{s.name}={s.describe()}" for s in services))
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    app = FastAPI(
+        title="Iris parallel fan-out proxy",
+        summary="Calls every Triton-served classifier concurrently and aggregates their scores into a label.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.proxy = state
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    _install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def proxy_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProxyError)
+        if exc.status_code >= 500:
+            logger.warning("request_id=%s %s %s", _request_id(request), exc.code, exc.message)
+        body = exc.body()
+        body["error"]["request_id"] = _request_id(request)
+        return JSON(body, status_code=exc.status_code)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        # dict.fromkeys: a parameter shared by two dependencies is reported once.
+        problems = list(
+            dict.fromkeys(
+                ".".join(str(p) for p in e.get("loc", ())) + f": {e.get('msg', 'invalid')}"
+                for e in exc.errors()
+            )
+        )
+        body: dict[str, Any] = {
+            "error": {
+                "code": "invalid_request",
+                "message": "; ".join(problems),
+                "problems": problems,
+                "request_id": _request_id(request),
+            }
+        }
+        return JSON(body, status_code=422)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": {"code": code, "message": str(exc.detail), "request_id": _request_id(request)}}
+        return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Never a stack trace or an internal address in the body: the log has them.
+        logger.exception("request_id=%s unexpected error", _request_id(request))
+        body = {
+            "error": {
+                "code": "internal_error",
+                "message": "internal error",
+                "request_id": _request_id(request),
+            }
+        }
+        return JSON(body, status_code=500)
+
+    app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

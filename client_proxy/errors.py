@@ -1,0 +1,91 @@
+"""The proxy's errors. Each carries its HTTP status and a machine-readable code.
+
+Nothing above ``gateway`` sees a tritonclient, aiohttp or grpc exception: the gateway
+translates them into ``UpstreamError`` subclasses (``raise ... from``), and one exception
+handler renders every ``ProxyError`` as ``{"error": {"code", "message", ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        error.update(self.details)
+        return {"error": error}
+
+
+# -- the client's fault -----------------------------------------------------------------------
+class BadRequest(ProxyError):
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidInput(ProxyError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ProxyError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(ProxyError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class UnknownService(ProxyError):
+    status_code = 404
+    code = "unknown_service"
+
+
+# -- upstream (Triton) ------------------------------------------------------------------------
+class UpstreamError(ProxyError):
+    """A service did not answer. ``reason`` is what the response and the metrics call it."""
+
+    status_code = 503
+    code = "upstream_error"
+    reason = "error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Triton unreachable, or the model not loaded / not ready."""
+
+    code = "upstream_unavailable"
+    reason = "unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "upstream_timeout"
+    reason = "timeout"
+
+
+class ServicesFailed(ProxyError):
+    """A request could not be answered because of the named services (``failures``: name -> reason)."""
+
+    def __init__(self, message: str, failures: dict[str, dict[str, str]], timed_out: bool) -> None:
+        super().__init__(message, services=failures)
+        self.status_code = 504 if timed_out else 503
+        self.code = "upstream_timeout" if timed_out else "upstream_unavailable"

@@ -1,0 +1,232 @@
+"""The one place that talks to Triton, through the async tritonclient.
+
+One shared client per distinct Triton server (protocol, host:port), created on first use
+inside the running event loop (the aio clients belong to one loop) and closed by ``aclose``.
+Every tritonclient, aiohttp and grpc exception is translated here into an
+``UpstreamError`` subclass; nothing above this module sees a foreign exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+import aiohttp
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as httpaio
+from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
+
+from client_proxy.config import Service, Settings
+from client_proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+
+# gRPC backs off reconnecting to a server that went away, by default up to 120 s; keep it
+# short so the proxy answers again within a second or two of Triton coming back.
+_GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+_UNAVAILABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED"}
+_UNAVAILABLE_TEXT = (
+    "unknown model",
+    "is not ready",
+    "unavailable",
+    "failed to connect",
+    "connection refused",
+)
+
+
+class _Client(Protocol):
+    async def infer(
+        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+    ) -> Any: ...
+
+    async def is_model_ready(self, service: Service, timeout: float) -> bool: ...
+
+    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]: ...
+
+    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class _GrpcClient:
+    def __init__(self, url: str) -> None:
+        self._client = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
+        self._output = grpcclient.InferRequestedOutput(OUTPUT_NAME)
+
+    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+        tensor = grpcclient.InferInput(INPUT_NAME, x.shape, "FP32")
+        tensor.set_data_from_numpy(x)
+        result = await self._client.infer(
+            service.model,
+            [tensor],
+            model_version=service.version,
+            outputs=[self._output],
+            request_id=request_id,
+            client_timeout=timeout,
+        )
+        return result.as_numpy(OUTPUT_NAME)
+
+    async def is_model_ready(self, service: Service, timeout: float) -> bool:
+        return bool(await self._client.is_model_ready(service.model, service.version, client_timeout=timeout))
+
+    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]:
+        result = await self._client.get_model_metadata(
+            service.model, service.version, as_json=True, client_timeout=timeout
+        )
+        return dict(result)
+
+    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]:
+        result = await self._client.get_model_config(
+            service.model, service.version, as_json=True, client_timeout=timeout
+        )
+        return dict(result.get("config", result))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class _HttpClient:
+    def __init__(self, url: str, max_connections: int) -> None:
+        # conn_timeout is aiohttp's total timeout; the proxy's own deadline is shorter anyway.
+        self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
+        self._output = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+
+    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+        tensor = httpclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        result = await self._client.infer(
+            service.model,
+            [tensor],
+            model_version=service.version,
+            outputs=[self._output],
+            request_id=request_id,
+        )
+        return result.as_numpy(OUTPUT_NAME)
+
+    async def is_model_ready(self, service: Service, timeout: float) -> bool:
+        return bool(await self._client.is_model_ready(service.model, service.version))
+
+    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]:
+        return dict(await self._client.get_model_metadata(service.model, service.version))
+
+    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]:
+        return dict(await self._client.get_model_config(service.model, service.version))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def translate(exc: BaseException, service: Service) -> UpstreamError:
+    """The project's error for a foreign exception raised while calling ``service``."""
+    where = f"Triton at {service.protocol}://{service.url}"
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return UpstreamTimeout(f"{service.name}: no answer from {where} in time", service=service.name)
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        message = str(exc.message() or exc)
+        lowered = message.lower()
+        if status == "StatusCode.DEADLINE_EXCEEDED":
+            return UpstreamTimeout(f"{service.name}: no answer from {where} in time", service=service.name)
+        if status in _UNAVAILABLE_GRPC or any(text in lowered for text in _UNAVAILABLE_TEXT):
+            if "unknown model" in lowered or "is not ready" in lowered:
+                detail = f"model '{service.model}' is not available on {where}"
+            else:
+                detail = f"{where} is unreachable"
+            return UpstreamUnavailable(f"{service.name}: {detail}", service=service.name)
+        return UpstreamError(f"{service.name}: {where} failed the request: {message}", service=service.name)
+    if isinstance(exc, grpc.RpcError | aiohttp.ClientError | OSError):
+        return UpstreamUnavailable(
+            f"{service.name}: {where} is unreachable ({type(exc).__name__})", service=service.name
+        )
+    return UpstreamError(
+        f"{service.name}: unexpected error calling {where}: {type(exc).__name__}", service=service.name
+    )
+
+
+class TritonGateway:
+    """Calls the models behind the services. Shared by every request of one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clients: dict[tuple[str, str], _Client] = {}
+
+    def _client(self, service: Service) -> _Client:
+        client = self._clients.get(service.server)
+        if client is None:
+            if service.protocol == "grpc":
+                client = _GrpcClient(service.url)
+            else:
+                client = _HttpClient(service.url, self._settings.max_connections)
+            self._clients[service.server] = client
+        return client
+
+    def open(self, services: list[Service]) -> None:
+        """Create the clients for ``services`` now (in the app's lifespan) rather than on first use."""
+        for service in services:
+            self._client(service)
+
+    async def infer(
+        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+    ) -> NDArray[np.float32]:
+        """``service``'s output for the rows ``x`` (``[N, 4]``), one Triton call."""
+        try:
+            output = await self._client(service).infer(service, x, request_id, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, service) from exc
+        if output is None or output.shape[0] != x.shape[0]:
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' returned no '{OUTPUT_NAME}' of {x.shape[0]} rows",
+                service=service.name,
+            )
+        return np.asarray(output, dtype=np.float32)
+
+    async def model_ready(self, service: Service, timeout: float) -> bool:
+        """Triton's per-model readiness; raises ``UpstreamError`` when Triton cannot be asked."""
+        try:
+            return await self._client(service).is_model_ready(service, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, service) from exc
+
+    async def model_description(self, service: Service, timeout: float) -> dict[str, Any]:
+        """Triton's metadata and config for the service's model."""
+        client = self._client(service)
+        try:
+            metadata = await client.model_metadata(service, timeout)
+            config = await client.model_config(service, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, service) from exc
+        return {"metadata": metadata, "config": config}
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.close()
+            except Exception:  # closing must not stop the others from closing
+                logger.exception("closing a Triton client failed")

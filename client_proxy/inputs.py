@@ -1,0 +1,137 @@
+"""Reading a request body into an ``[N, 4]`` float32 array, with a 4xx naming every problem.
+
+The body is read by hand (not by FastAPI's body parsing) so that its size is limited while
+it arrives, a body that never finishes arriving is bounded by the request's deadline, and
+the JSON is parsed with orjson and validated by pydantic-core in one pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from annotated_types import Len
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect, Request
+
+from client_proxy.errors import (
+    BadRequest,
+    InvalidInput,
+    InvalidJSON,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+
+N_FEATURES = 4
+SAMPLE_ROW = [5.1, 3.5, 1.4, 0.2]
+"""The seed's sample row, used by the test endpoints and as the documented default."""
+
+Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Row = Annotated[list[Feature], Len(N_FEATURES, N_FEATURES)]
+
+
+class PredictRequest(BaseModel):
+    """Rows of Iris features: sepal length, sepal width, petal length, petal width (cm)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"data": [[1.0, 2.0, 3.0, 4.0]]},
+                {"data": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]},
+            ]
+        },
+    )
+    data: Annotated[list[Row], Len(1, None)] = Field(
+        description="N rows of 4 finite numbers; one Triton call per service for all rows."
+    )
+
+
+_ADAPTER = TypeAdapter(PredictRequest)
+
+
+def _describe(error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if not location:
+        return 'body must be a JSON object {"data": [[f1, f2, f3, f4], ...]}'
+    return f"{location}: {error['msg']}"
+
+
+def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
+    """``{"data": [[f, f, f, f], ...]}`` -> float32 ``[N, 4]``; ``ProxyError`` (4xx) otherwise."""
+    if not body:
+        raise InvalidInput('empty body: expected JSON {"data": [[f1, f2, f3, f4], ...]}')
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"body is not valid JSON: {exc}") from None
+    if (
+        isinstance(document, dict)
+        and isinstance(document.get("data"), list)
+        and len(document["data"]) > max_rows
+    ):
+        # Refused before validating (and before numpy): a too-large batch costs nothing.
+        raise InvalidInput(
+            f"data: {len(document['data'])} rows, more than the {max_rows} allowed per request",
+            max_rows=max_rows,
+        )
+    try:
+        request = _ADAPTER.validate_python(document)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        problems = [_describe(e) for e in errors[:10]]
+        more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+        raise InvalidInput("; ".join(problems) + more, problems=problems) from None
+    with np.errstate(over="ignore"):
+        rows = np.asarray(request.data, dtype=np.float32)
+    if not np.isfinite(rows).all():
+        # Finite as JSON numbers, but beyond float32 (|x| > 3.4e38).
+        bad = np.argwhere(~np.isfinite(rows))[0]
+        raise InvalidInput(f"data.{bad[0]}.{bad[1]}: value out of float32 range")
+    return rows
+
+
+def check_content_type(request: Request) -> None:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported: send the JSON uncompressed"
+        )
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return  # curl -d without -H: try it as JSON
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported: send application/json")
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, refusing more than ``max_bytes`` and a body slower than ``timeout_s``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequest(f"Content-Length {declared!r} is not a number") from None
+        if length > max_bytes:
+            raise PayloadTooLarge(
+                f"body of {length} bytes is over the {max_bytes}-byte limit", max_bytes=max_bytes
+            )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit", max_bytes=max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s * 1000:.0f} ms") from None
+    except ClientDisconnect:
+        raise BadRequest("the client went away before sending the whole body") from None
+    return b"".join(chunks)

@@ -1,0 +1,1 @@
+"""Thin routes: parse, call the fan-out, shape the answer."""

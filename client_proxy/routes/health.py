@@ -1,0 +1,117 @@
+"""``/health``, ``/health/all``, ``/metadata`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from client_proxy.config import Service
+from client_proxy.errors import UpstreamError
+from client_proxy.inputs import N_FEATURES, SAMPLE_ROW
+from client_proxy.state import JSON, State
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_class=JSON)
+async def health() -> JSON:
+    """The proxy itself is up (it does not ask Triton; see ``/health/all``)."""
+    return JSON({"health": "ok"})
+
+
+async def _readiness(state: State, service: Service) -> dict[str, Any]:
+    entry: dict[str, Any] = {"target": service.describe()}
+    try:
+        async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
+            ready = await state.gateway.model_ready(service, state.settings.service_timeout_ms / 1000)
+    except TimeoutError:
+        entry.update(health="unavailable", ready=False, reason="timeout")
+    except UpstreamError as exc:
+        entry.update(health="unavailable", ready=False, reason=exc.message)
+    else:
+        entry.update(health="ok" if ready else "unavailable", ready=ready)
+        if not ready:
+            entry["reason"] = f"model '{service.model}' is not ready"
+    return entry
+
+
+@router.get("/health/all", response_class=JSON)
+async def health_all(state: State) -> JSON:
+    """Each service's readiness (Triton's per-model ready endpoint), checked concurrently.
+
+    ``status`` is ``ok`` when every service is ready, ``degraded`` otherwise; always HTTP 200.
+    """
+    services = list(state.services)
+    results = await asyncio.gather(*(_readiness(state, s) for s in services))
+    by_name = {s.name: r for s, r in zip(services, results, strict=True)}
+    status = "ok" if all(r["ready"] for r in results) else "degraded"
+    return JSON({"status": status, "services": by_name})
+
+
+def _tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # gRPC's JSON renders int64 dims as strings: give both protocols' answers the same ints.
+    return [
+        {"name": e.get("name"), "datatype": e.get("datatype"), "shape": [int(d) for d in e.get("shape", [])]}
+        for e in entries
+    ]
+
+
+async def _describe(state: State, service: Service) -> dict[str, Any]:
+    entry: dict[str, Any] = {"target": service.describe(), "model": service.model, "version": service.version}
+    try:
+        async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
+            described = await state.gateway.model_description(
+                service, state.settings.service_timeout_ms / 1000
+            )
+    except TimeoutError:
+        entry.update(available=False, error="timeout")
+        return entry
+    except UpstreamError as exc:
+        entry.update(available=False, error=exc.message)
+        return entry
+    metadata, config = described["metadata"], described["config"]
+    entry.update(
+        available=True,
+        versions=metadata.get("versions", []),
+        platform=metadata.get("platform"),
+        backend=config.get("backend") or None,
+        max_batch_size=int(config.get("max_batch_size", 0)),
+        inputs=_tensors(metadata.get("inputs", [])),
+        outputs=_tensors(metadata.get("outputs", [])),
+    )
+    return entry
+
+
+@router.get("/metadata", response_class=JSON)
+async def metadata(state: State) -> JSON:
+    """The request and response formats, and each service's model as Triton describes it."""
+    services = list(state.services)
+    described = await asyncio.gather(*(_describe(state, s) for s in services))
+    settings = state.settings
+    return JSON(
+        {
+            "data_type": "float32",
+            "data_structure": f"(N,{N_FEATURES})",
+            "data_sample": [SAMPLE_ROW],
+            "prediction_type": "float32",
+            "prediction_structure": "(N,2)",
+            "prediction_meaning": (
+                "[P(class), P(other)] per row, per service; label: the service with the highest P(class)"
+            ),
+            "max_rows": settings.max_rows,
+            "timeout_policy": settings.timeout_policy.value,
+            "deadline_ms": settings.deadline_ms,
+            "service_timeout_ms": settings.service_timeout_ms,
+            "services": {s.name: d for s, d in zip(services, described, strict=True)},
+        }
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    """The proxy's Prometheus metrics (Triton's own are on its port 8002)."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,219 @@
+"""``/predict``, ``/predict/label``, ``/predict/stream`` and the seed's two test endpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from numpy.typing import NDArray
+
+from client_proxy.config import TimeoutPolicy
+from client_proxy.fanout import FanOutResult, Labels, Outcome, aggregate, failure
+from client_proxy.inputs import SAMPLE_ROW, PredictRequest, check_content_type, parse_rows, read_body
+from client_proxy.observability import log_request
+from client_proxy.state import JSON, State
+
+router = APIRouter(tags=["predict"])
+
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": PredictRequest.model_json_schema(),
+                "examples": {
+                    "seed": {"summary": "The seed's request", "value": {"data": [[1.0, 2.0, 3.0, 4.0]]}},
+                    "batch": {"summary": "Two rows", "value": {"data": [SAMPLE_ROW, [6.3, 3.3, 6.0, 2.5]]}},
+                },
+            }
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Body is not JSON"},
+    413: {"description": "Body over PROXY_MAX_BODY_BYTES"},
+    415: {"description": "Not application/json, or compressed"},
+    422: {"description": "Rows missing, of the wrong length or type, not finite, or too many"},
+    503: {"description": "No service answered (all_or_nothing: one did not); the services are named"},
+    504: {"description": "Deadline missed (all_or_nothing: a service was late); the services are named"},
+}
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    request_id: str
+    policy: TimeoutPolicy
+    deadline: float
+    """``time.monotonic()`` instant by which the answer must be sent."""
+
+
+def _options(
+    request: Request,
+    state: State,
+    policy: Annotated[
+        TimeoutPolicy | None,
+        Query(description="Timeout policy for this request (default: PROXY_TIMEOUT_POLICY)"),
+    ] = None,
+    deadline_ms: Annotated[
+        float | None,
+        Query(gt=0, description="This request's deadline in ms; at most PROXY_DEADLINE_MS"),
+    ] = None,
+    x_timeout_policy: Annotated[TimeoutPolicy | None, Header(description="Same as ?policy=")] = None,
+    x_deadline_ms: Annotated[float | None, Header(gt=0, description="Same as ?deadline_ms=")] = None,
+) -> CallOptions:
+    settings = state.settings
+    chosen = policy or x_timeout_policy or settings.timeout_policy
+    budget_ms = min(deadline_ms or x_deadline_ms or settings.deadline_ms, settings.deadline_ms)
+    started: float = request.scope.get("state", {}).get("started", time.monotonic())
+    return CallOptions(
+        request_id=request.scope.get("state", {}).get("request_id", ""),
+        policy=chosen,
+        deadline=started + budget_ms / 1000.0,
+    )
+
+
+Options = Annotated[CallOptions, Depends(_options)]
+
+
+async def _rows(request: Request, state: State, options: Options) -> NDArray[np.float32]:
+    check_content_type(request)
+    body = await read_body(
+        request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
+    )
+    return parse_rows(body, state.settings.max_rows)
+
+
+Rows = Annotated[NDArray[np.float32], Depends(_rows)]
+_SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
+
+
+async def _fan_out(state: State, x: NDArray[np.float32], options: CallOptions, endpoint: str) -> FanOutResult:
+    result = await state.fanout.run(state.services, x, options.request_id, options.deadline, options.policy)
+    log_request(options.request_id, endpoint, result.outcomes)
+    if result.partial:
+        state.metrics.partial_answers.labels(endpoint).inc()
+    return result
+
+
+def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
+    """The seed's shape: ``{service: {"prediction": [p_class, p_other]}}`` for one row,
+    ``{service: {"prediction": [[p_class, p_other], ...]}}`` for N rows. A service that did not
+    answer (``partial``) has ``"prediction": null`` and an ``"error"``."""
+    body: dict[str, Any] = {}
+    for name, outcome in result.outcomes.items():
+        if outcome.probabilities is not None:
+            body[name] = {"prediction": outcome.probabilities[0] if one_row else outcome.probabilities}
+        else:
+            body[name] = {"prediction": None, "error": failure(outcome)}
+    return body
+
+
+def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> dict[str, Any]:
+    """``{"prediction": {"proba": p, "label": name}}`` for one row, a list of those for N rows;
+    ``"partial": true`` and ``"missing"`` (service -> reason) when some service did not answer."""
+    if one_row:
+        prediction: Any = {"proba": float(labels.proba[0]), "label": labels.names[0]}
+    else:
+        prediction = [
+            {"proba": p, "label": n} for p, n in zip(labels.proba.tolist(), labels.names, strict=True)
+        ]
+    body: dict[str, Any] = {"prediction": prediction}
+    if result is not None and result.partial:
+        body["partial"] = True
+        body["missing"] = result.missing
+    return body
+
+
+@router.post("/predict", response_class=JSON, openapi_extra=_REQUEST_BODY, responses=_ERRORS)
+async def predict(state: State, options: Options, rows: Rows) -> JSON:
+    """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
+    result = await _fan_out(state, rows, options, "/predict")
+    return JSON(predictions_body(result, one_row=rows.shape[0] == 1))
+
+
+@router.post("/predict/label", response_class=JSON, openapi_extra=_REQUEST_BODY, responses=_ERRORS)
+async def predict_label(state: State, options: Options, rows: Rows) -> JSON:
+    """The label per row: the service whose P(class) is highest, and that probability."""
+    result = await _fan_out(state, rows, options, "/predict/label")
+    labels = aggregate({name: result.outcomes[name].probabilities for name in result.answered})  # type: ignore[misc]
+    return JSON(label_body(labels, rows.shape[0] == 1, result))
+
+
+@router.get("/predict/get/test", response_class=JSON, responses=_ERRORS)
+async def predict_get_test(state: State, options: Options) -> JSON:
+    """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
+    result = await _fan_out(state, _SAMPLE, options, "/predict/get/test")
+    return JSON(predictions_body(result, one_row=True))
+
+
+@router.post("/predict/post/test", response_class=JSON, responses=_ERRORS)
+async def predict_post_test(state: State, options: Options) -> JSON:
+    """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
+    result = await _fan_out(state, _SAMPLE, options, "/predict/post/test")
+    return JSON(predictions_body(result, one_row=True))
+
+
+def _line(content: dict[str, Any]) -> bytes:
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+
+
+@router.post(
+    "/predict/stream",
+    openapi_extra=_REQUEST_BODY,
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": "One JSON line per service, then the label",
+        },
+        **_ERRORS,
+    },
+)
+async def predict_stream(state: State, options: Options, rows: Rows) -> StreamingResponse:
+    """The asynchronous variant: one NDJSON line per service the moment it answers (completion
+    order), then a final line ``{"final": true, "prediction": ...}`` with the aggregated label."""
+    one_row = rows.shape[0] == 1
+
+    async def lines() -> AsyncIterator[bytes]:
+        arrived: list[Outcome] = []
+        async for outcome in state.fanout.stream(state.services, rows, options.request_id, options.deadline):
+            arrived.append(outcome)
+            line: dict[str, Any] = {
+                "service": outcome.service,
+                "latency_ms": round(outcome.latency_s * 1000, 3),
+            }
+            if outcome.probabilities is not None:
+                line["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
+            else:
+                line["error"] = failure(outcome)
+            yield _line(line)
+            if not outcome.ok and options.policy is TimeoutPolicy.ALL_OR_NOTHING:
+                break
+        log_request(options.request_id, "/predict/stream", arrived)
+        yield _line(_final_line(state, arrived, one_row, options.policy))
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _final_line(state: State, arrived: list[Outcome], one_row: bool, policy: TimeoutPolicy) -> dict[str, Any]:
+    missing = {o.service: failure(o) for o in arrived if not o.ok}
+    answered = {o.service: o.probabilities for o in arrived if o.probabilities is not None}
+    order = [s.name for s in state.services]
+    final: dict[str, Any] = {"final": True}
+    if (missing and policy is TimeoutPolicy.ALL_OR_NOTHING) or not answered:
+        names = ", ".join(f"{n} ({m['reason']})" for n, m in missing.items())
+        final["error"] = {"code": "services_failed", "message": f"no answer: {names}", "services": missing}
+        return final
+    labels = aggregate({name: answered[name] for name in order if name in answered})
+    final.update(label_body(labels, one_row, None))
+    if missing:
+        state.metrics.partial_answers.labels("/predict/stream").inc()
+        final["partial"] = True
+        final["missing"] = missing
+    return final

@@ -1,0 +1,41 @@
+"""What every request of one app shares, wired once by ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request
+from starlette.responses import Response
+
+from client_proxy.config import Service, Settings
+from client_proxy.fanout import FanOut
+from client_proxy.gateway import TritonGateway
+from client_proxy.observability import ProxyMetrics
+
+
+@dataclass
+class ProxyState:
+    settings: Settings
+    services: list[Service]
+    gateway: TritonGateway
+    fanout: FanOut
+    metrics: ProxyMetrics
+
+
+def _state(request: Request) -> ProxyState:
+    state: ProxyState = request.app.state.proxy
+    return state
+
+
+State = Annotated[ProxyState, Depends(_state)]
+
+
+class JSON(Response):
+    """JSON by orjson, numpy arrays included (float32 written as the shortest exact decimal)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,79 @@
+"""Running the real proxy as its own process (``python -m client_proxy``), for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+import httpx
+
+from client_proxy import Service, Settings
+from local_triton import TritonServer, free_ports
+
+
+def services_on(server: TritonServer, protocol: str, models: dict[str, str] | None = None) -> list[Service]:
+    """Services named after ``models`` (name -> model) on ``server``; the three Iris models by default."""
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    models = models or {n: n for n in ("setosa", "versicolor", "virginica")}
+    return [Service(name, protocol, url, model) for name, model in models.items()]  # type: ignore[arg-type]
+
+
+def proxy_environment(settings: Settings, services: list[Service], port: int) -> dict[str, str]:
+    """The environment ``python -m client_proxy`` reads: ``PROXY_*`` and ``SERVICE_*``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+    for name, value in settings.model_dump().items():
+        env[f"PROXY_{name.upper()}"] = str(value.value if hasattr(value, "value") else value)
+    env["PROXY_HOST"], env["PROXY_PORT"] = "127.0.0.1", str(port)
+    for service in services:
+        env[f"SERVICE_{service.name.upper()}"] = service.describe()
+    return env
+
+
+@contextmanager
+def running_proxy(settings: Settings, services: list[Service], log: IO[str] | None = None) -> Iterator[str]:
+    """``python -m client_proxy`` (as the Dockerfile runs it) on a free port; yields its base URL."""
+    (port,) = free_ports(1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client_proxy"],
+        env=proxy_environment(settings, services, port),
+        stdout=log or subprocess.DEVNULL,
+        stderr=log or subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the proxy exited with code {process.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start within 30 s")
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(log_level="WARNING", **overrides)  # type: ignore[arg-type]
+
+
+def get_json(client: httpx.Client, path: str) -> dict:  # type: ignore[type-arg]
+    response = client.get(path)
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()  # type: ignore[no-any-return]

@@ -1,0 +1,238 @@
+"""The proxy against the real embedded Triton: the seed's API, batches, bad input, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from local_triton import TritonServer
+from training import CLASS_NAMES
+
+from .conftest import MODEL_REPOSITORY
+from .helpers import running_proxy, services_on, settings
+
+SEED_ROW = [[1.0, 2.0, 3.0, 4.0]]
+SAMPLE_ROW = [[5.1, 3.5, 1.4, 0.2]]
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def proxy(request: pytest.FixtureRequest, triton: TritonServer) -> Iterator[str]:
+    with running_proxy(settings(protocol=request.param), services_on(triton, request.param)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(proxy: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy, timeout=10) as c:
+        yield c
+
+
+def direct(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each model's probabilities, from onnxruntime on the ONNX files (no Triton, no proxy)."""
+    out = {}
+    for name in CLASS_NAMES:
+        session = ort.InferenceSession(str(MODEL_REPOSITORY / name / "1" / "model.onnx"))
+        out[name] = session.run(None, {"input": np.asarray(x, dtype=np.float32)})[0]
+    return out
+
+
+def expected_labels(x: np.ndarray) -> tuple[list[str], np.ndarray]:
+    probabilities = direct(x)
+    p_class = np.stack([probabilities[n][:, 0] for n in CLASS_NAMES], axis=1)
+    return [CLASS_NAMES[i] for i in p_class.argmax(axis=1)], p_class.max(axis=1)
+
+
+def test_seed_predict_shape_and_values(client: httpx.Client) -> None:
+    response = client.post("/predict", json={"data": SEED_ROW})
+    assert response.status_code == 200
+    body = response.json()
+    assert list(body) == list(CLASS_NAMES)
+    expected = direct(np.array(SEED_ROW))
+    for name in CLASS_NAMES:
+        assert list(body[name]) == ["prediction"]
+        assert len(body[name]["prediction"]) == 2
+        np.testing.assert_allclose(body[name]["prediction"], expected[name][0], atol=1e-6, rtol=0)
+
+
+def test_seed_predict_label_shape_and_values(client: httpx.Client) -> None:
+    response = client.post("/predict/label", json={"data": SEED_ROW})
+    assert response.status_code == 200
+    body = response.json()
+    labels, proba = expected_labels(np.array(SEED_ROW))
+    assert body == {"prediction": {"proba": pytest.approx(float(proba[0]), abs=1e-6), "label": labels[0]}}
+
+
+def test_seed_test_endpoints_use_the_sample_row(client: httpx.Client) -> None:
+    expected = direct(np.array(SAMPLE_ROW))
+    for response in (client.get("/predict/get/test"), client.post("/predict/post/test")):
+        assert response.status_code == 200
+        body = response.json()
+        for name in CLASS_NAMES:
+            np.testing.assert_allclose(body[name]["prediction"], expected[name][0], atol=1e-6, rtol=0)
+
+
+def test_all_150_rows_batched_and_row_by_row(
+    client: httpx.Client, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, y = iris
+    labels, proba = expected_labels(x)
+    batched = client.post("/predict/label", json={"data": x.tolist()})
+    assert batched.status_code == 200
+    rows = batched.json()["prediction"]
+    assert [r["label"] for r in rows] == labels
+    np.testing.assert_allclose([r["proba"] for r in rows], proba, atol=1e-6, rtol=0)
+
+    one_by_one = [
+        client.post("/predict/label", json={"data": [row]}).json()["prediction"]["label"]
+        for row in x.tolist()
+    ]
+    assert one_by_one == labels
+
+    report = (MODEL_REPOSITORY / "TRAINING.md").read_text()
+    reported = float(re.search(r"all_rows_label_accuracy: ([\d.]+)", report)[1])  # type: ignore[index]
+    accuracy = np.mean([CLASS_NAMES.index(label) == t for label, t in zip(labels, y, strict=True)])
+    assert round(float(accuracy), 4) == reported
+
+
+def test_batched_predict_is_one_list_of_pairs_per_service(
+    client: httpx.Client, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    body = client.post("/predict", json={"data": x[:7].tolist()}).json()
+    expected = direct(x[:7])
+    for name in CLASS_NAMES:
+        assert np.array(body[name]["prediction"]).shape == (7, 2)
+        np.testing.assert_allclose(body[name]["prediction"], expected[name], atol=1e-6, rtol=0)
+
+
+def test_stream_lines_then_final_label(client: httpx.Client) -> None:
+    with client.stream("POST", "/predict/stream", json={"data": SEED_ROW}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [httpx.Response(200, content=line).json() for line in response.iter_lines() if line]
+    assert sorted(line["service"] for line in lines[:-1]) == sorted(CLASS_NAMES)
+    labels, _ = expected_labels(np.array(SEED_ROW))
+    assert lines[-1]["final"] is True
+    assert lines[-1]["prediction"]["label"] == labels[0]
+    assert "partial" not in lines[-1]
+
+
+def test_health_endpoints(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"health": "ok"}
+    everything = client.get("/health/all").json()
+    assert everything["status"] == "ok"
+    assert {n: s["ready"] for n, s in everything["services"].items()} == dict.fromkeys(CLASS_NAMES, True)
+
+
+def test_metadata_comes_from_triton(client: httpx.Client) -> None:
+    body = client.get("/metadata").json()
+    assert body["data_structure"] == "(N,4)"
+    assert set(body["services"]) == set(CLASS_NAMES)
+    for entry in body["services"].values():
+        assert entry["available"] is True
+        assert entry["max_batch_size"] == 1024
+        assert entry["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+        assert entry["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+
+
+def test_request_id_is_honoured_or_made(client: httpx.Client) -> None:
+    given = client.post("/predict/label", json={"data": SEED_ROW}, headers={"X-Request-ID": "req-42.a:b"})
+    assert given.headers["x-request-id"] == "req-42.a:b"
+    made = client.post("/predict/label", json={"data": SEED_ROW})
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    for junk in ("x" * 500, "has space", "new\tline"):
+        replaced = client.post("/predict/label", json={"data": SEED_ROW}, headers={"X-Request-ID": junk})
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced.headers["x-request-id"])
+
+
+BAD_INPUTS = [
+    ("not json", b"{data: oops", {}, 400, "not valid JSON"),
+    ("NaN", b'{"data": [[1, 2, 3, NaN]]}', {}, 400, "not valid JSON"),
+    ("infinity", b'{"data": [[1, 2, 3, 1e400]]}', {}, 400, "infinity"),
+    ("beyond float32", b'{"data": [[1, 2, 3, 1e39]]}', {}, 422, "data.0.3: value out of float32 range"),
+    ("string", b'{"data": [[1, 2, 3, "4"]]}', {}, 422, "data.0.3"),
+    ("bool", b'{"data": [[1, 2, 3, true]]}', {}, 422, "data.0.3"),
+    ("null", b'{"data": [[1, 2, 3, null]]}', {}, 422, "data.0.3"),
+    ("short row", b'{"data": [[1, 2, 3]]}', {}, 422, "data.0"),
+    ("long row", b'{"data": [[1, 2, 3, 4, 5]]}', {}, 422, "data.0"),
+    ("ragged", b'{"data": [[1, 2, 3, 4], [1, 2]]}', {}, 422, "data.1"),
+    ("flat", b'{"data": [1, 2, 3, 4]}', {}, 422, "data.0"),
+    ("empty data", b'{"data": []}', {}, 422, "data"),
+    ("no data", b'{"rows": [[1, 2, 3, 4]]}', {}, 422, "data"),
+    ("not an object", b"[[1, 2, 3, 4]]", {}, 422, "JSON object"),
+    ("empty body", b"", {}, 422, "empty body"),
+    ("too many rows", b'{"data": [' + b",".join([b"[1,2,3,4]"] * 1025) + b"]}", {}, 422, "1024"),
+    ("wrong content type", b'{"data": [[1, 2, 3, 4]]}', {"Content-Type": "text/plain"}, 415, "text/plain"),
+    ("gzip", b'{"data": [[1, 2, 3, 4]]}', {"Content-Encoding": "gzip"}, 415, "gzip"),
+    ("too large", b'{"data": [[1, 2, 3, 4]]}' + b" " * 1_100_000, {}, 413, "limit"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "headers", "status", "text"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_is_a_4xx_naming_the_problem(
+    client: httpx.Client, case: str, body: bytes, headers: dict[str, str], status: int, text: str
+) -> None:
+    headers = {"Content-Type": "application/json", **headers}
+    for path in ("/predict", "/predict/label", "/predict/stream"):
+        response = client.post(path, content=body, headers=headers)
+        assert response.status_code == status, (path, response.text)
+        error = response.json()["error"]
+        assert text in error["message"], error
+        assert error["request_id"] == response.headers["x-request-id"]
+    assert client.post("/predict/label", json={"data": SEED_ROW}).status_code == 200
+
+
+def test_bad_query_parameters_are_422(client: httpx.Client) -> None:
+    response = client.post("/predict/label?policy=sometimes", json={"data": SEED_ROW})
+    assert response.status_code == 422
+    assert "policy" in response.json()["error"]["message"]
+    response = client.post("/predict/label?deadline_ms=-5", json={"data": SEED_ROW})
+    assert response.status_code == 422
+
+
+def test_unknown_path_is_a_json_404(client: httpx.Client) -> None:
+    response = client.get("/nowhere")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_500_concurrent_requests_all_answered_correctly(
+    proxy: str, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    labels, _ = expected_labels(x)
+
+    async def main() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=proxy, timeout=30, limits=limits) as client:
+            return await asyncio.gather(
+                *(client.post("/predict/label", json={"data": [x[i % 150].tolist()]}) for i in range(500))
+            )
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 500
+    assert [r.json()["prediction"]["label"] for r in responses] == [labels[i % 150] for i in range(500)]
+
+
+def test_openapi_documents_the_routes(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in (
+        "/predict",
+        "/predict/label",
+        "/predict/stream",
+        "/health",
+        "/health/all",
+        "/metadata",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/predict/label"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["examples"]["seed"]["value"] == {"data": SEED_ROW}
+    assert client.get("/docs").status_code == 200
