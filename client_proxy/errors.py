@@ -82,6 +82,14 @@ class UpstreamTimeout(UpstreamError):
     reason = "timeout"
 
 
+class CallCancelled(UpstreamError):
+    """The request no longer needed this call (all_or_nothing failed fast, or the client left).
+
+    Only counted in the metrics; never sent to a client."""
+
+    reason = "cancelled"
+
+
 class ServicesFailed(ProxyError):
     """A request could not be answered because of the named services (``failures``: name -> reason)."""
 

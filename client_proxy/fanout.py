@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy.config import Service, TimeoutPolicy
-from client_proxy.errors import ServicesFailed, UpstreamError, UpstreamTimeout
+from client_proxy.errors import CallCancelled, ServicesFailed, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -96,27 +96,34 @@ class FanOut:
         self._service_timeout_s = service_timeout_s
         self._on_outcome = on_outcome
 
+    def _budget(self, deadline: float) -> float:
+        # Every call starts now, so the per-service timeout and the request's deadline are one bound.
+        return min(self._service_timeout_s, deadline - time.monotonic())
+
     async def _call(
-        self, service: Service, x: NDArray[np.float32], request_id: str, deadline: float
+        self, service: Service, x: NDArray[np.float32], request_id: str, budget: float
     ) -> Outcome:
         started = time.perf_counter()
-        budget = min(self._service_timeout_s, deadline - time.monotonic())
         try:
-            if budget <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(budget):
-                probabilities = await self._infer(service, x, request_id, budget)
-            outcome = Outcome(service.name, probabilities, None, time.perf_counter() - started)
-        except TimeoutError:
-            error = UpstreamTimeout(
-                f"{service.name}: no answer within {budget * 1000:.0f} ms", service=service.name
-            )
-            outcome = Outcome(service.name, None, error, time.perf_counter() - started)
+            probabilities = await self._infer(service, x, request_id, budget)
         except UpstreamError as exc:
-            outcome = Outcome(service.name, None, exc, time.perf_counter() - started)
+            return Outcome(service.name, None, exc, time.perf_counter() - started)
+        return Outcome(service.name, probabilities, None, time.perf_counter() - started)
+
+    def _record(self, outcome: Outcome) -> Outcome:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
         return outcome
+
+    def _late(self, service: Service, budget: float, started: float) -> Outcome:
+        error = UpstreamTimeout(
+            f"{service.name}: no answer within {budget * 1000:.0f} ms", service=service.name
+        )
+        return self._record(Outcome(service.name, None, error, time.perf_counter() - started))
+
+    def _cancelled(self, service: Service, started: float) -> Outcome:
+        error = CallCancelled(f"{service.name}: cancelled", service=service.name)
+        return self._record(Outcome(service.name, None, error, time.perf_counter() - started))
 
     async def run(
         self,
@@ -129,35 +136,86 @@ class FanOut:
         """Every service's outcome; ``deadline`` is a ``time.monotonic()`` instant.
 
         ``all_or_nothing`` raises ``ServicesFailed`` at the first failure (cancelling the rest);
-        ``partial`` returns what arrived, and raises only when no service answered.
+        ``partial`` returns what arrived in time, and raises only when no service answered.
         """
-        tasks = [asyncio.create_task(self._call(s, x, request_id, deadline)) for s in services]
+        started = time.perf_counter()
+        budget = self._budget(deadline)
+        tasks = (
+            [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
+            if budget > 0
+            else []
+        )
         outcomes: dict[str, Outcome] = {}
+        failed_fast = completed = False
         try:
-            for next_done in asyncio.as_completed(tasks):
-                outcome = await next_done
-                outcomes[outcome.service] = outcome
-                if not outcome.ok and policy is TimeoutPolicy.ALL_OR_NOTHING:
-                    raise _services_failed([outcome], policy)
+            pending: set[asyncio.Task[Outcome]] = set(tasks)
+            until = time.monotonic() + budget
+            mode = (
+                asyncio.FIRST_COMPLETED if policy is TimeoutPolicy.ALL_OR_NOTHING else asyncio.ALL_COMPLETED
+            )
+            while pending and not failed_fast:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=remaining, return_when=mode)
+                if not done:
+                    break
+                for task in done:
+                    outcome = self._record(task.result())
+                    outcomes[outcome.service] = outcome
+                    failed_fast = failed_fast or (not outcome.ok and policy is TimeoutPolicy.ALL_OR_NOTHING)
+            completed = True
         finally:
-            await _cancel(tasks)
+            unfinished = await _cancel(tasks)
+            if failed_fast or not completed:  # not needed any more, rather than late
+                for service, task in zip(services, tasks, strict=True):
+                    if task in unfinished:
+                        self._cancelled(service, started)
+        for service in services:
+            if service.name not in outcomes and not failed_fast:
+                outcomes[service.name] = self._late(service, max(budget, 0), started)
+
+        if failed_fast:
+            raise _services_failed([o for o in outcomes.values() if not o.ok], policy)
         ordered = {s.name: outcomes[s.name] for s in services}
         answered = [name for name, o in ordered.items() if o.ok]
         missing = {name: failure(o) for name, o in ordered.items() if not o.ok}
-        if not answered:
+        if not answered or (missing and policy is TimeoutPolicy.ALL_OR_NOTHING):
             raise _services_failed(list(ordered.values()), policy)
         return FanOutResult(outcomes=ordered, answered=answered, missing=missing)
 
     async def stream(
         self, services: Sequence[Service], x: NDArray[np.float32], request_id: str, deadline: float
     ) -> AsyncIterator[Outcome]:
-        """Each service's outcome in completion order; the caller may stop early."""
-        tasks = [asyncio.create_task(self._call(s, x, request_id, deadline)) for s in services]
+        """Each service's outcome in completion order (late ones last, as timeouts); the caller
+        may stop early, and what is still running is then cancelled."""
+        started = time.perf_counter()
+        budget = self._budget(deadline)
+        tasks = (
+            [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
+            if budget > 0
+            else []
+        )
+        seen: set[str] = set()
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield await next_done
-        finally:
+            if tasks:
+                try:
+                    for next_done in asyncio.as_completed(tasks, timeout=budget):
+                        outcome = self._record(await next_done)
+                        seen.add(outcome.service)
+                        yield outcome
+                except TimeoutError:
+                    pass
             await _cancel(tasks)
+            for service in services:
+                if service.name not in seen:
+                    seen.add(service.name)
+                    yield self._late(service, max(budget, 0), started)
+        finally:
+            unfinished = await _cancel(tasks)  # the caller stopped early
+            for service, task in zip(services, tasks, strict=True):
+                if task in unfinished and service.name not in seen:
+                    self._cancelled(service, started)
 
 
 def _services_failed(outcomes: list[Outcome], policy: TimeoutPolicy) -> ServicesFailed:
@@ -171,9 +229,11 @@ def _services_failed(outcomes: list[Outcome], policy: TimeoutPolicy) -> Services
     return ServicesFailed(message, failed, timed_out=timed_out)
 
 
-async def _cancel(tasks: list[asyncio.Task[Outcome]]) -> None:
-    pending = [t for t in tasks if not t.done()]
+async def _cancel(tasks: list[asyncio.Task[Outcome]]) -> set[asyncio.Task[Outcome]]:
+    """Cancel and await what is still running; the tasks that were."""
+    pending = {t for t in tasks if not t.done()}
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
+    return pending

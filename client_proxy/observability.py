@@ -46,7 +46,7 @@ class ProxyMetrics:
         )
         self.service_calls = Counter(
             "proxy_service_calls",
-            "Calls to a service, by outcome (ok, timeout, unavailable, error)",
+            "Calls to a service, by outcome (ok, timeout, unavailable, error, cancelled)",
             ["service", "outcome"],
             registry=r,
         )
@@ -75,7 +75,7 @@ class ProxyMetrics:
         self.service_latency.labels(outcome.service).observe(outcome.latency_s)
         if outcome.reason == "timeout":
             self.timeouts.labels(outcome.service).inc()
-        elif not outcome.ok:
+        elif outcome.reason != "cancelled" and not outcome.ok:
             self.upstream_errors.labels(outcome.service, outcome.reason).inc()
 
 

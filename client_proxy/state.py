@@ -24,7 +24,7 @@ class ProxyState:
     metrics: ProxyMetrics
 
 
-def _state(request: Request) -> ProxyState:
+async def _state(request: Request) -> ProxyState:
     state: ProxyState = request.app.state.proxy
     return state
 

@@ -39,6 +39,10 @@ def proxy_environment(settings: Settings, services: list[Service], port: int) ->
 def running_proxy(settings: Settings, services: list[Service], log: IO[str] | None = None) -> Iterator[str]:
     """``python -m client_proxy`` (as the Dockerfile runs it) on a free port; yields its base URL."""
     (port,) = free_ports(1)
+    own_log = None
+    if log is None and os.environ.get("PROXY_TEST_LOG_DIR"):
+        # Keep each test proxy's own log, for a failure that needs reading after the fact.
+        log = own_log = open(os.path.join(os.environ["PROXY_TEST_LOG_DIR"], f"proxy-{port}.log"), "w")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "client_proxy"],
         env=proxy_environment(settings, services, port),
@@ -67,6 +71,8 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if own_log is not None:
+            own_log.close()
 
 
 def settings(**overrides: object) -> Settings:

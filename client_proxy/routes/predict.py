@@ -5,23 +5,64 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from numpy.typing import NDArray
 
-from client_proxy.config import TimeoutPolicy
+from client_proxy.config import Settings, TimeoutPolicy
+from client_proxy.errors import InvalidInput
 from client_proxy.fanout import FanOutResult, Labels, Outcome, aggregate, failure
 from client_proxy.inputs import SAMPLE_ROW, PredictRequest, check_content_type, parse_rows, read_body
 from client_proxy.observability import log_request
-from client_proxy.state import JSON, State
+from client_proxy.state import JSON, ProxyState
 
 router = APIRouter(tags=["predict"])
 
-_REQUEST_BODY = {
+_PARAMETERS: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "policy",
+            "in": "query",
+            "required": False,
+            "description": "Timeout policy for this request (default: PROXY_TIMEOUT_POLICY)",
+            "schema": {"type": "string", "enum": [p.value for p in TimeoutPolicy]},
+        },
+        {
+            "name": "deadline_ms",
+            "in": "query",
+            "required": False,
+            "description": "This request's deadline in ms, at most PROXY_DEADLINE_MS",
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+        },
+        {
+            "name": "X-Timeout-Policy",
+            "in": "header",
+            "required": False,
+            "description": "Same as ?policy=",
+            "schema": {"type": "string", "enum": [p.value for p in TimeoutPolicy]},
+        },
+        {
+            "name": "X-Deadline-Ms",
+            "in": "header",
+            "required": False,
+            "description": "Same as ?deadline_ms=",
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+        },
+        {
+            "name": "X-Request-ID",
+            "in": "header",
+            "required": False,
+            "description": "Request id, returned in the response and passed to Triton (made up when absent)",
+            "schema": {"type": "string", "maxLength": 128},
+        },
+    ]
+}
+_WITH_BODY: dict[str, Any] = {
+    **_PARAMETERS,
     "requestBody": {
         "required": True,
         "content": {
@@ -33,7 +74,7 @@ _REQUEST_BODY = {
                 },
             }
         },
-    }
+    },
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Body is not JSON"},
@@ -53,47 +94,51 @@ class CallOptions:
     """``time.monotonic()`` instant by which the answer must be sent."""
 
 
-def _options(
-    request: Request,
-    state: State,
-    policy: Annotated[
-        TimeoutPolicy | None,
-        Query(description="Timeout policy for this request (default: PROXY_TIMEOUT_POLICY)"),
-    ] = None,
-    deadline_ms: Annotated[
-        float | None,
-        Query(gt=0, description="This request's deadline in ms; at most PROXY_DEADLINE_MS"),
-    ] = None,
-    x_timeout_policy: Annotated[TimeoutPolicy | None, Header(description="Same as ?policy=")] = None,
-    x_deadline_ms: Annotated[float | None, Header(gt=0, description="Same as ?deadline_ms=")] = None,
-) -> CallOptions:
-    settings = state.settings
-    chosen = policy or x_timeout_policy or settings.timeout_policy
-    budget_ms = min(deadline_ms or x_deadline_ms or settings.deadline_ms, settings.deadline_ms)
-    started: float = request.scope.get("state", {}).get("started", time.monotonic())
-    return CallOptions(
-        request_id=request.scope.get("state", {}).get("request_id", ""),
-        policy=chosen,
-        deadline=started + budget_ms / 1000.0,
-    )
+_POLICIES = {p.value: p for p in TimeoutPolicy}
 
 
-Options = Annotated[CallOptions, Depends(_options)]
+def call_options(request: Request, settings: Settings) -> CallOptions:
+    """Policy and deadline from ``?policy=`` / ``X-Timeout-Policy`` and ``?deadline_ms=`` / ``X-Deadline-Ms``.
+
+    Read by hand rather than through FastAPI's dependency injection: these routes are the hot
+    path, and the injection machinery cost more CPU per request than the fan-out itself.
+    """
+    query, headers = request.query_params, request.headers
+    raw_policy = query.get("policy") or headers.get("x-timeout-policy")
+    policy = settings.timeout_policy
+    if raw_policy is not None:
+        if raw_policy not in _POLICIES:
+            raise InvalidInput(f"policy: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
+        policy = _POLICIES[raw_policy]
+    budget_ms = settings.deadline_ms
+    raw_deadline = query.get("deadline_ms") or headers.get("x-deadline-ms")
+    if raw_deadline is not None:
+        try:
+            asked = float(raw_deadline)
+        except ValueError:
+            asked = float("nan")
+        if not asked > 0 or asked == float("inf"):
+            raise InvalidInput(
+                f"deadline_ms: must be a positive number of milliseconds, not {raw_deadline[:40]!r}"
+            )
+        budget_ms = min(asked, budget_ms)
+    scope_state = request.scope.get("state", {})
+    started: float = scope_state.get("started", time.monotonic())
+    return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
 
 
-async def _rows(request: Request, state: State, options: Options) -> NDArray[np.float32]:
+async def _read_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[np.float32]:
     check_content_type(request)
-    body = await read_body(
-        request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
-    )
-    return parse_rows(body, state.settings.max_rows)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    return parse_rows(body, settings.max_rows)
 
 
-Rows = Annotated[NDArray[np.float32], Depends(_rows)]
 _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
 
 
-async def _fan_out(state: State, x: NDArray[np.float32], options: CallOptions, endpoint: str) -> FanOutResult:
+async def _fan_out(
+    state: ProxyState, x: NDArray[np.float32], options: CallOptions, endpoint: str
+) -> FanOutResult:
     result = await state.fanout.run(state.services, x, options.request_id, options.deadline, options.policy)
     log_request(options.request_id, endpoint, result.outcomes)
     if result.partial:
@@ -130,32 +175,40 @@ def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> di
     return body
 
 
-@router.post("/predict", response_class=JSON, openapi_extra=_REQUEST_BODY, responses=_ERRORS)
-async def predict(state: State, options: Options, rows: Rows) -> JSON:
+@router.post("/predict", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+async def predict(request: Request) -> JSON:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
+    state: ProxyState = request.app.state.proxy
+    options = call_options(request, state.settings)
+    rows = await _read_rows(request, state.settings, options)
     result = await _fan_out(state, rows, options, "/predict")
     return JSON(predictions_body(result, one_row=rows.shape[0] == 1))
 
 
-@router.post("/predict/label", response_class=JSON, openapi_extra=_REQUEST_BODY, responses=_ERRORS)
-async def predict_label(state: State, options: Options, rows: Rows) -> JSON:
+@router.post("/predict/label", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+async def predict_label(request: Request) -> JSON:
     """The label per row: the service whose P(class) is highest, and that probability."""
+    state: ProxyState = request.app.state.proxy
+    options = call_options(request, state.settings)
+    rows = await _read_rows(request, state.settings, options)
     result = await _fan_out(state, rows, options, "/predict/label")
     labels = aggregate({name: result.outcomes[name].probabilities for name in result.answered})  # type: ignore[misc]
     return JSON(label_body(labels, rows.shape[0] == 1, result))
 
 
-@router.get("/predict/get/test", response_class=JSON, responses=_ERRORS)
-async def predict_get_test(state: State, options: Options) -> JSON:
+@router.get("/predict/get/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_ERRORS)
+async def predict_get_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
-    result = await _fan_out(state, _SAMPLE, options, "/predict/get/test")
+    state: ProxyState = request.app.state.proxy
+    result = await _fan_out(state, _SAMPLE, call_options(request, state.settings), "/predict/get/test")
     return JSON(predictions_body(result, one_row=True))
 
 
-@router.post("/predict/post/test", response_class=JSON, responses=_ERRORS)
-async def predict_post_test(state: State, options: Options) -> JSON:
+@router.post("/predict/post/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_ERRORS)
+async def predict_post_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
-    result = await _fan_out(state, _SAMPLE, options, "/predict/post/test")
+    state: ProxyState = request.app.state.proxy
+    result = await _fan_out(state, _SAMPLE, call_options(request, state.settings), "/predict/post/test")
     return JSON(predictions_body(result, one_row=True))
 
 
@@ -165,7 +218,7 @@ def _line(content: dict[str, Any]) -> bytes:
 
 @router.post(
     "/predict/stream",
-    openapi_extra=_REQUEST_BODY,
+    openapi_extra=_WITH_BODY,
     response_class=StreamingResponse,
     responses={
         200: {
@@ -175,9 +228,12 @@ def _line(content: dict[str, Any]) -> bytes:
         **_ERRORS,
     },
 )
-async def predict_stream(state: State, options: Options, rows: Rows) -> StreamingResponse:
+async def predict_stream(request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers (completion
     order), then a final line ``{"final": true, "prediction": ...}`` with the aggregated label."""
+    state: ProxyState = request.app.state.proxy
+    options = call_options(request, state.settings)
+    rows = await _read_rows(request, state.settings, options)
     one_row = rows.shape[0] == 1
 
     async def lines() -> AsyncIterator[bytes]:
@@ -201,7 +257,9 @@ async def predict_stream(state: State, options: Options, rows: Rows) -> Streamin
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def _final_line(state: State, arrived: list[Outcome], one_row: bool, policy: TimeoutPolicy) -> dict[str, Any]:
+def _final_line(
+    state: ProxyState, arrived: list[Outcome], one_row: bool, policy: TimeoutPolicy
+) -> dict[str, Any]:
     missing = {o.service: failure(o) for o in arrived if not o.ok}
     answered = {o.service: o.probabilities for o in arrived if o.probabilities is not None}
     order = [s.name for s in state.services]
