@@ -11,6 +11,7 @@ Nothing from the wheel is copied into the project: the directory is a temporary 
 from __future__ import annotations
 
 import collections
+import ctypes
 import importlib.util
 import os
 import platform
@@ -131,6 +132,22 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the thread that started it dies (Linux).
+
+    So a launcher that is SIGKILLed (or a test runner that is) leaves no Triton behind. Start
+    the server from a thread that lives as long as it should.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _python_libdir() -> str | None:
     """The running interpreter's libpython directory, so the stub embeds this very Python."""
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
@@ -248,6 +265,7 @@ class TritonServer:
             # Own process group: the python backend's stubs are its children, and stop()
             # can then reach every one of them even after the server itself is gone.
             start_new_session=True,
+            preexec_fn=die_with_parent,  # one fork-safe libc call
         )
         self._reader = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._reader.start()

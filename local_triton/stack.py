@@ -13,10 +13,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from types import FrameType
 
-from local_triton.server import DEFAULT_REPOSITORY, LaunchError, TritonServer, format_ready_line, models_in
+from local_triton.server import (
+    DEFAULT_REPOSITORY,
+    LaunchError,
+    TritonServer,
+    die_with_parent,
+    format_ready_line,
+    models_in,
+)
 
 SERVICES = ("setosa", "versicolor", "virginica")
 
@@ -24,6 +30,9 @@ SERVICES = ("setosa", "versicolor", "virginica")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local_triton.stack", description=__doc__)
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", "9000")))
+    parser.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
     parser.add_argument(
         "--protocol", choices=["grpc", "http"], default=os.environ.get("PROXY_PROTOCOL", "grpc")
     )
@@ -39,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     server = TritonServer(
-        model_repository=DEFAULT_REPOSITORY, log_stream=sys.stderr if args.triton_log else None
+        model_repository=DEFAULT_REPOSITORY,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_stream=sys.stderr if args.triton_log else None,
     )
     try:
         server.start()
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PROXY_PORT=str(args.proxy_port), PROXY_PROTOCOL=args.protocol)
     for name in SERVICES:
         env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
-    proxy = subprocess.Popen([sys.executable, "-m", "client_proxy"], env=env)
+    proxy = subprocess.Popen([sys.executable, "-m", "client_proxy"], env=env, preexec_fn=die_with_parent)
     print(f"proxy: http://127.0.0.1:{args.proxy_port} (docs at /docs); Ctrl-C stops both", flush=True)
     code = 0
     try:
@@ -73,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.kill()
                 proxy.wait()
         server.stop()
-        time.sleep(0)
     return code
 
 

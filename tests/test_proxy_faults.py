@@ -31,9 +31,10 @@ def _proxy(triton: TritonServer, protocol: str, models: dict[str, str], **overri
 @pytest.fixture(scope="module")
 def with_missing(explicit_triton: TritonServer, protocol: str) -> Iterator[httpx.Client]:
     """The three Iris services plus one whose model Triton does not have."""
-    with _proxy(explicit_triton, protocol, {**IRIS, "ghost": "no_such_model"}) as url, httpx.Client(
-        base_url=url, timeout=10
-    ) as client:
+    with (
+        _proxy(explicit_triton, protocol, {**IRIS, "ghost": "no_such_model"}) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
         yield client
 
 
@@ -51,7 +52,10 @@ def test_missing_model_gives_a_partial_answer(with_missing: httpx.Client) -> Non
 
 
 def test_missing_model_under_all_or_nothing_is_503_naming_it(with_missing: httpx.Client) -> None:
-    for kwargs in ({"params": {"policy": "all_or_nothing"}}, {"headers": {"X-Timeout-Policy": "all_or_nothing"}}):
+    for kwargs in (
+        {"params": {"policy": "all_or_nothing"}},
+        {"headers": {"X-Timeout-Policy": "all_or_nothing"}},
+    ):
         response = with_missing.post("/predict/label", json=ROW, **kwargs)  # type: ignore[arg-type]
         assert response.status_code == 503
         error = response.json()["error"]
@@ -69,7 +73,9 @@ def test_health_all_is_degraded_not_500(with_missing: httpx.Client) -> None:
     assert meta["services"]["ghost"]["available"] is False
 
 
-def test_unloaded_model_leaves_and_rejoins_without_restart(explicit_triton: TritonServer, protocol: str) -> None:
+def test_unloaded_model_leaves_and_rejoins_without_restart(
+    explicit_triton: TritonServer, protocol: str
+) -> None:
     import tritonclient.http as triton_http
 
     control = triton_http.InferenceServerClient(explicit_triton.http_url)
@@ -88,10 +94,15 @@ def test_unloaded_model_leaves_and_rejoins_without_restart(explicit_triton: Trit
         assert "partial" not in body
 
 
-def test_slow_service_partial_answers_within_the_deadline(explicit_triton: TritonServer, protocol: str) -> None:
+def test_slow_service_partial_answers_within_the_deadline(
+    explicit_triton: TritonServer, protocol: str
+) -> None:
     # `slow` sleeps 400 ms and would win every label with P = 0.99 if it were waited for.
     models = {"setosa": "setosa", "versicolor": "versicolor", "slow": "slow"}
-    with _proxy(explicit_triton, protocol, models, deadline_ms=200) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with (
+        _proxy(explicit_triton, protocol, models, deadline_ms=200) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
         started = time.perf_counter()
         response = client.post("/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]})
         elapsed = time.perf_counter() - started
@@ -115,9 +126,10 @@ def test_slow_service_partial_answers_within_the_deadline(explicit_triton: Trito
 
 def test_per_service_timeout_and_per_request_deadline(explicit_triton: TritonServer, protocol: str) -> None:
     models = {"setosa": "setosa", "slow": "slow"}
-    with _proxy(explicit_triton, protocol, models, service_timeout_ms=150, deadline_ms=3000) as url, httpx.Client(
-        base_url=url, timeout=10
-    ) as client:
+    with (
+        _proxy(explicit_triton, protocol, models, service_timeout_ms=150, deadline_ms=3000) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
         started = time.perf_counter()
         body = client.post("/predict/label", json=ROW).json()
         assert time.perf_counter() - started < 0.39
@@ -128,7 +140,9 @@ def test_per_service_timeout_and_per_request_deadline(explicit_triton: TritonSer
         assert time.perf_counter() - started < 0.14
 
 
-def test_slow_service_is_waited_for_when_the_deadline_allows(explicit_triton: TritonServer, protocol: str) -> None:
+def test_slow_service_is_waited_for_when_the_deadline_allows(
+    explicit_triton: TritonServer, protocol: str
+) -> None:
     models = {"setosa": "setosa", "slow": "slow"}
     with _proxy(explicit_triton, protocol, models) as url, httpx.Client(base_url=url, timeout=10) as client:
         body = client.post("/predict/label", json=ROW).json()
@@ -171,7 +185,9 @@ def test_stream_arrives_in_completion_order(explicit_triton: TritonServer, proto
         assert late[-1]["prediction"]["label"] != "slow"
 
 
-def test_stream_first_line_is_not_held_back_by_the_slow_service(explicit_triton: TritonServer, protocol: str) -> None:
+def test_stream_first_line_is_not_held_back_by_the_slow_service(
+    explicit_triton: TritonServer, protocol: str
+) -> None:
     models = {"slow": "slow", "setosa": "setosa"}
     with _proxy(explicit_triton, protocol, models) as url, httpx.Client(base_url=url, timeout=10) as client:
         started = time.perf_counter()
@@ -185,7 +201,9 @@ def test_stream_first_line_is_not_held_back_by_the_slow_service(explicit_triton:
 
 
 @pytest.mark.parametrize("proto", ["grpc", "http"])
-def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart(proto: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart(
+    proto: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     repository = tmp_path / "repo"
@@ -194,7 +212,10 @@ def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart
     server = TritonServer(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
     server.start()
     try:
-        with _proxy(server, proto, IRIS, deadline_ms=1000) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with (
+            _proxy(server, proto, IRIS, deadline_ms=1000) as url,
+            httpx.Client(base_url=url, timeout=10) as client,
+        ):
             assert client.post("/predict/label", json=ROW).status_code == 200
             server.stop()
             for policy in ("partial", "all_or_nothing"):
@@ -231,17 +252,29 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_count_what_happened(explicit_triton: TritonServer) -> None:
     models = {"setosa": "setosa", "slow": "slow", "ghost": "no_such_model"}
-    with _proxy(explicit_triton, "grpc", models, deadline_ms=200) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with (
+        _proxy(explicit_triton, "grpc", models, deadline_ms=200) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
         for _ in range(3):
             assert client.post("/predict/label", json=ROW).status_code == 200
         assert client.post("/predict", json=ROW).status_code == 200
         assert client.post("/predict/label", json={"data": []}).status_code == 422
-        assert client.post("/predict/label", json=ROW, params={"policy": "all_or_nothing"}).status_code in (503, 504)
+        assert client.post("/predict/label", json=ROW, params={"policy": "all_or_nothing"}).status_code in (
+            503,
+            504,
+        )
         text = client.get("/metrics").text
 
-    assert _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="200") == 3
+    assert (
+        _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="200")
+        == 3
+    )
     assert _metric(text, "proxy_http_requests_total", endpoint="/predict", method="POST", status="200") == 1
-    assert _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="422") == 1
+    assert (
+        _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="422")
+        == 1
+    )
     assert _metric(text, "proxy_http_request_duration_seconds_count", endpoint="/predict/label") == 5
     assert _metric(text, "proxy_partial_answers_total", endpoint="/predict/label") == 3
     assert _metric(text, "proxy_partial_answers_total", endpoint="/predict") == 1

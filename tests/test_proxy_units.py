@@ -10,7 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from client_proxy.config import ConfigError, Service, TimeoutPolicy, load_settings, parse_service, services_from_env
+from client_proxy.config import (
+    ConfigError,
+    Service,
+    TimeoutPolicy,
+    load_settings,
+    parse_service,
+    services_from_env,
+)
 from client_proxy.errors import ServicesFailed, UpstreamUnavailable
 from client_proxy.fanout import FanOut, aggregate
 from client_proxy.inputs import parse_rows
@@ -32,7 +39,9 @@ def test_service_variables(value: str, expected: Service) -> None:
     assert parse_service("setosa", value, "grpc") == expected
 
 
-@pytest.mark.parametrize("value", ["triton", "triton:port", "ftp://triton:8001", "triton:8001/a/b/c", "triton:99999", ""])
+@pytest.mark.parametrize(
+    "value", ["triton", "triton:port", "ftp://triton:8001", "triton:8001/a/b/c", "triton:99999", ""]
+)
 def test_bad_service_variable_names_the_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="SERVICE_SETOSA"):
         parse_service("setosa", value, "grpc")
@@ -116,7 +125,9 @@ class FakeGateway:
 def _run(fake: FakeGateway, policy: TimeoutPolicy, deadline_s: float, service_timeout_s: float = 10):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
         fanout = FanOut(fake.infer, service_timeout_s)
-        result = await fanout.run(SERVICES, np.zeros((1, 4), np.float32), "rid", time.monotonic() + deadline_s, policy)
+        result = await fanout.run(
+            SERVICES, np.zeros((1, 4), np.float32), "rid", time.monotonic() + deadline_s, policy
+        )
         return result, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     return asyncio.run(main())
