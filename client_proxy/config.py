@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -29,7 +29,7 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 Protocol = Literal["grpc", "http"]
 
 
-class TimeoutPolicy(str, Enum):
+class TimeoutPolicy(StrEnum):
     """What a request gets when a service is late or fails (the seed's two timeout strategies)."""
 
     #: Any service late or failed: the whole request fails (504 when one was late, else 503).
