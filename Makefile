@@ -6,22 +6,28 @@ STAMP := $(VENV)/.installed
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install train models run triton test lint clean
+.PHONY: help install tools train models run triton test bench lint clean
 
 help:
-	@echo "make run      set up, train if needed, and serve Triton on :8000/:8001/:8002"
+	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
 	@echo "make test     set up and run the tests (real embedded Triton)"
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
+	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 8 minutes)"
 	@echo "make lint     ruff and mypy"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,server,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,server,bench,dev]'
 	touch $@
 
 install: $(STAMP)
+
+# wrk, the benchmark's load generator, from Debian's packages (needs root, or install it yourself).
+tools:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; }; } \
+		|| { echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }
 
 # Trains only when a model is missing; `make train` always retrains.
 $(MODEL_FILES) &: | $(STAMP)
@@ -38,13 +44,16 @@ triton: $(STAMP) models
 run: $(STAMP) models
 	$(BIN)/python -m local_triton.stack
 
-test: $(STAMP) models
+test: $(STAMP) models tools
 	$(BIN)/python -m pytest
+
+bench: $(STAMP) models tools
+	$(BIN)/python -m bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy training local_triton client_proxy
+	$(BIN)/mypy training local_triton client_proxy bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

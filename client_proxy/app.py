@@ -12,7 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Route
 
+from client_proxy.coalesce import Coalescer
 from client_proxy.config import Service, Settings, load_settings, services_from_env
 from client_proxy.errors import ProxyError
 from client_proxy.fanout import FanOut
@@ -31,11 +33,13 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     configure_logging(settings.log_level)
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings)
+    coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
+    infer = coalescer.infer if settings.coalesce else gateway.infer
     state = ProxyState(
         settings=settings,
         services=services,
         gateway=gateway,
-        fanout=FanOut(gateway.infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
+        fanout=FanOut(infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
         metrics=metrics,
     )
 
@@ -46,6 +50,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         try:
             yield
         finally:
+            await coalescer.aclose()
             await gateway.aclose()
 
     app = FastAPI(
@@ -57,6 +62,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.state.proxy = state
     app.include_router(health.router)
     app.include_router(predict.router)
+    for path, endpoint, methods in reversed(predict.FAST_ROUTES):
+        app.router.routes.insert(0, Route(path, endpoint, methods=methods))
     _install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

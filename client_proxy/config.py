@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     """Most rows one request may send (Triton's max_batch_size for these models is 1024)."""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body accepted, in bytes."""
+    coalesce: bool = True
+    """Merge concurrent calls to one service into shared, batched Triton calls under load."""
+    in_flight_per_service: int = Field(2, ge=1, le=1024)
+    """With ``coalesce``: Triton calls per service on the wire at once; later calls wait and batch."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -95,6 +95,7 @@ class CallOptions:
 
 
 _POLICIES = {p.value: p for p in TimeoutPolicy}
+_NO_QUERY: dict[str, str] = {}
 
 
 def call_options(request: Request, settings: Settings) -> CallOptions:
@@ -103,7 +104,8 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
     Read by hand rather than through FastAPI's dependency injection: these routes are the hot
     path, and the injection machinery cost more CPU per request than the fan-out itself.
     """
-    query, headers = request.query_params, request.headers
+    query = request.query_params if request.scope["query_string"] else _NO_QUERY
+    headers = request.headers
     raw_policy = query.get("policy") or headers.get("x-timeout-policy")
     policy = settings.timeout_policy
     if raw_policy is not None:
@@ -275,3 +277,15 @@ def _final_line(
         final["partial"] = True
         final["missing"] = missing
     return final
+
+
+#: The hot routes, served as plain Starlette routes placed in front of the FastAPI ones (which
+#: stay for the OpenAPI documentation): the handlers take only the request, so FastAPI's
+#: per-request machinery (dependency solving, parameter analysis) would be pure overhead.
+FAST_ROUTES = [
+    ("/predict", predict, ["POST"]),
+    ("/predict/label", predict_label, ["POST"]),
+    ("/predict/stream", predict_stream, ["POST"]),
+    ("/predict/get/test", predict_get_test, ["GET"]),
+    ("/predict/post/test", predict_post_test, ["POST"]),
+]

@@ -1,0 +1,263 @@
+"""``python -m bench`` (``make bench``): every configuration that gives the label, side by side.
+
+Rows: Triton's ``iris_ensemble`` called directly (the ceiling: the same work, fanned out inside
+Triton), the three models called concurrently by an async tritonclient with no proxy, the
+proxy's ``/predict/label`` over gRPC and over HTTP, its ``/predict/stream``, and the seed's
+design rebuilt for comparison. Each at several concurrencies, repeated, medians reported, with
+ratios to the ceiling and to the seed's design measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
+from bench.report import Row, check_targets, render_markdown, render_plot
+from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["setosa", "versicolor", "virginica"]
+SEED_ROW = [[1.0, 2.0, 3.0, 4.0]]
+PROXY_BODY = json.dumps({"data": SEED_ROW}).encode()
+ENSEMBLE_BODY = json.dumps(
+    {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": SEED_ROW}],
+        "outputs": [{"name": "class_name"}, {"name": "proba"}],
+    }
+).encode()
+
+CEILING = "Triton iris_ensemble, direct (HTTP)"
+DIRECT = "direct fan-out, async tritonclient (gRPC)"
+PROXY_GRPC = "proxy /predict/label over gRPC"
+PROXY_HTTP = "proxy /predict/label over HTTP"
+PROXY_STREAM = "proxy /predict/stream over gRPC"
+SEED = "seed design (FastAPI services, httpx client per request)"
+
+
+@dataclass
+class Target:
+    name: str
+    run: Callable[[int, float], Measurement]
+    roles: dict[str, int]
+    """Process trees whose CPU this configuration uses."""
+    self_role: str | None = None
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"bench: {url} did not come up")
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(health_url)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _proxy(stack: ExitStack, triton: TritonServer, protocol: str) -> tuple[str, int]:
+    (port,) = free_ports(1)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+    env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
+    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_PROTOCOL=protocol)
+    process = stack.enter_context(
+        _process([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+    )
+    return f"http://127.0.0.1:{port}", process.pid
+
+
+def _seed_design(stack: ExitStack) -> tuple[str, list[int]]:
+    ports = free_ports(len(MODELS) + 1)
+    env = dict(os.environ)
+    pids = []
+    services = []
+    for model, port in zip(MODELS, ports[1:], strict=True):
+        args = [sys.executable, "-m", "bench.seed_design", "service", model, "--port", str(port)]
+        pids.append(stack.enter_context(_process(args, env, f"http://127.0.0.1:{port}/health")).pid)
+        services.append(f"{model}=http://127.0.0.1:{port}")
+    args = [
+        sys.executable,
+        "-m",
+        "bench.seed_design",
+        "proxy",
+        "--port",
+        str(ports[0]),
+        "--services",
+        ",".join(services),
+    ]
+    url = f"http://127.0.0.1:{ports[0]}"
+    process = stack.enter_context(_process(args, env, f"{url}/docs"))
+    return url, [process.pid, *pids]
+
+
+def _check_answer(url: str, body: bytes, expected: str) -> None:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    if expected not in text:
+        raise SystemExit(f"bench: {url} answered {text[:200]!r}, expected the label {expected!r}")
+
+
+def _measure(target: Target, concurrency: int, seconds: float) -> Measurement:
+    meter = CpuMeter(target.roles)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    meter.start()
+    measurement = target.run(concurrency, seconds)
+    cpu = meter.stop(include_self_as=target.self_role)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    loadgen = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    if target.self_role is None:
+        cpu["load generator"] = loadgen
+    measurement.cpu_s = cpu
+    return measurement
+
+
+def _median(measurements: list[Measurement]) -> Measurement:
+    by_throughput = sorted(measurements, key=lambda m: m.throughput)
+    middle = by_throughput[len(by_throughput) // 2]
+    roles = {role for m in measurements for role in m.cpu_s}
+    return Measurement(
+        requests=middle.requests,
+        seconds=middle.seconds,
+        errors=sum(m.errors for m in measurements),
+        p50_ms=statistics.median(m.p50_ms for m in measurements),
+        p90_ms=statistics.median(m.p90_ms for m in measurements),
+        p99_ms=statistics.median(m.p99_ms for m in measurements),
+        cpu_s={
+            role: statistics.median(m.cpu_s.get(role, 0.0) / max(m.requests, 1) for m in measurements)
+            * middle.requests
+            for role in roles
+        },
+    )
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"Triton {TRITON_SERVER_VERSION} ({TRITON_RELEASE}) embedded, CPU only"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; medians are reported")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="report directory")
+    parser.add_argument("--smoke", action="store_true", help="a short run that proves the harness works")
+    parser.add_argument("--skip-seed", action="store_true", help="leave out the seed's design")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.seconds, args.repeats, args.warmup = "1,16", 1.0, 1, 0.5
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    with ExitStack() as stack:
+        triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
+        triton_pid = triton.pid
+        assert triton_pid is not None
+        grpc_proxy, grpc_pid = _proxy(stack, triton, "grpc")
+        http_proxy, http_pid = _proxy(stack, triton, "http")
+        ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
+        targets = [
+            Target(CEILING, lambda c, s: run_wrk(ensemble_url, ENSEMBLE_BODY, c, s), {"triton": triton_pid}),
+            Target(DIRECT, lambda c, s: run_direct_fanout(triton.grpc_url, MODELS, c, s),
+                   {"triton": triton_pid}, self_role="client"),
+            Target(PROXY_GRPC, lambda c, s: run_wrk(f"{grpc_proxy}/predict/label", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": grpc_pid}),
+            Target(PROXY_HTTP, lambda c, s: run_wrk(f"{http_proxy}/predict/label", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": http_pid}),
+            Target(PROXY_STREAM, lambda c, s: run_wrk(f"{grpc_proxy}/predict/stream", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": grpc_pid}),
+        ]  # fmt: skip
+        _check_answer(ensemble_url, ENSEMBLE_BODY, "virginica")
+        for url in (grpc_proxy, http_proxy):
+            _check_answer(f"{url}/predict/label", PROXY_BODY, "virginica")
+            _check_answer(f"{url}/predict/stream", PROXY_BODY, '"final":true')
+        if not args.skip_seed:
+            seed_url, seed_pids = _seed_design(stack)
+            roles = {f"seed {i}": pid for i, pid in enumerate(seed_pids)}
+            targets.append(
+                Target(SEED, lambda c, s: run_wrk(f"{seed_url}/predict/label", PROXY_BODY, c, s), roles)
+            )
+            _check_answer(f"{seed_url}/predict/label", PROXY_BODY, "virginica")
+
+        results: dict[tuple[str, int], list[Measurement]] = {}
+        for concurrency in levels:
+            for target in targets:
+                target.run(concurrency, args.warmup)
+            for repeat in range(args.repeats):
+                for target in targets:  # interleaved, so drift on the machine hits every row alike
+                    m = _measure(target, concurrency, args.seconds)
+                    results.setdefault((target.name, concurrency), []).append(m)
+                    print(
+                        f"c={concurrency:<3} run {repeat + 1}/{args.repeats} {target.name:<58} "
+                        f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+                        f"errors {m.errors}",
+                        flush=True,
+                    )
+
+    rows = [Row(name, concurrency, _median(ms)) for (name, concurrency), ms in results.items()]
+    header = {
+        "command": "make bench" if not args.smoke else "python -m bench --smoke",
+        "started": started,
+        "machine": machine(),
+        "method": (
+            f"{args.repeats} run(s) of {args.seconds:g} s per configuration and concurrency, interleaved, "
+            f"after {args.warmup:g} s of warm-up; medians. Closed loop: wrk (HTTP rows) or an asyncio "
+            f"client (direct fan-out) keeps `concurrency` requests in flight; the seed's one-row request."
+        ),
+    }
+    verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
+    markdown = render_markdown(rows, header, verdicts, CEILING, SEED)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(markdown)
+    render_plot(rows, args.out / "latest.png")
+    print(markdown)
+    print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

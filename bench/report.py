@@ -1,0 +1,149 @@
+"""The benchmark's report: a markdown table with ratios, the targets, and a PNG plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.loadgen import Measurement
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    concurrency: int
+    m: Measurement
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    holds: bool | None
+    """None when the run did not measure what the target needs."""
+
+
+def _find(rows: list[Row], name: str, concurrency: int) -> Measurement | None:
+    return next((r.m for r in rows if r.name == name and r.concurrency == concurrency), None)
+
+
+def check_targets(rows: list[Row], ceiling: str, direct: str, proxy: str, seed: str) -> list[Verdict]:
+    verdicts = []
+    p16, c16, s16 = _find(rows, proxy, 16), _find(rows, ceiling, 16), _find(rows, seed, 16)
+    if p16 and c16:
+        ratio = p16.throughput / c16.throughput
+        verdicts.append(
+            Verdict("proxy throughput at c=16 >= 60% of iris_ensemble direct", f"{ratio:.0%}", ratio >= 0.6)
+        )
+    else:
+        verdicts.append(
+            Verdict("proxy throughput at c=16 >= 60% of iris_ensemble direct", "not measured", None)
+        )
+    if p16 and s16:
+        ratio = p16.throughput / s16.throughput
+        verdicts.append(
+            Verdict("proxy throughput at c=16 >= 40x the seed's design", f"{ratio:.1f}x", ratio >= 40)
+        )
+    else:
+        verdicts.append(Verdict("proxy throughput at c=16 >= 40x the seed's design", "not measured", None))
+    p1, d1 = _find(rows, proxy, 1), _find(rows, direct, 1)
+    if p1 and d1:
+        added = p1.p50_ms - d1.p50_ms
+        verdicts.append(
+            Verdict(
+                "p50 added by the proxy at c=1 <= 1 ms over the direct fan-out",
+                f"{added:+.2f} ms",
+                added <= 1.0,
+            )
+        )
+    else:
+        verdicts.append(
+            Verdict("p50 added by the proxy at c=1 <= 1 ms over the direct fan-out", "not measured", None)
+        )
+    proxy_rows = [r for r in rows if r.name.startswith("proxy") and r.concurrency == 64]
+    if proxy_rows:
+        errors = sum(r.m.errors for r in proxy_rows)
+        verdicts.append(Verdict("zero errors at c=64 (proxy rows)", f"{errors} errors", errors == 0))
+    else:
+        verdicts.append(Verdict("zero errors at c=64 (proxy rows)", "not measured", None))
+    return verdicts
+
+
+def _ratio(value: float, reference: Measurement | None) -> str:
+    if reference is None or reference.throughput == 0:
+        return "-"
+    return f"{value / reference.throughput:.2f}"
+
+
+def render_markdown(
+    rows: list[Row], header: dict[str, str], verdicts: list[Verdict], ceiling: str, seed: str
+) -> str:
+    lines = [
+        "# Benchmark: the proxy against Triton's ensemble and the seed's design",
+        "",
+        f"- command: `{header['command']}`",
+        f"- started: {header['started']}",
+        f"- machine: {header['machine']}",
+        f"- method: {header['method']}",
+        "",
+        "| configuration | concurrency | req/s | / ensemble | / seed | p50 ms | p90 ms | p99 ms | errors "
+        "| CPU ms per request |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in sorted(rows, key=lambda r: (r.concurrency, _order(r.name))):
+        m = row.m
+        cpu = ", ".join(f"{role} {ms:.2f}" for role, ms in sorted(m.cpu_per_request_ms().items()))
+        lines.append(
+            f"| {row.name} | {row.concurrency} | {m.throughput:,.0f} | "
+            f"{_ratio(m.throughput, _find(rows, ceiling, row.concurrency))} | "
+            f"{_ratio(m.throughput, _find(rows, seed, row.concurrency))} | "
+            f"{m.p50_ms:.2f} | {m.p90_ms:.2f} | {m.p99_ms:.2f} | {m.errors} | {cpu} |"
+        )
+    lines += ["", "## Targets", "", "| target | measured | holds |", "| --- | --- | --- |"]
+    for v in verdicts:
+        holds = "n/a" if v.holds is None else ("yes" if v.holds else "**no**")
+        lines.append(f"| {v.target} | {v.measured} | {holds} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+_ORDER = [
+    "Triton",
+    "direct",
+    "proxy /predict/label over gRPC",
+    "proxy /predict/label over HTTP",
+    "proxy /predict/stream",
+    "seed",
+]
+
+
+def _order(name: str) -> int:
+    return next((i for i, prefix in enumerate(_ORDER) if name.startswith(prefix)), len(_ORDER))
+
+
+def render_plot(rows: list[Row], path: Path) -> None:
+    """Throughput and p99 per configuration and concurrency, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r.name for r in rows}, key=_order)
+    levels = sorted({r.concurrency for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(levels))]
+        measurements = [_find(rows, name, c) for c in levels]
+        left.bar(xs, [m.throughput if m else 0 for m in measurements], width, label=name)
+        right.bar(xs, [m.p99_ms if m else 0 for m in measurements], width, label=name)
+    for axis, title, unit in ((left, "Throughput", "requests/s"), (right, "p99 latency", "ms (log)")):
+        axis.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(levels))])
+        axis.set_xticklabels([f"c={c}" for c in levels])
+        axis.set_title(title)
+        axis.set_ylabel(unit)
+    right.set_yscale("log")
+    left.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
