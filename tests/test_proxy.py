@@ -236,3 +236,20 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
     body = spec["paths"]["/predict/label"]["post"]["requestBody"]["content"]["application/json"]
     assert body["examples"]["seed"]["value"] == {"data": SEED_ROW}
     assert client.get("/docs").status_code == 200
+
+
+def test_without_coalescing_every_request_is_its_own_call(
+    triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    labels, _ = expected_labels(x)
+    with running_proxy(settings(coalesce=False), services_on(triton, "grpc")) as url:
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                return await asyncio.gather(
+                    *(client.post("/predict/label", json={"data": [x[i].tolist()]}) for i in range(150))
+                )
+
+        responses = asyncio.run(main())
+    assert [r.json()["prediction"]["label"] for r in responses] == labels

@@ -1,0 +1,109 @@
+"""The coalescer's logic with a fake Triton call (pure unit tests; the real path is covered by
+the proxy's concurrency tests against the embedded Triton)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from client_proxy.coalesce import Coalescer
+from client_proxy.config import Service
+from client_proxy.errors import UpstreamUnavailable
+
+SERVICE = Service("s", "grpc", "x:1", "s")
+
+
+class FakeTriton:
+    """Answers each row with [row id, -row id] after a short pause, recording every call."""
+
+    def __init__(self, pause: float = 0.01, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.pause = pause
+        self.fail = fail
+
+    async def infer(self, service: Service, x: np.ndarray, request_id: str, timeout: float) -> np.ndarray:
+        self.calls.append(x.shape[0])
+        await asyncio.sleep(self.pause)
+        if self.fail:
+            raise UpstreamUnavailable("s: down", service="s")
+        return np.stack([x[:, 0], -x[:, 0]], axis=1).astype(np.float32)
+
+
+def rows(ident: int, n: int = 1) -> np.ndarray:
+    return np.full((n, 4), ident, dtype=np.float32)
+
+
+def test_light_load_goes_straight_through() -> None:
+    fake = FakeTriton()
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=2)
+
+    async def main() -> None:
+        for i in range(3):
+            out = await coalescer.infer(SERVICE, rows(i), "r", 1.0)
+            assert out.tolist() == [[i, -i]]
+
+    asyncio.run(main())
+    assert fake.calls == [1, 1, 1]
+
+
+def test_concurrent_calls_share_batches_and_get_their_own_rows() -> None:
+    fake = FakeTriton()
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=2)
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(
+            *(coalescer.infer(SERVICE, rows(i, 1 + i % 3), f"r{i}", 1.0) for i in range(40))
+        )
+
+    outputs = asyncio.run(main())
+    for i, out in enumerate(outputs):
+        assert out.tolist() == [[i, -i]] * (1 + i % 3)
+    assert len(fake.calls) < 10  # 40 callers, far fewer calls
+    assert sum(fake.calls) == sum(1 + i % 3 for i in range(40))
+
+
+def test_batches_respect_max_rows() -> None:
+    fake = FakeTriton()
+    coalescer = Coalescer(fake.infer, max_rows=5, max_in_flight=1)
+
+    async def main() -> None:
+        await asyncio.gather(*(coalescer.infer(SERVICE, rows(i, 2), "r", 1.0) for i in range(9)))
+
+    asyncio.run(main())
+    assert max(fake.calls) <= 5 and sum(fake.calls) == 18
+
+
+def test_a_failed_batch_fails_each_of_its_callers() -> None:
+    fake = FakeTriton(fail=True)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=1)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            *(coalescer.infer(SERVICE, rows(i), "r", 1.0) for i in range(5)), return_exceptions=True
+        )
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, UpstreamUnavailable) for r in results)
+
+
+def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
+    fake = FakeTriton(pause=0.05)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=1)
+
+    async def main() -> None:
+        first = asyncio.create_task(coalescer.infer(SERVICE, rows(1), "r", 1.0))
+        await asyncio.sleep(0)
+        quitter = asyncio.create_task(coalescer.infer(SERVICE, rows(2), "r", 1.0))
+        stayer = asyncio.create_task(coalescer.infer(SERVICE, rows(3), "r", 1.0))
+        await asyncio.sleep(0.01)
+        quitter.cancel()
+        assert (await first).tolist() == [[1, -1]]
+        assert (await stayer).tolist() == [[3, -3]]
+        with pytest.raises(asyncio.CancelledError):
+            await quitter
+        await coalescer.aclose()
+
+    asyncio.run(main())
+    assert fake.calls == [1, 1]  # the quitter's row was never sent
