@@ -45,6 +45,7 @@ DIRECT = "direct fan-out, async tritonclient (gRPC)"
 PROXY_GRPC = "proxy /predict/label over gRPC"
 PROXY_HTTP = "proxy /predict/label over HTTP"
 PROXY_STREAM = "proxy /predict/stream over gRPC"
+PROXY_ENSEMBLE = "proxy /predict/label?route=ensemble over gRPC"
 SEED = "seed design (FastAPI services, httpx client per request)"
 
 
@@ -210,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
                    {"triton": triton_pid, "proxy": http_pid}),
             Target(PROXY_STREAM, lambda c, s: run_wrk(f"{grpc_proxy}/predict/stream", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": grpc_pid}),
+            Target(PROXY_ENSEMBLE,
+                   lambda c, s: run_wrk(f"{grpc_proxy}/predict/label?route=ensemble", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": grpc_pid}),
         ]  # fmt: skip
         _check_answer(ensemble_url, ENSEMBLE_BODY, "virginica")
         for url in (grpc_proxy, http_proxy):
             _check_answer(f"{url}/predict/label", PROXY_BODY, "virginica")
             _check_answer(f"{url}/predict/stream", PROXY_BODY, '"final":true')
+            _check_answer(f"{url}/predict/label?route=ensemble", PROXY_BODY, "virginica")
         if not args.skip_seed:
             seed_url, seed_pids = _seed_design(stack)
             roles = {f"seed {i}": pid for i, pid in enumerate(seed_pids)}

@@ -112,6 +112,7 @@ _ORDER = [
     "direct",
     "proxy /predict/label over gRPC",
     "proxy /predict/label over HTTP",
+    "proxy /predict/label?route=ensemble",
     "proxy /predict/stream",
     "seed",
 ]

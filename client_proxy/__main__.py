@@ -10,7 +10,8 @@ import sys
 
 import uvicorn
 
-from client_proxy.config import ConfigError, load_settings, services_from_env
+from client_proxy.config import ConfigError, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.pipelines import PipelineError, load_pipelines
 
 
 def main() -> int:
@@ -18,8 +19,12 @@ def main() -> int:
         settings = load_settings()
         # Parsed here too (the app parses them again in each worker) so that a bad SERVICE_*
         # variable stops the start with one line instead of a traceback per worker.
-        services_from_env(os.environ, settings)
-    except ConfigError as exc:
+        check_settings(settings)
+        services = initial_services(os.environ, settings)
+        ensemble_service(settings, services)
+        if settings.pipelines_file:
+            load_pipelines(settings.pipelines_file, {s.name: s for s in services})
+    except (ConfigError, PipelineError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(

@@ -15,12 +15,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from client_proxy.coalesce import Coalescer
-from client_proxy.config import Service, Settings, load_settings, services_from_env
+from client_proxy.config import (
+    Service,
+    Settings,
+    check_settings,
+    ensemble_service,
+    initial_services,
+    load_settings,
+)
 from client_proxy.errors import ProxyError
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
-from client_proxy.routes import health, predict
+from client_proxy.pipelines import load_pipelines
+from client_proxy.routes import admin, health, predict
+from client_proxy.routes import pipelines as pipeline_routes
 from client_proxy.state import JSON, ProxyState
 
 logger = logging.getLogger("client_proxy")
@@ -29,8 +38,15 @@ logger = logging.getLogger("client_proxy")
 def create_app(settings: Settings | None = None, services: list[Service] | None = None) -> FastAPI:
     """The proxy app. Without arguments, settings and services come from the environment."""
     settings = settings or load_settings()
-    services = services if services is not None else services_from_env(os.environ, settings)
+    services = services if services is not None else initial_services(os.environ, settings)
+    check_settings(settings)
     configure_logging(settings.log_level)
+    ensemble = ensemble_service(settings, services)
+    pipelines = (
+        load_pipelines(settings.pipelines_file, {s.name: s for s in services})
+        if settings.pipelines_file
+        else {}
+    )
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
@@ -41,6 +57,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         gateway=gateway,
         fanout=FanOut(infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
         metrics=metrics,
+        pipelines=pipelines,
+        ensemble=ensemble,
     )
 
     @asynccontextmanager
@@ -62,6 +80,9 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.state.proxy = state
     app.include_router(health.router)
     app.include_router(predict.router)
+    app.include_router(pipeline_routes.router)
+    if settings.admin_token is not None:
+        app.include_router(admin.router)
     for path, endpoint, methods in reversed(predict.FAST_ROUTES):
         app.router.routes.insert(0, Route(path, endpoint, methods=methods))
     _install_error_handlers(app)

@@ -13,18 +13,22 @@ With no ``SERVICE_*`` variable, the three Iris models on ``PROXY_TRITON_HOST`` a
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_PREFIX = "SERVICE_"
 DEFAULT_MODELS = ("setosa", "versicolor", "virginica")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+DEFAULT_PIPELINES_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
 
 Protocol = Literal["grpc", "http"]
 
@@ -71,15 +75,39 @@ class Settings(BaseSettings):
     """With ``coalesce``: Triton calls per service on the wire at once; later calls wait and batch."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
+    pipelines_file: Path | None = DEFAULT_PIPELINES_FILE
+    """YAML file of serial pipelines (``/pipelines``); empty for none. Default: the Iris cascade."""
+    label_route: Literal["fanout", "ensemble"] = "fanout"
+    """How ``/predict/label`` is answered: the proxy's fan-out, or one call to Triton's ensemble."""
+    ensemble: str | None = None
+    """The ensemble as ``[grpc://|http://]host:port/model``; default: ``iris_ensemble`` on the first
+    service's Triton."""
+    admin_token: SecretStr | None = None
+    """Bearer token for ``/admin/services``; unset (the default), those endpoints do not exist."""
+    services_file: Path | None = None
+    """JSON file the admin endpoints keep the services in; read at start, instead of
+    ``SERVICE_*``, when it exists."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the proxy's own loggers."""
     workers: int = Field(1, ge=1, le=64)
     """uvicorn worker processes (``python -m client_proxy``)."""
 
+    @field_validator("pipelines_file", "ensemble", "admin_token", "services_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+
+def check_settings(settings: Settings) -> None:
+    """What no single field can check."""
+    if settings.admin_token is not None and settings.workers > 1:
+        # Each worker would hold its own list of services: a change would reach one of them.
+        raise ConfigError("PROXY_ADMIN_TOKEN: the admin endpoints need PROXY_WORKERS=1")
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -144,6 +172,43 @@ def parse_service(name: str, value: str, default_protocol: Protocol, variable: s
         model=match["model"] or name,
         version=match["version"] or "",
     )
+
+
+def ensemble_service(settings: Settings, services: list[Service]) -> Service:
+    """``PROXY_ENSEMBLE``, or ``iris_ensemble`` on the first service's Triton."""
+    if settings.ensemble:
+        return parse_service("ensemble", settings.ensemble, settings.protocol, "PROXY_ENSEMBLE")
+    if services:
+        return Service("ensemble", services[0].protocol, services[0].url, "iris_ensemble")
+    url = f"{settings.triton_host}:{DEFAULT_PORTS[settings.protocol]}"
+    return Service("ensemble", settings.protocol, url, "iris_ensemble")
+
+
+def services_from_file(path: Path, settings: Settings) -> list[Service]:
+    """Services kept by the admin endpoints: ``[{"name": ..., "target": ...}, ...]``."""
+    try:
+        entries = json.loads(path.read_text())
+        found = [
+            parse_service(e["name"], e["target"], settings.protocol, f"{path}: {e['name']}") for e in entries
+        ]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"PROXY_SERVICES_FILE={path}: unreadable ({exc})") from None
+    return sorted(found)
+
+
+def save_services(path: Path, services: list[Service]) -> None:
+    """Write the services file atomically (a crash leaves the old one or the new one)."""
+    entries = [{"name": s.name, "target": s.describe()} for s in services]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def initial_services(environ: Mapping[str, str], settings: Settings) -> list[Service]:
+    """The services file when there is one, else ``SERVICE_*`` variables, else the defaults."""
+    if settings.services_file is not None and settings.services_file.exists():
+        return services_from_file(settings.services_file, settings)
+    return services_from_env(environ, settings)
 
 
 def services_from_env(environ: Mapping[str, str], settings: Settings) -> list[Service]:

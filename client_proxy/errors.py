@@ -60,6 +60,21 @@ class UnknownService(ProxyError):
     code = "unknown_service"
 
 
+class Unauthorized(ProxyError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Conflict(ProxyError):
+    status_code = 409
+    code = "conflict"
+
+
+class UnknownPipeline(ProxyError):
+    status_code = 404
+    code = "unknown_pipeline"
+
+
 # -- upstream (Triton) ------------------------------------------------------------------------
 class UpstreamError(ProxyError):
     """A service did not answer. ``reason`` is what the response and the metrics call it."""

@@ -57,6 +57,15 @@ class _Client(Protocol):
         self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
     ) -> Any: ...
 
+    async def infer_outputs(
+        self,
+        service: Service,
+        x: NDArray[np.float32],
+        request_id: str,
+        timeout: float,
+        outputs: tuple[str, ...],
+    ) -> dict[str, Any]: ...
+
     async def is_model_ready(self, service: Service, timeout: float) -> bool: ...
 
     async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]: ...
@@ -83,6 +92,26 @@ class _GrpcClient:
             client_timeout=timeout,
         )
         return result.as_numpy(OUTPUT_NAME)
+
+    async def infer_outputs(
+        self,
+        service: Service,
+        x: NDArray[np.float32],
+        request_id: str,
+        timeout: float,
+        outputs: tuple[str, ...],
+    ) -> dict[str, Any]:
+        tensor = grpcclient.InferInput(INPUT_NAME, x.shape, "FP32")
+        tensor.set_data_from_numpy(x)
+        result = await self._client.infer(
+            service.model,
+            [tensor],
+            model_version=service.version,
+            outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+            request_id=request_id,
+            client_timeout=timeout,
+        )
+        return {name: result.as_numpy(name) for name in outputs}
 
     async def is_model_ready(self, service: Service, timeout: float) -> bool:
         return bool(await self._client.is_model_ready(service.model, service.version, client_timeout=timeout))
@@ -120,6 +149,25 @@ class _HttpClient:
             request_id=request_id,
         )
         return result.as_numpy(OUTPUT_NAME)
+
+    async def infer_outputs(
+        self,
+        service: Service,
+        x: NDArray[np.float32],
+        request_id: str,
+        timeout: float,
+        outputs: tuple[str, ...],
+    ) -> dict[str, Any]:
+        tensor = httpclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=True)
+        result = await self._client.infer(
+            service.model,
+            [tensor],
+            model_version=service.version,
+            outputs=[httpclient.InferRequestedOutput(name, binary_data=True) for name in outputs],
+            request_id=request_id,
+        )
+        return {name: result.as_numpy(name) for name in outputs}
 
     async def is_model_ready(self, service: Service, timeout: float) -> bool:
         return bool(await self._client.is_model_ready(service.model, service.version))
@@ -201,6 +249,26 @@ class TritonGateway:
                 service=service.name,
             )
         return np.asarray(output, dtype=np.float32)
+
+    async def infer_ensemble(
+        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+    ) -> tuple[list[str], NDArray[np.float32]]:
+        """Triton's own fan-out: the ensemble's ``class_name`` and ``proba`` per row, one call."""
+        try:
+            out = await self._client(service).infer_outputs(
+                service, x, request_id, timeout, ("class_name", "proba")
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, service) from exc
+        names, proba = out.get("class_name"), out.get("proba")
+        if names is None or proba is None or names.shape[0] != x.shape[0]:
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' gave no class_name/proba", service=service.name
+            )
+        labels = [n.decode() if isinstance(n, bytes) else str(n) for n in names.reshape(-1)]
+        return labels, np.asarray(proba, dtype=np.float32).reshape(-1)
 
     async def model_ready(self, service: Service, timeout: float) -> bool:
         """Triton's per-model readiness; raises ``UpstreamError`` when Triton cannot be asked."""

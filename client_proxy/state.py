@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import orjson
@@ -13,6 +13,7 @@ from client_proxy.config import Service, Settings
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics
+from client_proxy.pipelines import Pipeline
 
 
 @dataclass
@@ -22,6 +23,11 @@ class ProxyState:
     gateway: TritonGateway
     fanout: FanOut
     metrics: ProxyMetrics
+    pipelines: dict[str, Pipeline]
+    ensemble: Service
+    """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
 
 
 async def _state(request: Request) -> ProxyState:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import IO
 
 import httpx
+from pydantic import SecretStr
 
 from client_proxy import Service, Settings
 from local_triton import TritonServer, free_ports
@@ -28,7 +29,12 @@ def proxy_environment(settings: Settings, services: list[Service], port: int) ->
     """The environment ``python -m client_proxy`` reads: ``PROXY_*`` and ``SERVICE_*``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
     for name, value in settings.model_dump().items():
-        env[f"PROXY_{name.upper()}"] = str(value.value if hasattr(value, "value") else value)
+        if value is None:
+            env[f"PROXY_{name.upper()}"] = ""
+        elif isinstance(value, SecretStr):
+            env[f"PROXY_{name.upper()}"] = value.get_secret_value()
+        else:
+            env[f"PROXY_{name.upper()}"] = str(value)
     env["PROXY_HOST"], env["PROXY_PORT"] = "127.0.0.1", str(port)
     for service in services:
         env[f"SERVICE_{service.name.upper()}"] = service.describe()

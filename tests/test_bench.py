@@ -17,6 +17,7 @@ ROWS = [
     "proxy /predict/label over gRPC",
     "proxy /predict/label over HTTP",
     "proxy /predict/stream over gRPC",
+    "proxy /predict/label?route=ensemble over gRPC",
     "seed design (FastAPI services, httpx client per request)",
 ]
 

@@ -107,6 +107,10 @@ async def metadata(state: State) -> JSON:
             "deadline_ms": settings.deadline_ms,
             "service_timeout_ms": settings.service_timeout_ms,
             "services": {s.name: d for s, d in zip(services, described, strict=True)},
+            "service_changes": state.changes,
+            "pipelines": sorted(state.pipelines),
+            "label_route": settings.label_route,
+            "ensemble": state.ensemble.describe(),
         }
     )
 

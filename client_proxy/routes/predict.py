@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from numpy.typing import NDArray
 
 from client_proxy.config import Settings, TimeoutPolicy
-from client_proxy.errors import InvalidInput
+from client_proxy.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from client_proxy.fanout import FanOutResult, Labels, Outcome, aggregate, failure
 from client_proxy.inputs import SAMPLE_ROW, PredictRequest, check_content_type, parse_rows, read_body
 from client_proxy.observability import log_request
@@ -129,7 +130,7 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
     return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
 
 
-async def _read_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[np.float32]:
+async def read_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[np.float32]:
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
     return parse_rows(body, settings.max_rows)
@@ -146,6 +147,30 @@ async def _fan_out(
     if result.partial:
         state.metrics.partial_answers.labels(endpoint).inc()
     return result
+
+
+async def _ensemble(state: ProxyState, x: NDArray[np.float32], options: CallOptions) -> Labels:
+    service = state.ensemble
+    budget = min(state.settings.service_timeout_ms / 1000, options.deadline - time.monotonic())
+    started = time.perf_counter()
+    try:
+        if budget <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(budget):
+            names, proba = await state.gateway.infer_ensemble(service, x, options.request_id, budget)
+    except TimeoutError:
+        error = UpstreamTimeout(
+            f"{service.name}: no answer within {budget * 1000:.0f} ms", service=service.name
+        )
+        state.metrics.observe_outcome(Outcome(service.name, None, error, time.perf_counter() - started))
+        raise error from None
+    except UpstreamError as exc:
+        state.metrics.observe_outcome(Outcome(service.name, None, exc, time.perf_counter() - started))
+        raise
+    outcome = Outcome(service.name, proba, None, time.perf_counter() - started)
+    state.metrics.observe_outcome(outcome)
+    log_request(options.request_id, "/predict/label?route=ensemble", [outcome])
+    return Labels(names=names, proba=proba)
 
 
 def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
@@ -182,17 +207,43 @@ async def predict(request: Request) -> JSON:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
-    rows = await _read_rows(request, state.settings, options)
+    rows = await read_rows(request, state.settings, options)
     result = await _fan_out(state, rows, options, "/predict")
     return JSON(predictions_body(result, one_row=rows.shape[0] == 1))
 
 
-@router.post("/predict/label", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+_LABEL: dict[str, Any] = {
+    **_WITH_BODY,
+    "parameters": [
+        *_PARAMETERS["parameters"],
+        {
+            "name": "route",
+            "in": "query",
+            "required": False,
+            "description": "fanout (the proxy calls every service) or ensemble (one call to Triton's "
+            "iris_ensemble); default PROXY_LABEL_ROUTE; also the X-Route header",
+            "schema": {"type": "string", "enum": ["fanout", "ensemble"]},
+        },
+    ],
+}
+
+
+@router.post("/predict/label", response_class=JSON, openapi_extra=_LABEL, responses=_ERRORS)
 async def predict_label(request: Request) -> JSON:
-    """The label per row: the service whose P(class) is highest, and that probability."""
+    """The label per row: the service whose P(class) is highest, and that probability.
+
+    ``?route=ensemble`` (or ``X-Route``, or ``PROXY_LABEL_ROUTE``) answers with one call to
+    Triton's own ensemble instead of the proxy's fan-out; the answer has the same shape.
+    """
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
-    rows = await _read_rows(request, state.settings, options)
+    route = request.query_params.get("route") if request.scope["query_string"] else None
+    route = route or request.headers.get("x-route") or state.settings.label_route
+    if route not in ("fanout", "ensemble"):
+        raise InvalidInput(f"route: must be 'fanout' or 'ensemble', not {route[:40]!r}")
+    rows = await read_rows(request, state.settings, options)
+    if route == "ensemble":
+        return JSON(label_body(await _ensemble(state, rows, options), rows.shape[0] == 1, None))
     result = await _fan_out(state, rows, options, "/predict/label")
     labels = aggregate({name: result.outcomes[name].probabilities for name in result.answered})  # type: ignore[misc]
     return JSON(label_body(labels, rows.shape[0] == 1, result))
@@ -235,7 +286,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
     order), then a final line ``{"final": true, "prediction": ...}`` with the aggregated label."""
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
-    rows = await _read_rows(request, state.settings, options)
+    rows = await read_rows(request, state.settings, options)
     one_row = rows.shape[0] == 1
 
     async def lines() -> AsyncIterator[bytes]:

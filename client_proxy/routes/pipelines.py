@@ -1,0 +1,48 @@
+"""``GET /pipelines`` and ``POST /pipelines/{name}``: the serial pattern."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from client_proxy.errors import UnknownPipeline
+from client_proxy.pipelines import report_body, run_pipeline
+from client_proxy.routes.predict import _WITH_BODY, call_options, read_rows
+from client_proxy.state import JSON, ProxyState
+
+router = APIRouter(tags=["pipelines"])
+
+
+@router.get("/pipelines", response_class=JSON)
+async def list_pipelines(request: Request) -> JSON:
+    """The pipelines loaded from ``PROXY_PIPELINES_FILE``, step by step."""
+    state: ProxyState = request.app.state.proxy
+    return JSON(
+        {
+            "file": str(state.settings.pipelines_file) if state.settings.pipelines_file else None,
+            "pipelines": {name: p.describe() for name, p in state.pipelines.items()},
+        }
+    )
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such pipeline"},
+    503: {"description": "A step with on_failure: fail did not answer (named), or no step answered"},
+    504: {"description": "A step with on_failure: fail was late (named)"},
+}
+
+
+@router.post("/pipelines/{name}", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+async def run(name: str, request: Request) -> JSON:
+    """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
+    state: ProxyState = request.app.state.proxy
+    pipeline = state.pipelines.get(name)
+    if pipeline is None:
+        known = ", ".join(sorted(state.pipelines)) or "none"
+        raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
+    options = call_options(request, state.settings)
+    rows = await read_rows(request, state.settings, options)
+    services = {s.name: s for s in state.services}
+    result = await run_pipeline(pipeline, rows, services, state.fanout, options.request_id, options.deadline)
+    return JSON(report_body(pipeline, result, one_row=rows.shape[0] == 1))

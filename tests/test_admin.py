@@ -1,0 +1,70 @@
+"""``/admin/services``: services added and removed without a restart, against the real Triton."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from local_triton import TritonServer
+
+from .helpers import running_proxy, services_on, settings
+
+ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
+TOKEN = "correct-horse-battery-staple"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_without_a_token_the_admin_endpoints_do_not_exist(triton: TritonServer) -> None:
+    with running_proxy(settings(), services_on(triton, "grpc")) as url:
+        assert httpx.get(f"{url}/admin/services", headers=AUTH).status_code == 404
+        assert (
+            httpx.post(f"{url}/admin/services", headers=AUTH, json={"name": "a", "target": "x:1"}).status_code
+            == 404
+        )
+        assert "/admin/services" not in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
+    triton: TritonServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "services.json"
+    proxy_settings = settings(admin_token=TOKEN, services_file=store, pipelines_file="")
+    services = services_on(triton, "grpc")
+    with running_proxy(proxy_settings, services) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            response = httpx.get(f"{url}/admin/services", headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+        target = f"grpc://{triton.grpc_url}/setosa"
+        added = httpx.post(f"{url}/admin/services", headers=AUTH, json={"name": "setosa_b", "target": target})
+        assert added.status_code == 201
+        assert "setosa_b" in httpx.post(f"{url}/predict", json=ROW).json()
+        again = httpx.post(f"{url}/admin/services", headers=AUTH, json={"name": "setosa_b", "target": target})
+        assert again.status_code == 409
+        bad = httpx.post(
+            f"{url}/admin/services", headers=AUTH, json={"name": "Bad Name", "target": "nowhere"}
+        )
+        assert bad.status_code == 422
+
+        removed = httpx.delete(f"{url}/admin/services/versicolor", headers=AUTH)
+        assert removed.status_code == 200
+        assert set(httpx.post(f"{url}/predict", json=ROW).json()) == {"setosa", "setosa_b", "virginica"}
+        assert httpx.delete(f"{url}/admin/services/versicolor", headers=AUTH).status_code == 404
+
+        changes = httpx.get(f"{url}/metadata").json()["service_changes"]
+        assert [(c["action"], c["service"]) for c in changes] == [
+            ("add", "setosa_b"),
+            ("remove", "versicolor"),
+        ]
+        assert all(c["by"].startswith("sha256:") and TOKEN not in json.dumps(c) for c in changes)
+
+    assert [e["name"] for e in json.loads(store.read_text())] == ["setosa", "setosa_b", "virginica"]
+    with running_proxy(proxy_settings, []) as url:  # no SERVICE_* at all: the file decides
+        assert set(httpx.post(f"{url}/predict", json=ROW).json()) == {"setosa", "setosa_b", "virginica"}
+
+
+def test_a_service_used_by_a_pipeline_cannot_be_removed(triton: TritonServer) -> None:
+    with running_proxy(settings(admin_token=TOKEN), services_on(triton, "grpc")) as url:
+        response = httpx.delete(f"{url}/admin/services/setosa", headers=AUTH)
+        assert response.status_code == 409 and "iris_cascade" in response.json()["error"]["message"]

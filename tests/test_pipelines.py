@@ -1,0 +1,207 @@
+"""Serial pipelines, the ensemble route and the admin endpoints, against the real embedded Triton."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from client_proxy.config import DEFAULT_PIPELINES_FILE, Service
+from client_proxy.pipelines import PipelineError, load_pipelines
+from local_triton import TritonServer
+from training import CLASS_NAMES
+
+from .conftest import ROOT
+from .helpers import running_proxy, services_on, settings
+
+IRIS = {n: Service(n, "grpc", "x:1", n) for n in CLASS_NAMES}
+
+
+# -- pipeline files -----------------------------------------------------------------------------
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD_HEAD = "pipelines:\n  p:\n    steps:\n"
+
+
+@pytest.mark.parametrize(
+    ("steps", "line", "text"),
+    [
+        ("      - name: a\n        services: [setosa, nope]\n", 5, "unknown service 'nope'"),
+        ("      - name: a\n        services: [setosa]\n        input: a.setosa\n", 6, "a cycle"),
+        ("      - name: a\n        services: [setosa]\n        input: b.setosa\n"
+         "      - name: b\n        services: [virginica]\n", 6, "a cycle"),
+        ("      - name: a\n        services: [setosa]\n        stop_if: setosa => 0.9\n", 6, "stop_if"),
+        ("      - name: a\n        services: [setosa]\n        stop_if: virginica > 0.9\n", 6, "service"),
+        ("      - name: a\n        services: [setosa]\n        on_failure: retry\n", 6, "on_failure"),
+        ("      - name: a\n        services: [setosa]\n        colour: blue\n", 4, "unknown key"),
+    ],
+)  # fmt: skip
+def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: int, text: str) -> None:
+    path = _write(tmp_path, GOOD_HEAD + steps)
+    with pytest.raises(PipelineError) as error:
+        load_pipelines(path, IRIS)
+    assert f"line {line}:" in str(error.value) and text in str(error.value) and str(path) in str(error.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="line 3"):
+        load_pipelines(_write(tmp_path, "pipelines:\n  p:\n\tsteps: []\n"), IRIS)
+
+
+def test_the_shipped_cascade_loads() -> None:
+    (cascade,) = load_pipelines(DEFAULT_PIPELINES_FILE, IRIS).values()
+    assert [s.services for s in cascade.steps] == [("setosa",), ("versicolor", "virginica")]
+
+
+def test_start_up_stops_on_an_invalid_pipeline_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD_HEAD + "      - name: a\n        services: [ghost]\n")
+    env = {"PATH": "/usr/bin:/bin", "PROXY_PIPELINES_FILE": str(path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "client_proxy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "line 5" in result.stderr and "ghost" in result.stderr
+
+
+# -- the cascade against the real Triton ---------------------------------------------------------
+def _success_counts(triton: TritonServer) -> dict[str, int]:
+    """Triton's own count of successful requests per classifier (its statistics endpoint)."""
+    counts = {}
+    for name in CLASS_NAMES:
+        with urllib.request.urlopen(
+            f"http://{triton.http_url}/v2/models/{name}/stats", timeout=5
+        ) as response:
+            stats = json.loads(response.read())["model_stats"][0]["inference_stats"]["success"]
+        counts[name] = int(stats["count"])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def proxy(triton: TritonServer) -> Iterator[httpx.Client]:
+    with (
+        running_proxy(settings(), services_on(triton, "grpc")) as url,
+        httpx.Client(base_url=url, timeout=30) as c,
+    ):
+        yield c
+
+
+def test_pipelines_are_listed(proxy: httpx.Client) -> None:
+    body = proxy.get("/pipelines").json()
+    steps = body["pipelines"]["iris_cascade"]["steps"]
+    assert [s["name"] for s in steps] == ["setosa", "versicolor_or_virginica"]
+    assert steps[0]["stop_if"] == "setosa >= 0.9" and steps[0]["on_failure"] == "skip"
+
+
+def test_cascade_gives_the_fan_outs_labels_with_fewer_triton_calls(
+    proxy: httpx.Client, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    before = _success_counts(triton)
+    fanout = [
+        proxy.post("/predict/label", json={"data": [row]}).json()["prediction"]["label"] for row in x.tolist()
+    ]
+    middle = _success_counts(triton)
+    cascade = [proxy.post("/pipelines/iris_cascade", json={"data": [row]}).json() for row in x.tolist()]
+    after = _success_counts(triton)
+
+    assert [c["prediction"]["label"] for c in cascade] == fanout
+    fanout_calls = sum(middle[n] - before[n] for n in CLASS_NAMES)
+    cascade_calls = sum(after[n] - middle[n] for n in CLASS_NAMES)
+    assert fanout_calls == 3 * 150
+    stopped_early = sum(c["prediction"]["stopped_at"] == "setosa" for c in cascade)
+    assert stopped_early == 50  # the setosa rows
+    assert cascade_calls == 150 + 2 * (150 - stopped_early) == sum(c["triton_calls"] for c in cascade)
+    assert after["setosa"] - middle["setosa"] == 150
+
+
+def test_cascade_batched_routes_rows_one_by_one(
+    proxy: httpx.Client, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    fanout = [
+        r["label"] for r in proxy.post("/predict/label", json={"data": x.tolist()}).json()["prediction"]
+    ]
+    body = proxy.post("/pipelines/iris_cascade", json={"data": x.tolist()}).json()
+    assert [r["label"] for r in body["prediction"]] == fanout
+    assert [(p["step"], p["rows"], p["stopped_rows"]) for p in body["path"]] == [
+        ("setosa", 150, 50),
+        ("versicolor_or_virginica", 100, 0),
+    ]
+    assert body["triton_calls"] == 3 and all(p["latency_ms"] > 0 for p in body["path"])
+
+
+def test_unknown_pipeline_is_404(proxy: httpx.Client) -> None:
+    response = proxy.post("/pipelines/nope", json={"data": [[1, 2, 3, 4]]})
+    assert response.status_code == 404 and "iris_cascade" in response.json()["error"]["message"]
+
+
+def test_ensemble_route_answers_as_the_fan_out(
+    proxy: httpx.Client, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    fanout = proxy.post("/predict/label", json={"data": x.tolist()}).json()["prediction"]
+    ensemble = proxy.post("/predict/label", params={"route": "ensemble"}, json={"data": x.tolist()}).json()
+    assert [r["label"] for r in ensemble["prediction"]] == [r["label"] for r in fanout]
+    np.testing.assert_allclose(
+        [r["proba"] for r in ensemble["prediction"]], [r["proba"] for r in fanout], atol=1e-6
+    )
+    one = proxy.post(
+        "/predict/label", headers={"X-Route": "ensemble"}, json={"data": [[1.0, 2.0, 3.0, 4.0]]}
+    ).json()
+    assert set(one) == {"prediction"} and set(one["prediction"]) == {"proba", "label"}
+    assert (
+        proxy.post("/predict/label", params={"route": "sideways"}, json={"data": [[1, 2, 3, 4]]}).status_code
+        == 422
+    )
+
+
+def test_ensemble_route_by_setting(triton: TritonServer) -> None:
+    with running_proxy(settings(label_route="ensemble"), services_on(triton, "http")) as url:
+        body = httpx.post(f"{url}/predict/label", json={"data": [[1.0, 2.0, 3.0, 4.0]]}).json()
+        assert body["prediction"]["label"] == "virginica"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'proxy_service_calls_total{outcome="ok",service="ensemble"} 1.0' in metrics
+
+
+# -- skip and fail, with the test-only failing model -------------------------------------------------
+def _failing_pipelines(tmp_path: Path, on_failure: str) -> Path:
+    return _write(
+        tmp_path,
+        "pipelines:\n  guarded:\n    steps:\n"
+        "      - name: flaky\n        services: [failing]\n        stop_if: failing >= 0.5\n"
+        f"        on_failure: {on_failure}\n"
+        "      - name: all\n        services: [setosa, versicolor, virginica]\n",
+    )
+
+
+def test_a_failing_step_with_skip_is_skipped(explicit_triton: TritonServer, tmp_path: Path) -> None:
+    models = {"failing": "failing", **{n: n for n in CLASS_NAMES}}
+    proxy_settings = settings(pipelines_file=_failing_pipelines(tmp_path, "skip"))
+    with running_proxy(proxy_settings, services_on(explicit_triton, "grpc", models)) as url:
+        body = httpx.post(f"{url}/pipelines/guarded", json={"data": [[1.0, 2.0, 3.0, 4.0]]}).json()
+    assert body["prediction"]["label"] == "virginica" and body["prediction"]["stopped_at"] == "all"
+    flaky, rest = body["path"]
+    assert flaky["status"] == "skipped" and flaky["missing"]["failing"]["reason"] == "error"
+    assert rest["status"] == "ran"
+
+
+def test_a_failing_step_with_fail_fails_naming_the_step(
+    explicit_triton: TritonServer, tmp_path: Path
+) -> None:
+    models = {"failing": "failing", **{n: n for n in CLASS_NAMES}}
+    proxy_settings = settings(pipelines_file=_failing_pipelines(tmp_path, "fail"))
+    with running_proxy(proxy_settings, services_on(explicit_triton, "grpc", models)) as url:
+        response = httpx.post(f"{url}/pipelines/guarded", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
+    assert response.status_code == 503
+    assert "step 'flaky'" in response.json()["error"]["message"]
