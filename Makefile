@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools train models run triton test bench lint clean
+.PHONY: help install tools train models run triton test bench soak lint clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -14,6 +14,7 @@ help:
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
 	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 8 minutes)"
+	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
 
 $(STAMP): pyproject.toml
@@ -49,6 +50,10 @@ test: $(STAMP) models tools
 
 bench: $(STAMP) models tools
 	$(BIN)/python -m bench
+
+# Not part of `make test`: concurrency 64 for 3 minutes against /predict/label.
+soak: $(STAMP) models tools
+	$(BIN)/python -m bench.soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

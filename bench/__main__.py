@@ -14,23 +14,21 @@ import json
 import os
 import platform
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
+from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
 from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["setosa", "versicolor", "virginica"]
 SEED_ROW = [[1.0, 2.0, 3.0, 4.0]]
 PROXY_BODY = json.dumps({"data": SEED_ROW}).encode()
 ENSEMBLE_BODY = json.dumps(
@@ -58,45 +56,6 @@ class Target:
     self_role: str | None = None
 
 
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"bench: {url} did not come up")
-
-
-@contextmanager
-def _process(args: list[str], env: dict[str, str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_http(health_url)
-        yield process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _proxy(stack: ExitStack, triton: TritonServer, protocol: str) -> tuple[str, int]:
-    (port,) = free_ports(1)
-    url = triton.grpc_url if protocol == "grpc" else triton.http_url
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
-    env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
-    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_PROTOCOL=protocol)
-    process = stack.enter_context(
-        _process([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
-    )
-    return f"http://127.0.0.1:{port}", process.pid
-
-
 def _seed_design(stack: ExitStack) -> tuple[str, list[int]]:
     ports = free_ports(len(MODELS) + 1)
     env = dict(os.environ)
@@ -104,7 +63,7 @@ def _seed_design(stack: ExitStack) -> tuple[str, list[int]]:
     services = []
     for model, port in zip(MODELS, ports[1:], strict=True):
         args = [sys.executable, "-m", "bench.seed_design", "service", model, "--port", str(port)]
-        pids.append(stack.enter_context(_process(args, env, f"http://127.0.0.1:{port}/health")).pid)
+        pids.append(stack.enter_context(serve(args, env, f"http://127.0.0.1:{port}/health")).pid)
         services.append(f"{model}=http://127.0.0.1:{port}")
     args = [
         sys.executable,
@@ -117,7 +76,7 @@ def _seed_design(stack: ExitStack) -> tuple[str, list[int]]:
         ",".join(services),
     ]
     url = f"http://127.0.0.1:{ports[0]}"
-    process = stack.enter_context(_process(args, env, f"{url}/docs"))
+    process = stack.enter_context(serve(args, env, f"{url}/docs"))
     return url, [process.pid, *pids]
 
 
@@ -198,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
         triton_pid = triton.pid
         assert triton_pid is not None
-        grpc_proxy, grpc_pid = _proxy(stack, triton, "grpc")
-        http_proxy, http_pid = _proxy(stack, triton, "http")
+        grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc")
+        http_proxy, http_pid = start_proxy(stack, triton, "http")
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
             Target(CEILING, lambda c, s: run_wrk(ensemble_url, ENSEMBLE_BODY, c, s), {"triton": triton_pid}),

@@ -22,7 +22,7 @@ def main() -> int:
         check_settings(settings)
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
-        if settings.pipelines_file:
+        if settings.pipelines_file is not None:
             load_pipelines(settings.pipelines_file, {s.name: s for s in services})
     except (ConfigError, PipelineError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)

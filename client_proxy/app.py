@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -27,7 +28,7 @@ from client_proxy.errors import ProxyError
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
-from client_proxy.pipelines import load_pipelines
+from client_proxy.pipelines import configured_pipelines
 from client_proxy.routes import admin, health, predict
 from client_proxy.routes import pipelines as pipeline_routes
 from client_proxy.state import JSON, ProxyState
@@ -42,11 +43,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     check_settings(settings)
     configure_logging(settings.log_level)
     ensemble = ensemble_service(settings, services)
-    pipelines = (
-        load_pipelines(settings.pipelines_file, {s.name: s for s in services})
-        if settings.pipelines_file
-        else {}
-    )
+    pipelines, pipelines_source = configured_pipelines(settings.pipelines_file, {s.name: s for s in services})
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
@@ -58,6 +55,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         fanout=FanOut(infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
         metrics=metrics,
         pipelines=pipelines,
+        pipelines_source=pipelines_source,
         ensemble=ensemble,
     )
 
@@ -69,7 +67,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             yield
         finally:
             await coalescer.aclose()
-            await gateway.aclose()
+            closed = await gateway.aclose()
+            logger.info("shut down: closed the clients of %d Triton server(s)", closed)
 
     app = FastAPI(
         title="Iris parallel fan-out proxy",
@@ -86,6 +85,14 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     for path, endpoint, methods in reversed(predict.FAST_ROUTES):
         app.router.routes.insert(0, Route(path, endpoint, methods=methods))
     _install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-Request-ID", "X-Timeout-Policy", "X-Deadline-Ms", "X-Route"],
+            expose_headers=["X-Request-ID"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 

@@ -28,7 +28,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SERVICE_PREFIX = "SERVICE_"
 DEFAULT_MODELS = ("setosa", "versicolor", "virginica")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
-DEFAULT_PIPELINES_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
 
 Protocol = Literal["grpc", "http"]
 
@@ -75,8 +74,9 @@ class Settings(BaseSettings):
     """With ``coalesce``: Triton calls per service on the wire at once; later calls wait and batch."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
-    pipelines_file: Path | None = DEFAULT_PIPELINES_FILE
-    """YAML file of serial pipelines (``/pipelines``); empty for none. Default: the Iris cascade."""
+    pipelines_file: Path | None = None
+    """YAML file of serial pipelines (``/pipelines``); an invalid one stops the start. Unset: the
+    shipped Iris cascade, used only when its services are configured."""
     label_route: Literal["fanout", "ensemble"] = "fanout"
     """How ``/predict/label`` is answered: the proxy's fan-out, or one call to Triton's ensemble."""
     ensemble: str | None = None
@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     services_file: Path | None = None
     """JSON file the admin endpoints keep the services in; read at start, instead of
     ``SERVICE_*``, when it exists."""
+    cors_origins: list[str] = []
+    """Origins allowed to call the proxy from a browser, as JSON (``["https://app.example"]``);
+    empty (the default): no CORS headers at all."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the proxy's own loggers."""
     workers: int = Field(1, ge=1, le=64)

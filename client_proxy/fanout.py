@@ -173,7 +173,7 @@ class FanOut:
             completed = True
         finally:
             unfinished = await _cancel(tasks)
-            if failed_fast or not completed:  # not needed any more, rather than late
+            if tasks and (failed_fast or not completed):  # not needed any more, rather than late
                 for service, task in zip(services, tasks, strict=True):
                     if task in unfinished:
                         self._cancelled(service, started)
@@ -219,7 +219,8 @@ class FanOut:
                     yield self._late(service, max(budget, 0), started)
         finally:
             unfinished = await _cancel(tasks)  # the caller stopped early
-            for service, task in zip(services, tasks, strict=True):
+            # No tasks when the deadline had already passed: nothing was started, nothing to cancel.
+            for service, task in zip(services, tasks, strict=bool(tasks)):
                 if task in unfinished and service.name not in seen:
                     self._cancelled(service, started)
 

@@ -184,7 +184,10 @@ class _HttpClient:
 
 def translate(exc: BaseException, service: Service) -> UpstreamError:
     """The project's error for a foreign exception raised while calling ``service``."""
-    where = f"Triton at {service.protocol}://{service.url}"
+    # Error bodies go to clients: they name the service, never the server's address (which
+    # /health/all and /metadata show to operators, and the debug log records with the error).
+    where = "its Triton server"
+    logger.debug("%s (%s): %s: %s", service.name, service.describe(), type(exc).__name__, exc)
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
@@ -248,7 +251,13 @@ class TritonGateway:
                 f"{service.name}: model '{service.model}' returned no '{OUTPUT_NAME}' of {x.shape[0]} rows",
                 service=service.name,
             )
-        return np.asarray(output, dtype=np.float32)
+        output = np.asarray(output, dtype=np.float32)
+        if not np.isfinite(output).all():
+            # Never pass NaN on (it would reach the client as null): the service failed these rows.
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' returned non-finite values", service=service.name
+            )
+        return output
 
     async def infer_ensemble(
         self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
@@ -268,7 +277,12 @@ class TritonGateway:
                 f"{service.name}: model '{service.model}' gave no class_name/proba", service=service.name
             )
         labels = [n.decode() if isinstance(n, bytes) else str(n) for n in names.reshape(-1)]
-        return labels, np.asarray(proba, dtype=np.float32).reshape(-1)
+        scores = np.asarray(proba, dtype=np.float32).reshape(-1)
+        if not np.isfinite(scores).all():
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' returned non-finite values", service=service.name
+            )
+        return labels, scores
 
     async def model_ready(self, service: Service, timeout: float) -> bool:
         """Triton's per-model readiness; raises ``UpstreamError`` when Triton cannot be asked."""
@@ -291,10 +305,12 @@ class TritonGateway:
             raise translate(exc, service) from exc
         return {"metadata": metadata, "config": config}
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> int:
+        """Close every client; how many there were."""
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             try:
                 await client.close()
             except Exception:  # closing must not stop the others from closing
                 logger.exception("closing a Triton client failed")
+        return len(clients)

@@ -8,6 +8,7 @@ the JSON is parsed with orjson and validated by pydantic-core in one pass.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated, Any
 
 import numpy as np
@@ -30,7 +31,10 @@ N_FEATURES = 4
 SAMPLE_ROW = [5.1, 3.5, 1.4, 0.2]
 """The seed's sample row, used by the test endpoints and as the documented default."""
 
-Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+#: Largest feature magnitude accepted. The features are lengths in centimetres; far beyond this
+#: the models' quadratic features overflow float32 and their probabilities become NaN.
+MAX_ABS_FEATURE = 1e6
+Feature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_FEATURE, le=MAX_ABS_FEATURE)]
 Row = Annotated[list[Feature], Len(N_FEATURES, N_FEATURES)]
 
 
@@ -61,6 +65,23 @@ def _describe(error: Any) -> str:
     return f"{location}: {error['msg']}"
 
 
+def _refuse_duplicate_keys(body: bytes) -> None:
+    """JSON parsers keep the last of duplicated keys, silently: refuse the ambiguity instead.
+
+    Only called when ``"data"`` appears more than once in the body, so the common case pays
+    nothing for it.
+    """
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        duplicated = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicated:
+            raise InvalidJSON(f"duplicated key(s) in a JSON object: {', '.join(repr(k) for k in duplicated)}")
+        return dict(items)
+
+    json.loads(body, object_pairs_hook=pairs)
+
+
 def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
     """``{"data": [[f, f, f, f], ...]}`` -> float32 ``[N, 4]``; ``ProxyError`` (4xx) otherwise."""
     if not body:
@@ -69,6 +90,8 @@ def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidJSON(f"body is not valid JSON: {exc}") from None
+    if body.count(b'"data"') > 1:
+        _refuse_duplicate_keys(body)
     if (
         isinstance(document, dict)
         and isinstance(document.get("data"), list)

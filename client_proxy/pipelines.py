@@ -22,6 +22,7 @@ Errors in the file stop the start with a ``PipelineError`` naming the file and l
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 import time
@@ -39,6 +40,7 @@ from client_proxy.errors import ServicesFailed
 from client_proxy.fanout import FanOut
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
+logger = logging.getLogger("client_proxy.pipelines")
 _OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge,
     ">": operator.gt,
@@ -228,6 +230,24 @@ def _step(
     if on_failure.value not in ("skip", "fail"):
         raise fail(on_failure, f"on_failure must be 'skip' or 'fail', not {on_failure.value!r}")
     return Step(name.value, service_names, str(source.value), condition, on_failure.value, node.line)
+
+
+def configured_pipelines(
+    path: Path | None, services: Mapping[str, Service]
+) -> tuple[dict[str, Pipeline], str]:
+    """The pipelines to serve, and from where.
+
+    A file the operator named must be valid (``PipelineError`` otherwise). The shipped default
+    is only a convenience: when the services are not the Iris ones it is left out, with a
+    warning, rather than stopping a proxy whose services were changed on purpose.
+    """
+    if path is not None:
+        return load_pipelines(path, services), str(path)
+    try:
+        return load_pipelines(DEFAULT_FILE, services), str(DEFAULT_FILE)
+    except PipelineError as exc:
+        logger.warning("the shipped pipelines are not served: %s", exc)
+        return {}, f"{DEFAULT_FILE} (not served: {exc})"
 
 
 # -- running ------------------------------------------------------------------------------------

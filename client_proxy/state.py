@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 from client_proxy.config import Service, Settings
 from client_proxy.fanout import FanOut
@@ -24,6 +24,7 @@ class ProxyState:
     fanout: FanOut
     metrics: ProxyMetrics
     pipelines: dict[str, Pipeline]
+    pipelines_source: str
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -38,10 +39,10 @@ async def _state(request: Request) -> ProxyState:
 State = Annotated[ProxyState, Depends(_state)]
 
 
-class JSON(Response):
-    """JSON by orjson, numpy arrays included (float32 written as the shortest exact decimal)."""
+class JSON(JSONResponse):
+    """JSON by orjson, numpy arrays included (float32 written as the shortest exact decimal).
 
-    media_type = "application/json"
+    A ``JSONResponse`` so that FastAPI documents the routes' models as JSON."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

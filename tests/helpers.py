@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,8 @@ def proxy_environment(settings: Settings, services: list[Service], port: int) ->
             env[f"PROXY_{name.upper()}"] = ""
         elif isinstance(value, SecretStr):
             env[f"PROXY_{name.upper()}"] = value.get_secret_value()
+        elif isinstance(value, list):
+            env[f"PROXY_{name.upper()}"] = json.dumps(value)
         else:
             env[f"PROXY_{name.upper()}"] = str(value)
     env["PROXY_HOST"], env["PROXY_PORT"] = "127.0.0.1", str(port)
@@ -82,7 +85,7 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
 
 
 def settings(**overrides: object) -> Settings:
-    return Settings(log_level="WARNING", **overrides)  # type: ignore[arg-type]
+    return Settings(**{"log_level": "WARNING", **overrides})  # type: ignore[arg-type]
 
 
 def get_json(client: httpx.Client, path: str) -> dict:  # type: ignore[type-arg]

@@ -30,7 +30,9 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
     triton: TritonServer, tmp_path: Path
 ) -> None:
     store = tmp_path / "services.json"
-    proxy_settings = settings(admin_token=TOKEN, services_file=store, pipelines_file="")
+    no_pipelines = tmp_path / "pipelines.yaml"
+    no_pipelines.write_text("pipelines: {}\n")
+    proxy_settings = settings(admin_token=TOKEN, services_file=store, pipelines_file=no_pipelines)
     services = services_on(triton, "grpc")
     with running_proxy(proxy_settings, services) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):

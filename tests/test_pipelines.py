@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from client_proxy.config import DEFAULT_PIPELINES_FILE, Service
-from client_proxy.pipelines import PipelineError, load_pipelines
+from client_proxy.config import Service
+from client_proxy.pipelines import DEFAULT_FILE, PipelineError, configured_pipelines, load_pipelines
 from local_triton import TritonServer
 from training import CLASS_NAMES
 
@@ -60,7 +60,7 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_the_shipped_cascade_loads() -> None:
-    (cascade,) = load_pipelines(DEFAULT_PIPELINES_FILE, IRIS).values()
+    (cascade,) = load_pipelines(DEFAULT_FILE, IRIS).values()
     assert [s.services for s in cascade.steps] == [("setosa",), ("versicolor", "virginica")]
 
 
@@ -205,3 +205,13 @@ def test_a_failing_step_with_fail_fails_naming_the_step(
         response = httpx.post(f"{url}/pipelines/guarded", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
     assert response.status_code == 503
     assert "step 'flaky'" in response.json()["error"]["message"]
+
+
+def test_the_shipped_file_steps_aside_when_the_services_differ(tmp_path: Path) -> None:
+    only_setosa = {"setosa": IRIS["setosa"]}
+    pipelines, source = configured_pipelines(None, only_setosa)
+    assert pipelines == {} and "not served" in source and "versicolor" in source
+    assert set(configured_pipelines(None, IRIS)[0]) == {"iris_cascade"}
+    # A file the operator named is strict.
+    with pytest.raises(PipelineError):
+        configured_pipelines(DEFAULT_FILE, only_setosa)

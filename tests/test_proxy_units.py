@@ -187,3 +187,20 @@ def test_stream_yields_in_completion_order_and_cancels_on_early_exit() -> None:
 
     assert asyncio.run(main()) == ["fast", "broken"]
     assert fake.cancelled == ["slow"]
+
+
+def test_stream_with_the_deadline_already_passed_closes_cleanly() -> None:
+    """Found by fuzzing: a stream stopped early when no call was ever started raised in cleanup."""
+    fake = FakeGateway({})
+
+    async def main() -> list[str]:
+        fanout = FanOut(fake.infer, 10)
+        stream = fanout.stream(SERVICES, np.zeros((1, 4), np.float32), "rid", time.monotonic() - 1)
+        seen = []
+        async for outcome in stream:
+            seen.append(outcome.reason)
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        return seen
+
+    assert asyncio.run(main()) == ["timeout"]

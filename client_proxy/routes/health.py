@@ -12,12 +12,13 @@ from starlette.responses import Response
 from client_proxy.config import Service
 from client_proxy.errors import UpstreamError
 from client_proxy.inputs import N_FEATURES, SAMPLE_ROW
+from client_proxy.schemas import Health, HealthAll, Metadata
 from client_proxy.state import JSON, State
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", response_class=JSON)
+@router.get("/health", response_class=JSON, responses={200: {"model": Health}})
 async def health() -> JSON:
     """The proxy itself is up (it does not ask Triton; see ``/health/all``)."""
     return JSON({"health": "ok"})
@@ -39,7 +40,7 @@ async def _readiness(state: State, service: Service) -> dict[str, Any]:
     return entry
 
 
-@router.get("/health/all", response_class=JSON)
+@router.get("/health/all", response_class=JSON, responses={200: {"model": HealthAll}})
 async def health_all(state: State) -> JSON:
     """Each service's readiness (Triton's per-model ready endpoint), checked concurrently.
 
@@ -86,7 +87,7 @@ async def _describe(state: State, service: Service) -> dict[str, Any]:
     return entry
 
 
-@router.get("/metadata", response_class=JSON)
+@router.get("/metadata", response_class=JSON, responses={200: {"model": Metadata}})
 async def metadata(state: State) -> JSON:
     """The request and response formats, and each service's model as Triton describes it."""
     services = list(state.services)

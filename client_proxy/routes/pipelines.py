@@ -2,34 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from client_proxy.errors import UnknownPipeline
 from client_proxy.pipelines import report_body, run_pipeline
 from client_proxy.routes.predict import _WITH_BODY, call_options, read_rows
+from client_proxy.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.state import JSON, ProxyState
 
 router = APIRouter(tags=["pipelines"])
 
 
-@router.get("/pipelines", response_class=JSON)
+@router.get("/pipelines", response_class=JSON, responses={200: {"model": PipelineList}})
 async def list_pipelines(request: Request) -> JSON:
     """The pipelines loaded from ``PROXY_PIPELINES_FILE``, step by step."""
     state: ProxyState = request.app.state.proxy
     return JSON(
         {
-            "file": str(state.settings.pipelines_file) if state.settings.pipelines_file else None,
+            "file": state.pipelines_source,
             "pipelines": {name: p.describe() for name, p in state.pipelines.items()},
         }
     )
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "No such pipeline"},
-    503: {"description": "A step with on_failure: fail did not answer (named), or no step answered"},
-    504: {"description": "A step with on_failure: fail was late (named)"},
+_ERRORS = {
+    200: {"model": PipelineAnswer, "description": "The label per row, the path and each step's latency"},
+    **errors(
+        {
+            400: "Body is not JSON",
+            404: "No such pipeline",
+            413: "Body too large",
+            415: "Not application/json",
+            422: "Invalid rows or parameters",
+            503: "A step with on_failure: fail did not answer (named), or no step answered",
+            504: "A step with on_failure: fail was late (named)",
+        }
+    ),
 }
 
 

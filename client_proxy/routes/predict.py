@@ -19,6 +19,7 @@ from client_proxy.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from client_proxy.fanout import FanOutResult, Labels, Outcome, aggregate, failure
 from client_proxy.inputs import SAMPLE_ROW, PredictRequest, check_content_type, parse_rows, read_body
 from client_proxy.observability import log_request
+from client_proxy.schemas import LabelAnswer, Predictions, errors
 from client_proxy.state import JSON, ProxyState
 
 router = APIRouter(tags=["predict"])
@@ -36,8 +37,8 @@ _PARAMETERS: dict[str, Any] = {
             "name": "deadline_ms",
             "in": "query",
             "required": False,
-            "description": "This request's deadline in ms, at most PROXY_DEADLINE_MS",
-            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "This request's deadline in ms, from 50 to PROXY_DEADLINE_MS",
+            "schema": {"type": "number", "minimum": 50},
         },
         {
             "name": "X-Timeout-Policy",
@@ -51,7 +52,7 @@ _PARAMETERS: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "Same as ?deadline_ms=",
-            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "schema": {"type": "number", "minimum": 50},
         },
         {
             "name": "X-Request-ID",
@@ -77,14 +78,19 @@ _WITH_BODY: dict[str, Any] = {
         },
     },
 }
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Body is not JSON"},
-    413: {"description": "Body over PROXY_MAX_BODY_BYTES"},
-    415: {"description": "Not application/json, or compressed"},
-    422: {"description": "Rows missing, of the wrong length or type, not finite, or too many"},
-    503: {"description": "No service answered (all_or_nothing: one did not); the services are named"},
-    504: {"description": "Deadline missed (all_or_nothing: a service was late); the services are named"},
-}
+_ERRORS = errors(
+    {
+        400: "Body is not JSON",
+        408: "Body still arriving at the deadline",
+        413: "Body over PROXY_MAX_BODY_BYTES",
+        415: "Not application/json, or compressed",
+        422: "Rows missing, of the wrong length or type, not finite, or too many; a bad parameter",
+        503: "No service answered (all_or_nothing: one did not); the services are named",
+        504: "Deadline missed (all_or_nothing: a service was late); the services are named",
+    }
+)
+_PREDICTIONS = {200: {"model": Predictions, "description": "Each service's probabilities"}, **_ERRORS}
+_LABELS = {200: {"model": LabelAnswer, "description": "The label per row"}, **_ERRORS}
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class CallOptions:
 
 _POLICIES = {p.value: p for p in TimeoutPolicy}
 _NO_QUERY: dict[str, str] = {}
+#: No answer can come back in less: a shorter deadline is refused as a bad request.
+MIN_DEADLINE_MS = 50.0
 
 
 def call_options(request: Request, settings: Settings) -> CallOptions:
@@ -107,24 +115,31 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
     """
     query = request.query_params if request.scope["query_string"] else _NO_QUERY
     headers = request.headers
-    raw_policy = query.get("policy") or headers.get("x-timeout-policy")
     policy = settings.timeout_policy
-    if raw_policy is not None:
-        if raw_policy not in _POLICIES:
-            raise InvalidInput(f"policy: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
-        policy = _POLICIES[raw_policy]
+    # The query parameter wins over the header; an invalid value is refused wherever it is.
+    for where, raw_policy in (
+        ("X-Timeout-Policy", headers.get("x-timeout-policy")),
+        ("policy", query.get("policy")),
+    ):
+        if raw_policy is not None:
+            if raw_policy not in _POLICIES:
+                raise InvalidInput(f"{where}: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
+            policy = _POLICIES[raw_policy]
     budget_ms = settings.deadline_ms
-    raw_deadline = query.get("deadline_ms") or headers.get("x-deadline-ms")
-    if raw_deadline is not None:
-        try:
-            asked = float(raw_deadline)
-        except ValueError:
-            asked = float("nan")
-        if not asked > 0 or asked == float("inf"):
-            raise InvalidInput(
-                f"deadline_ms: must be a positive number of milliseconds, not {raw_deadline[:40]!r}"
-            )
-        budget_ms = min(asked, budget_ms)
+    for where, raw_deadline in (
+        ("X-Deadline-Ms", headers.get("x-deadline-ms")),
+        ("deadline_ms", query.get("deadline_ms")),
+    ):
+        if raw_deadline is not None:
+            try:
+                asked = float(raw_deadline)
+            except ValueError:
+                asked = float("nan")
+            if not MIN_DEADLINE_MS <= asked < float("inf"):
+                raise InvalidInput(
+                    f"{where}: must be at least {MIN_DEADLINE_MS:g} milliseconds, not {raw_deadline[:40]!r}"
+                )
+            budget_ms = min(asked, settings.deadline_ms)
     scope_state = request.scope.get("state", {})
     started: float = scope_state.get("started", time.monotonic())
     return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
@@ -202,7 +217,7 @@ def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> di
     return body
 
 
-@router.post("/predict", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+@router.post("/predict", response_class=JSON, openapi_extra=_WITH_BODY, responses=_PREDICTIONS)
 async def predict(request: Request) -> JSON:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
@@ -228,7 +243,7 @@ _LABEL: dict[str, Any] = {
 }
 
 
-@router.post("/predict/label", response_class=JSON, openapi_extra=_LABEL, responses=_ERRORS)
+@router.post("/predict/label", response_class=JSON, openapi_extra=_LABEL, responses=_LABELS)
 async def predict_label(request: Request) -> JSON:
     """The label per row: the service whose P(class) is highest, and that probability.
 
@@ -249,7 +264,7 @@ async def predict_label(request: Request) -> JSON:
     return JSON(label_body(labels, rows.shape[0] == 1, result))
 
 
-@router.get("/predict/get/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_ERRORS)
+@router.get("/predict/get/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_PREDICTIONS)
 async def predict_get_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
     state: ProxyState = request.app.state.proxy
@@ -257,7 +272,7 @@ async def predict_get_test(request: Request) -> JSON:
     return JSON(predictions_body(result, one_row=True))
 
 
-@router.post("/predict/post/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_ERRORS)
+@router.post("/predict/post/test", response_class=JSON, openapi_extra=_PARAMETERS, responses=_PREDICTIONS)
 async def predict_post_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
     state: ProxyState = request.app.state.proxy

@@ -1,0 +1,58 @@
+"""Starting the processes a benchmark measures, and stopping them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from local_triton import TritonServer, free_ports
+
+MODELS = ["setosa", "versicolor", "virginica"]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"bench: {url} did not come up")
+
+
+@contextmanager
+def serve(args: list[str], env: dict[str, str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(health_url)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_proxy(
+    stack: ExitStack, triton: TritonServer, protocol: str, extra_env: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """``python -m client_proxy`` on a free port, calling ``triton``; its URL and pid."""
+    (port,) = free_ports(1)
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+    env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
+    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_PROTOCOL=protocol, **(extra_env or {}))
+    process = stack.enter_context(
+        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+    )
+    return f"http://127.0.0.1:{port}", process.pid

@@ -1,0 +1,143 @@
+"""``python -m bench.soak`` (``make soak``): the proxy under steady load for minutes.
+
+Drives ``/predict/label`` with wrk in consecutive windows and, after each, reads the proxy's
+resident memory and open file descriptors from ``/proc``. Reports 5xx (and any other
+non-2xx or socket error), p99 per window (is it stable over time?), memory growth per 10,000
+requests after the first window (the warm-up) and the descriptors at start and end.
+Writes ``bench/results/soak.md``; exits 1 when a request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.loadgen import run_wrk
+from bench.processes import start_proxy
+from local_triton import TritonServer
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps({"data": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+
+
+@dataclass
+class Window:
+    end_s: float
+    requests: int
+    errors: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    rss_mb: float
+    fds: int
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def soak(seconds: float, concurrency: int, window: float) -> tuple[list[Window], float, int]:
+    windows: list[Window] = []
+    with ExitStack() as stack:
+        triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
+        url, pid = start_proxy(stack, triton, "grpc")
+        start_rss, start_fds = rss_mb(pid), open_fds(pid)
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            m = run_wrk(f"{url}/predict/label", BODY, concurrency, window)
+            windows.append(
+                Window(
+                    end_s=time.monotonic() - started,
+                    requests=m.requests,
+                    errors=m.errors,
+                    throughput=m.throughput,
+                    p50_ms=m.p50_ms,
+                    p99_ms=m.p99_ms,
+                    rss_mb=rss_mb(pid),
+                    fds=open_fds(pid),
+                )
+            )
+            w = windows[-1]
+            print(
+                f"{w.end_s:7.1f} s  {w.throughput:7.0f} req/s  p50 {w.p50_ms:6.2f} ms  "
+                f"p99 {w.p99_ms:6.2f} ms  "
+                f"errors {w.errors}  rss {w.rss_mb:6.1f} MB  fds {w.fds}",
+                flush=True,
+            )
+    return windows, start_rss, start_fds
+
+
+def growth_per_10k(windows: list[Window]) -> float | None:
+    """MB of RSS per 10,000 requests, the slope after the first (warm-up) window."""
+    after = windows[1:]
+    if len(after) < 2:
+        return None
+    done = np.cumsum([w.requests for w in after])
+    slope = np.polyfit(done, [w.rss_mb for w in after], 1)[0]
+    return float(slope * 10_000)
+
+
+def render(windows: list[Window], start_rss: float, start_fds: int, concurrency: int, window: float) -> str:
+    total = sum(w.requests for w in windows)
+    errors = sum(w.errors for w in windows)
+    p99s = [w.p99_ms for w in windows[1:]] or [w.p99_ms for w in windows]
+    growth = growth_per_10k(windows)
+    lines = [
+        "# Soak: the proxy under steady load",
+        "",
+        f"- command: `make soak` (`python -m bench.soak`), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- load: wrk, concurrency {concurrency}, `/predict/label` over gRPC, "
+        f"{len(windows)} windows of {window:g} s",
+        f"- requests: {total:,}; failed (non-2xx or socket errors): {errors}",
+        f"- p99 per window after the first: min {min(p99s):.1f} ms, median {float(np.median(p99s)):.1f} ms, "
+        f"max {max(p99s):.1f} ms",
+        f"- proxy RSS: {start_rss:.1f} MB idle, {windows[0].rss_mb:.1f} MB after the first window, "
+        f"{windows[-1].rss_mb:.1f} MB at the end; growth after warm-up: "
+        + (f"{growth:+.3f} MB per 10,000 requests" if growth is not None else "n/a (too short)"),
+        f"- proxy open file descriptors: {start_fds} idle, {windows[-1].fds} at the end "
+        f"(max {max(w.fds for w in windows)})",
+        "",
+        "| window end (s) | req/s | p50 ms | p99 ms | errors | RSS MB | fds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in windows:
+        lines.append(
+            f"| {w.end_s:.0f} | {w.throughput:,.0f} | {w.p50_ms:.2f} | {w.p99_ms:.2f} | {w.errors} | "
+            f"{w.rss_mb:.1f} | {w.fds} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=180.0, help="total load time")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--window", type=float, default=15.0, help="seconds per measured window")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    windows, start_rss, start_fds = soak(args.seconds, args.concurrency, args.window)
+    report = render(windows, start_rss, start_fds, args.concurrency, args.window)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.md").write_text(report)
+    print(report)
+    return 1 if any(w.errors for w in windows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

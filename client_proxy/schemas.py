@@ -1,0 +1,92 @@
+"""Response schemas, for the OpenAPI documentation (and the fuzz tests that hold the proxy to it).
+
+The routes build their JSON by hand for speed; these models describe what they build.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, RootModel
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Open):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Failure(BaseModel):
+    reason: Literal["timeout", "unavailable", "error"]
+    message: str
+
+
+class ServicePrediction(BaseModel):
+    prediction: list[float] | list[list[float]] | None
+    """``[P(class), P(other)]`` for one row; one such pair per row for N rows; null if missing."""
+    error: Failure | None = None
+
+
+class Predictions(RootModel[dict[str, ServicePrediction]]):
+    """Service name -> its prediction."""
+
+
+class Label(BaseModel):
+    proba: float
+    label: str
+
+
+class LabelAnswer(BaseModel):
+    prediction: Label | list[Label]
+    partial: bool | None = None
+    missing: dict[str, Failure] | None = None
+
+
+class Health(BaseModel):
+    health: Literal["ok"]
+
+
+class ServiceHealth(_Open):
+    target: str
+    health: Literal["ok", "unavailable"]
+    ready: bool
+
+
+class HealthAll(BaseModel):
+    status: Literal["ok", "degraded"]
+    services: dict[str, ServiceHealth]
+
+
+class Metadata(_Open):
+    data_type: str
+    data_structure: str
+    services: dict[str, dict[str, Any]]
+
+
+class PipelineList(BaseModel):
+    file: str
+    pipelines: dict[str, dict[str, Any]]
+
+
+class PipelineLabel(Label):
+    stopped_at: str
+
+
+class PipelineAnswer(BaseModel):
+    pipeline: str
+    prediction: PipelineLabel | list[PipelineLabel]
+    path: list[dict[str, Any]]
+    triton_calls: int
+
+
+def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with the error body's schema."""
+    return {status: {"description": text, "model": ErrorBody} for status, text in descriptions.items()}
