@@ -80,18 +80,22 @@ class _GrpcClient:
         self._client = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
         self._output = grpcclient.InferRequestedOutput(OUTPUT_NAME)
 
-    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+    async def _infer(
+        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float, outputs: list[Any]
+    ) -> Any:
         tensor = grpcclient.InferInput(INPUT_NAME, x.shape, "FP32")
         tensor.set_data_from_numpy(x)
-        result = await self._client.infer(
+        return await self._client.infer(
             service.model,
             [tensor],
             model_version=service.version,
-            outputs=[self._output],
+            outputs=outputs,
             request_id=request_id,
             client_timeout=timeout,
         )
-        return result.as_numpy(OUTPUT_NAME)
+
+    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+        return (await self._infer(service, x, request_id, timeout, [self._output])).as_numpy(OUTPUT_NAME)
 
     async def infer_outputs(
         self,
@@ -101,16 +105,8 @@ class _GrpcClient:
         timeout: float,
         outputs: tuple[str, ...],
     ) -> dict[str, Any]:
-        tensor = grpcclient.InferInput(INPUT_NAME, x.shape, "FP32")
-        tensor.set_data_from_numpy(x)
-        result = await self._client.infer(
-            service.model,
-            [tensor],
-            model_version=service.version,
-            outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-            request_id=request_id,
-            client_timeout=timeout,
-        )
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        result = await self._infer(service, x, request_id, timeout, requested)
         return {name: result.as_numpy(name) for name in outputs}
 
     async def is_model_ready(self, service: Service, timeout: float) -> bool:
@@ -138,17 +134,17 @@ class _HttpClient:
         self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
         self._output = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
 
-    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+    async def _infer(
+        self, service: Service, x: NDArray[np.float32], request_id: str, outputs: list[Any]
+    ) -> Any:
         tensor = httpclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
         tensor.set_data_from_numpy(x, binary_data=True)
-        result = await self._client.infer(
-            service.model,
-            [tensor],
-            model_version=service.version,
-            outputs=[self._output],
-            request_id=request_id,
+        return await self._client.infer(
+            service.model, [tensor], model_version=service.version, outputs=outputs, request_id=request_id
         )
-        return result.as_numpy(OUTPUT_NAME)
+
+    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
+        return (await self._infer(service, x, request_id, [self._output])).as_numpy(OUTPUT_NAME)
 
     async def infer_outputs(
         self,
@@ -158,15 +154,8 @@ class _HttpClient:
         timeout: float,
         outputs: tuple[str, ...],
     ) -> dict[str, Any]:
-        tensor = httpclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x, binary_data=True)
-        result = await self._client.infer(
-            service.model,
-            [tensor],
-            model_version=service.version,
-            outputs=[httpclient.InferRequestedOutput(name, binary_data=True) for name in outputs],
-            request_id=request_id,
-        )
+        requested = [httpclient.InferRequestedOutput(name, binary_data=True) for name in outputs]
+        result = await self._infer(service, x, request_id, requested)
         return {name: result.as_numpy(name) for name in outputs}
 
     async def is_model_ready(self, service: Service, timeout: float) -> bool:
