@@ -13,7 +13,7 @@ help:
 	@echo "make test     set up and run the tests (real embedded Triton)"
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
-	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 8 minutes)"
+	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 10 minutes)"
 	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
 
