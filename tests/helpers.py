@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 import httpx
@@ -17,6 +19,7 @@ from pydantic import SecretStr
 
 from client_proxy import Service, Settings
 from local_triton import TritonServer, free_ports
+from tests.conftest import MODEL_REPOSITORY
 
 
 def services_on(server: TritonServer, protocol: str, models: dict[str, str] | None = None) -> list[Service]:
@@ -24,6 +27,30 @@ def services_on(server: TritonServer, protocol: str, models: dict[str, str] | No
     url = server.grpc_url if protocol == "grpc" else server.http_url
     models = models or {n: n for n in ("setosa", "versicolor", "virginica")}
     return [Service(name, protocol, url, model) for name, model in models.items()]  # type: ignore[arg-type]
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until ``url``/health answers 200; fails if ``process`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the proxy exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy did not start within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def iris_repository(root: Path) -> Path:
+    """A model repository with the project's three classifiers only (for servers a test may kill)."""
+    repository = root / "repo"
+    for name in ("setosa", "versicolor", "virginica"):
+        shutil.copytree(MODEL_REPOSITORY / name, repository / name)
+    return repository
 
 
 def proxy_environment(settings: Settings, services: list[Service], port: int) -> dict[str, str]:
@@ -60,18 +87,7 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the proxy exited with code {process.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the proxy did not start within 30 s")
-            time.sleep(0.05)
+        wait_healthy(url, process)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

@@ -13,7 +13,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from client_proxy.config import Settings, parse_service
 from local_triton import TRITON_RELEASE, TritonServer, free_ports
 
 from .conftest import MODEL_REPOSITORY, ROOT
+from .helpers import wait_healthy
 
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -193,16 +193,7 @@ def dockerfile_proxy(triton: TritonServer, compose: dict[str, Any]) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "the proxy exited"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_healthy(url, process)  # type: ignore[arg-type]
         yield url
     finally:
         process.terminate()

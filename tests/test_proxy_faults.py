@@ -12,8 +12,7 @@ import pytest
 from local_triton import TritonServer
 from training import CLASS_NAMES
 
-from .conftest import MODEL_REPOSITORY
-from .helpers import running_proxy, services_on, settings
+from .helpers import iris_repository, running_proxy, services_on, settings
 
 ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
 IRIS = {n: n for n in CLASS_NAMES}
@@ -204,12 +203,9 @@ def test_stream_first_line_is_not_held_back_by_the_slow_service(
 def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart(
     proto: str, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    import shutil
-
-    repository = tmp_path / "repo"
-    for name in CLASS_NAMES:
-        shutil.copytree(MODEL_REPOSITORY / name, repository / name)
-    server = TritonServer(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    server = TritonServer(
+        model_repository=iris_repository(tmp_path), http_port=0, grpc_port=0, metrics_port=0
+    )
     server.start()
     try:
         with (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +16,9 @@ import httpx
 import pytest
 
 from local_triton import TritonServer, free_ports
-from training import CLASS_NAMES
 
-from .conftest import MODEL_REPOSITORY, ROOT
-from .helpers import proxy_environment, running_proxy, services_on, settings
+from .conftest import ROOT
+from .helpers import iris_repository, proxy_environment, running_proxy, services_on, settings, wait_healthy
 
 ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
 
@@ -47,10 +45,9 @@ async def _load(
 
 
 def test_triton_killed_under_load_every_request_answered_in_time_then_recovery(tmp_path: Path) -> None:
-    repository = tmp_path / "repo"
-    for name in CLASS_NAMES:
-        shutil.copytree(MODEL_REPOSITORY / name, repository / name)
-    server = TritonServer(model_repository=repository, http_port=0, grpc_port=0, metrics_port=0)
+    server = TritonServer(
+        model_repository=iris_repository(tmp_path), http_port=0, grpc_port=0, metrics_port=0
+    )
     server.start()
     try:
         with running_proxy(settings(deadline_ms=1000), services_on(server, "grpc")) as url:
@@ -86,15 +83,7 @@ def test_proxy_sigterm_under_load_finishes_in_flight_and_closes_its_clients(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_healthy(url, process)  # type: ignore[arg-type]
 
             async def in_flight_then_term() -> list[int]:
                 async with httpx.AsyncClient(base_url=url, timeout=10) as client:
