@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 
 from client_proxy.errors import UnknownPipeline
@@ -11,6 +13,7 @@ from client_proxy.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.state import JSON, ProxyState
 
 router = APIRouter(tags=["pipelines"])
+logger = logging.getLogger("client_proxy")
 
 
 @router.get("/pipelines", response_class=JSON, responses={200: {"model": PipelineList}})
@@ -53,4 +56,9 @@ async def run(name: str, request: Request) -> JSON:
     rows = await read_rows(request, state.settings, options)
     services = {s.name: s for s in state.services}
     result = await run_pipeline(pipeline, rows, services, state.fanout, options.request_id, options.deadline)
+    if logger.isEnabledFor(logging.INFO):
+        steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in result.path)
+        logger.info(
+            "request_id=%s endpoint=/pipelines/%s %s calls=%d", options.request_id, name, steps, result.calls
+        )
     return JSON(report_body(pipeline, result, one_row=rows.shape[0] == 1))
