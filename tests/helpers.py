@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +109,26 @@ def get_json(client: httpx.Client, path: str) -> dict:  # type: ignore[type-arg]
     response = client.get(path)
     assert response.headers["content-type"].startswith("application/json")
     return response.json()  # type: ignore[no-any-return]
+
+
+def read_http_response(sock: socket.socket) -> str:
+    """One whole HTTP/1.1 response from a raw socket: its head and a Content-Length body,
+    however the server split them into segments."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import signal
 import socket
 import subprocess
@@ -18,7 +19,15 @@ import pytest
 from local_triton import TritonServer, free_ports
 
 from .conftest import ROOT
-from .helpers import iris_repository, proxy_environment, running_proxy, services_on, settings, wait_healthy
+from .helpers import (
+    iris_repository,
+    proxy_environment,
+    read_http_response,
+    running_proxy,
+    services_on,
+    settings,
+    wait_healthy,
+)
 
 ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
 
@@ -133,10 +142,15 @@ def test_short_soak_has_no_errors(tmp_path: Path) -> None:
 
 
 def _raw(port: int, payload: bytes, read_timeout: float = 5.0) -> str:
+    """Send ``payload`` in 64 KiB pieces, stopping as soon as the proxy answers (it may refuse a
+    body early and close: writing on would only earn a reset that can swallow its answer)."""
     with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
-        with contextlib.suppress(OSError):  # the proxy may answer and close before all is sent
-            sock.sendall(payload)
-        return sock.recv(65536).decode(errors="replace")
+        with contextlib.suppress(OSError):
+            for start in range(0, len(payload), 65536):
+                if select.select([sock], [], [], 0)[0]:
+                    break
+                sock.sendall(payload[start : start + 65536])
+        return read_http_response(sock)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 from local_triton import TritonServer, free_ports
 
 from .conftest import ROOT
-from .helpers import running_proxy, services_on, settings
+from .helpers import read_http_response, running_proxy, services_on, settings
 
 
 def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_a_body_that_never_finishes_gets_408_within_the_deadline(triton: TritonS
                 b'Content-Length: 100\r\n\r\n{"data": [[1,'
             )
             started = time.perf_counter()
-            answer = sock.recv(4096).decode()
+            answer = read_http_response(sock)
             elapsed = time.perf_counter() - started
         assert answer.startswith("HTTP/1.1 408"), answer
         assert "request_timeout" in answer and elapsed < 1.5
