@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from local_triton import TritonServer, free_ports
+from local_triton.server import terminate
 
 MODELS = ["setosa", "versicolor", "virginica"]
 
@@ -35,12 +35,7 @@ def serve(args: list[str], env: dict[str, str], health_url: str) -> Iterator[sub
         wait_http(health_url)
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
 
 def start_proxy(

@@ -102,9 +102,17 @@ class FanOut:
         self._service_timeout_s = service_timeout_s
         self._on_outcome = on_outcome
 
-    def _budget(self, deadline: float) -> float:
+    def _start(
+        self, services: Sequence[Service], x: NDArray[np.float32], request_id: str, deadline: float
+    ) -> tuple[float, float, list[asyncio.Task[Outcome]]]:
+        """Start every call now: the start time, each call's time budget, and the tasks (none
+        when the deadline has already passed)."""
+        started = time.perf_counter()
         # Every call starts now, so the per-service timeout and the request's deadline are one bound.
-        return min(self._service_timeout_s, deadline - time.monotonic())
+        budget = min(self._service_timeout_s, deadline - time.monotonic())
+        if budget <= 0:
+            return started, budget, []
+        return started, budget, [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
 
     async def _call(
         self, service: Service, x: NDArray[np.float32], request_id: str, budget: float
@@ -144,13 +152,7 @@ class FanOut:
         ``all_or_nothing`` raises ``ServicesFailed`` at the first failure (cancelling the rest);
         ``partial`` returns what arrived in time, and raises only when no service answered.
         """
-        started = time.perf_counter()
-        budget = self._budget(deadline)
-        tasks = (
-            [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
-            if budget > 0
-            else []
-        )
+        started, budget, tasks = self._start(services, x, request_id, deadline)
         outcomes: dict[str, Outcome] = {}
         failed_fast = completed = False
         try:
@@ -195,13 +197,7 @@ class FanOut:
     ) -> AsyncIterator[Outcome]:
         """Each service's outcome in completion order (late ones last, as timeouts); the caller
         may stop early, and what is still running is then cancelled."""
-        started = time.perf_counter()
-        budget = self._budget(deadline)
-        tasks = (
-            [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
-            if budget > 0
-            else []
-        )
+        started, budget, tasks = self._start(services, x, request_id, deadline)
         seen: set[str] = set()
         try:
             if tasks:

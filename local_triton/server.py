@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 #: The Triton release the wheel ships; ``docker-compose.yml`` pins the same one.
 TRITON_RELEASE = "24.10"
@@ -146,6 +146,17 @@ def die_with_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+
+
+def terminate(process: subprocess.Popen[Any], timeout: float = 30) -> int:
+    """SIGTERM, up to ``timeout`` seconds for a graceful exit, then SIGKILL; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def _python_libdir() -> str | None:

@@ -22,6 +22,7 @@ from local_triton.server import (
     die_with_parent,
     format_ready_line,
     models_in,
+    terminate,
 )
 
 SERVICES = ("setosa", "versicolor", "virginica")
@@ -78,13 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 code = 1
                 break
     finally:
-        if proxy.poll() is None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
+        terminate(proxy, timeout=15)
         server.stop()
     return code
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pydantic import SecretStr
 
 from client_proxy import Service, Settings
 from local_triton import TritonServer, free_ports
+from local_triton.server import terminate
 from tests.conftest import MODEL_REPOSITORY
 
 
@@ -91,12 +91,7 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
         wait_healthy(url, process)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
         if own_log is not None:
             own_log.close()
 
