@@ -191,6 +191,8 @@ class TritonServer:
     #: Where the server's own log lines go as they arrive (None: only kept for error messages).
     log_stream: IO[str] | None = None
     extra_args: Sequence[str] = ()
+    #: Set from another thread (a signal handler) to abandon a start that is still waiting.
+    cancel: threading.Event | None = None
     _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
     _backend_dir: Path | None = field(default=None, init=False, repr=False)
     _log_tail: collections.deque[str] = field(
@@ -341,6 +343,8 @@ class TritonServer:
         url = f"http://{self._client_host}:{self.http_port}/v2/health/ready"
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                raise LaunchError("start cancelled")
             if self._process.poll() is not None:
                 if self._reader is not None:
                     self._reader.join(timeout=5)
@@ -441,6 +445,7 @@ def _reap_group(pgid: int, grace: float) -> None:
 
 _FIX_HINT = "(fix the model or its config.pbtxt, then retry)"
 _FAILED_MODEL = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
+_POLL_FAILED = re.compile(r"Poll failed for model directory '([^']+)':\s*(.*?)\"?$")
 _TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*(\S+)\s*\|\s*UNAVAILABLE:\s*(.*?)\s*\|\s*$")
 
 
@@ -454,7 +459,7 @@ def diagnose(log: str, returncode: int | None) -> str:
                 f"model '{row[1]}' failed to load: {row[3]} (fix the model or its config.pbtxt, then retry)"
             )
     for line in lines:
-        failed = _FAILED_MODEL.search(line)
+        failed = _FAILED_MODEL.search(line) or _POLL_FAILED.search(line.strip())
         if failed:
             return f"model '{failed[1]}' failed to load: {failed[2]} {_FIX_HINT}"
     for line in lines:

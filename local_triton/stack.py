@@ -1,8 +1,15 @@
-"""``python -m local_triton.stack`` (``make run``): the embedded Triton and the proxy, until Ctrl-C.
+"""``python -m local_triton.stack`` (``make run``): the embedded Triton and the proxy, supervised.
 
 Triton starts first (ports 8000/8001/8002); the proxy (``python -m client_proxy``, port 9000)
-then runs as its own process with ``SERVICE_*`` pointing at it, as docker compose would run
-it. Either one exiting stops the other.
+then runs as its own process with ``SERVICE_*`` pointing at it, as docker compose runs it.
+
+Supervised as compose's ``restart: unless-stopped`` would: a process that crashes (a SIGKILL,
+the OOM killer) is started again after a back-off that doubles with each crash in a row, on
+the same ports, while the other keeps running. With Triton gone the proxy keeps answering
+(503/504 JSON) and answers 200 again as soon as Triton is back, with no restart of its own.
+A process that keeps dying soon after its start is given up on after ``--max-restarts``
+crashes in a row, with one line saying so, and the exit code is 1. Ctrl-C or SIGTERM stops
+both and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 from local_triton.server import (
@@ -28,18 +39,184 @@ from local_triton.server import (
 SERVICES = ("setosa", "versicolor", "virginica")
 
 
-def main(argv: list[str] | None = None) -> int:
+def log(message: str) -> None:
+    print(f"stack: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RestartPolicy:
+    """A crash-loop guard: back-off doubling from ``first_delay`` to ``max_delay`` seconds.
+
+    A process that ran at least ``stable_after`` seconds before it crashed starts the count
+    afresh; ``max_restarts`` crashes in a row, each sooner than that, and it is given up on.
+    """
+
+    first_delay: float = 1.0
+    max_delay: float = 30.0
+    stable_after: float = 60.0
+    max_restarts: int = 5
+    crashes: int = field(default=0, init=False)
+
+    def crashed(self, ran_for: float) -> float | None:
+        """Record a crash after ``ran_for`` seconds of life; the delay before the restart, or None."""
+        self.crashes = 1 if ran_for >= self.stable_after else self.crashes + 1
+        if self.crashes > self.max_restarts:
+            return None
+        return min(self.first_delay * 2.0 ** (self.crashes - 1), self.max_delay)
+
+
+class Stack:
+    """Triton and the proxy, each restarted when it crashes."""
+
+    def __init__(self, args: argparse.Namespace, stopping: threading.Event) -> None:
+        self.args = args
+        self.stopping = stopping
+        self.server: TritonServer | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.triton_policy = self._policy()
+        self.proxy_policy = self._policy()
+        self.triton_started = self.proxy_started = 0.0
+
+    def _policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            first_delay=self.args.restart_delay,
+            max_delay=max(self.args.restart_delay, 30.0),
+            max_restarts=self.args.max_restarts,
+        )
+
+    # -- the two processes -------------------------------------------------------------------
+    def start_triton(self) -> None:
+        """Start Triton on the configured ports; raises ``LaunchError``."""
+        self.server = TritonServer(
+            model_repository=self.args.model_repository,
+            http_port=self.args.http_port,
+            grpc_port=self.args.grpc_port,
+            metrics_port=self.args.metrics_port,
+            log_stream=sys.stderr if self.args.triton_log else None,
+            cancel=self.stopping,
+        )
+        self.server.start()
+        self.triton_started = time.monotonic()
+        ready = format_ready_line(self.server, models_in(self.server.model_repository))
+        print(f"{ready} (pid {self.server.pid})", flush=True)
+
+    def start_proxy(self) -> None:
+        assert self.server is not None
+        port = self.server.grpc_port if self.args.protocol == "grpc" else self.server.http_port
+        env = dict(os.environ, PROXY_PORT=str(self.args.proxy_port), PROXY_PROTOCOL=self.args.protocol)
+        for name in SERVICES:
+            env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
+        self.proxy = subprocess.Popen(
+            [sys.executable, "-m", "client_proxy"], env=env, preexec_fn=die_with_parent
+        )
+        self.proxy_started = time.monotonic()
+        print(
+            f"proxy: http://127.0.0.1:{self.args.proxy_port} (docs at /docs, pid {self.proxy.pid}); "
+            "Ctrl-C stops both",
+            flush=True,
+        )
+
+    # -- supervision -----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.start_triton()
+        except LaunchError as exc:
+            log(f"error: {exc}")
+            return 1
+        self.start_proxy()
+        triton_due: float | None = None  # when a crashed Triton is to be started again
+        proxy_due: float | None = None
+        while not self.stopping.wait(0.2):
+            now = time.monotonic()
+            if triton_due is None and self.server is not None and not self.server.is_running():
+                code = self.server.wait()
+                self.server.stop()  # reaps its stubs and backend directory
+                triton_due = self._crashed(
+                    "Triton", _how(code), now - self.triton_started, self.triton_policy
+                )
+                if triton_due is None:
+                    return 1
+            if triton_due is not None and now >= triton_due:
+                triton_due = self._restart("Triton", self.start_triton, self.triton_policy)
+                if triton_due is not None and triton_due < 0:
+                    return 1
+            if proxy_due is None and self.proxy is not None and self.proxy.poll() is not None:
+                proxy_due = self._crashed(
+                    "proxy", _how(self.proxy.returncode), now - self.proxy_started, self.proxy_policy
+                )
+                if proxy_due is None:
+                    return 1
+            if proxy_due is not None and now >= proxy_due:
+                proxy_due = self._restart("proxy", self.start_proxy, self.proxy_policy)
+                if proxy_due is not None and proxy_due < 0:
+                    return 1
+        return 0
+
+    def _crashed(self, name: str, how: str, ran_for: float, policy: RestartPolicy) -> float | None:
+        """Log a crash; when to restart (a monotonic instant), or None after one give-up line."""
+        delay = policy.crashed(ran_for)
+        if delay is None:
+            log(
+                f"error: {name} stopped {policy.crashes} times in a row, each within "
+                f"{policy.stable_after:g} s of its start (last: it {how}): giving up"
+            )
+            return None
+        after = f" after {ran_for:.1f} s" if ran_for else ""
+        log(
+            f"{name} {how}{after}; restarting it in {delay:g} s "
+            f"(restart {policy.crashes} of at most {policy.max_restarts} in a row)"
+        )
+        return time.monotonic() + delay
+
+    def _restart(self, name: str, start: Callable[[], None], policy: RestartPolicy) -> float | None:
+        """None when ``name`` runs again; else the next attempt's instant, or -1 to give up."""
+        try:
+            start()
+        except LaunchError as exc:
+            if self.stopping.is_set():
+                return None
+            log(f"{name} did not start again: {exc}")
+            due = self._crashed(name, "failed to start", 0.0, policy)
+            return -1 if due is None else due
+        log(f"{name} is back")
+        return None
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            terminate(self.proxy, timeout=15)
+        if self.server is not None:
+            self.server.stop()
+
+
+def _how(code: int | None) -> str:
+    return f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m local_triton.stack", description=__doc__)
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", "9000")))
     parser.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument(
         "--protocol", choices=["grpc", "http"], default=os.environ.get("PROXY_PROTOCOL", "grpc")
     )
     parser.add_argument("--triton-log", action="store_true", help="echo Triton's own log")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--restart-delay", type=float, default=1.0, help="first back-off after a crash, seconds (doubles)"
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="crashes in a row, each soon after a start, before giving up",
+    )
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -47,41 +224,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-
-    server = TritonServer(
-        model_repository=DEFAULT_REPOSITORY,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_stream=sys.stderr if args.triton_log else None,
-    )
+    stack = Stack(args, stopping)
     try:
-        server.start()
-    except LaunchError as exc:
-        print(f"local_triton: error: {exc}", file=sys.stderr)
-        return 1
-    print(format_ready_line(server, models_in(server.model_repository)), flush=True)
-    port = server.grpc_port if args.protocol == "grpc" else server.http_port
-    env = dict(os.environ, PROXY_PORT=str(args.proxy_port), PROXY_PROTOCOL=args.protocol)
-    for name in SERVICES:
-        env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
-    proxy = subprocess.Popen([sys.executable, "-m", "client_proxy"], env=env, preexec_fn=die_with_parent)
-    print(f"proxy: http://127.0.0.1:{args.proxy_port} (docs at /docs); Ctrl-C stops both", flush=True)
-    code = 0
-    try:
-        while not stopping.wait(0.5):
-            if proxy.poll() is not None:
-                print(f"proxy exited with code {proxy.returncode}", file=sys.stderr)
-                code = proxy.returncode or 1
-                break
-            if not server.is_running():
-                print("Triton exited unexpectedly", file=sys.stderr)
-                code = 1
-                break
+        return stack.run()
     finally:
-        terminate(proxy, timeout=15)
-        server.stop()
-    return code
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -46,10 +46,12 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30
         time.sleep(0.05)
 
 
-def iris_repository(root: Path) -> Path:
-    """A model repository with the project's three classifiers only (for servers a test may kill)."""
+def iris_repository(root: Path, with_ensemble: bool = False) -> Path:
+    """A copy of the project's three classifiers (and the ensemble, if asked), for servers a test
+    may kill or break; its path also tells the server's processes apart from other servers'."""
     repository = root / "repo"
-    for name in ("setosa", "versicolor", "virginica"):
+    names = ["setosa", "versicolor", "virginica"] + (["aggregate", "iris_ensemble"] if with_ensemble else [])
+    for name in names:
         shutil.copytree(MODEL_REPOSITORY / name, repository / name)
     return repository
 
@@ -94,6 +96,23 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
         terminate(process)
         if own_log is not None:
             own_log.close()
+
+
+def stub_processes(repository: Path) -> list[int]:
+    """Pids of python backend stubs (and Triton servers) serving models from ``repository``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(repository) in cmdline and (
+            "triton_python_backend_stub" in cmdline or "tritonserver" in cmdline
+        ):
+            found.append(int(entry.name))
+    return found
 
 
 def settings(**overrides: object) -> Settings:

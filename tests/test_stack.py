@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -14,54 +18,181 @@ import httpx
 from local_triton import TritonServer, free_ports
 
 from .conftest import ROOT
-from .helpers import read_http_response, running_proxy, services_on, settings
+from .helpers import iris_repository, read_http_response, running_proxy, services_on, settings, stub_processes
 
 
-def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
-    proxy_port, http, grpc, metrics = free_ports(4)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "local_triton.stack", "--proxy-port", str(proxy_port),
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        url = f"http://127.0.0.1:{proxy_port}"
+class Stack:
+    """``python -m local_triton.stack`` (what ``make run`` runs) on free ports and a copy of the
+    Iris repository, its output kept in files."""
+
+    def __init__(self, tmp_path: Path, *extra: str) -> None:
+        self.repository = iris_repository(tmp_path, with_ensemble=True)
+        self.proxy_port, http, grpc, self.metrics_port = free_ports(4)
+        self.url = f"http://127.0.0.1:{self.proxy_port}"
+        self.out, self.err = tmp_path / "stack.out", tmp_path / "stack.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "local_triton.stack", "--proxy-port", str(self.proxy_port),
+                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(self.metrics_port),
+                 "--model-repository", str(self.repository), *extra],
+                cwd=ROOT, stdout=out, stderr=err,
+            )  # fmt: skip
+        self.ports = (self.proxy_port, http, grpc, self.metrics_port)
+
+    def wait_serving(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
         while True:
-            assert process.poll() is None, "the stack exited"
+            assert self.process.poll() is None, f"the stack exited: {self.err.read_text()}"
             try:
-                if httpx.get(f"{url}/health/all", timeout=2).json().get("status") == "ok":
-                    break
+                if httpx.get(f"{self.url}/health/all", timeout=2).json().get("status") == "ok":
+                    return
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "the stack did not come up"
             time.sleep(0.2)
-        seed = {"data": [[1.0, 2.0, 3.0, 4.0]]}
-        assert set(httpx.post(f"{url}/predict", json=seed).json()) == {"setosa", "versicolor", "virginica"}
-        assert httpx.post(f"{url}/predict/label", json=seed).json()["prediction"]["label"] == "virginica"
-        assert "nv_inference_request_success" in httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-        for port in (proxy_port, http, grpc, metrics):
+
+    def pids(self, what: str) -> list[int]:
+        """Every pid the stack printed for ``what`` ("Triton" or "proxy"), oldest first."""
+        pattern = r"^Triton .*\(pid (\d+)\)$" if what == "Triton" else r"^proxy: .*pid (\d+)\)"
+        return [int(m[1]) for m in re.finditer(pattern, self.out.read_text(), re.M)]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # let it stop what it started
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def assert_nothing_left(self) -> None:
+        for port in self.ports:
             with socket.socket() as sock:
                 assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
+        deadline = time.monotonic() + 10
+        while stub_processes(self.repository):
+            assert time.monotonic() < deadline, f"left behind: {stub_processes(self.repository)}"
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        stack.wait_serving()
+        seed = {"data": [[1.0, 2.0, 3.0, 4.0]]}
+        assert set(httpx.post(f"{stack.url}/predict", json=seed).json()) == {
+            "setosa",
+            "versicolor",
+            "virginica",
+        }
+        assert (
+            httpx.post(f"{stack.url}/predict/label", json=seed).json()["prediction"]["label"] == "virginica"
+        )
+        assert (
+            "nv_inference_request_success" in httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics").text
+        )
+        assert stub_processes(stack.repository), "no Triton found to check the stop against"
+        assert stack.stop() == 0
+        stack.assert_nothing_left()
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)  # let it stop what it started
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        stack.stop()
+
+
+def test_a_crashed_triton_is_restarted_and_the_proxy_serves_throughout(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, "--restart-delay", "0.5")
+    try:
+        stack.wait_serving()
+        (triton_pid,), (proxy_pid,) = stack.pids("Triton"), stack.pids("proxy")
+        results: list[tuple[float, int]] = []  # (when, status); status 0: no HTTP answer at all
+        killed_at = 0.0
+
+        def client() -> None:
+            with httpx.Client(base_url=stack.url, timeout=10) as http:
+                until = time.monotonic() + 90
+                while time.monotonic() < until:
+                    now = time.monotonic()
+                    try:
+                        status = http.post("/predict/label", json={"data": [[1, 2, 3, 4]]}).status_code
+                    except httpx.TransportError:
+                        status = 0
+                    results.append((now, status))
+                    # Enough: Triton was killed and has answered through the proxy again for 2 s.
+                    if (
+                        killed_at
+                        and any(s == 200 and t > killed_at for t, s in results)
+                        and (now > min(t for t, s in results if s == 200 and t > killed_at) + 2)
+                    ):
+                        return
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        os.kill(triton_pid, signal.SIGKILL)  # a crash, or the OOM killer
+        for thread in clients:
+            thread.join(timeout=120)
+        statuses = Counter(s for _, s in results)
+        assert set(statuses) <= {200, 503, 504}, statuses  # 0 would be a refused connection
+        assert statuses[503] + statuses[504] > 0, "the kill was never seen: the test proved nothing"
+        back = min(t for t, s in results if s == 200 and t > killed_at)
+        assert back - killed_at < 60, "the proxy did not answer 200 again within 60 s"
+        assert stack.pids("proxy") == [proxy_pid] and _alive(proxy_pid), "the proxy was restarted"
+        assert len(stack.pids("Triton")) == 2 and stack.pids("Triton")[1] != triton_pid
+        log = stack.err.read_text()
+        assert "Triton was killed by signal 9" in log and "Triton is back" in log
+    finally:
+        stack.stop()
+    stack.assert_nothing_left()
+
+
+def test_a_crashed_proxy_is_restarted_and_triton_keeps_running(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, "--restart-delay", "0.5")
+    try:
+        stack.wait_serving()
+        (triton_pid,), (proxy_pid,) = stack.pids("Triton"), stack.pids("proxy")
+        os.kill(proxy_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(stack.pids("proxy")) < 2:
+            assert time.monotonic() < deadline, "the proxy was not restarted"
+            time.sleep(0.2)
+        stack.wait_serving(timeout=60)
+        assert httpx.post(f"{stack.url}/predict/label", json={"data": [[1, 2, 3, 4]]}).status_code == 200
+        assert stack.pids("Triton") == [triton_pid] and _alive(triton_pid)
+        assert "proxy was killed by signal 9" in stack.err.read_text()
+    finally:
+        stack.stop()
+    stack.assert_nothing_left()
+
+
+def test_a_triton_that_keeps_crashing_is_given_up_with_one_line(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, "--restart-delay", "0.2", "--max-restarts", "2")
+    try:
+        stack.wait_serving()
+        # From now on the repository cannot load: every restart fails at once.
+        (stack.repository / "setosa" / "config.pbtxt").write_text("this is not a model config")
+        os.kill(stack.pids("Triton")[0], signal.SIGKILL)
+        assert stack.process.wait(timeout=120) == 1
+        log = stack.err.read_text()
+        give_up = [line for line in log.splitlines() if "giving up" in line]
+        assert len(give_up) == 1 and "Triton" in give_up[0], log
+        assert log.count("Triton did not start again: model 'setosa' failed to load") == 2, log
+    finally:
+        stack.stop()
+    stack.assert_nothing_left()
 
 
 def test_a_killed_launcher_leaves_no_triton_behind(tmp_path: Path) -> None:
-    import shutil
-
-    repository = tmp_path / "repo"
-    shutil.copytree(ROOT / "model_repository" / "setosa", repository / "setosa")
+    repository = iris_repository(tmp_path)
     http, grpc, metrics = free_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "local_triton", "--quiet", "--model-repository", str(repository),
@@ -70,15 +201,22 @@ def test_a_killed_launcher_leaves_no_triton_behind(tmp_path: Path) -> None:
     )  # fmt: skip
     assert process.stdout is not None
     assert "ready" in process.stdout.readline()
+    assert stub_processes(repository), "no stub found: the check below would prove nothing"
     process.kill()  # no chance to clean up
     process.wait()
     process.stdout.close()
     deadline = time.monotonic() + 20
     while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", http)) != 0:
-                break
-        assert time.monotonic() < deadline, "Triton outlived its launcher"
+        served = []
+        for port in (http, grpc, metrics):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    served.append(port)
+        if not served and not stub_processes(repository):
+            break
+        assert time.monotonic() < deadline, (
+            f"Triton outlived its launcher: {served}, {stub_processes(repository)}"
+        )
         time.sleep(0.2)
 
 
