@@ -11,6 +11,7 @@ import sys
 import uvicorn
 
 from client_proxy.config import ConfigError, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.lingering import LingeringHttpToolsProtocol
 from client_proxy.pipelines import PipelineError, load_pipelines
 
 
@@ -33,7 +34,8 @@ def main() -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with a lingering close, so a client still sending a refused body reads the 413.
+        http=LingeringHttpToolsProtocol,
         # The proxy logs one line per request itself, with its request id and each service's outcome.
         access_log=False,
         log_level=settings.log_level.lower(),
