@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The lock files in requirements/ (make lock writes them); each install is stamped in the venv.
+INSTALL = $(BIN)/python -m pip install --quiet --require-hashes --only-binary=:all: -r
+# The project itself is not installed: every command runs from this directory.
+export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools train models run triton test bench soak lint clean
+.PHONY: help install tools train models run triton test bench soak lint lock clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -16,46 +19,67 @@ help:
 	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 10 minutes)"
 	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
+	@echo "make lock     rewrite requirements/*.txt from pyproject.toml (UPGRADE=1: newest indirect deps)"
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,server,bench,dev]'
+# The Python versions the tests run on (.ci/run): the lock files hold nothing for others.
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v <= (3, 12) else \
+		"Python %d.%d is not supported: use 3.11 or 3.12 (make run PYTHON=python3.12)" % v)'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-%: requirements/%.txt | $(BIN)/python
+	$(INSTALL) $<
 	touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed-test
 
-# wrk, the benchmark's load generator, from Debian's packages (needs root, or install it yourself).
+# From Debian's packages (as root; otherwise install them yourself): wrk, the benchmark's load
+# generator, and chromium, the headless browser the /docs test renders the page in.
+TOOLS := wrk chromium
 tools:
-	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -qq wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; }; } \
-		|| { echo "wrk is missing: install it (apt-get install wrk)"; exit 1; }
+	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; \
+		else echo "missing:$$missing: install them (apt-get install$$missing)"; exit 1; fi; \
+	fi
 
-# Trains only when a model is missing; `make train` always retrains.
-$(MODEL_FILES) &: | $(STAMP)
+# Trains only when a model is missing (installing the training tools then); `make train` always retrains.
+$(MODEL_FILES) &:
+	$(MAKE) $(VENV)/.installed-train
 	$(BIN)/python -m training
 
 models: $(MODEL_FILES)
 
-train: $(STAMP)
+train: $(VENV)/.installed-train
 	$(BIN)/python -m training
 
-triton: $(STAMP) models
+triton: $(VENV)/.installed-run models
 	$(BIN)/python -m local_triton
 
-run: $(STAMP) models
+run: $(VENV)/.installed-run models
 	$(BIN)/python -m local_triton.stack
 
-test: $(STAMP) models tools
+test: $(VENV)/.installed-test models tools
 	$(BIN)/python -m pytest
 
-bench: $(STAMP) models tools
+bench: $(VENV)/.installed-test models tools
 	$(BIN)/python -m bench
 
 # Not part of `make test`: concurrency 64 for 3 minutes against /predict/label.
-soak: $(STAMP) models tools
+soak: $(VENV)/.installed-test models tools
 	$(BIN)/python -m bench.soak
 
-lint: $(STAMP)
+# test.txt first; the others are constrained by it, so every file has the same versions.
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --universal --python-version 3.11 \
+	--generate-hashes $(if $(UPGRADE),--upgrade)
+lock: $(VENV)/.installed-test
+	$(UV_COMPILE) --all-extras -o requirements/test.txt
+	$(UV_COMPILE) --extra server -c requirements/test.txt -o requirements/run.txt
+	$(UV_COMPILE) --extra train -c requirements/test.txt -o requirements/train.txt
+	$(UV_COMPILE) -c requirements/test.txt -o requirements/proxy.txt
+
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy training local_triton client_proxy bench

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -61,6 +66,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _drain_on_sigterm(state, settings.shutdown_delay_ms / 1000)
         gateway.open(services)
         logger.info("serving %s", ", ".join(f"{s.name}={s.describe()}" for s in services))
         try:
@@ -70,7 +76,11 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             closed = await gateway.aclose()
             logger.info("shut down: closed the clients of %d Triton server(s)", closed)
 
-    app = FastAPI(
+    # Swagger UI (/docs) and ReDoc (/redoc) from files the fastapi-offline package ships, served
+    # by the proxy itself: FastAPI's default pages load them from a public CDN, and are blank
+    # on a machine without internet.
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="Iris parallel fan-out proxy",
         summary="Calls every Triton-served classifier concurrently and aggregates their scores into a label.",
         version="0.1.0",
@@ -95,6 +105,30 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
+
+
+def _drain_on_sigterm(state: ProxyState, delay_s: float) -> None:
+    """Under uvicorn: mark the proxy draining (not ready) the moment SIGTERM arrives, then hand the
+    signal to uvicorn's own handler, ``delay_s`` later, which stops accepting and drains.
+
+    uvicorn has installed its handlers before the lifespan starts; this wraps its SIGTERM one
+    (each worker process does it for itself). Elsewhere (an ASGI test client) it does nothing.
+    """
+    uvicorn_handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(uvicorn_handler):
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if state.draining or delay_s <= 0:  # a second SIGTERM does not wait again
+            state.draining = True
+            uvicorn_handler(signum, frame)
+            return
+        state.draining = True
+        logger.info("SIGTERM: not ready, stopping in %.0f ms", delay_s * 1000)
+        loop.call_later(delay_s, uvicorn_handler, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _request_id(request: Request) -> str:

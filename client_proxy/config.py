@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     """Log level of the proxy's own loggers."""
     workers: int = Field(1, ge=1, le=64)
     """uvicorn worker processes (``python -m client_proxy``)."""
+    shutdown_delay_ms: float = Field(0.0, ge=0, le=600_000)
+    """After a SIGTERM, how long (ms) the proxy goes on serving while ``/health/ready`` answers
+    503, so that load balancers stop sending before it stops accepting connections and drains.
+    0 (the default): at once; Kubernetes gives the same pause with a ``preStop`` hook."""
 
     @field_validator("pipelines_file", "ensemble", "admin_token", "services_file", mode="before")
     @classmethod

@@ -35,6 +35,18 @@ class ServicePrediction(BaseModel):
     error: Failure | None = None
 
 
+class Live(BaseModel):
+    status: Literal["live"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "unavailable", "draining"]
+    ready_services: list[str] | None = None
+    """With ``ready``: the services of the default composition that Triton says are ready."""
+    reason: str | None = None
+    """Otherwise: why not."""
+
+
 class Predictions(RootModel[dict[str, ServicePrediction]]):
     """Service name -> its prediction."""
 

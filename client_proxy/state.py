@@ -29,6 +29,8 @@ class ProxyState:
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
     changes: list[dict[str, Any]] = field(default_factory=list)
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
+    draining: bool = False
+    """A SIGTERM has started the shutdown: ``/health/ready`` answers 503 from then on."""
 
 
 async def _state(request: Request) -> ProxyState:

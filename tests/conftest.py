@@ -29,6 +29,7 @@ def iris() -> tuple[NDArray[np.float32], NDArray[np.int64]]:
 
 
 TEST_MODELS = Path(__file__).resolve().parent / "model_repository"
+VERY_SLOW_MS = 3000
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,13 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(MODEL_REPOSITORY / name, repository / name)
     for model in TEST_MODELS.iterdir():
         shutil.copytree(model, repository / model.name)
+    # `very_slow`: `slow` at 3 s, for tests whose claim is a time ("answered without waiting for
+    # it"), so that their bounds can sit a second away from both the deadline and the model.
+    shutil.copytree(TEST_MODELS / "slow", repository / "very_slow")
+    config = repository / "very_slow" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace('name: "slow"', 'name: "very_slow"').replace('"400"', f'"{VERY_SLOW_MS}"')
+    )
     return repository
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from local_triton import TritonServer
+from local_triton import TritonServer, free_ports
 
-from .helpers import running_proxy, services_on, settings
+from .helpers import proxy_environment, running_proxy, services_on, settings
 
 ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
 TOKEN = "correct-horse-battery-staple"
@@ -41,7 +43,9 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
         target = f"grpc://{triton.grpc_url}/setosa"
         added = httpx.post(f"{url}/admin/services", headers=AUTH, json={"name": "setosa_b", "target": target})
         assert added.status_code == 201
-        assert "setosa_b" in httpx.post(f"{url}/predict", json=ROW).json()
+        answers = httpx.post(f"{url}/predict", json=ROW).json()
+        # Served at once, and really: the same model as setosa, so the same answer, and no error.
+        assert answers["setosa_b"] == answers["setosa"] and answers["setosa_b"]["prediction"] is not None
         again = httpx.post(f"{url}/admin/services", headers=AUTH, json={"name": "setosa_b", "target": target})
         assert again.status_code == 409
         bad = httpx.post(
@@ -62,8 +66,30 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
         assert all(c["by"].startswith("sha256:") and TOKEN not in json.dumps(c) for c in changes)
 
     assert [e["name"] for e in json.loads(store.read_text())] == ["setosa", "setosa_b", "virginica"]
-    with running_proxy(proxy_settings, []) as url:  # no SERVICE_* at all: the file decides
-        assert set(httpx.post(f"{url}/predict", json=ROW).json()) == {"setosa", "setosa_b", "virginica"}
+    # Restarted with other SERVICE_* variables: the file takes priority over them.
+    others = services_on(triton, "grpc", {"versicolor": "versicolor"})
+    with running_proxy(proxy_settings, others) as url:
+        answers = httpx.post(f"{url}/predict", json=ROW).json()
+        assert set(answers) == {"setosa", "setosa_b", "virginica"}
+        assert answers["setosa_b"] == answers["setosa"] and "error" not in answers["setosa_b"]
+
+
+def test_the_admin_token_is_refused_with_several_workers(triton: TritonServer) -> None:
+    env = proxy_environment(
+        settings(admin_token=TOKEN, workers=2), services_on(triton, "grpc"), free_ports(1)[0]
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "client_proxy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "client_proxy: error: PROXY_ADMIN_TOKEN: the admin endpoints need PROXY_WORKERS=1"
+    ]
 
 
 def test_a_service_used_by_a_pipeline_cannot_be_removed(triton: TritonServer) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -32,6 +33,7 @@ from .helpers import wait_healthy
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+MODELS_DOCKERFILE = ROOT / "deploy" / "models" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-py3"
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -56,6 +58,18 @@ def rendered() -> list[dict[str, Any]]:
 def _kind(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return found
+
+
+def _proxy_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generated ConfigMap: ``proxy-config-<hash of deploy/k8s/proxy.env>``."""
+    (found,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("proxy-config-")
+    ]
+    return found
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
 
 
 def _compose_check(path: Path) -> subprocess.CompletedProcess[str]:
@@ -85,8 +99,10 @@ def test_triton_runs_the_embedded_release_on_the_committed_repository(compose: d
     assert "--model-repository=/models" in triton["command"]
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert triton["shm_size"] and triton["ulimits"]["memlock"] == -1
-    ports = {int(p.split(":")[1].split("/")[0]) for p in triton["ports"]}
-    assert ports == set(TRITON_PORTS.values())
+    published = [p.split(":") for p in triton["ports"]]
+    # Published on the host's loopback only: Triton has no authentication.
+    assert all(len(p) == 3 and p[0] == "127.0.0.1" for p in published), triton["ports"]
+    assert {int(p[2]) for p in published} == {int(p[1]) for p in published} == set(TRITON_PORTS.values())
 
 
 def test_proxy_service_is_built_here_and_waits_for_triton(compose: dict[str, Any]) -> None:
@@ -94,7 +110,7 @@ def test_proxy_service_is_built_here_and_waits_for_triton(compose: dict[str, Any
     assert proxy["build"] == "."
     assert proxy["depends_on"]["triton"]["condition"] == "service_healthy"
     assert proxy["ports"] == [f"{PROXY_PORT}:{PROXY_PORT}"]
-    assert "/health" in " ".join(proxy["healthcheck"]["test"])
+    assert "/health/ready" in " ".join(proxy["healthcheck"]["test"])
 
 
 def _environment(entries: list[str] | dict[str, str]) -> dict[str, str]:
@@ -118,7 +134,7 @@ def _assert_services_exist(env: dict[str, str], where: str) -> None:
 
 def test_every_model_the_proxy_calls_exists(compose: dict[str, Any], rendered: list[dict[str, Any]]) -> None:
     _assert_services_exist(_environment(compose["services"]["proxy"]["environment"]), "docker-compose.yml")
-    _assert_services_exist(_kind(rendered, "ConfigMap", "proxy-config")["data"], "deploy/k8s ConfigMap")
+    _assert_services_exist(_proxy_config(rendered)["data"], "deploy/k8s ConfigMap")
 
 
 def test_ports_agree_everywhere(compose: dict[str, Any], rendered: list[dict[str, Any]]) -> None:
@@ -150,27 +166,64 @@ def _final_stage(dockerfile: str) -> list[str]:
 
 def test_dockerfile_final_stage_is_slim_non_root_and_serves_the_proxy() -> None:
     stage = _final_stage(DOCKERFILE.read_text())
-    assert re.fullmatch(r"FROM python:3\.1[1-3]-slim", stage[0])
+    assert re.fullmatch(r"FROM python:3\.1[12]-slim-bookworm", stage[0])
     users = [line.split()[1] for line in stage if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     cmd = [line for line in stage if line.startswith("CMD ")][-1]
     assert json.loads(cmd[4:]) == ["python", "-m", "client_proxy"]
-    # Installed from the project's own pyproject.toml, as wheels built in the first stage.
-    assert any("pip install" in line and "--no-index" in line for line in stage)
+    # Installed in the first stage from the lock file, every package checked against its hashes.
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r"COPY requirements/proxy\.txt ", dockerfile)
+    assert re.search(r"pip install [^\n]*--require-hashes[^\n]*-r /tmp/requirements\.txt", dockerfile)
+    assert any(line.startswith("COPY --from=build /opt/venv") for line in stage)
     assert not any(re.search(r"\b(gcc|build-essential|apt-get install)\b", line) for line in stage)
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, MODELS_DOCKERFILE], ids=["proxy", "models"])
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     result = subprocess.run(
-        [str(BIN / "hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+        [str(BIN / "hadolint"), str(dockerfile)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_proxy_lock_alone_serves(tmp_path: Path, triton: TritonServer) -> None:
+    """What the image holds, without Docker: a fresh venv with requirements/proxy.txt only (hash
+    checked) and a copy of client_proxy/, started as the Dockerfile's CMD starts it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--require-hashes",
+         "--only-binary=:all:", "-r", str(ROOT / "requirements" / "proxy.txt")],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-2000:]
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "client_proxy", app / "client_proxy", ignore=shutil.ignore_patterns("__pycache__"))
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_", "PYTHON"))}
+    env.update(PROXY_PORT=str(port), SERVICE_SETOSA=triton.grpc_url, PROXY_LOG_LEVEL="WARNING")
+    process = subprocess.Popen(
+        [str(venv / "bin" / "python"), "-m", "client_proxy"], cwd=app, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, process)  # type: ignore[arg-type]
+        answer = httpx.post(f"{url}/predict", json={"data": [[5.1, 3.5, 1.4, 0.2]]})
+        assert answer.status_code == 200 and answer.json()["setosa"]["prediction"][0] > 0.5
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in (".venv/", ".git/", "**/__pycache__/", ".pytest_cache/", "tests/"):
+    for entry in (".venv*/", ".git/", "**/__pycache__/", ".pytest_cache/", "tests/", "model_repository/"):
         assert entry in ignored
+    # The models image has its own ignore file (BuildKit reads <Dockerfile>.dockerignore first).
+    models_ignored = (MODELS_DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    assert models_ignored[models_ignored.index("*") + 1] == "!model_repository/"
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +275,8 @@ def _compose_healthcheck_command(port: int) -> list[str]:
 def test_every_rendered_manifest_validates(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == sorted(
-        ["Namespace", "PersistentVolumeClaim", "ConfigMap"]
-        + ["Deployment", "Service", "HorizontalPodAutoscaler"] * 2
+        ["Namespace", "ConfigMap"]
+        + ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] * 2
     )
     for doc in rendered:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -276,8 +329,11 @@ def test_probes_point_at_endpoints_that_really_answer(
         with urllib.request.urlopen(f"http://{triton.http_url}{path}", timeout=5) as response:
             assert response.status == 200, path
     proxy_paths = _probe_paths(_kind(rendered, "Deployment", "proxy"))
-    assert proxy_paths == {("/health", str(PROXY_PORT))}
-    assert httpx.get(f"{dockerfile_proxy}/health").status_code == 200
+    assert proxy_paths == {("/health/ready", str(PROXY_PORT)), ("/health/live", str(PROXY_PORT))}
+    for path, _ in proxy_paths:
+        assert httpx.get(f"{dockerfile_proxy}{path}").status_code == 200, path
+    # The Dockerfile's own HEALTHCHECK asks for liveness.
+    assert f"127.0.0.1:{PROXY_PORT}/health/live" in DOCKERFILE.read_text()
 
 
 def test_k8s_proxy_image_is_the_compose_image(
@@ -291,7 +347,111 @@ def test_deployment_files_use_only_known_settings() -> None:
     # An unknown PROXY_ variable would be silently ignored by the proxy: refuse typos here.
     known = {f"PROXY_{name.upper()}" for name in Settings.model_fields}
     compose_env = _environment(yaml.safe_load(COMPOSE.read_text())["services"]["proxy"]["environment"])
-    k8s_env = yaml.safe_load((K8S / "proxy.yaml").read_text().split("---")[0])["data"]
+    k8s_env = dict(
+        line.split("=", 1)
+        for line in (K8S / "proxy.env").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     for env in (compose_env, k8s_env):
         for key in env:
             assert key.startswith("SERVICE_") or key in known, key
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(rendered: list[dict[str, Any]]) -> None:
+    namespace = _kind(rendered, "Namespace", "iris-triton-msa")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, pod in _pod_specs(rendered).items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert "add" not in context["capabilities"], where
+        for volume in pod.get("volumes", []):
+            assert "hostPath" not in volume, name
+
+
+def test_disruption_budgets_keep_one_pod_and_leave_room_to_drain(rendered: list[dict[str, Any]]) -> None:
+    for name in ("triton", "proxy"):
+        budget = _kind(rendered, "PodDisruptionBudget", name)["spec"]
+        deployment = _kind(rendered, "Deployment", name)
+        assert budget["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        # minAvailable below the replicas (and the autoscaler's minimum): a node can still be drained.
+        minimum = _kind(rendered, "HorizontalPodAutoscaler", name)["spec"]["minReplicas"]
+        assert 1 <= budget["minAvailable"] < min(deployment["spec"]["replicas"], minimum), name
+
+
+def test_both_tiers_pause_before_shutdown(rendered: list[dict[str, Any]]) -> None:
+    for name, pod in _pod_specs(rendered).items():
+        pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert 1 <= pause < pod.get("terminationGracePeriodSeconds", 30), name
+    proxy = _pod_specs(rendered)["proxy"]
+    pause = proxy["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    deadline_s = Settings.model_fields["deadline_ms"].default / 1000
+    assert pause + deadline_s < proxy["terminationGracePeriodSeconds"]
+
+
+def test_a_settings_change_rolls_the_proxy(rendered: list[dict[str, Any]], tmp_path: Path) -> None:
+    def config_reference(docs: list[dict[str, Any]]) -> str:
+        (source,) = _pod_specs(docs)["proxy"]["containers"][0]["envFrom"]
+        return str(source["configMapRef"]["name"])
+
+    assert config_reference(rendered) == _proxy_config(rendered)["metadata"]["name"]
+    changed = tmp_path / "k8s"
+    shutil.copytree(K8S, changed)
+    (changed / "proxy.env").write_text((K8S / "proxy.env").read_text().replace("=2000", "=1500"))
+    result = subprocess.run(
+        [str(BIN / "kubectl"), "kustomize", str(changed)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    # A new ConfigMap name in the pod template: Kubernetes starts new pods with the new settings.
+    assert config_reference(docs) == _proxy_config(docs)["metadata"]["name"] != config_reference(rendered)
+    assert _proxy_config(docs)["data"]["PROXY_DEADLINE_MS"] == "1500"
+
+
+def test_every_image_is_pinned(rendered: list[dict[str, Any]], compose: dict[str, Any]) -> None:
+    images = [
+        c["image"]
+        for pod in _pod_specs(rendered).values()
+        for c in pod.get("initContainers", []) + pod["containers"]
+    ]
+    images += [service["image"] for service in compose["services"].values()]
+    images += re.findall(r"^FROM (\S+)", DOCKERFILE.read_text() + MODELS_DOCKERFILE.read_text(), re.M)
+    for image in images:
+        name, _, tag = image.partition("@")[0].rpartition(":")
+        assert "@sha256:" in image or (name and tag and tag != "latest"), image
+
+
+def test_the_init_container_fills_a_repository_that_triton_serves(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Without Docker: the models image's filesystem laid out as its Dockerfile says, the init
+    container's own command run against it, and the real Triton started on the result."""
+    copy = re.search(r"^COPY (\S+) (\S+)$", MODELS_DOCKERFILE.read_text(), re.M)
+    assert copy is not None
+    image_root = tmp_path / "image"
+    shutil.copytree(
+        ROOT / copy[1], image_root / copy[2].strip("/"), ignore=shutil.ignore_patterns("TRAINING.md")
+    )
+    pod = _pod_specs(rendered)["triton"]
+    (init,) = pod["initContainers"]
+    assert init["image"].startswith("iris-triton-msa/models:")
+    (mount,) = init["volumeMounts"]
+    served = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == mount["name"]]
+    assert served and served[0]["readOnly"] is True
+    assert f"--model-repository={served[0]['mountPath']}" in pod["containers"][0]["args"]
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    command = init["command"][-1].replace("/models/", f"{image_root}/{copy[2].strip('/')}/")
+    command = command.replace(mount["mountPath"] + "/", f"{volume}/")
+    subprocess.run(["sh", "-c", command], check=True, timeout=60)
+    with TritonServer(model_repository=volume, http_port=0, grpc_port=0, metrics_port=0) as server:
+        url = f"http://{server.http_url}/v2/models/iris_ensemble/ready"
+        assert httpx.get(url, timeout=5).status_code == 200

@@ -134,10 +134,10 @@ def _run(fake: FakeGateway, policy: TimeoutPolicy, deadline_s: float, service_ti
 
 
 def test_partial_reports_each_missing_service_with_its_reason() -> None:
-    fake = FakeGateway({"slow": 1.0}, broken={"broken"})
+    fake = FakeGateway({"slow": 5.0}, broken={"broken"})
     started = time.perf_counter()
     result, leftover = _run(fake, TimeoutPolicy.PARTIAL, deadline_s=0.1)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2.5  # the deadline, not `slow`'s 5 s
     assert result.answered == ["fast"]
     assert {n: m["reason"] for n, m in result.missing.items()} == {"slow": "timeout", "broken": "unavailable"}
     assert fake.cancelled == ["slow"] and leftover == []
@@ -148,7 +148,7 @@ def test_all_or_nothing_fails_fast_and_cancels_the_rest() -> None:
     started = time.perf_counter()
     with pytest.raises(ServicesFailed) as failed:
         _run(fake, TimeoutPolicy.ALL_OR_NOTHING, deadline_s=10)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.5  # `broken`'s failure, not `slow`'s 5 s
     assert failed.value.status_code == 503 and "broken" in failed.value.message
     assert fake.cancelled == ["slow"]
 

@@ -1,4 +1,4 @@
-"""``/health``, ``/health/all``, ``/metadata`` and ``/metrics``."""
+"""``/health``, ``/health/live``, ``/health/ready``, ``/health/all``, ``/metadata`` and ``/metrics``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.responses import Response
 from client_proxy.config import Service
 from client_proxy.errors import UpstreamError
 from client_proxy.inputs import N_FEATURES, SAMPLE_ROW
-from client_proxy.schemas import Health, HealthAll, Metadata
+from client_proxy.schemas import Health, HealthAll, Live, Metadata, Ready
 from client_proxy.state import JSON, State
 
 router = APIRouter(tags=["operations"])
@@ -22,6 +22,41 @@ router = APIRouter(tags=["operations"])
 async def health() -> JSON:
     """The proxy itself is up (it does not ask Triton; see ``/health/all``)."""
     return JSON({"health": "ok"})
+
+
+@router.get("/health/live", response_class=JSON, responses={200: {"model": Live}})
+async def live() -> JSON:
+    """Liveness: the process answers. For a platform's liveness probe (restart when it fails)."""
+    return JSON({"status": "live"})
+
+
+@router.get(
+    "/health/ready",
+    response_class=JSON,
+    responses={200: {"model": Ready}, 503: {"model": Ready, "description": "not ready: see `reason`"}},
+)
+async def ready(state: State) -> JSON:
+    """Readiness: a prediction can be answered now. For a platform's readiness probe (send traffic
+    only while it passes).
+
+    200 while at least one service of the default composition is ready in Triton; 503 when none
+    is, and from the moment a SIGTERM starts the proxy's shutdown (``draining``)."""
+    if state.draining:
+        return JSON({"status": "draining", "reason": "shutting down"}, status_code=503)
+    services = list(state.services)
+    results = await asyncio.gather(*(_readiness(state, s) for s in services))
+    ready_names = [s.name for s, r in zip(services, results, strict=True) if r["ready"]]
+    if state.draining:
+        return JSON({"status": "draining", "reason": "shutting down"}, status_code=503)
+    if not ready_names:
+        reasons = "; ".join(
+            f"{s.name}: {r.get('reason', 'not ready')}" for s, r in zip(services, results, strict=True)
+        )
+        return JSON(
+            {"status": "unavailable", "reason": f"no service is ready ({reasons or 'no services'})"},
+            status_code=503,
+        )
+    return JSON({"status": "ready", "ready_services": ready_names})
 
 
 async def _readiness(state: State, service: Service) -> dict[str, Any]:
