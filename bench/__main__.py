@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(rows, header, verdicts, CEILING, SEED)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown)
-    render_plot(rows, args.out / "latest.png")
+    render_plot(rows, args.out / "latest.png", header)
     print(markdown)
     print(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.png'}")
     return 0

@@ -122,8 +122,9 @@ def _order(name: str) -> int:
     return next((i for i, prefix in enumerate(_ORDER) if name.startswith(prefix)), len(_ORDER))
 
 
-def render_plot(rows: list[Row], path: Path) -> None:
-    """Throughput and p99 per configuration and concurrency, side by side."""
+def render_plot(rows: list[Row], path: Path, header: dict[str, str]) -> None:
+    """Throughput and p99 per configuration and concurrency, each bar labelled with its value;
+    the legend below the plots, the date and the machine in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,20 +132,35 @@ def render_plot(rows: list[Row], path: Path) -> None:
 
     names = sorted({r.name for r in rows}, key=_order)
     levels = sorted({r.concurrency for r in rows})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    width = 0.8 / max(len(names), 1)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5))
+    width = 0.84 / max(len(names), 1)
+    colours = plt.get_cmap("tab10")
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(levels))]
-        measurements = [_find(rows, name, c) for c in levels]
-        left.bar(xs, [m.throughput if m else 0 for m in measurements], width, label=name)
-        right.bar(xs, [m.p99_ms if m else 0 for m in measurements], width, label=name)
-    for axis, title, unit in ((left, "Throughput", "requests/s"), (right, "p99 latency", "ms (log)")):
+        found = [_find(rows, name, c) for c in levels]
+        for axis, values, fmt in (
+            (left, [m.throughput if m else 0.0 for m in found], "{:,.0f}"),
+            (right, [m.p99_ms if m else 0.0 for m in found], "{:,.1f}"),
+        ):
+            bars = axis.bar(xs, values, width, label=name, color=colours(i % 10))
+            axis.bar_label(bars, labels=[fmt.format(v) for v in values], rotation=90, padding=2, fontsize=7)
+    for axis, title, unit in (
+        (left, "Throughput (higher is better)", "requests/s"),
+        (right, "p99 latency (lower is better)", "ms, log scale"),
+    ):
         axis.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(levels))])
-        axis.set_xticklabels([f"c={c}" for c in levels])
+        axis.set_xticklabels([f"concurrency {c}" for c in levels])
         axis.set_title(title)
         axis.set_ylabel(unit)
+        axis.grid(axis="y", alpha=0.3)
     right.set_yscale("log")
-    left.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    left.set_ylim(0, left.get_ylim()[1] * 1.18)  # room for the labels above the tallest bars
+    right.set_ylim(right.get_ylim()[0], right.get_ylim()[1] * 4)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(
+        f"{header['command']}, {header['started']}\n{header['machine']}", fontsize=9, x=0.01, ha="left"
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,24 @@ def open_fds(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def soak(seconds: float, concurrency: int, window: float) -> tuple[list[Window], float, int]:
+@dataclass(frozen=True)
+class Resources:
+    rss_mb: float
+    fds: int
+
+
+def soak(seconds: float, concurrency: int, window: float) -> tuple[list[Window], Resources, Resources]:
+    """The windows, the proxy's resources before the load, and after it (connections closed)."""
     windows: list[Window] = []
     with ExitStack() as stack:
         triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
         url, pid = start_proxy(stack, triton, "grpc")
+        # One request first, so that "idle" includes what every later one reuses (the channel to Triton).
+        warm = urllib.request.Request(
+            f"{url}/predict/label", data=BODY, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(warm, timeout=10) as response:
+            response.read()
         start_rss, start_fds = rss_mb(pid), open_fds(pid)
         started = time.monotonic()
         while time.monotonic() - started < seconds:
@@ -78,7 +92,12 @@ def soak(seconds: float, concurrency: int, window: float) -> tuple[list[Window],
                 f"errors {w.errors}  rss {w.rss_mb:6.1f} MB  fds {w.fds}",
                 flush=True,
             )
-    return windows, start_rss, start_fds
+        # After the load: wrk's connections close; give the proxy a moment to let them go.
+        settle_until = time.monotonic() + 5
+        while open_fds(pid) > start_fds and time.monotonic() < settle_until:
+            time.sleep(0.1)
+        after = Resources(rss_mb(pid), open_fds(pid))
+    return windows, Resources(start_rss, start_fds), after
 
 
 def growth_per_10k(windows: list[Window]) -> float | None:
@@ -91,7 +110,8 @@ def growth_per_10k(windows: list[Window]) -> float | None:
     return float(slope * 10_000)
 
 
-def render(windows: list[Window], start_rss: float, start_fds: int, concurrency: int, window: float) -> str:
+def render(windows: list[Window], idle: Resources, after: Resources, concurrency: int, window: float) -> str:
+    start_rss, start_fds = idle.rss_mb, idle.fds
     total = sum(w.requests for w in windows)
     errors = sum(w.errors for w in windows)
     p99s = [w.p99_ms for w in windows[1:]] or [w.p99_ms for w in windows]
@@ -111,6 +131,7 @@ def render(windows: list[Window], start_rss: float, start_fds: int, concurrency:
         + (f"{growth:+.3f} MB per 10,000 requests" if growth is not None else "n/a (too short)"),
         f"- proxy open file descriptors: {start_fds} idle, {windows[-1].fds} at the end "
         f"(max {max(w.fds for w in windows)})",
+        f"- after the load: proxy RSS {after.rss_mb:.1f} MB, {after.fds} open file descriptors",
         "",
         "| window end (s) | req/s | p50 ms | p99 ms | errors | RSS MB | fds |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -131,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=15.0, help="seconds per measured window")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    windows, start_rss, start_fds = soak(args.seconds, args.concurrency, args.window)
-    report = render(windows, start_rss, start_fds, args.concurrency, args.window)
+    windows, idle, after = soak(args.seconds, args.concurrency, args.window)
+    report = render(windows, idle, after, args.concurrency, args.window)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.md").write_text(report)
     print(report)

@@ -115,6 +115,24 @@ def stub_processes(repository: Path) -> list[int]:
     return found
 
 
+def triton_stats(
+    triton: TritonServer,
+    models: tuple[str, ...] = ("setosa", "versicolor", "virginica"),
+    what: str = "requests",
+) -> dict[str, int]:
+    """Triton's own statistics per model (its /v2/models/<name>/stats endpoint): ``requests``, the
+    successful inference requests it received, or ``rows``, the rows they carried in all."""
+    counts = {}
+    for name in models:
+        stats = httpx.get(f"http://{triton.http_url}/v2/models/{name}/stats", timeout=5).json()[
+            "model_stats"
+        ][0]
+        counts[name] = int(
+            stats["inference_stats"]["success"]["count"] if what == "requests" else stats["inference_count"]
+        )
+    return counts
+
+
 def settings(**overrides: object) -> Settings:
     return Settings(**{"log_level": "WARNING", **overrides})  # type: ignore[arg-type]
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from local_triton import TritonServer
 from training import CLASS_NAMES
 
 from .conftest import ROOT
-from .helpers import running_proxy, services_on, settings
+from .helpers import running_proxy, services_on, settings, triton_stats
 
 IRIS = {n: Service(n, "grpc", "x:1", n) for n in CLASS_NAMES}
 
@@ -75,18 +73,6 @@ def test_start_up_stops_on_an_invalid_pipeline_file(tmp_path: Path) -> None:
 
 
 # -- the cascade against the real Triton ---------------------------------------------------------
-def _success_counts(triton: TritonServer) -> dict[str, int]:
-    """Triton's own count of successful requests per classifier (its statistics endpoint)."""
-    counts = {}
-    for name in CLASS_NAMES:
-        with urllib.request.urlopen(
-            f"http://{triton.http_url}/v2/models/{name}/stats", timeout=5
-        ) as response:
-            stats = json.loads(response.read())["model_stats"][0]["inference_stats"]["success"]
-        counts[name] = int(stats["count"])
-    return counts
-
-
 @pytest.fixture(scope="module")
 def proxy(triton: TritonServer) -> Iterator[httpx.Client]:
     with (
@@ -107,13 +93,13 @@ def test_cascade_gives_the_fan_outs_labels_with_fewer_triton_calls(
     proxy: httpx.Client, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, _ = iris
-    before = _success_counts(triton)
+    before = triton_stats(triton)
     fanout = [
         proxy.post("/predict/label", json={"data": [row]}).json()["prediction"]["label"] for row in x.tolist()
     ]
-    middle = _success_counts(triton)
+    middle = triton_stats(triton)
     cascade = [proxy.post("/pipelines/iris_cascade", json={"data": [row]}).json() for row in x.tolist()]
-    after = _success_counts(triton)
+    after = triton_stats(triton)
 
     assert [c["prediction"]["label"] for c in cascade] == fanout
     fanout_calls = sum(middle[n] - before[n] for n in CLASS_NAMES)
@@ -215,3 +201,118 @@ def test_the_shipped_file_steps_aside_when_the_services_differ(tmp_path: Path) -
     # A file the operator named is strict.
     with pytest.raises(PipelineError):
         configured_pipelines(DEFAULT_FILE, only_setosa)
+
+
+def _pipelines_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+def _p_class(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each Iris model's P(class) per row, from onnxruntime on the ONNX files."""
+    import onnxruntime as ort
+
+    return {
+        n: ort.InferenceSession(str(ROOT / "model_repository" / n / "1" / "model.onnx")).run(
+            None, {"input": x}
+        )[0][:, 0]
+        for n in CLASS_NAMES
+    }
+
+
+def test_a_step_reads_an_earlier_steps_output(
+    explicit_triton: TritonServer, tmp_path: Path, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """``input: first.setosa``: the second step's model gets setosa's [P, 1-P] pairs as its input."""
+    pipelines = _pipelines_file(tmp_path, """
+pipelines:
+  chained:
+    steps:
+      - name: first
+        services: [setosa]
+        input: request
+      - name: second
+        services: [swap]
+        input: first.setosa
+""")  # fmt: skip
+    models = {"setosa": "setosa", "swap": "swap"}
+    x, _ = iris
+    with running_proxy(
+        settings(pipelines_file=pipelines), services_on(explicit_triton, "grpc", models)
+    ) as url:
+        body = httpx.post(f"{url}/pipelines/chained", json={"data": x.tolist()}).json()
+    p_setosa = _p_class(x)["setosa"]
+    # swap's P(class) is setosa's P(other): the label is setosa exactly where P(setosa) > 1/2.
+    assert [r["label"] for r in body["prediction"]] == ["setosa" if p > 0.5 else "swap" for p in p_setosa]
+    assert [(p["step"], p["status"], p["rows"]) for p in body["path"]] == [
+        ("first", "ran", 150),
+        ("second", "ran", 150),
+    ]
+    np.testing.assert_allclose(
+        [r["proba"] for r in body["prediction"]], np.maximum(p_setosa, 1 - p_setosa), atol=1e-6, rtol=0
+    )
+
+
+def test_stop_if_max_stops_the_rows_whose_best_score_meets_it(
+    explicit_triton: TritonServer, tmp_path: Path, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    pipelines = _pipelines_file(tmp_path, """
+pipelines:
+  others_first:
+    steps:
+      - name: others
+        services: [versicolor, virginica]
+        stop_if: "max >= 0.9"
+      - name: setosa
+        services: [setosa]
+""")  # fmt: skip
+    x, _ = iris
+    p = _p_class(x)
+    confident = np.maximum(p["versicolor"], p["virginica"]) >= 0.9
+    assert 0 < confident.sum() < 150  # the rule splits the rows, or the test proves nothing
+    with running_proxy(settings(pipelines_file=pipelines), services_on(explicit_triton, "grpc")) as url:
+        body = httpx.post(f"{url}/pipelines/others_first", json={"data": x.tolist()}).json()
+    assert [(s["step"], s["rows"], s["stopped_rows"]) for s in body["path"]] == [
+        ("others", 150, int(confident.sum())),
+        ("setosa", int((~confident).sum()), 0),
+    ]
+    stopped = [r["stopped_at"] for r in body["prediction"]]
+    assert [s == "others" for s in stopped] == confident.tolist()
+
+
+def test_on_failure_fail_with_a_timeout_is_504_naming_the_step(
+    explicit_triton: TritonServer, tmp_path: Path
+) -> None:
+    pipelines = _pipelines_file(tmp_path, """
+pipelines:
+  waits:
+    steps:
+      - name: first
+        services: [setosa]
+      - name: late
+        services: [very_slow]
+        on_failure: fail
+""")  # fmt: skip
+    models = {"setosa": "setosa", "very_slow": "very_slow"}
+    proxy_settings = settings(pipelines_file=pipelines, deadline_ms=300)
+    with running_proxy(proxy_settings, services_on(explicit_triton, "grpc", models)) as url:
+        response = httpx.post(f"{url}/pipelines/waits", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
+    assert response.status_code == 504, response.text
+    message = response.json()["error"]["message"]
+    assert "step 'late'" in message and "timeout" in message
+
+
+def test_the_ensemble_setting_names_where_the_ensemble_is(
+    explicit_triton: TritonServer, triton: TritonServer
+) -> None:
+    # The services' Triton has no ensemble; PROXY_ENSEMBLE points at one that has.
+    services = services_on(explicit_triton, "grpc")
+    row = {"data": [[5.1, 3.5, 1.4, 0.2]]}
+    with running_proxy(settings(), services) as url:
+        assert httpx.post(f"{url}/predict/label?route=ensemble", json=row).status_code == 503
+    with running_proxy(settings(ensemble=f"grpc://{triton.grpc_url}/iris_ensemble"), services) as url:
+        fanout = httpx.post(f"{url}/predict/label", json=row).json()
+        ensemble = httpx.post(f"{url}/predict/label?route=ensemble", json=row)
+        assert ensemble.status_code == 200
+        assert ensemble.json()["prediction"]["label"] == fanout["prediction"]["label"] == "setosa"

@@ -15,7 +15,7 @@ from local_triton import TritonServer
 from training import CLASS_NAMES
 
 from .conftest import MODEL_REPOSITORY
-from .helpers import running_proxy, services_on, settings
+from .helpers import running_proxy, services_on, settings, triton_stats
 
 SEED_ROW = [[1.0, 2.0, 3.0, 4.0]]
 SAMPLE_ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -251,18 +251,41 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 200
 
 
+def _concurrent_labels(url: str, x: np.ndarray) -> list[str]:
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/predict/label", json={"data": [x[i].tolist()]}) for i in range(len(x)))
+            )
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(x)
+    return [r.json()["prediction"]["label"] for r in responses]
+
+
 def test_without_coalescing_every_request_is_its_own_call(
     triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, _ = iris
     labels, _ = expected_labels(x)
     with running_proxy(settings(coalesce=False), services_on(triton, "grpc")) as url:
+        before = triton_stats(triton)
+        assert _concurrent_labels(url, x) == labels
+        after = triton_stats(triton)
+    # Counted by Triton itself: one inference request per proxy request and model.
+    assert {n: after[n] - before[n] for n in CLASS_NAMES} == dict.fromkeys(CLASS_NAMES, 150)
 
-        async def main() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                return await asyncio.gather(
-                    *(client.post("/predict/label", json={"data": [x[i].tolist()]}) for i in range(150))
-                )
 
-        responses = asyncio.run(main())
-    assert [r.json()["prediction"]["label"] for r in responses] == labels
+def test_coalescing_batches_concurrent_requests_into_fewer_triton_calls(
+    triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    labels, _ = expected_labels(x)
+    with running_proxy(settings(coalesce=True, in_flight_per_service=1), services_on(triton, "grpc")) as url:
+        before, rows_before = triton_stats(triton), triton_stats(triton, what="rows")
+        assert _concurrent_labels(url, x) == labels  # each request still gets its own row's answer
+        after, rows_after = triton_stats(triton), triton_stats(triton, what="rows")
+    for name in CLASS_NAMES:
+        assert rows_after[name] - rows_before[name] == 150, name  # every row reached Triton once
+        # 150 requests at once, one call on the wire per service: the rest wait and share calls.
+        assert after[name] - before[name] < 150, name

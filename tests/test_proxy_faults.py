@@ -160,6 +160,38 @@ def test_slow_service_is_waited_for_when_the_deadline_allows(
         assert "partial" not in body and body["prediction"]["label"] == "slow"
 
 
+def test_a_request_whose_coalesced_batch_is_late_times_out_alone(explicit_triton: TritonServer) -> None:
+    import asyncio
+
+    models = {"setosa": "setosa", "slow": "slow"}  # slow: 400 ms a call
+    proxy_settings = settings(deadline_ms=5000, service_timeout_ms=5000, in_flight_per_service=1)
+    with running_proxy(proxy_settings, services_on(explicit_triton, "grpc", models)) as url:
+
+        async def main() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                first = asyncio.create_task(client.post("/predict/label", json=ROW))
+                await asyncio.sleep(0.1)  # `first` holds slow's one call on the wire
+                # These two wait, and then share slow's next call (400-800 ms): too late for one.
+                patient = asyncio.create_task(client.post("/predict/label", json=ROW))
+                hurried = asyncio.create_task(
+                    client.post("/predict/label", json=ROW, headers={"X-Deadline-Ms": "300"})
+                )
+                return await first, await patient, await hurried
+
+        first, patient, hurried = asyncio.run(main())
+    assert hurried.status_code == 200 and hurried.json()["missing"]["slow"]["reason"] == "timeout"
+    for response in (first, patient):  # the batch went on for the others, who get slow's answer
+        assert response.status_code == 200 and "missing" not in response.json()
+        assert response.json()["prediction"]["label"] == "slow"
+
+
+def test_the_request_id_reaches_triton(explicit_triton: TritonServer, protocol: str) -> None:
+    with _proxy(explicit_triton, protocol, {"setosa": "setosa", "failing": "failing"}) as url:
+        body = httpx.post(f"{url}/predict/label", json=ROW, headers={"X-Request-ID": "trace-me-42"}).json()
+    # The test model's error quotes the id Triton handed it.
+    assert "request id 'trace-me-42'" in body["missing"]["failing"]["message"]
+
+
 def test_failing_service_is_reported_with_its_reason(explicit_triton: TritonServer, protocol: str) -> None:
     models = {**IRIS, "failing": "failing"}
     with _proxy(explicit_triton, protocol, models) as url, httpx.Client(base_url=url, timeout=10) as client:

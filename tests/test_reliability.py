@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import re
 import select
 import signal
 import socket
@@ -167,6 +168,15 @@ def test_short_soak_has_no_errors(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "soak.md").read_text()
     assert "failed (non-2xx or socket errors): 0" in report
+    idle_fds = int(re.search(r"open file descriptors: (\d+) idle", report)[1])  # type: ignore[index]
+    first_rss = float(re.search(r"([\d.]+) MB after the first window", report)[1])  # type: ignore[index]
+    after = re.search(r"after the load: proxy RSS ([\d.]+) MB, (\d+) open file descriptors", report)
+    assert after is not None, report
+    # Every connection's descriptor given back once the load is over.
+    assert int(after[2]) <= idle_fds, report
+    # Memory: warm after the first window, then flat. 25 MB is far above what 6 s of load should
+    # add (the 3-minute soak grows 0.013 MB per 10,000 requests) and far below a per-request leak.
+    assert float(after[1]) - first_rss < 25, report
 
 
 def _raw(port: int, payload: bytes, read_timeout: float = 5.0) -> str:

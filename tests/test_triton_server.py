@@ -104,12 +104,23 @@ def test_metrics_count_successful_requests_per_model(
     triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, _ = iris
+
+    def successes() -> dict[str, int]:
+        with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        counts = {}
+        for name in [*CLASS_NAMES, "aggregate", "iris_ensemble"]:
+            match = re.search(
+                rf'^nv_inference_request_success{{model="{name}",version="1"}} (\d+)', text, re.M
+            )
+            counts[name] = int(match[1]) if match else 0
+        return counts
+
+    before = successes()
     client = httpclient.InferenceServerClient(triton.http_url)
     for name in [*CLASS_NAMES, "iris_ensemble"]:
         infer(client, name, x[:5], ["probabilities"] if name in CLASS_NAMES else ["label"])
-    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    for name in [*CLASS_NAMES, "aggregate", "iris_ensemble"]:
-        match = re.search(rf'^nv_inference_request_success{{model="{name}",version="1"}} (\d+)', text, re.M)
-        assert match is not None, name
-        assert int(match[1]) >= 1, name
+    after = successes()
+    # One request to each classifier directly, and one more through the ensemble's steps.
+    expected = {**dict.fromkeys(CLASS_NAMES, 2), "aggregate": 1, "iris_ensemble": 1}
+    assert {n: after[n] - before[n] for n in after} == expected
