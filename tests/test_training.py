@@ -14,12 +14,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from training import CLASS_NAMES, export
+from training import CLASS_NAMES, export, wine
 from training.__main__ import REPORT_NAME, REPRODUCIBLE_WITHIN, main
 
 from .conftest import MODEL_REPOSITORY
 
-MODELS = [*CLASS_NAMES, "aggregate"]
+MODELS = [*CLASS_NAMES, "aggregate", *(m.name for m in wine.MODELS)]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,15 @@ def assert_reproduces_committed(retrained: Path, x: np.ndarray) -> None:
     committed, fresh = _class_probabilities(MODEL_REPOSITORY, x), _class_probabilities(retrained, x)
     assert committed.argmax(axis=1).tolist() == fresh.argmax(axis=1).tolist()
     np.testing.assert_allclose(committed, fresh, rtol=0, atol=REPRODUCIBLE_WITHIN)
+    for labels in sorted(MODEL_REPOSITORY.glob("*/labels.txt")):
+        assert (retrained / labels.parent.name / labels.name).read_text() == labels.read_text()
+    wine_x, _ = wine.load()
+    for m in wine.MODELS:
+        feeds_m = {m.input_name: wine_x.astype(m.dtype)}
+        (committed_p,) = _run(MODEL_REPOSITORY / m.name / "1" / "model.onnx", feeds_m)
+        (fresh_p,) = _run(retrained / m.name / "1" / "model.onnx", feeds_m)
+        assert committed_p.argmax(axis=1).tolist() == fresh_p.argmax(axis=1).tolist(), m.name
+        np.testing.assert_allclose(committed_p, fresh_p, rtol=0, atol=REPRODUCIBLE_WITHIN, err_msg=m.name)
     feeds = {n: np.random.default_rng(0).random((150, 2), dtype=np.float32) for n in CLASS_NAMES}
     for a, b in zip(
         _run(MODEL_REPOSITORY / "aggregate" / "1" / "model.onnx", feeds),
@@ -177,3 +186,24 @@ def test_export_mismatch_exits_nonzero_naming_the_model(
     err = capsys.readouterr().err
     assert "setosa" in err and "differ" in err
     assert not (tmp_path / "setosa").exists()
+
+
+def test_wine_report_states_each_models_and_each_compositions_accuracy() -> None:
+    report = (MODEL_REPOSITORY / REPORT_NAME).read_text()
+    result = wine.train()
+    for m in wine.MODELS:
+        assert f"| {m.name} | {m.kind} |" in report and f"{result.heldout_accuracy[m.name]:.4f} |" in report
+        assert result.heldout_accuracy[m.name] >= 0.85, m.name
+    weights = "wine_logreg 2, wine_gbt 1, wine_knn 1"
+    assert f"weighted mean of the probabilities ({weights}): {result.mean_accuracy:.4f}" in report
+    assert f"majority vote of the argmax (ties to the lowest class): {result.vote_accuracy:.4f}" in report
+
+
+def test_the_votes_rules() -> None:
+    a = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    b = np.array([[0.1, 0.8, 0.1], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
+    c = np.array([[0.2, 0.7, 0.1], [0.6, 0.2, 0.2], [0.3, 0.3, 0.4]])
+    # Row 0: two votes for class 1; row 1: one vote each, the tie goes to class 0; row 2: a tie
+    # inside b (0.4, 0.4) counts as class 0 (argmax's first), then two votes for class 2.
+    assert wine.majority_vote([a, b, c]).tolist() == [1, 0, 2]
+    np.testing.assert_allclose(wine.soft_vote([a, b], [3.0, 1.0]), (3 * a + b) / 4)

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from local_triton import TritonServer, models_in
-from training import CLASS_NAMES
+from training import CLASS_NAMES, wine
 
 from .conftest import MODEL_REPOSITORY
 
@@ -41,7 +41,7 @@ def infer(client: Client, model: str, x: np.ndarray, outputs: list[str]) -> list
 
 def test_every_model_in_the_repository_is_ready(client: Client) -> None:
     names = models_in(MODEL_REPOSITORY)
-    assert set(names) == {*CLASS_NAMES, "aggregate", "iris_ensemble"}
+    assert set(names) == {*CLASS_NAMES, "aggregate", "iris_ensemble", *(m.name for m in wine.MODELS)}
     assert client.is_server_ready()
     for name in names:
         assert client.is_model_ready(name), name
@@ -124,3 +124,29 @@ def test_metrics_count_successful_requests_per_model(
     # One request to each classifier directly, and one more through the ensemble's steps.
     expected = {**dict.fromkeys(CLASS_NAMES, 2), "aggregate": 1, "iris_ensemble": 1}
     assert {n: after[n] - before[n] for n in after} == expected
+
+
+@pytest.mark.parametrize("model", wine.MODELS, ids=lambda m: m.name)
+def test_wine_models_serve_their_own_tensors_equal_to_onnxruntime(
+    client: Client, model: wine.WineModel
+) -> None:
+    """Other names, other widths, FP64 on one: Triton serves them as their configs declare."""
+    x, _ = wine.load()
+    rows = x.astype(model.dtype)
+    module = _module(client)
+    datatype = "FP64" if model.dtype == np.float64 else "FP32"
+    tensor = module.InferInput(model.input_name, list(rows.shape), datatype)
+    tensor.set_data_from_numpy(rows)
+    result = client.infer(model.name, [tensor], outputs=[module.InferRequestedOutput(model.output_name)])
+    served = result.as_numpy(model.output_name)
+    session = ort.InferenceSession(str(MODEL_REPOSITORY / model.name / "1" / "model.onnx"))
+    (expected,) = session.run(None, {model.input_name: rows})
+    assert served.dtype == model.dtype and served.shape == (len(x), len(wine.WINE_CLASSES))
+    np.testing.assert_allclose(served, expected, atol=1e-6, rtol=0)
+    metadata = (
+        client.get_model_metadata(model.name, as_json=True)
+        if module is grpcclient
+        else client.get_model_metadata(model.name)
+    )
+    assert [i["name"] for i in metadata["inputs"]] == [model.input_name]
+    assert [o["datatype"] for o in metadata["outputs"]] == [datatype]

@@ -6,13 +6,16 @@ Triton 24.10 ships ONNX Runtime 1.19, which loads IR version <= 8 models with op
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
 from skl2onnx import convert_sklearn
-from skl2onnx.common.data_types import FloatTensorType
+from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 from sklearn.pipeline import Pipeline
 
 from training.data import CLASS_NAMES
@@ -46,6 +49,52 @@ def classifier_to_onnx(model: Pipeline, name: str) -> onnx.ModelProto:
     del onx.graph.output[:]
     onx.graph.output.extend(kept)
     return _finalise(onx)
+
+
+def renamed_classifier_to_onnx(
+    model: Pipeline | Any,
+    name: str,
+    input_name: str,
+    output_name: str,
+    n_features: int,
+    dtype: type[np.floating[Any]],
+) -> onnx.ModelProto:
+    """A classifier with the tensor names and input datatype given: ``input_name`` ``[N,
+    n_features]`` (FP32 or FP64) to ``output_name`` ``[N, classes]`` in the same datatype."""
+    tensor_type = DoubleTensorType if dtype == np.float64 else FloatTensorType
+    final = model.steps[-1][1] if isinstance(model, Pipeline) else model
+    onx = convert_sklearn(
+        model,
+        name=name,
+        initial_types=[(input_name, tensor_type([None, n_features]))],
+        options={id(final): {"zipmap": False}},
+        target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET},
+    )
+    kept = [out for out in onx.graph.output if out.name == PROBABILITIES]
+    del onx.graph.output[:]
+    onx.graph.output.extend(kept)
+    for node in onx.graph.node:
+        for i, output in enumerate(node.output):
+            if output == PROBABILITIES:
+                node.output[i] = output_name
+    onx.graph.output[0].name = output_name
+    return _finalise(onx)
+
+
+def check_probabilities(
+    model: Any, onx: onnx.ModelProto, name: str, x: NDArray[np.floating[Any]], input_name: str
+) -> float:
+    """Largest |ONNX - scikit-learn| probability over ``x``; ``ExportMismatchError`` past ``TOLERANCE``."""
+    (got,) = run_onnx(onx, {input_name: x})
+    expected = model.predict_proba(x)
+    if got.shape != expected.shape:
+        raise ExportMismatchError(f"{name}: ONNX output shape {got.shape}, scikit-learn {expected.shape}")
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
+    if not diff <= TOLERANCE:
+        raise ExportMismatchError(
+            f"{name}: ONNX probabilities differ from scikit-learn by {diff:.3g} (limit {TOLERANCE:g})"
+        )
+    return diff
 
 
 def aggregate_model() -> onnx.ModelProto:
@@ -105,26 +154,56 @@ def aggregate_model() -> onnx.ModelProto:
     return _finalise(model)
 
 
+_PROCESS_UNIQUE = re.compile(r"UU\d+UU")
+_SUBGRAPH_NUMBER = re.compile(r"^(cdistdf?)_(\d+)(_.*)?$")
+
+
+def _canonical_names(model: onnx.ModelProto) -> None:
+    """Rename what skl2onnx numbers with process-wide counters (tensors named ``UU007UU``, and the
+    k-NN converter's subgraph names such as ``cdistdf_3_C0``) to numbers that restart with each
+    model, so that the same model converted twice in one process is the same bytes."""
+    tensors: dict[str, str] = {}
+    subgraphs: dict[str, int] = {}
+
+    def rename(name: str) -> str:
+        if _PROCESS_UNIQUE.fullmatch(name):
+            return tensors.setdefault(name, f"UU{len(tensors):03d}UU")
+        numbered = _SUBGRAPH_NUMBER.match(name)
+        if numbered:
+            number = subgraphs.setdefault(numbered[2], len(subgraphs) + 1)
+            return f"{numbered[1]}_{number}{numbered[3] or ''}"
+        return name
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            value.name = rename(value.name)
+        for initializer in graph.initializer:
+            initializer.name = rename(initializer.name)
+        for node in graph.node:
+            node.name = rename(node.name)
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    walk(attribute.g)
+                for subgraph in attribute.graphs:
+                    walk(subgraph)
+
+    walk(model.graph)
+
+
 def _finalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    _canonical_names(model)
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def run_onnx(model: onnx.ModelProto, feeds: dict[str, NDArray[np.float32]]) -> list[NDArray[np.generic]]:
+def run_onnx(model: onnx.ModelProto, feeds: dict[str, NDArray[Any]]) -> list[NDArray[np.generic]]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)  # type: ignore[no-any-return]
 
 
 def check_classifier(model: Pipeline, onx: onnx.ModelProto, name: str, x: NDArray[np.float32]) -> float:
     """Largest |ONNX - scikit-learn| over ``x``; raises ``ExportMismatchError`` past ``TOLERANCE``."""
-    (got,) = run_onnx(onx, {INPUT_NAME: x})
-    expected = model.predict_proba(x)
-    if got.shape != expected.shape:
-        raise ExportMismatchError(f"{name}: ONNX output shape {got.shape}, scikit-learn {expected.shape}")
-    diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-    if not diff <= TOLERANCE:
-        raise ExportMismatchError(
-            f"{name}: ONNX probabilities differ from scikit-learn by {diff:.3g} (limit {TOLERANCE:g})"
-        )
-    return diff
+    return check_probabilities(model, onx, name, x, INPUT_NAME)

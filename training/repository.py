@@ -10,13 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from training.data import CLASS_NAMES
+from training.wine import N_FEATURES, WINE_CLASSES, WineModel
 
 MAX_BATCH_SIZE = 1024
 ENSEMBLE = "iris_ensemble"
 AGGREGATE = "aggregate"
+
+
+LABELS_FILE = "labels.txt"
 
 
 @dataclass(frozen=True)
@@ -24,17 +29,21 @@ class Tensor:
     name: str
     data_type: str
     dims: tuple[int, ...]
+    #: Triton's classification extension: the class names, one a line, in the model's folder.
+    label_filename: str | None = None
 
     def render(self) -> str:
         dims = ", ".join(str(d) for d in self.dims)
-        return f'  {{\n    name: "{self.name}"\n    data_type: {self.data_type}\n    dims: [ {dims} ]\n  }}'
+        labels = f'\n    label_filename: "{self.label_filename}"' if self.label_filename else ""
+        head = f'  {{\n    name: "{self.name}"\n    data_type: {self.data_type}\n'
+        return f"{head}    dims: [ {dims} ]{labels}\n  }}"
 
 
 def _tensors(kind: str, tensors: list[Tensor]) -> str:
     return f"{kind} [\n" + ",\n".join(t.render() for t in tensors) + "\n]\n"
 
 
-def _onnx_config(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> str:
+def onnx_config(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> str:
     return (
         f'name: "{name}"\n'
         'backend: "onnxruntime"\n'
@@ -61,12 +70,20 @@ AGGREGATE_OUTPUTS = [
 
 
 def classifier_config(name: str) -> str:
-    return _onnx_config(name, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)
+    return onnx_config(name, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS)
+
+
+def wine_config(model: WineModel) -> str:
+    """A wine model: its own tensor names, its input datatype, the class names in ``labels.txt``."""
+    datatype = "TYPE_FP64" if model.dtype == np.float64 else "TYPE_FP32"
+    inputs = [Tensor(model.input_name, datatype, (N_FEATURES,))]
+    outputs = [Tensor(model.output_name, datatype, (len(WINE_CLASSES),), label_filename=LABELS_FILE)]
+    return onnx_config(model.name, inputs, outputs)
 
 
 def aggregate_config() -> str:
     inputs = [Tensor(name, "TYPE_FP32", (2,)) for name in CLASS_NAMES]
-    return _onnx_config(AGGREGATE, inputs, AGGREGATE_OUTPUTS)
+    return onnx_config(AGGREGATE, inputs, AGGREGATE_OUTPUTS)
 
 
 def ensemble_config() -> str:
@@ -107,10 +124,14 @@ def ensemble_config() -> str:
     )
 
 
-def write_model(repository: Path, name: str, config: str, model: onnx.ModelProto | None) -> None:
+def write_model(
+    repository: Path, name: str, config: str, model: onnx.ModelProto | None, labels: tuple[str, ...] = ()
+) -> None:
     folder = repository / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(config)
+    if labels:
+        (folder / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
     if model is not None:
         (folder / "1" / "model.onnx").write_bytes(model.SerializeToString())
     else:
