@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from client_proxy.aggregators import one_vs_rest
 from client_proxy.config import Service, TimeoutPolicy
 from client_proxy.errors import CallCancelled, ServicesFailed, UpstreamError, UpstreamTimeout
 
@@ -73,18 +74,8 @@ class Labels:
 
 def aggregate(probabilities: dict[str, NDArray[np.float32]]) -> Labels:
     """The seed's rule, for N rows at once: the label is the service with the highest P(class)."""
-    if not probabilities:
-        raise ValueError("no service answered")
-    names = list(probabilities)
-    first = probabilities[names[0]]
-    if first.shape[0] == 1:
-        # One row, the common case: plain Python beats numpy's per-call overhead on 3 numbers.
-        scores = [float(probabilities[name][0, 0]) for name in names]
-        best = max(range(len(names)), key=scores.__getitem__)  # the first on ties
-        return Labels(names=[names[best]], proba=np.asarray([scores[best]], dtype=np.float32))
-    p_class = np.stack([probabilities[name][:, 0] for name in names], axis=1)
-    best = p_class.argmax(axis=1)
-    return Labels(names=[names[i] for i in best], proba=p_class[np.arange(len(best)), best])
+    result = one_vs_rest(probabilities)
+    return Labels(names=result.labels, proba=result.proba.astype(np.float32))
 
 
 def failure(outcome: Outcome) -> dict[str, str]:
