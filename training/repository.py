@@ -43,7 +43,13 @@ def _tensors(kind: str, tensors: list[Tensor]) -> str:
     return f"{kind} [\n" + ",\n".join(t.render() for t in tensors) + "\n]\n"
 
 
-def onnx_config(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> str:
+def onnx_config(
+    name: str, inputs: list[Tensor], outputs: list[Tensor], parameters: dict[str, str] | None = None
+) -> str:
+    extra = "".join(
+        f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}\n'
+        for key, value in (parameters or {}).items()
+    )
     return (
         f'name: "{name}"\n'
         'backend: "onnxruntime"\n'
@@ -55,7 +61,7 @@ def onnx_config(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> str:
         "parameters {\n"
         '  key: "intra_op_thread_count"\n'
         '  value: { string_value: "1" }\n'
-        "}\n"
+        "}\n" + extra
     )
 
 
@@ -78,7 +84,9 @@ def wine_config(model: WineModel) -> str:
     datatype = "TYPE_FP64" if model.dtype == np.float64 else "TYPE_FP32"
     inputs = [Tensor(model.input_name, datatype, (N_FEATURES,))]
     outputs = [Tensor(model.output_name, datatype, (len(WINE_CLASSES),), label_filename=LABELS_FILE)]
-    return onnx_config(model.name, inputs, outputs)
+    # The class names twice: labels.txt for Triton's classification extension, and a parameter
+    # that anyone reading the config through Triton's API (the proxy) can see.
+    return onnx_config(model.name, inputs, outputs, {"class_names": ",".join(WINE_CLASSES)})
 
 
 def aggregate_config() -> str:
