@@ -2,6 +2,9 @@
 
 One shared client per distinct Triton server (protocol, host:port), created on first use
 inside the running event loop (the aio clients belong to one loop) and closed by ``aclose``.
+What a model takes and gives (tensor names, datatypes, widths) is read from Triton the first
+time a service is called (its ``Contract``) and read again after the model was unavailable,
+since it may come back reloaded as another version; no tensor name is written here.
 Every tritonclient, aiohttp and grpc exception is translated here into an
 ``UpstreamError`` subclass; nothing above this module sees a foreign exception.
 """
@@ -23,12 +26,10 @@ from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from client_proxy.config import Service, Settings
-from client_proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.contracts import NUMPY_DTYPES, Contract
+from client_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
-
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 
 # gRPC backs off reconnecting to a server that went away, by default up to 120 s; keep it
 # short so the proxy answers again within a second or two of Triton coming back.
@@ -54,7 +55,7 @@ _UNAVAILABLE_TEXT = (
 
 class _Client(Protocol):
     async def infer(
-        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
     ) -> Any: ...
 
     async def infer_outputs(
@@ -78,12 +79,19 @@ class _Client(Protocol):
 class _GrpcClient:
     def __init__(self, url: str) -> None:
         self._client = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
-        self._output = grpcclient.InferRequestedOutput(OUTPUT_NAME)
+        self._outputs: dict[str, Any] = {}
 
     async def _infer(
-        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float, outputs: list[Any]
+        self,
+        service: Service,
+        x: NDArray[Any],
+        request_id: str,
+        timeout: float,
+        outputs: list[Any],
+        tensor_name: str = "input",
+        datatype: str = "FP32",
     ) -> Any:
-        tensor = grpcclient.InferInput(INPUT_NAME, x.shape, "FP32")
+        tensor = grpcclient.InferInput(tensor_name, x.shape, datatype)
         tensor.set_data_from_numpy(x)
         return await self._client.infer(
             service.model,
@@ -94,8 +102,15 @@ class _GrpcClient:
             client_timeout=timeout,
         )
 
-    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
-        return (await self._infer(service, x, request_id, timeout, [self._output])).as_numpy(OUTPUT_NAME)
+    async def infer(
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
+    ) -> Any:
+        source, output = contract.inputs[0], contract.output(service.name)
+        requested = self._outputs.get(output.name)
+        if requested is None:
+            requested = self._outputs[output.name] = grpcclient.InferRequestedOutput(output.name)
+        result = await self._infer(service, x, request_id, timeout, [requested], source.name, source.datatype)
+        return result.as_numpy(output.name)
 
     async def infer_outputs(
         self,
@@ -132,19 +147,34 @@ class _HttpClient:
     def __init__(self, url: str, max_connections: int) -> None:
         # conn_timeout is aiohttp's total timeout; the proxy's own deadline is shorter anyway.
         self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
-        self._output = httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
+        self._outputs: dict[str, Any] = {}
 
     async def _infer(
-        self, service: Service, x: NDArray[np.float32], request_id: str, outputs: list[Any]
+        self,
+        service: Service,
+        x: NDArray[Any],
+        request_id: str,
+        outputs: list[Any],
+        tensor_name: str = "input",
+        datatype: str = "FP32",
     ) -> Any:
-        tensor = httpclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        tensor = httpclient.InferInput(tensor_name, list(x.shape), datatype)
         tensor.set_data_from_numpy(x, binary_data=True)
         return await self._client.infer(
             service.model, [tensor], model_version=service.version, outputs=outputs, request_id=request_id
         )
 
-    async def infer(self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float) -> Any:
-        return (await self._infer(service, x, request_id, [self._output])).as_numpy(OUTPUT_NAME)
+    async def infer(
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
+    ) -> Any:
+        source, output = contract.inputs[0], contract.output(service.name)
+        requested = self._outputs.get(output.name)
+        if requested is None:
+            requested = self._outputs[output.name] = httpclient.InferRequestedOutput(
+                output.name, binary_data=True
+            )
+        result = await self._infer(service, x, request_id, [requested], source.name, source.datatype)
+        return result.as_numpy(output.name)
 
     async def infer_outputs(
         self,
@@ -179,6 +209,8 @@ def translate(exc: BaseException, service: Service) -> UpstreamError:
     logger.debug("%s (%s): %s: %s", service.name, service.describe(), type(exc).__name__, exc)
     if isinstance(exc, UpstreamError):
         return exc
+    if isinstance(exc, ProxyError):  # the model does not fit its use (e.g. several outputs, none named)
+        return UpstreamError(exc.message, service=service.name)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return UpstreamTimeout(f"{service.name}: no answer from {where} in time", service=service.name)
     if isinstance(exc, InferenceServerException):
@@ -209,6 +241,7 @@ class TritonGateway:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._clients: dict[tuple[str, str], _Client] = {}
+        self._contracts: dict[Service, Contract] = {}
 
     def _client(self, service: Service) -> _Client:
         client = self._clients.get(service.server)
@@ -225,19 +258,66 @@ class TritonGateway:
         for service in services:
             self._client(service)
 
+    async def contract(self, service: Service, timeout: float) -> Contract:
+        """What ``service``'s model takes and gives, read from Triton once and then kept."""
+        contract = self._contracts.get(service)
+        if contract is None:
+            described = await self.model_description(service, timeout)
+            contract = Contract.from_triton(described["metadata"], described["config"])
+            self._contracts[service] = contract
+        return contract
+
+    async def ensure_fit(self, services: list[Service], x: NDArray[Any], timeout: float) -> None:
+        """Refuse (``ContractMismatch``, 422) rows that do not fit a service's model, before any
+        inference call. Contracts not read yet are read now, concurrently and within ``timeout``;
+        a service whose contract cannot be read now is left to fail (or not) on its own call."""
+        unknown = [s for s in services if s not in self._contracts]
+        if unknown:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(
+                        *(self.contract(s, timeout) for s in unknown), return_exceptions=True
+                    )
+            except TimeoutError:
+                pass
+        for service in services:
+            contract = self._contracts.get(service)
+            if contract is not None and len(contract.inputs) == 1:
+                contract.input_rows(service.name, x)  # raises ContractMismatch naming the service
+
+    def known_contract(self, service: Service) -> Contract | None:
+        """The contract already read, if any (no call to Triton)."""
+        return self._contracts.get(service)
+
     async def infer(
-        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float
     ) -> NDArray[np.float32]:
-        """``service``'s output for the rows ``x`` (``[N, 4]``), one Triton call."""
+        """``service``'s output for the rows ``x``, one Triton call, in the model's own tensors."""
+        client = self._client(service)
         try:
-            output = await self._client(service).infer(service, x, request_id, timeout)
+            contract = self._contracts.get(service) or await self.contract(service, timeout)
+            source = contract.inputs[0] if len(contract.inputs) == 1 else None
+            if source is None:
+                raise UpstreamError(
+                    f"{service.name}: model '{service.model}' takes {len(contract.inputs)} inputs "
+                    f"({contract.describe_inputs()}), not rows",
+                    service=service.name,
+                )
+            wanted = NUMPY_DTYPES.get(source.datatype)
+            if wanted is not None and x.dtype != wanted:
+                x = x.astype(wanted)
+            output = await client.infer(service, x, request_id, timeout, contract)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise translate(exc, service) from exc
+            error = translate(exc, service)
+            if isinstance(error, UpstreamUnavailable):
+                # Unloaded, or Triton gone: the model may come back as another version.
+                self._contracts.pop(service, None)
+            raise error from exc
         if output is None or output.shape[0] != x.shape[0]:
             raise UpstreamError(
-                f"{service.name}: model '{service.model}' returned no '{OUTPUT_NAME}' of {x.shape[0]} rows",
+                f"{service.name}: model '{service.model}' returned no output of {x.shape[0]} rows",
                 service=service.name,
             )
         output = np.asarray(output, dtype=np.float32)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from client_proxy import Service
 from client_proxy.contracts import Contract, ContractMismatch
 from local_triton import TritonServer, models_in
 from training import CLASS_NAMES, wine
 
 from .conftest import MODEL_REPOSITORY
+from .helpers import running_proxy, settings, triton_stats
 
 WINE_METADATA = {
     "name": "wine_logreg",
@@ -130,3 +133,35 @@ def test_every_served_model_has_a_contract_that_matches_its_config(
         assert contract.class_names == wine.WINE_CLASSES
         spec, rows = contract.input_rows(m.name, wine.load()[0][:5].tolist())
         assert spec.name == m.input_name and rows.dtype == m.dtype
+
+
+def test_the_proxy_calls_a_model_by_the_tensors_triton_describes(explicit_triton: TritonServer) -> None:
+    """No tensor name or datatype is assumed: `renamed` takes 'features' FP64 and gives 'scores'."""
+    services = [
+        Service("setosa", "grpc", explicit_triton.grpc_url, "setosa"),
+        Service("renamed", "grpc", explicit_triton.grpc_url, "renamed"),
+    ]
+    rows = [[1.0, 2.0, 3.0, 4.0], [5.1, 3.5, 1.4, 0.2]]
+    with running_proxy(settings(), services) as url:
+        body = httpx.post(f"{url}/predict", json={"data": rows}).json()
+    p = 1 / (1 + np.exp(-(np.asarray(rows).sum(axis=1) - 10)))
+    np.testing.assert_allclose(body["renamed"]["prediction"], np.stack([p, 1 - p], axis=1), atol=1e-6)
+    assert len(body["setosa"]["prediction"]) == 2
+
+
+def test_rows_that_do_not_fit_a_services_model_are_a_422_before_any_call(
+    explicit_triton: TritonServer, triton: TritonServer
+) -> None:
+    # wine_logreg takes 13 features: the seed's 4-feature rows do not fit it.
+    services = [
+        Service("setosa", "grpc", explicit_triton.grpc_url, "setosa"),
+        Service("wine", "grpc", triton.grpc_url, "wine_logreg"),
+    ]
+    with running_proxy(settings(), services) as url:
+        before = triton_stats(triton, ("wine_logreg",))
+        for path in ("/predict", "/predict/label", "/predict/stream"):
+            response = httpx.post(f"{url}{path}", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
+            assert response.status_code == 422, (path, response.text)
+            message = response.json()["error"]["message"]
+            assert message == "wine: expects input 'measurements' FP64 [N, 13], got rows of shape [1, 4]"
+        assert triton_stats(triton, ("wine_logreg",)) == before  # nothing was sent to it

@@ -154,9 +154,15 @@ async def read_rows(request: Request, settings: Settings, options: CallOptions) 
 _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
 
 
+async def ensure_fit(state: ProxyState, x: NDArray[np.float32], options: CallOptions) -> None:
+    """422 before any inference call when the rows do not fit a service's model."""
+    await state.gateway.ensure_fit(state.services, x, max(options.deadline - time.monotonic(), 0.001))
+
+
 async def _fan_out(
     state: ProxyState, x: NDArray[np.float32], options: CallOptions, endpoint: str
 ) -> FanOutResult:
+    await ensure_fit(state, x, options)
     result = await state.fanout.run(state.services, x, options.request_id, options.deadline, options.policy)
     log_request(options.request_id, endpoint, result.outcomes)
     if result.partial:
@@ -303,6 +309,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
     options = call_options(request, state.settings)
     rows = await read_rows(request, state.settings, options)
     one_row = rows.shape[0] == 1
+    await ensure_fit(state, rows, options)
 
     async def lines() -> AsyncIterator[bytes]:
         arrived: list[Outcome] = []
