@@ -35,3 +35,23 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     assert "## Targets" in report and "machine:" in report
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report in result.stdout  # printed as well as written
+
+
+def test_a_reference_that_completed_nothing_is_not_measured_rather_than_a_crash() -> None:
+    # Seen in CI: a short smoke window on a loaded machine, the seed's design at c=16 finished
+    # no request at all, and the ratio divided by zero.
+    from bench.loadgen import Measurement
+    from bench.report import Row, check_targets
+
+    def measured(per_second: float) -> Measurement:
+        return Measurement(int(per_second * 5), 5.0, 0, 1.0, 2.0, 3.0)
+
+    rows = [
+        Row("proxy", 16, measured(500)),
+        Row("ensemble", 16, measured(1000)),
+        Row("seed", 16, measured(0)),
+    ]
+    verdicts = {v.target: v for v in check_targets(rows, "ensemble", "direct", "proxy", "seed")}
+    seed = verdicts["proxy throughput at c=16 >= 40x the seed's design"]
+    assert (seed.measured, seed.holds) == ("not measured", None)
+    assert verdicts["proxy throughput at c=16 >= 60% of iris_ensemble direct"].measured == "50%"
