@@ -10,6 +10,7 @@ import sys
 
 import uvicorn
 
+from client_proxy.compositions import CompositionError, load_compositions
 from client_proxy.config import ConfigError, check_settings, ensemble_service, initial_services, load_settings
 from client_proxy.lingering import LingeringHttpToolsProtocol
 from client_proxy.pipelines import PipelineError, load_pipelines
@@ -25,7 +26,9 @@ def main() -> int:
         ensemble_service(settings, services)
         if settings.pipelines_file is not None:
             load_pipelines(settings.pipelines_file, {s.name: s for s in services})
-    except (ConfigError, PipelineError) as exc:
+        if settings.compositions_file is not None:
+            load_compositions(settings.compositions_file, {s.name: s for s in services}, settings.protocol)
+    except (ConfigError, PipelineError, CompositionError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from client_proxy.coalesce import Coalescer
+from client_proxy.compositions import load_compositions
 from client_proxy.config import (
     Service,
     Settings,
@@ -35,6 +36,7 @@ from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
 from client_proxy.pipelines import configured_pipelines
 from client_proxy.routes import admin, health, predict
+from client_proxy.routes import compositions as composition_routes
 from client_proxy.routes import pipelines as pipeline_routes
 from client_proxy.state import JSON, ProxyState
 
@@ -49,6 +51,11 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     configure_logging(settings.log_level)
     ensemble = ensemble_service(settings, services)
     pipelines, pipelines_source = configured_pipelines(settings.pipelines_file, {s.name: s for s in services})
+    compositions = (
+        load_compositions(settings.compositions_file, {s.name: s for s in services}, settings.protocol)
+        if settings.compositions_file is not None
+        else {}
+    )
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
@@ -62,12 +69,14 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         pipelines=pipelines,
         pipelines_source=pipelines_source,
         ensemble=ensemble,
+        compositions=compositions,
+        compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _drain_on_sigterm(state, settings.shutdown_delay_ms / 1000)
-        gateway.open(services)
+        gateway.open([*services, *(s for c in compositions.values() for s in c.services)])
         logger.info("serving %s", ", ".join(f"{s.name}={s.describe()}" for s in services))
         try:
             yield
@@ -90,6 +99,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(pipeline_routes.router)
+    app.include_router(composition_routes.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
     for path, endpoint, methods in reversed(predict.FAST_ROUTES):

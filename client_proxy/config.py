@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     pipelines_file: Path | None = None
     """YAML file of serial pipelines (``/pipelines``); an invalid one stops the start. Unset: the
     shipped Iris cascade, used only when its services are configured."""
+    compositions_file: Path | None = None
+    """YAML file of compositions (``/compositions``): services, weights, aggregator, policy,
+    deadline and the least answers a partial answer needs; an invalid one stops the start."""
     label_route: Literal["fanout", "ensemble"] = "fanout"
     """How ``/predict/label`` is answered: the proxy's fan-out, or one call to Triton's ensemble."""
     ensemble: str | None = None
@@ -99,7 +102,9 @@ class Settings(BaseSettings):
     503, so that load balancers stop sending before it stops accepting connections and drains.
     0 (the default): at once; Kubernetes gives the same pause with a ``preStop`` hook."""
 
-    @field_validator("pipelines_file", "ensemble", "admin_token", "services_file", mode="before")
+    @field_validator(
+        "pipelines_file", "compositions_file", "ensemble", "admin_token", "services_file", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -140,6 +145,8 @@ class Service:
     model: str
     version: str = ""
     """Empty: the version Triton's version policy serves."""
+    output: str | None = None
+    """The model output this service contributes; None: the model's only output."""
 
     @property
     def server(self) -> tuple[Protocol, str]:

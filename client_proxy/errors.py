@@ -75,6 +75,11 @@ class UnknownPipeline(ProxyError):
     code = "unknown_pipeline"
 
 
+class UnknownComposition(ProxyError):
+    status_code = 404
+    code = "unknown_composition"
+
+
 # -- upstream (Triton) ------------------------------------------------------------------------
 class UpstreamError(ProxyError):
     """A service did not answer. ``reason`` is what the response and the metrics call it."""
@@ -95,6 +100,14 @@ class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
     reason = "timeout"
+
+
+class AggregationFailed(ProxyError):
+    """The services answered, but their answers cannot be combined as the composition says
+    (outputs of another width, class names that differ): a configuration the models do not fit."""
+
+    status_code = 502
+    code = "aggregation_failed"
 
 
 class CallCancelled(UpstreamError):

@@ -105,7 +105,7 @@ class _GrpcClient:
     async def infer(
         self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
     ) -> Any:
-        source, output = contract.inputs[0], contract.output(service.name)
+        source, output = contract.inputs[0], contract.output(service.name, service.output)
         requested = self._outputs.get(output.name)
         if requested is None:
             requested = self._outputs[output.name] = grpcclient.InferRequestedOutput(output.name)
@@ -167,7 +167,7 @@ class _HttpClient:
     async def infer(
         self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
     ) -> Any:
-        source, output = contract.inputs[0], contract.output(service.name)
+        source, output = contract.inputs[0], contract.output(service.name, service.output)
         requested = self._outputs.get(output.name)
         if requested is None:
             requested = self._outputs[output.name] = httpclient.InferRequestedOutput(

@@ -113,6 +113,61 @@ def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
     return np.asarray(request.data, dtype=np.float32)
 
 
+GenericValue = Annotated[float, Field(strict=True, allow_inf_nan=False)] | Annotated[str, Field(strict=True)]
+
+
+class RowsRequest(BaseModel):
+    """Rows for a composition: each a list of numbers (or strings, for a model taking BYTES), all
+    of one width, which the services' models check (their tensor contracts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: Annotated[list[Annotated[list[GenericValue], Len(1, None)]], Len(1, None)] = Field(
+        description="N rows; each service's model says how wide and of which type"
+    )
+
+
+_ROWS_ADAPTER = TypeAdapter(RowsRequest)
+
+
+def parse_any_rows(body: bytes, max_rows: int) -> NDArray[Any]:
+    """``{"data": [[...], ...]}`` of any width -> ``[N, width]`` float64 (or object, for strings)."""
+    if not body:
+        raise InvalidInput('empty body: expected JSON {"data": [[...], ...]}')
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"body is not valid JSON: {exc}") from None
+    if body.count(b'"data"') > 1:
+        _refuse_duplicate_keys(body)
+    if (
+        isinstance(document, dict)
+        and isinstance(document.get("data"), list)
+        and len(document["data"]) > max_rows
+    ):
+        raise InvalidInput(
+            f"data: {len(document['data'])} rows, more than the {max_rows} allowed per request",
+            max_rows=max_rows,
+        )
+    try:
+        request = _ROWS_ADAPTER.validate_python(document)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        problems = list(dict.fromkeys(_describe(e) for e in errors))[:10]
+        raise InvalidInput("; ".join(problems), problems=problems) from None
+    widths = {len(row) for row in request.data}
+    if len(widths) != 1:
+        raise InvalidInput(
+            f"data: rows of different widths {sorted(widths)}: every row needs the same number of values"
+        )
+    if all(isinstance(v, int) for row in request.data for v in row):
+        return np.asarray(request.data, dtype=np.int64)  # exact, for a model taking integers
+    if all(isinstance(v, float | int) for row in request.data for v in row):
+        return np.asarray(request.data, dtype=np.float64)
+    if all(isinstance(v, str) for row in request.data for v in row):
+        return np.asarray(request.data, dtype=object)
+    raise InvalidInput("data: mixes numbers and strings: a row is all numbers, or all strings (BYTES)")
+
+
 def check_content_type(request: Request) -> None:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):

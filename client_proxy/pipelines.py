@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from numpy.typing import NDArray
 
+from client_proxy import yamlfile
 from client_proxy.config import Service, TimeoutPolicy
 from client_proxy.errors import ServicesFailed
 from client_proxy.fanout import FanOut
+from client_proxy.yamlfile import Node
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
 logger = logging.getLogger("client_proxy.pipelines")
@@ -110,44 +111,16 @@ class Pipeline:
 
 
 # -- loading, with line numbers -----------------------------------------------------------------
-@dataclass
-class _Node:
-    value: Any
-    line: int
-
-
-def _plain(node: yaml.Node) -> Any:
-    """A YAML node as Python values, every mapping and sequence item wrapped with its line."""
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        return _Node({str(k.value): _plain(v) for k, v in node.value}, line)
-    if isinstance(node, yaml.SequenceNode):
-        return _Node([_plain(item) for item in node.value], line)
-    return _Node(yaml.safe_load(yaml.serialize(node)), line)
-
-
 def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pipeline]:
     """The pipelines in ``path``; ``PipelineError`` naming the line for anything invalid."""
     where = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise PipelineError(f"{where}: cannot read the pipeline file ({exc.strerror})") from None
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark else ""
-        raise PipelineError(f"{where}: {line}not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if root is None:
-        raise PipelineError(f"{where}: the file is empty")
-    document = _plain(root)
+    document = yamlfile.read(path, "pipeline file", PipelineError)
 
-    def fail(node: _Node, message: str) -> PipelineError:
+    def fail(node: Node, message: str) -> PipelineError:
         return PipelineError(f"{where}: line {node.line}: {message}")
 
     if not isinstance(document.value, dict) or not isinstance(
-        document.value.get("pipelines", _Node(None, 1)).value, dict
+        document.value.get("pipelines", Node(None, 1)).value, dict
     ):
         raise fail(document, "expected a mapping with a 'pipelines' mapping")
     pipelines = {}
@@ -163,16 +136,16 @@ def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pip
         steps: list[Step] = []
         for snode in steps_node.value:
             steps.append(_step(snode, steps, services, fail))
-        description = pnode.value.get("description", _Node("", pnode.line)).value
+        description = pnode.value.get("description", Node("", pnode.line)).value
         pipelines[name] = Pipeline(name, str(description or ""), tuple(steps))
     return pipelines
 
 
 def _step(
-    node: _Node,
+    node: Node,
     earlier: list[Step],
     services: Mapping[str, Service],
-    fail: Callable[[_Node, str], PipelineError],
+    fail: Callable[[Node, str], PipelineError],
 ) -> Step:
     if not isinstance(node.value, dict):
         raise fail(node, "a step must be a mapping")
@@ -180,23 +153,23 @@ def _step(
     unknown = set(fields) - {"name", "services", "input", "stop_if", "on_failure"}
     if unknown:
         raise fail(node, f"unknown key(s) {sorted(unknown)}")
-    name = fields.get("name", _Node(None, node.line))
+    name = fields.get("name", Node(None, node.line))
     if not isinstance(name.value, str) or not name.value:
         raise fail(name, "a step needs a 'name'")
     if any(s.name == name.value for s in earlier):
         raise fail(name, f"step name {name.value!r} is used twice")
-    listed = fields.get("services", _Node(None, node.line))
+    listed = fields.get("services", Node(None, node.line))
     names = [listed.value] if isinstance(listed.value, str) else listed.value
     if not isinstance(names, list) or not names:
         raise fail(listed, f"step {name.value!r} needs 'services': a service or a list of them")
-    service_names = tuple(item.value if isinstance(item, _Node) else item for item in names)
+    service_names = tuple(item.value if isinstance(item, Node) else item for item in names)
     for service in service_names:
         if service not in services:
             raise fail(
                 listed,
                 f"step {name.value!r}: unknown service {service!r} (known: {', '.join(sorted(services))})",
             )
-    source = fields.get("input", _Node("request", node.line))
+    source = fields.get("input", Node("request", node.line))
     if source.value != "request":
         step_name, _, service = str(source.value).partition(".")
         if step_name == name.value or step_name not in {s.name for s in earlier}:
@@ -226,7 +199,7 @@ def _step(
                 fields["stop_if"], f"stop_if {text!r}: {match[1]!r} is not a service of step {name.value!r}"
             )
         condition = Condition(match[1], match[2], float(match[3]), text.strip())
-    on_failure = fields.get("on_failure", _Node("fail", node.line))
+    on_failure = fields.get("on_failure", Node("fail", node.line))
     if on_failure.value not in ("skip", "fail"):
         raise fail(on_failure, f"on_failure must be 'skip' or 'fail', not {on_failure.value!r}")
     return Step(name.value, service_names, str(source.value), condition, on_failure.value, node.line)

@@ -9,6 +9,7 @@ import orjson
 from fastapi import Depends, Request
 from starlette.responses import JSONResponse
 
+from client_proxy.compositions import Composition, Member
 from client_proxy.config import Service, Settings
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
@@ -31,6 +32,21 @@ class ProxyState:
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False
     """A SIGTERM has started the shutdown: ``/health/ready`` answers 503 from then on."""
+    compositions: dict[str, Composition] = field(default_factory=dict)
+    """From ``PROXY_COMPOSITIONS_FILE``; ``default`` is added at request time unless it declares one."""
+    compositions_source: str | None = None
+
+    def default_composition(self) -> Composition:
+        """The ``SERVICE_*`` services (as the admin endpoints left them) with the seed's rule."""
+        declared = self.compositions.get("default")
+        if declared is not None:
+            return declared
+        return Composition(
+            name="default",
+            description="the SERVICE_* services, each a one-vs-rest classifier: the highest P(class) wins",
+            members=tuple(Member(s) for s in self.services),
+            aggregator="one_vs_rest",
+        )
 
 
 async def _state(request: Request) -> ProxyState:

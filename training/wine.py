@@ -105,11 +105,17 @@ def majority_vote(probabilities: list[NDArray[np.floating[Any]]]) -> NDArray[np.
     return winners
 
 
-def train(seed: int = DEFAULT_SEED) -> WineResult:
+def split(
+    seed: int = DEFAULT_SEED,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+    """The stratified split training and the report use: x_train, x_test, y_train, y_test."""
     x, y = load()
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_SIZE, stratify=y, random_state=seed
-    )
+    parts = train_test_split(x, y, test_size=TEST_SIZE, stratify=y, random_state=seed)
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def train(seed: int = DEFAULT_SEED) -> WineResult:
+    x_train, x_test, y_train, y_test = split(seed)
     classifiers: dict[str, ClassifierMixin] = {}
     accuracy: dict[str, float] = {}
     held_out: list[NDArray[np.floating[Any]]] = []

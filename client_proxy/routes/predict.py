@@ -107,7 +107,12 @@ _NO_QUERY: dict[str, str] = {}
 MIN_DEADLINE_MS = 50.0
 
 
-def call_options(request: Request, settings: Settings) -> CallOptions:
+def call_options(
+    request: Request,
+    settings: Settings,
+    default_policy: TimeoutPolicy | None = None,
+    deadline_ms: float | None = None,
+) -> CallOptions:
     """Policy and deadline from ``?policy=`` / ``X-Timeout-Policy`` and ``?deadline_ms=`` / ``X-Deadline-Ms``.
 
     Read by hand rather than through FastAPI's dependency injection: these routes are the hot
@@ -115,7 +120,7 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
     """
     query = request.query_params if request.scope["query_string"] else _NO_QUERY
     headers = request.headers
-    policy = settings.timeout_policy
+    policy = default_policy or settings.timeout_policy
     # The query parameter wins over the header; an invalid value is refused wherever it is.
     for where, raw_policy in (
         ("X-Timeout-Policy", headers.get("x-timeout-policy")),
@@ -125,7 +130,8 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
             if raw_policy not in _POLICIES:
                 raise InvalidInput(f"{where}: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
             policy = _POLICIES[raw_policy]
-    budget_ms = settings.deadline_ms
+    budget_ms = min(settings.deadline_ms, deadline_ms) if deadline_ms else settings.deadline_ms
+    ceiling_ms = budget_ms
     for where, raw_deadline in (
         ("X-Deadline-Ms", headers.get("x-deadline-ms")),
         ("deadline_ms", query.get("deadline_ms")),
@@ -139,7 +145,7 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
                 raise InvalidInput(
                     f"{where}: must be at least {MIN_DEADLINE_MS:g} milliseconds, not {raw_deadline[:40]!r}"
                 )
-            budget_ms = min(asked, settings.deadline_ms)
+            budget_ms = min(asked, ceiling_ms)
     scope_state = request.scope.get("state", {})
     started: float = scope_state.get("started", time.monotonic())
     return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)

@@ -1,0 +1,289 @@
+"""Compositions: several services answering one request, combined by a declared aggregator.
+
+A compositions file (YAML, ``PROXY_COMPOSITIONS_FILE``) declares them::
+
+    compositions:
+      wine:
+        description: three wine classifiers, soft vote
+        services:
+          wine_logreg: {target: "triton:8001/wine_logreg", weight: 2}
+          wine_gbt: {target: "triton:8001/wine_gbt"}
+          wine_knn: {}                 # its target from SERVICE_WINE_KNN
+        aggregator: mean               # one_vs_rest | mean | vote | max | none
+        classes: [class_0, class_1, class_2]   # optional: else the models' class_names
+        timeout_policy: partial        # optional: else PROXY_TIMEOUT_POLICY
+        deadline_ms: 1500              # optional: else PROXY_DEADLINE_MS (never more)
+        min_answers: 2                 # a partial answer needs at least this many services
+
+A service's entry may also name the ``output`` it contributes, for a model with several.
+Errors in the file stop the start with a ``CompositionError`` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from numpy.typing import NDArray
+
+from client_proxy import yamlfile
+from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
+from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, parse_service
+from client_proxy.contracts import Contract
+from client_proxy.errors import AggregationFailed, ServicesFailed
+from client_proxy.fanout import FanOut, FanOutResult
+from client_proxy.gateway import TritonGateway
+from client_proxy.yamlfile import Node
+
+AGGREGATOR_NAMES = (*AGGREGATORS, "none")
+_KEYS = {"description", "services", "aggregator", "classes", "timeout_policy", "deadline_ms", "min_answers"}
+_MEMBER_KEYS = {"target", "weight", "output"}
+
+
+class CompositionError(ValueError):
+    """An invalid compositions file; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Member:
+    service: Service
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Composition:
+    name: str
+    description: str
+    members: tuple[Member, ...]
+    aggregator: str
+    classes: tuple[str, ...] = ()
+    """Empty: the models' own ``class_names`` (checked to agree) or, for ``one_vs_rest``, the services."""
+    timeout_policy: TimeoutPolicy | None = None
+    deadline_ms: float | None = None
+    min_answers: int = 1
+
+    @property
+    def services(self) -> list[Service]:
+        return [m.service for m in self.members]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {m.service.name: m.weight for m in self.members}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "services": {m.service.name: {"target": m.service.describe(), "weight": m.weight,
+                                          "output": m.service.output} for m in self.members},
+            "aggregator": self.aggregator,
+            "classes": list(self.classes),
+            "timeout_policy": self.timeout_policy.value if self.timeout_policy else None,
+            "deadline_ms": self.deadline_ms,
+            "min_answers": self.min_answers,
+        }  # fmt: skip
+
+
+def load_compositions(
+    path: Path, services: Mapping[str, Service], default_protocol: Protocol
+) -> dict[str, Composition]:
+    """The compositions in ``path``; ``CompositionError`` naming the line for anything invalid.
+
+    A service is the one ``services`` (the ``SERVICE_*`` variables) names, or its own ``target``.
+    """
+    where = str(path)
+    document = yamlfile.read(path, "compositions file", CompositionError)
+
+    def fail(node: Node, message: str) -> CompositionError:
+        return CompositionError(f"{where}: line {node.line}: {message}")
+
+    root = document.value
+    if not isinstance(root, dict) or not isinstance(root.get("compositions", Node(None, 1)).value, dict):
+        raise fail(document, "expected a mapping with a 'compositions' mapping")
+    found = {}
+    for name, node in root["compositions"].value.items():
+        found[name] = _composition(name, node, services, default_protocol, fail)
+    return found
+
+
+def _composition(
+    name: str,
+    node: Node,
+    services: Mapping[str, Service],
+    default_protocol: Protocol,
+    fail: Any,
+) -> Composition:
+    if not isinstance(node.value, dict):
+        raise fail(node, f"composition {name!r} must be a mapping with 'services'")
+    try:
+        parse_service(name, "x:1", default_protocol, f"composition {name!r}")
+    except ConfigError:
+        raise fail(node, f"composition name {name!r} must be lower-case letters, digits and '_'") from None
+    fields = node.value
+    unknown = set(fields) - _KEYS
+    if unknown:
+        raise fail(node, f"composition {name!r}: unknown key(s) {sorted(unknown)}")
+    listed = fields.get("services", Node(None, node.line))
+    if not isinstance(listed.value, dict) or not listed.value:
+        raise fail(listed, f"composition {name!r} needs 'services': a mapping of service names")
+    members = []
+    for service_name, entry in listed.value.items():
+        members.append(_member(name, service_name, entry, services, default_protocol, fail))
+    aggregator = fields.get("aggregator", Node(None, node.line))
+    if aggregator.value not in AGGREGATOR_NAMES:
+        raise fail(
+            aggregator, f"composition {name!r}: aggregator must be one of {', '.join(AGGREGATOR_NAMES)}, "
+            f"not {aggregator.value!r}"
+        )  # fmt: skip
+    classes: tuple[str, ...] = ()
+    if "classes" in fields:
+        raw = fields["classes"].value
+        values = [item.value for item in raw] if isinstance(raw, list) else None
+        if not values or not all(isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
+            raise fail(fields["classes"], f"composition {name!r}: classes must be a list of distinct names")
+        classes = tuple(values)
+    policy = None
+    if "timeout_policy" in fields:
+        try:
+            policy = TimeoutPolicy(fields["timeout_policy"].value)
+        except ValueError:
+            raise fail(
+                fields["timeout_policy"],
+                f"composition {name!r}: timeout_policy must be 'partial' or 'all_or_nothing'",
+            ) from None
+    deadline = None
+    if "deadline_ms" in fields:
+        deadline = fields["deadline_ms"].value
+        if (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, int | float)
+            or not 50 <= deadline <= 600_000
+        ):
+            raise fail(
+                fields["deadline_ms"], f"composition {name!r}: deadline_ms must be a number from 50 to 600000"
+            )
+    minimum = fields.get("min_answers", Node(1, node.line))
+    if (
+        isinstance(minimum.value, bool)
+        or not isinstance(minimum.value, int)
+        or not 1 <= minimum.value <= len(members)
+    ):
+        raise fail(
+            minimum, f"composition {name!r}: min_answers must be a whole number from 1 to {len(members)}"
+        )
+    description = fields.get("description", Node("", node.line)).value
+    return Composition(
+        name=name,
+        description=str(description or ""),
+        members=tuple(members),
+        aggregator=str(aggregator.value),
+        classes=classes,
+        timeout_policy=policy,
+        deadline_ms=float(deadline) if deadline is not None else None,
+        min_answers=minimum.value,
+    )
+
+
+def _member(
+    composition: str,
+    name: str,
+    entry: Node,
+    services: Mapping[str, Service],
+    default_protocol: Protocol,
+    fail: Any,
+) -> Member:
+    fields = entry.value if entry.value is not None else {}
+    if not isinstance(fields, dict):
+        raise fail(entry, f"composition {composition!r}, service {name!r}: expected a mapping (or nothing)")
+    unknown = set(fields) - _MEMBER_KEYS
+    if unknown:
+        raise fail(entry, f"composition {composition!r}, service {name!r}: unknown key(s) {sorted(unknown)}")
+    if "target" in fields:
+        try:
+            service = parse_service(name, str(fields["target"].value), default_protocol, f"service {name!r}")
+        except ConfigError as exc:
+            raise fail(fields["target"], f"composition {composition!r}: {exc}") from None
+    elif name in services:
+        service = services[name]
+    else:
+        known = ", ".join(sorted(services)) or "none"
+        raise fail(
+            entry, f"composition {composition!r}: service {name!r} has no 'target' and no SERVICE_ variable "
+            f"(known: {known})"
+        )  # fmt: skip
+    weight = fields.get("weight", Node(1.0, entry.line))
+    if isinstance(weight.value, bool) or not isinstance(weight.value, int | float) or not weight.value > 0:
+        raise fail(weight, f"composition {composition!r}, service {name!r}: weight must be a positive number")
+    if "output" in fields:
+        output = fields["output"].value
+        if not isinstance(output, str) or not output:
+            raise fail(
+                fields["output"], f"composition {composition!r}, service {name!r}: output must be a name"
+            )
+        service = replace(service, output=output)
+    return Member(service, float(weight.value))
+
+
+# -- running ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompositionAnswer:
+    result: FanOutResult
+    """Each service's outcome (``answered``, ``missing``)."""
+    aggregated: Aggregated | None
+    """None for the ``none`` aggregator: the services' outputs are the answer."""
+    classes: tuple[str, ...]
+
+
+def composition_classes(composition: Composition, contracts: list[Contract | None]) -> tuple[str, ...]:
+    """The class names a label is one of: the composition's, else the models' (which must agree)."""
+    if composition.classes:
+        return composition.classes
+    if composition.aggregator == "one_vs_rest":
+        return tuple(m.service.name for m in composition.members)
+    named = {c.class_names for c in contracts if c is not None and c.class_names}
+    if len(named) > 1:
+        raise AggregationFailed(
+            f"composition {composition.name!r}: the services' class names differ "
+            f"({'; '.join(', '.join(n) for n in sorted(named))}): name the classes in the composition"
+        )
+    if not named:
+        raise AggregationFailed(
+            f"composition {composition.name!r}: no class names (neither 'classes' in the composition nor a "
+            "'class_names' parameter in the models' configs)"
+        )
+    return named.pop()
+
+
+async def run_composition(
+    composition: Composition,
+    x: NDArray[Any],
+    gateway: TritonGateway,
+    fanout: FanOut,
+    request_id: str,
+    deadline: float,
+    policy: TimeoutPolicy,
+) -> CompositionAnswer:
+    """Fan the rows out to the composition's services and aggregate what came back in time."""
+    services = composition.services
+    await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
+    result = await fanout.run(services, x, request_id, deadline, policy)
+    if len(result.answered) < composition.min_answers:
+        timed_out = any(m.get("reason") == "timeout" for m in result.missing.values())
+        raise ServicesFailed(
+            f"composition {composition.name!r}: {len(result.answered)} of {len(services)} services answered, "
+            f"{composition.min_answers} needed",
+            result.missing,
+            timed_out=timed_out,
+        )
+    if composition.aggregator == "none":
+        return CompositionAnswer(result, None, ())
+    classes = composition_classes(composition, [gateway.known_contract(s) for s in services])
+    outputs = {name: result.outcomes[name].probabilities for name in result.answered}
+    try:
+        aggregated = AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]
+    except AggregationError as exc:
+        raise AggregationFailed(f"composition {composition.name!r}: {exc}") from None
+    return CompositionAnswer(result, aggregated, classes)

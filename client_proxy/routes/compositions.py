@@ -1,0 +1,150 @@
+"""``GET /compositions`` and ``POST /compositions/{name}/predict|label``: any models, declared.
+
+Each composition (``PROXY_COMPOSITIONS_FILE``) names its services, their weights and the
+aggregator; ``default`` is the ``SERVICE_*`` services with the seed's ``one_vs_rest`` rule,
+unless the file declares its own ``default``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from client_proxy.compositions import Composition, CompositionAnswer, run_composition
+from client_proxy.errors import InvalidInput, UnknownComposition
+from client_proxy.fanout import failure
+from client_proxy.inputs import check_content_type, parse_any_rows, read_body
+from client_proxy.observability import log_request
+from client_proxy.routes.predict import call_options
+from client_proxy.schemas import errors
+from client_proxy.state import JSON, ProxyState
+
+router = APIRouter(tags=["compositions"])
+
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "data": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"anyOf": [{"type": "number"}, {"type": "string"}]},
+                            },
+                        }
+                    },
+                },
+                "examples": {
+                    "wine": {
+                        "value": {
+                            "data": [
+                                [13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]
+                            ]
+                        }
+                    }
+                },
+            }
+        },
+    }
+}
+_ERRORS = errors(
+    {
+        400: "Body is not JSON",
+        404: "No such composition",
+        413: "Body too large",
+        415: "Not application/json",
+        422: "Rows that do not fit a service's model (named), or invalid parameters",
+        502: "The services answered but their answers cannot be combined as declared",
+        503: "Too few services answered (named, with reasons)",
+        504: "Too few services answered in time",
+    }
+)
+
+
+def _composition(state: ProxyState, name: str) -> Composition:
+    found: Composition | None = state.compositions.get(name)
+    if found is None and name == "default":
+        found = state.default_composition()
+    if found is None:
+        known = ", ".join(sorted({*state.compositions, "default"}))
+        raise UnknownComposition(f"no composition {name!r} (known: {known})")
+    return found
+
+
+@router.get("/compositions", response_class=JSON)
+async def list_compositions(request: Request) -> JSON:
+    """Every composition: its services and targets, weights, aggregator, classes, policy, deadline."""
+    state: ProxyState = request.app.state.proxy
+    every = {"default": state.default_composition(), **state.compositions}
+    return JSON(
+        {"file": state.compositions_source, "compositions": {n: c.describe() for n, c in every.items()}}
+    )
+
+
+async def _run(
+    state: ProxyState, name: str, request: Request, endpoint: str
+) -> tuple[Composition, CompositionAnswer, bool]:
+    composition = _composition(state, name)
+    settings = state.settings
+    options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
+    check_content_type(request)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    rows = parse_any_rows(body, settings.max_rows)
+    answer = await run_composition(
+        composition, rows, state.gateway, state.fanout, options.request_id, options.deadline, options.policy
+    )
+    log_request(options.request_id, endpoint, list(answer.result.outcomes.values()))
+    if answer.result.partial:
+        state.metrics.partial_answers.labels(endpoint).inc()
+    return composition, answer, rows.shape[0] == 1
+
+
+@router.post("/compositions/{name}/predict", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
+async def predict(name: str, request: Request) -> JSON:
+    """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
+    a service that did not answer has ``"prediction": null`` and an ``"error"``."""
+    state: ProxyState = request.app.state.proxy
+    _, answer, one_row = await _run(state, name, request, "/compositions/{name}/predict")
+    body: dict[str, Any] = {}
+    for service, outcome in answer.result.outcomes.items():
+        if outcome.probabilities is not None:
+            body[service] = {"prediction": outcome.probabilities[0] if one_row else outcome.probabilities}
+        else:
+            body[service] = {"prediction": None, "error": failure(outcome)}
+    return JSON(body)
+
+
+@router.post("/compositions/{name}/label", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
+async def label(name: str, request: Request) -> JSON:
+    """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
+    a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
+    state: ProxyState = request.app.state.proxy
+    composition = _composition(state, name)
+    if composition.aggregator == "none":
+        raise InvalidInput(
+            f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
+        )
+    _, answer, one_row = await _run(state, name, request, "/compositions/{name}/label")
+    aggregated = answer.aggregated
+    assert aggregated is not None
+    rows = []
+    for i, (winner, proba) in enumerate(zip(aggregated.labels, aggregated.proba.tolist(), strict=True)):
+        row: dict[str, Any] = {"label": winner, "proba": proba}
+        if aggregated.scores is not None:
+            row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
+        rows.append(row)
+    body: dict[str, Any] = {"prediction": rows[0] if one_row else rows}
+    if answer.result.partial:
+        body["partial"] = True
+        body["missing"] = answer.result.missing
+    return JSON(body)

@@ -1,0 +1,287 @@
+"""The compositions file: what it declares, and one line naming each mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from client_proxy.aggregators import mean, vote
+from client_proxy.compositions import CompositionError, load_compositions
+from client_proxy.config import Service, TimeoutPolicy
+from local_triton import TritonServer, free_ports
+from training import wine
+
+from .conftest import MODEL_REPOSITORY
+from .helpers import proxy_environment, running_proxy, services_on, settings
+
+KNOWN = {"wine_knn": Service("wine_knn", "grpc", "triton:8001", "wine_knn")}
+
+VALID = """
+compositions:
+  wine:
+    description: three wine classifiers, soft vote
+    services:
+      wine_logreg: {target: "grpc://triton:8001/wine_logreg", weight: 2}
+      wine_gbt: {target: "http://triton:8000/wine_gbt/1", output: proba}
+      wine_knn: {}
+    aggregator: mean
+    classes: [class_0, class_1, class_2]
+    timeout_policy: all_or_nothing
+    deadline_ms: 1500
+    min_answers: 2
+"""
+
+
+def _load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "compositions.yaml"
+    path.write_text(text)
+    return load_compositions(path, KNOWN, "grpc")
+
+
+def test_a_composition_is_read_as_declared(tmp_path: Path) -> None:
+    (wine,) = _load(tmp_path, VALID).values()
+    assert wine.name == "wine" and wine.aggregator == "mean" and wine.min_answers == 2
+    assert [s.name for s in wine.services] == ["wine_logreg", "wine_gbt", "wine_knn"]
+    assert wine.weights == {"wine_logreg": 2.0, "wine_gbt": 1.0, "wine_knn": 1.0}
+    assert wine.services[1] == Service("wine_gbt", "http", "triton:8000", "wine_gbt", "1", "proba")
+    assert wine.services[2] is KNOWN["wine_knn"]  # from its SERVICE_ variable
+    assert wine.classes == ("class_0", "class_1", "class_2")
+    assert wine.timeout_policy is TimeoutPolicy.ALL_OR_NOTHING and wine.deadline_ms == 1500
+    assert wine.describe()["services"]["wine_logreg"]["target"] == "grpc://triton:8001/wine_logreg"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    (c,) = _load(
+        tmp_path, "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: none\n"
+    ).values()
+    assert (c.classes, c.timeout_policy, c.deadline_ms, c.min_answers) == ((), None, None, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("compositions: []\n", 1, "expected a mapping with a 'compositions' mapping"),
+        (
+            "compositions:\n  Bad-Name:\n    services: {wine_knn: {}}\n    aggregator: mean\n",
+            3,
+            "composition name 'Bad-Name'",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: mean\n    colour: red\n",
+            3,
+            "unknown key(s) ['colour']",
+        ),
+        ("compositions:\n  c:\n    aggregator: mean\n", 3, "needs 'services'"),
+        (
+            "compositions:\n  c:\n    services: {ghost: {}}\n    aggregator: mean\n",
+            3,
+            "service 'ghost' has no 'target' and no SERVICE_ variable (known: wine_knn)",
+        ),
+        (
+            "compositions:\n  c:\n    services:\n      a: {target: nowhere}\n    aggregator: mean\n",
+            4,
+            "expected [grpc://|http://]host:port",
+        ),
+        (
+            "compositions:\n  c:\n    services:\n      wine_knn: {weight: 0}\n    aggregator: mean\n",
+            4,
+            "weight must be a positive number",
+        ),
+        (
+            "compositions:\n  c:\n    services:\n      wine_knn: {colour: red}\n    aggregator: mean\n",
+            4,
+            "unknown key(s) ['colour']",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: median\n",
+            4,
+            "aggregator must be one of one_vs_rest, mean, vote, max, none, not 'median'",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: mean\n    classes: [a, a]\n",
+            5,
+            "classes must be a list of distinct names",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: mean\n"
+            "    timeout_policy: sometimes\n",
+            5,
+            "timeout_policy must be",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: mean\n    deadline_ms: 10\n",
+            5,
+            "deadline_ms must be a number from 50 to 600000",
+        ),
+        (
+            "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: mean\n    min_answers: 2\n",
+            5,
+            "min_answers must be a whole number from 1 to 1",
+        ),
+        ("compositions:\n  c: [\n", 3, "not valid YAML"),
+    ],
+)
+def test_each_mistake_is_one_line_naming_the_file_and_line(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    with pytest.raises(CompositionError) as refused:
+        _load(tmp_path, text)
+    text_of_error = str(refused.value)
+    assert text_of_error.startswith(f"{tmp_path / 'compositions.yaml'}: line {line}: "), text_of_error
+    assert message in text_of_error and "\n" not in text_of_error
+
+
+# -- against the real Triton: the wine models, composed by configuration alone ------------------
+WINE_FILE = """
+compositions:
+  wine_mean:
+    description: the three wine classifiers, soft vote
+    services:
+      wine_logreg: {target: "grpc://TRITON/wine_logreg", weight: 2}
+      wine_gbt: {target: "grpc://TRITON/wine_gbt"}
+      wine_knn: {target: "http://TRITON_HTTP/wine_knn"}
+    aggregator: mean
+  wine_vote:
+    services:
+      wine_logreg: {target: "grpc://TRITON/wine_logreg"}
+      wine_gbt: {target: "grpc://TRITON/wine_gbt"}
+      wine_knn: {target: "grpc://TRITON/wine_knn"}
+    aggregator: vote
+  with_ghost:
+    services:
+      wine_logreg: {target: "grpc://TRITON/wine_logreg"}
+      wine_gbt: {target: "grpc://TRITON/wine_gbt"}
+      ghost: {target: "grpc://TRITON/no_such_model"}
+    aggregator: mean
+    min_answers: MIN
+  raw:
+    services:
+      wine_gbt: {target: "grpc://TRITON/wine_gbt"}
+    aggregator: none
+"""
+
+
+def _wine_file(tmp_path: Path, triton: TritonServer, min_answers: int = 2) -> Path:
+    path = tmp_path / "compositions.yaml"
+    text = WINE_FILE.replace("TRITON_HTTP", triton.http_url).replace("TRITON", triton.grpc_url)
+    path.write_text(text.replace("MIN", str(min_answers)))
+    return path
+
+
+def _onnxruntime(x: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    out = {}
+    for m in wine.MODELS:
+        session = ort.InferenceSession(str(MODEL_REPOSITORY / m.name / "1" / "model.onnx"))
+        out[m.name] = session.run(None, {m.input_name: x.astype(m.dtype)})[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def wine_proxy(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = _wine_file(tmp_path_factory.mktemp("compositions"), triton)
+    with running_proxy(settings(compositions_file=path), services_on(triton, "grpc")) as url:
+        yield url
+
+
+def test_the_wine_soft_vote_answers_as_onnxruntime_and_the_report_says(wine_proxy: str) -> None:
+    _, x_test, _, y_test = wine.split()
+    body = httpx.post(f"{wine_proxy}/compositions/wine_mean/label", json={"data": x_test.tolist()}).json()
+    expected = mean(_onnxruntime(x_test), wine.WINE_CLASSES, {m.name: m.weight for m in wine.MODELS})
+    assert [r["label"] for r in body["prediction"]] == expected.labels
+    np.testing.assert_allclose([r["proba"] for r in body["prediction"]], expected.proba, atol=1e-5)
+    assert list(body["prediction"][0]["scores"]) == list(wine.WINE_CLASSES)  # class names read from Triton
+    accuracy = np.mean(
+        [r["label"] == wine.WINE_CLASSES[y] for r, y in zip(body["prediction"], y_test, strict=True)]
+    )
+    assert (
+        f"weighted mean of the probabilities (wine_logreg 2, wine_gbt 1, wine_knn 1): {accuracy:.4f}"
+        in (MODEL_REPOSITORY / "TRAINING.md").read_text()
+    )
+
+
+def test_the_wine_vote_answers_as_the_report_says(wine_proxy: str) -> None:
+    _, x_test, _, y_test = wine.split()
+    body = httpx.post(f"{wine_proxy}/compositions/wine_vote/label", json={"data": x_test.tolist()}).json()
+    assert [r["label"] for r in body["prediction"]] == vote(_onnxruntime(x_test), wine.WINE_CLASSES).labels
+    accuracy = np.mean(
+        [r["label"] == wine.WINE_CLASSES[y] for r, y in zip(body["prediction"], y_test, strict=True)]
+    )
+    assert (
+        f"majority vote of the argmax (ties to the lowest class): {accuracy:.4f}"
+        in (MODEL_REPOSITORY / "TRAINING.md").read_text()
+    )
+
+
+def test_each_services_output_as_the_model_gives_it(wine_proxy: str) -> None:
+    x, _ = wine.load()
+    body = httpx.post(f"{wine_proxy}/compositions/wine_mean/predict", json={"data": x[:20].tolist()}).json()
+    for name, expected in _onnxruntime(x[:20]).items():
+        np.testing.assert_allclose(body[name]["prediction"], expected, atol=1e-6)
+    one = httpx.post(f"{wine_proxy}/compositions/raw/predict", json={"data": x[:1].tolist()}).json()
+    assert len(one["wine_gbt"]["prediction"]) == 3  # one row: the row's vector, as the seed's /predict
+    assert (
+        httpx.post(f"{wine_proxy}/compositions/raw/label", json={"data": x[:1].tolist()}).status_code == 422
+    )
+
+
+def test_a_partial_answer_needs_min_answers(triton: TritonServer, tmp_path: Path) -> None:
+    x, _ = wine.load()
+    rows = {"data": x[:2].tolist()}
+    for minimum, status in ((2, 200), (3, 503)):
+        path = _wine_file(tmp_path, triton, min_answers=minimum)
+        with running_proxy(settings(compositions_file=path), services_on(triton, "grpc")) as url:
+            response = httpx.post(f"{url}/compositions/with_ghost/label", json=rows)
+        assert response.status_code == status, response.text
+        if status == 200:
+            assert response.json()["partial"] is True and list(response.json()["missing"]) == ["ghost"]
+        else:
+            error = response.json()["error"]
+            assert "2 of 3 services answered, 3 needed" in error["message"]
+            assert error["services"]["ghost"]["reason"] == "unavailable"
+
+
+def test_the_default_composition_is_the_seeds_fan_out(
+    wine_proxy: str, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    seed = httpx.post(f"{wine_proxy}/predict/label", json={"data": x.tolist()}).json()["prediction"]
+    default = httpx.post(f"{wine_proxy}/compositions/default/label", json={"data": x.tolist()}).json()[
+        "prediction"
+    ]
+    assert [r["label"] for r in default] == [r["label"] for r in seed]
+    np.testing.assert_allclose([r["proba"] for r in default], [r["proba"] for r in seed], atol=1e-7)
+    listed = httpx.get(f"{wine_proxy}/compositions").json()["compositions"]
+    assert set(listed) == {"default", "wine_mean", "wine_vote", "with_ghost", "raw"}
+    assert listed["wine_mean"]["services"]["wine_logreg"]["weight"] == 2
+    missing = httpx.post(f"{wine_proxy}/compositions/nope/label", json={"data": [[1.0]]})
+    assert missing.status_code == 404 and "wine_mean" in missing.json()["error"]["message"]
+    misfit = httpx.post(f"{wine_proxy}/compositions/wine_mean/label", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
+    assert misfit.status_code == 422
+    assert (
+        "expects input 'measurements' FP64 [N, 13], got rows of shape [1, 4]"
+        in misfit.json()["error"]["message"]
+    )
+
+
+def test_an_invalid_compositions_file_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "compositions.yaml"
+    path.write_text("compositions:\n  c:\n    services: {ghost: {}}\n    aggregator: mean\n")
+    env = proxy_environment(settings(compositions_file=path), [], free_ports(1)[0])
+    done = subprocess.run(
+        [sys.executable, "-m", "client_proxy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "line 3" in done.stderr and "ghost" in done.stderr
