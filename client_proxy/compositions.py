@@ -8,7 +8,7 @@ A compositions file (YAML, ``PROXY_COMPOSITIONS_FILE``) declares them::
         services:
           wine_logreg: {target: "triton:8001/wine_logreg", weight: 2}
           wine_gbt: {target: "triton:8001/wine_gbt"}
-          wine_knn: {}                 # its target from SERVICE_WINE_KNN
+          wine_knn: {target: "${TRITON_GRPC_URL:-localhost:8001}/wine_knn"}   # from the environment
         aggregator: mean               # one_vs_rest | mean | vote | max | none
         classes: [class_0, class_1, class_2]   # optional: else the models' class_names
         timeout_policy: partial        # optional: else PROXY_TIMEOUT_POLICY
@@ -21,6 +21,8 @@ Errors in the file stop the start with a ``CompositionError`` naming the file an
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -88,12 +90,17 @@ class Composition:
 
 
 def load_compositions(
-    path: Path, services: Mapping[str, Service], default_protocol: Protocol
+    path: Path,
+    services: Mapping[str, Service],
+    default_protocol: Protocol,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Composition]:
     """The compositions in ``path``; ``CompositionError`` naming the line for anything invalid.
 
-    A service is the one ``services`` (the ``SERVICE_*`` variables) names, or its own ``target``.
+    A service is the one ``services`` (the ``SERVICE_*`` variables) names, or its own ``target``,
+    in which ``${VAR}`` and ``${VAR:-default}`` are read from ``environ`` (the process's).
     """
+    environ = os.environ if environ is None else environ
     where = str(path)
     document = yamlfile.read(path, "compositions file", CompositionError)
 
@@ -105,7 +112,7 @@ def load_compositions(
         raise fail(document, "expected a mapping with a 'compositions' mapping")
     found = {}
     for name, node in root["compositions"].value.items():
-        found[name] = _composition(name, node, services, default_protocol, fail)
+        found[name] = _composition(name, node, services, default_protocol, fail, environ)
     return found
 
 
@@ -115,6 +122,7 @@ def _composition(
     services: Mapping[str, Service],
     default_protocol: Protocol,
     fail: Any,
+    environ: Mapping[str, str],
 ) -> Composition:
     if not isinstance(node.value, dict):
         raise fail(node, f"composition {name!r} must be a mapping with 'services'")
@@ -131,7 +139,7 @@ def _composition(
         raise fail(listed, f"composition {name!r} needs 'services': a mapping of service names")
     members = []
     for service_name, entry in listed.value.items():
-        members.append(_member(name, service_name, entry, services, default_protocol, fail))
+        members.append(_member(name, service_name, entry, services, default_protocol, fail, environ))
     aggregator = fields.get("aggregator", Node(None, node.line))
     if aggregator.value not in AGGREGATOR_NAMES:
         raise fail(
@@ -187,6 +195,26 @@ def _composition(
     )
 
 
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(text: str, environ: Mapping[str, str]) -> str | None:
+    """``${VAR}`` and ``${VAR:-default}`` from the environment; None when one is unset with no default."""
+    missing = False
+
+    def value(match: re.Match[str]) -> str:
+        nonlocal missing
+        if match[1] in environ:
+            return environ[match[1]]
+        if match[2] is not None:
+            return match[2]
+        missing = True
+        return ""
+
+    expanded = _VARIABLE.sub(value, text)
+    return None if missing else expanded
+
+
 def _member(
     composition: str,
     name: str,
@@ -194,6 +222,7 @@ def _member(
     services: Mapping[str, Service],
     default_protocol: Protocol,
     fail: Any,
+    environ: Mapping[str, str],
 ) -> Member:
     fields = entry.value if entry.value is not None else {}
     if not isinstance(fields, dict):
@@ -202,8 +231,14 @@ def _member(
     if unknown:
         raise fail(entry, f"composition {composition!r}, service {name!r}: unknown key(s) {sorted(unknown)}")
     if "target" in fields:
+        target = _expand(str(fields["target"].value), environ)
+        if target is None:
+            raise fail(
+                fields["target"], f"composition {composition!r}, service {name!r}: target "
+                f"{fields['target'].value!r} names an environment variable that is not set (and no default)"
+            )  # fmt: skip
         try:
-            service = parse_service(name, str(fields["target"].value), default_protocol, f"service {name!r}")
+            service = parse_service(name, target, default_protocol, f"service {name!r}")
         except ConfigError as exc:
             raise fail(fields["target"], f"composition {composition!r}: {exc}") from None
     elif name in services:

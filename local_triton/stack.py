@@ -37,6 +37,7 @@ from local_triton.server import (
 )
 
 SERVICES = ("setosa", "versicolor", "virginica")
+EXAMPLE_COMPOSITIONS = Path(__file__).resolve().parent.parent / "examples" / "compositions.yaml"
 
 
 def log(message: str) -> None:
@@ -104,6 +105,9 @@ class Stack:
         assert self.server is not None
         port = self.server.grpc_port if self.args.protocol == "grpc" else self.server.http_port
         env = dict(os.environ, PROXY_PORT=str(self.args.proxy_port), PROXY_PROTOCOL=self.args.protocol)
+        # The example compositions (the wine models), pointed at this Triton.
+        env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLE_COMPOSITIONS))
+        env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{self.server.grpc_port}")
         for name in SERVICES:
             env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
         self.proxy = subprocess.Popen(

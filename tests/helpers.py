@@ -47,10 +47,12 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30
 
 
 def iris_repository(root: Path, with_ensemble: bool = False) -> Path:
-    """A copy of the project's three classifiers (and the ensemble, if asked), for servers a test
-    may kill or break; its path also tells the server's processes apart from other servers'."""
+    """A copy of the project's three classifiers (and, if asked, everything else make run serves),
+    for servers a test may kill or break; its path also tells the server's processes apart."""
     repository = root / "repo"
-    names = ["setosa", "versicolor", "virginica"] + (["aggregate", "iris_ensemble"] if with_ensemble else [])
+    names = ["setosa", "versicolor", "virginica"]
+    if with_ensemble:  # and the rest of what make run serves: the ensemble and the wine models
+        names += ["aggregate", "iris_ensemble", "wine_logreg", "wine_gbt", "wine_knn"]
     for name in names:
         shutil.copytree(MODEL_REPOSITORY / name, repository / name)
     return repository

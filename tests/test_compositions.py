@@ -56,6 +56,20 @@ def test_a_composition_is_read_as_declared(tmp_path: Path) -> None:
     assert wine.describe()["services"]["wine_logreg"]["target"] == "grpc://triton:8001/wine_logreg"
 
 
+def test_targets_read_environment_variables(tmp_path: Path) -> None:
+    text = (
+        "compositions:\n  c:\n    services:\n"
+        '      m: {target: "${TRITON_AT:-fallback:8001}/model"}\n    aggregator: none\n'
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_compositions(path, {}, "grpc", environ={})["c"].services[0].url == "fallback:8001"
+    assert load_compositions(path, {}, "grpc", environ={"TRITON_AT": "t:9"})["c"].services[0].url == "t:9"
+    path.write_text(text.replace(":-fallback:8001", ""))
+    with pytest.raises(CompositionError, match=r"line 4: .*names an environment variable that is not set"):
+        load_compositions(path, {}, "grpc", environ={})
+
+
 def test_defaults(tmp_path: Path) -> None:
     (c,) = _load(
         tmp_path, "compositions:\n  c:\n    services: {wine_knn: {}}\n    aggregator: none\n"

@@ -100,6 +100,11 @@ def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
         assert (
             "nv_inference_request_success" in httpx.get(f"http://127.0.0.1:{stack.metrics_port}/metrics").text
         )
+        # The example compositions (examples/compositions.yaml) are served, pointed at this Triton.
+        wine_row = {"data": [[13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]]}
+        composed = httpx.post(f"{stack.url}/compositions/wine/label", json=wine_row)
+        assert composed.status_code == 200, composed.text
+        assert composed.json()["prediction"]["label"] in ("class_0", "class_1", "class_2")
         assert stub_processes(stack.repository), "no Triton found to check the stop against"
         assert stack.stop() == 0
         stack.assert_nothing_left()
