@@ -305,20 +305,39 @@ async def run_composition(
     services = composition.services
     await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
     result = await fanout.run(services, x, request_id, deadline, policy)
-    if len(result.answered) < composition.min_answers:
-        timed_out = any(m.get("reason") == "timeout" for m in result.missing.values())
-        raise ServicesFailed(
-            f"composition {composition.name!r}: {len(result.answered)} of {len(services)} services answered, "
-            f"{composition.min_answers} needed",
-            result.missing,
-            timed_out=timed_out,
+    enough_answers(composition, result, policy)
+    aggregated, classes = aggregate(composition, result, gateway)
+    return CompositionAnswer(result, aggregated, classes)
+
+
+def enough_answers(composition: Composition, result: FanOutResult, policy: TimeoutPolicy) -> None:
+    """``ServicesFailed`` (503, or 504 when one was late) when the answer may not be given:
+    fewer services answered than ``min_answers``, or any failed under ``all_or_nothing``."""
+    n = len(composition.members)
+    if policy is TimeoutPolicy.ALL_OR_NOTHING and result.missing:
+        missing = len(result.missing)
+        message = f"composition {composition.name!r}: all_or_nothing, and {missing} of {n} did not answer"
+    elif len(result.answered) < composition.min_answers:
+        message = (
+            f"composition {composition.name!r}: {len(result.answered)} of {n} services answered, "
+            f"{composition.min_answers} needed"
         )
+    else:
+        return
+    timed_out = any(m.get("reason") == "timeout" for m in result.missing.values())
+    raise ServicesFailed(message, result.missing, timed_out=timed_out)
+
+
+def aggregate(
+    composition: Composition, result: FanOutResult, gateway: TritonGateway
+) -> tuple[Aggregated | None, tuple[str, ...]]:
+    """The composition's aggregator over the services that answered (None for ``none``)."""
     if composition.aggregator == "none":
-        return CompositionAnswer(result, None, ())
-    classes = composition_classes(composition, [gateway.known_contract(s) for s in services])
+        return None, ()
+    classes = composition_classes(composition, [gateway.known_contract(s) for s in composition.services])
     outputs = {name: result.outcomes[name].probabilities for name in result.answered}
     try:
         aggregated = AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]
     except AggregationError as exc:
         raise AggregationFailed(f"composition {composition.name!r}: {exc}") from None
-    return CompositionAnswer(result, aggregated, classes)
+    return aggregated, classes

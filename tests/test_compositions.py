@@ -299,3 +299,39 @@ def test_an_invalid_compositions_file_stops_the_start_with_one_line(tmp_path: Pa
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "line 3" in done.stderr and "ghost" in done.stderr
+
+
+def test_the_stream_gives_each_service_then_the_aggregated_answer(wine_proxy: str) -> None:
+    x, _ = wine.load()
+    with httpx.stream(
+        "POST", f"{wine_proxy}/compositions/wine_mean/stream", json={"data": x[:3].tolist()}
+    ) as response:
+        assert response.status_code == 200
+        lines = [httpx.Response(200, content=line).json() for line in response.iter_lines() if line]
+    *services, final = lines
+    assert sorted(line["service"] for line in services) == ["wine_gbt", "wine_knn", "wine_logreg"]
+    expected = mean(_onnxruntime(x[:3]), wine.WINE_CLASSES, {m.name: m.weight for m in wine.MODELS})
+    assert final["final"] is True and [r["label"] for r in final["prediction"]] == expected.labels
+    with httpx.stream(
+        "POST", f"{wine_proxy}/compositions/with_ghost/stream", json={"data": x[:1].tolist()}
+    ) as response:
+        last = httpx.Response(200, content=[line for line in response.iter_lines() if line][-1]).json()
+    assert last["partial"] is True and list(last["missing"]) == ["ghost"] and "label" in last["prediction"]
+
+
+def test_class_names_that_differ_are_refused_naming_both() -> None:
+    from client_proxy.compositions import Composition, Member, composition_classes
+    from client_proxy.contracts import Contract
+    from client_proxy.errors import AggregationFailed
+
+    a, b = Service("a", "grpc", "t:1", "a"), Service("b", "grpc", "t:1", "b")
+    composition = Composition("c", "", (Member(a), Member(b)), "mean")
+
+    def contract(names: str) -> Contract:
+        return Contract("m", "1", (), (), 8, tuple(names.split(",")))
+
+    assert composition_classes(composition, [contract("x,y"), contract("x,y")]) == ("x", "y")
+    with pytest.raises(AggregationFailed, match=r"class names differ \(x, y; y, x\)"):
+        composition_classes(composition, [contract("x,y"), contract("y,x")])
+    declared = Composition("c", "", (Member(a), Member(b)), "mean", classes=("p", "q"))
+    assert composition_classes(declared, [contract("x,y"), contract("y,x")]) == ("p", "q")

@@ -8,16 +8,24 @@ unless the file declares its own ``default``.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.responses import StreamingResponse
 
-from client_proxy.compositions import Composition, CompositionAnswer, run_composition
-from client_proxy.errors import InvalidInput, UnknownComposition
-from client_proxy.fanout import failure
+from client_proxy.compositions import (
+    Composition,
+    CompositionAnswer,
+    aggregate,
+    enough_answers,
+    run_composition,
+)
+from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
+from client_proxy.fanout import FanOutResult, Outcome, failure
 from client_proxy.inputs import check_content_type, parse_any_rows, read_body
 from client_proxy.observability import log_request
-from client_proxy.routes.predict import call_options
+from client_proxy.routes.predict import _line, call_options
 from client_proxy.schemas import errors
 from client_proxy.state import JSON, ProxyState
 
@@ -124,6 +132,18 @@ async def predict(name: str, request: Request) -> JSON:
     return JSON(body)
 
 
+def _label_rows(answer: CompositionAnswer) -> list[dict[str, Any]]:
+    aggregated = answer.aggregated
+    assert aggregated is not None
+    rows = []
+    for i, (winner, proba) in enumerate(zip(aggregated.labels, aggregated.proba.tolist(), strict=True)):
+        row: dict[str, Any] = {"label": winner, "proba": proba}
+        if aggregated.scores is not None:
+            row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
+        rows.append(row)
+    return rows
+
+
 @router.post("/compositions/{name}/label", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
 async def label(name: str, request: Request) -> JSON:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
@@ -135,16 +155,74 @@ async def label(name: str, request: Request) -> JSON:
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
     _, answer, one_row = await _run(state, name, request, "/compositions/{name}/label")
-    aggregated = answer.aggregated
-    assert aggregated is not None
-    rows = []
-    for i, (winner, proba) in enumerate(zip(aggregated.labels, aggregated.proba.tolist(), strict=True)):
-        row: dict[str, Any] = {"label": winner, "proba": proba}
-        if aggregated.scores is not None:
-            row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
-        rows.append(row)
+    rows = _label_rows(answer)
     body: dict[str, Any] = {"prediction": rows[0] if one_row else rows}
     if answer.result.partial:
         body["partial"] = True
         body["missing"] = answer.result.missing
     return JSON(body)
+
+
+@router.post(
+    "/compositions/{name}/stream",
+    openapi_extra=_BODY,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": "One JSON line per service, then the answer",
+        },
+        **_ERRORS,
+    },
+)
+async def stream(name: str, request: Request) -> StreamingResponse:
+    """The asynchronous variant: one NDJSON line per service the moment it answers, then a final
+    line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
+    state: ProxyState = request.app.state.proxy
+    composition = _composition(state, name)
+    settings = state.settings
+    options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
+    check_content_type(request)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    rows = parse_any_rows(body, settings.max_rows)
+    one_row = rows.shape[0] == 1
+    services = composition.services
+    await state.gateway.ensure_fit(services, rows, max(options.deadline - time.monotonic(), 0.001))
+
+    async def lines() -> AsyncIterator[bytes]:
+        arrived: list[Outcome] = []
+        async for outcome in state.fanout.stream(services, rows, options.request_id, options.deadline):
+            arrived.append(outcome)
+            line: dict[str, Any] = {
+                "service": outcome.service,
+                "latency_ms": round(outcome.latency_s * 1000, 3),
+            }
+            if outcome.probabilities is not None:
+                line["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
+            else:
+                line["error"] = failure(outcome)
+            yield _line(line)
+        log_request(options.request_id, "/compositions/{name}/stream", arrived)
+        by_name = {o.service: o for o in arrived}
+        ordered = {s.name: by_name[s.name] for s in services if s.name in by_name}
+        result = FanOutResult(
+            outcomes=ordered,
+            answered=[n for n, o in ordered.items() if o.ok],
+            missing={n: failure(o) for n, o in ordered.items() if not o.ok},
+        )
+        final: dict[str, Any] = {"final": True}
+        try:
+            enough_answers(composition, result, options.policy)
+            aggregated, classes = aggregate(composition, result, state.gateway)
+        except ProxyError as exc:
+            final.update(exc.body())
+        else:
+            if aggregated is not None:
+                labelled = _label_rows(CompositionAnswer(result, aggregated, classes))
+                final["prediction"] = labelled[0] if one_row else labelled
+        if result.partial:
+            final["partial"] = True
+            final["missing"] = result.missing
+            state.metrics.partial_answers.labels("/compositions/{name}/stream").inc()
+        yield _line(final)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
