@@ -303,7 +303,8 @@ async def run_composition(
 ) -> CompositionAnswer:
     """Fan the rows out to the composition's services and aggregate what came back in time."""
     services = composition.services
-    await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
+    if not gateway.fits(services, x):
+        await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
     result = await fanout.run(services, x, request_id, deadline, policy)
     enough_answers(composition, result, policy)
     aggregated, classes = aggregate(composition, result, gateway)

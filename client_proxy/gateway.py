@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -53,9 +54,19 @@ _UNAVAILABLE_TEXT = (
 )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How to call one service's model, worked out once from its contract."""
+
+    input_name: str
+    datatype: str
+    dtype: Any
+    output_name: str
+
+
 class _Client(Protocol):
     async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
     ) -> Any: ...
 
     async def infer_outputs(
@@ -103,14 +114,15 @@ class _GrpcClient:
         )
 
     async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
     ) -> Any:
-        source, output = contract.inputs[0], contract.output(service.name, service.output)
-        requested = self._outputs.get(output.name)
+        requested = self._outputs.get(plan.output_name)
         if requested is None:
-            requested = self._outputs[output.name] = grpcclient.InferRequestedOutput(output.name)
-        result = await self._infer(service, x, request_id, timeout, [requested], source.name, source.datatype)
-        return result.as_numpy(output.name)
+            requested = self._outputs[plan.output_name] = grpcclient.InferRequestedOutput(plan.output_name)
+        result = await self._infer(
+            service, x, request_id, timeout, [requested], plan.input_name, plan.datatype
+        )
+        return result.as_numpy(plan.output_name)
 
     async def infer_outputs(
         self,
@@ -165,16 +177,15 @@ class _HttpClient:
         )
 
     async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, contract: Contract
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
     ) -> Any:
-        source, output = contract.inputs[0], contract.output(service.name, service.output)
-        requested = self._outputs.get(output.name)
+        requested = self._outputs.get(plan.output_name)
         if requested is None:
-            requested = self._outputs[output.name] = httpclient.InferRequestedOutput(
-                output.name, binary_data=True
+            requested = self._outputs[plan.output_name] = httpclient.InferRequestedOutput(
+                plan.output_name, binary_data=True
             )
-        result = await self._infer(service, x, request_id, [requested], source.name, source.datatype)
-        return result.as_numpy(output.name)
+        result = await self._infer(service, x, request_id, [requested], plan.input_name, plan.datatype)
+        return result.as_numpy(plan.output_name)
 
     async def infer_outputs(
         self,
@@ -242,7 +253,9 @@ class TritonGateway:
         self._settings = settings
         self._clients: dict[tuple[str, str], _Client] = {}
         self._contracts: dict[Service, Contract] = {}
-        self._fits: set[tuple[Service, tuple[int, ...], str]] = set()
+        self._plans: dict[Service, _Plan] = {}
+        #: (service, row shape, dtype) that fitted its model -> the model's max_batch_size (0: any).
+        self._fits: dict[tuple[Service, tuple[int, ...], str], int] = {}
 
     def _client(self, service: Service) -> _Client:
         client = self._clients.get(service.server)
@@ -286,11 +299,31 @@ class TritonGateway:
             contract = self._contracts.get(service)
             if contract is None or len(contract.inputs) != 1:
                 continue
-            within_batch = not contract.max_batch_size or len(x) <= contract.max_batch_size
-            if within_batch and (service, row_shape, dtype) in self._fits:
-                continue  # rows of this shape and type already fitted this model: the hot path
             contract.input_rows(service.name, x)  # raises ContractMismatch naming the service
-            self._fits.add((service, row_shape, dtype))
+            self._fits[(service, row_shape, dtype)] = contract.max_batch_size if contract.batched else 0
+
+    def fits(self, services: list[Service], x: NDArray[Any]) -> bool:
+        """True when rows of this shape and type already fitted every service's model: the hot
+        path, with no need for ``ensure_fit``."""
+        row_shape, dtype, n = x.shape[1:], x.dtype.str, len(x)
+        for service in services:
+            limit = self._fits.get((service, row_shape, dtype))
+            if limit is None or (limit and n > limit):
+                return False
+        return True
+
+    async def _plan(self, service: Service, timeout: float) -> _Plan:
+        contract = self._contracts.get(service) or await self.contract(service, timeout)
+        if len(contract.inputs) != 1:
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' takes {len(contract.inputs)} inputs "
+                f"({contract.describe_inputs()}), not rows",
+                service=service.name,
+            )
+        source, output = contract.inputs[0], contract.output(service.name, service.output)
+        plan = _Plan(source.name, source.datatype, NUMPY_DTYPES.get(source.datatype), output.name)
+        self._plans[service] = plan
+        return plan
 
     def known_contract(self, service: Service) -> Contract | None:
         """The contract already read, if any (no call to Triton)."""
@@ -302,18 +335,10 @@ class TritonGateway:
         """``service``'s output for the rows ``x``, one Triton call, in the model's own tensors."""
         client = self._client(service)
         try:
-            contract = self._contracts.get(service) or await self.contract(service, timeout)
-            source = contract.inputs[0] if len(contract.inputs) == 1 else None
-            if source is None:
-                raise UpstreamError(
-                    f"{service.name}: model '{service.model}' takes {len(contract.inputs)} inputs "
-                    f"({contract.describe_inputs()}), not rows",
-                    service=service.name,
-                )
-            wanted = NUMPY_DTYPES.get(source.datatype)
-            if wanted is not None and x.dtype != wanted:
-                x = x.astype(wanted)
-            output = await client.infer(service, x, request_id, timeout, contract)
+            plan = self._plans.get(service) or await self._plan(service, timeout)
+            if plan.dtype is not None and x.dtype != plan.dtype:
+                x = x.astype(plan.dtype)
+            output = await client.infer(service, x, request_id, timeout, plan)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -321,7 +346,8 @@ class TritonGateway:
             if isinstance(error, UpstreamUnavailable):
                 # Unloaded, or Triton gone: the model may come back as another version.
                 self._contracts.pop(service, None)
-                self._fits = {fit for fit in self._fits if fit[0] != service}
+                self._plans.pop(service, None)
+                self._fits = {fit: limit for fit, limit in self._fits.items() if fit[0] != service}
             raise error from exc
         if output is None or output.shape[0] != x.shape[0]:
             raise UpstreamError(

@@ -162,7 +162,8 @@ _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
 
 async def ensure_fit(state: ProxyState, x: NDArray[np.float32], options: CallOptions) -> None:
     """422 before any inference call when the rows do not fit a service's model."""
-    await state.gateway.ensure_fit(state.services, x, max(options.deadline - time.monotonic(), 0.001))
+    if not state.gateway.fits(state.services, x):
+        await state.gateway.ensure_fit(state.services, x, max(options.deadline - time.monotonic(), 0.001))
 
 
 async def _fan_out(
