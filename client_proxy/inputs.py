@@ -82,10 +82,11 @@ def _refuse_duplicate_keys(body: bytes) -> None:
     json.loads(body, object_pairs_hook=pairs)
 
 
-def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
-    """``{"data": [[f, f, f, f], ...]}`` -> float32 ``[N, 4]``; ``ProxyError`` (4xx) otherwise."""
+def _document(body: bytes, max_rows: int, expected: str) -> Any:
+    """The parsed JSON body, refused (4xx) when empty, not JSON, with a duplicated key, or with
+    more than ``max_rows`` rows (counted before any validation, so a huge batch costs nothing)."""
     if not body:
-        raise InvalidInput('empty body: expected JSON {"data": [[f1, f2, f3, f4], ...]}')
+        raise InvalidInput(f"empty body: expected JSON {expected}")
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -97,11 +98,16 @@ def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
         and isinstance(document.get("data"), list)
         and len(document["data"]) > max_rows
     ):
-        # Refused before validating (and before numpy): a too-large batch costs nothing.
         raise InvalidInput(
             f"data: {len(document['data'])} rows, more than the {max_rows} allowed per request",
             max_rows=max_rows,
         )
+    return document
+
+
+def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
+    """``{"data": [[f, f, f, f], ...]}`` -> float32 ``[N, 4]``; ``ProxyError`` (4xx) otherwise."""
+    document = _document(body, max_rows, '{"data": [[f1, f2, f3, f4], ...]}')
     try:
         request = _ADAPTER.validate_python(document)
     except ValidationError as exc:
@@ -131,23 +137,7 @@ _ROWS_ADAPTER = TypeAdapter(RowsRequest)
 
 def parse_any_rows(body: bytes, max_rows: int) -> NDArray[Any]:
     """``{"data": [[...], ...]}`` of any width -> ``[N, width]`` float64 (or object, for strings)."""
-    if not body:
-        raise InvalidInput('empty body: expected JSON {"data": [[...], ...]}')
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"body is not valid JSON: {exc}") from None
-    if body.count(b'"data"') > 1:
-        _refuse_duplicate_keys(body)
-    if (
-        isinstance(document, dict)
-        and isinstance(document.get("data"), list)
-        and len(document["data"]) > max_rows
-    ):
-        raise InvalidInput(
-            f"data: {len(document['data'])} rows, more than the {max_rows} allowed per request",
-            max_rows=max_rows,
-        )
+    document = _document(body, max_rows, '{"data": [[...], ...]}')
     try:
         request = _ROWS_ADAPTER.validate_python(document)
     except ValidationError as exc:

@@ -100,21 +100,25 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
             own_log.close()
 
 
-def stub_processes(repository: Path) -> list[int]:
-    """Pids of python backend stubs (and Triton servers) serving models from ``repository``."""
+def processes_mentioning(text: str, *also: str) -> list[int]:
+    """Pids of the processes (not this one) whose command line holds ``text`` and, if given, one of
+    ``also``."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(repository) in cmdline and (
-            "triton_python_backend_stub" in cmdline or "tritonserver" in cmdline
-        ):
+        if text in cmdline and (not also or any(word in cmdline for word in also)):
             found.append(int(entry.name))
     return found
+
+
+def stub_processes(repository: Path) -> list[int]:
+    """Pids of python backend stubs (and Triton servers) serving models from ``repository``."""
+    return processes_mentioning(str(repository), "triton_python_backend_stub", "tritonserver")
 
 
 def triton_stats(

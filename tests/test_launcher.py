@@ -19,6 +19,7 @@ from local_triton import LaunchError, TritonServer, free_ports
 from local_triton import server as server_module
 
 from .conftest import MODEL_REPOSITORY, ROOT
+from .helpers import processes_mentioning
 
 
 @pytest.fixture
@@ -27,20 +28,6 @@ def busy_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield sock.getsockname()[1]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
 
 
 def test_port_in_use_is_a_one_line_error(busy_port: int) -> None:
@@ -75,7 +62,7 @@ def test_cli_port_in_use_exits_1_with_one_line_and_leaves_no_process(busy_port: 
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"port {busy_port}" in lines[0] and "already in use" in lines[0]
-    assert _processes_mentioning(str(repository)) == []
+    assert processes_mentioning(str(repository)) == []
 
 
 def test_model_that_fails_to_load_is_named(tmp_path: Path) -> None:
@@ -89,7 +76,7 @@ def test_model_that_fails_to_load_is_named(tmp_path: Path) -> None:
     message = str(error.value)
     assert "'setosa' failed to load" in message and "intra_op_thread_count" in message
     assert "\n" not in message
-    assert _processes_mentioning(str(repository)) == []
+    assert processes_mentioning(str(repository)) == []
 
 
 def test_missing_repository_says_how_to_make_it(tmp_path: Path) -> None:
@@ -186,6 +173,6 @@ def test_cli_serves_until_sigterm_then_exits_0(tmp_path: Path) -> None:
             if stream is not None:
                 stream.close()
     deadline = time.monotonic() + 10
-    while _processes_mentioning(str(repository)) and time.monotonic() < deadline:
+    while processes_mentioning(str(repository)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_mentioning(str(repository)) == []
+    assert processes_mentioning(str(repository)) == []

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
+from numpy.typing import NDArray
 from starlette.responses import StreamingResponse
 
 from client_proxy.compositions import (
@@ -25,7 +26,7 @@ from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
 from client_proxy.fanout import FanOutResult, Outcome, failure
 from client_proxy.inputs import check_content_type, parse_any_rows, read_body
 from client_proxy.observability import log_request
-from client_proxy.routes.predict import _line, call_options
+from client_proxy.routes.predict import CallOptions, _line, call_options, service_line
 from client_proxy.schemas import errors
 from client_proxy.state import JSON, ProxyState
 
@@ -99,15 +100,22 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def _run(
-    state: ProxyState, name: str, request: Request, endpoint: str
-) -> tuple[Composition, CompositionAnswer, bool]:
+async def _read(
+    state: ProxyState, name: str, request: Request
+) -> tuple[Composition, CallOptions, NDArray[Any]]:
+    """The composition, the request's policy and deadline (within the composition's), its rows."""
     composition = _composition(state, name)
     settings = state.settings
     options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    rows = parse_any_rows(body, settings.max_rows)
+    return composition, options, parse_any_rows(body, settings.max_rows)
+
+
+async def _run(
+    state: ProxyState, name: str, request: Request, endpoint: str
+) -> tuple[Composition, CompositionAnswer, bool]:
+    composition, options, rows = await _read(state, name, request)
     answer = await run_composition(
         composition, rows, state.gateway, state.fanout, options.request_id, options.deadline, options.policy
     )
@@ -178,12 +186,7 @@ async def stream(name: str, request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers, then a final
     line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
     state: ProxyState = request.app.state.proxy
-    composition = _composition(state, name)
-    settings = state.settings
-    options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
-    check_content_type(request)
-    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    rows = parse_any_rows(body, settings.max_rows)
+    composition, options, rows = await _read(state, name, request)
     one_row = rows.shape[0] == 1
     services = composition.services
     await state.gateway.ensure_fit(services, rows, max(options.deadline - time.monotonic(), 0.001))
@@ -192,15 +195,7 @@ async def stream(name: str, request: Request) -> StreamingResponse:
         arrived: list[Outcome] = []
         async for outcome in state.fanout.stream(services, rows, options.request_id, options.deadline):
             arrived.append(outcome)
-            line: dict[str, Any] = {
-                "service": outcome.service,
-                "latency_ms": round(outcome.latency_s * 1000, 3),
-            }
-            if outcome.probabilities is not None:
-                line["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
-            else:
-                line["error"] = failure(outcome)
-            yield _line(line)
+            yield service_line(outcome, one_row)
         log_request(options.request_id, "/compositions/{name}/stream", arrived)
         by_name = {o.service: o for o in arrived}
         ordered = {s.name: by_name[s.name] for s in services if s.name in by_name}

@@ -297,6 +297,16 @@ def _line(content: dict[str, Any]) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
 
 
+def service_line(outcome: Outcome, one_row: bool) -> bytes:
+    """One stream line: a service's answer (or its error) and how long it took."""
+    line: dict[str, Any] = {"service": outcome.service, "latency_ms": round(outcome.latency_s * 1000, 3)}
+    if outcome.probabilities is not None:
+        line["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
+    else:
+        line["error"] = failure(outcome)
+    return _line(line)
+
+
 @router.post(
     "/predict/stream",
     openapi_extra=_WITH_BODY,
@@ -322,15 +332,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
         arrived: list[Outcome] = []
         async for outcome in state.fanout.stream(state.services, rows, options.request_id, options.deadline):
             arrived.append(outcome)
-            line: dict[str, Any] = {
-                "service": outcome.service,
-                "latency_ms": round(outcome.latency_s * 1000, 3),
-            }
-            if outcome.probabilities is not None:
-                line["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
-            else:
-                line["error"] = failure(outcome)
-            yield _line(line)
+            yield service_line(outcome, one_row)
             if not outcome.ok and options.policy is TimeoutPolicy.ALL_OR_NOTHING:
                 break
         log_request(options.request_id, "/predict/stream", arrived)
