@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,6 +63,11 @@ class _Plan:
     datatype: str
     dtype: Any
     output_name: str
+
+
+#: The pre-call check asks again for a contract it could not read (model unknown, Triton down)
+#: after this long; the service's own call still tries every time.
+CONTRACT_RETRY_S = 1.0
 
 
 class _Client(Protocol):
@@ -254,6 +260,8 @@ class TritonGateway:
         self._clients: dict[tuple[str, str], _Client] = {}
         self._contracts: dict[Service, Contract] = {}
         self._plans: dict[Service, _Plan] = {}
+        #: When the pre-call check last failed to read a service's contract.
+        self._unreadable: dict[Service, float] = {}
         #: (service, row shape, dtype) that fitted its model -> the model's max_batch_size (0: any).
         self._fits: dict[tuple[Service, tuple[int, ...], str], int] = {}
 
@@ -285,15 +293,25 @@ class TritonGateway:
         """Refuse (``ContractMismatch``, 422) rows that do not fit a service's model, before any
         inference call. Contracts not read yet are read now, concurrently and within ``timeout``;
         a service whose contract cannot be read now is left to fail (or not) on its own call."""
-        unknown = [s for s in services if s not in self._contracts]
+        # A contract that could not be read is not asked for again here for a second: the
+        # service's own call reports it, and a missing model costs no extra calls per request.
+        now = time.monotonic()
+        unknown = [
+            s
+            for s in services
+            if s not in self._contracts and now - self._unreadable.get(s, -1e9) >= CONTRACT_RETRY_S
+        ]
         if unknown:
             try:
                 async with asyncio.timeout(timeout):
-                    await asyncio.gather(
+                    results = await asyncio.gather(
                         *(self.contract(s, timeout) for s in unknown), return_exceptions=True
                     )
             except TimeoutError:
-                pass
+                results = []
+            for service, result in zip(unknown, results, strict=False):
+                if isinstance(result, BaseException):
+                    self._unreadable[service] = now
         row_shape, dtype = x.shape[1:], x.dtype.str
         for service in services:
             contract = self._contracts.get(service)

@@ -16,10 +16,29 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"
 
 
+#: The session's Triton servers, once started: each test checks they are still alive after it.
+_SESSION_SERVERS: list[TritonServer] = []
+
+
+@pytest.fixture(autouse=True)
+def _session_tritons_stay_alive() -> Iterator[None]:
+    """A Triton that dies would fail every later test with confusing 503s: name the test during
+    which it died instead, with the end of its log (a crash prints its backtrace there)."""
+    alive = [server for server in _SESSION_SERVERS if server.is_running()]
+    yield
+    for server in alive:
+        if not server.is_running():
+            tail = "".join(server.log_text().splitlines(keepends=True)[-40:])
+            pytest.fail(
+                f"the session's Triton serving {server.model_repository} died during this test:\n{tail}"
+            )
+
+
 @pytest.fixture(scope="session")
 def triton() -> Iterator[TritonServer]:
     """The project's model repository served by the real ``tritonserver`` binary."""
     with TritonServer(model_repository=MODEL_REPOSITORY, http_port=0, grpc_port=0, metrics_port=0) as server:
+        _SESSION_SERVERS.append(server)
         yield server
 
 
@@ -63,4 +82,5 @@ def explicit_triton(test_repository: Path) -> Iterator[TritonServer]:
         model_control_mode="explicit",
         load_models=["*"],
     ) as server:
+        _SESSION_SERVERS.append(server)
         yield server
