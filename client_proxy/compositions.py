@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from client_proxy import yamlfile
 from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, parse_service
+from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, parse_service, valid_name
 from client_proxy.contracts import Contract
 from client_proxy.errors import AggregationFailed, ServicesFailed
 from client_proxy.fanout import FanOut, FanOutResult
@@ -126,10 +126,8 @@ def _composition(
 ) -> Composition:
     if not isinstance(node.value, dict):
         raise fail(node, f"composition {name!r} must be a mapping with 'services'")
-    try:
-        parse_service(name, "x:1", default_protocol, f"composition {name!r}")
-    except ConfigError:
-        raise fail(node, f"composition name {name!r} must be lower-case letters, digits and '_'") from None
+    if not valid_name(name):
+        raise fail(node, f"composition name {name!r} must be lower-case letters, digits and '_'")
     fields = node.value
     unknown = set(fields) - _KEYS
     if unknown:

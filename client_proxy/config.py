@@ -159,6 +159,13 @@ class Service:
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+
+def valid_name(name: str) -> bool:
+    """A service or composition name: lower-case letters, digits and '_', not starting with '_'."""
+    return _NAME.match(name) is not None
+
+
 _TARGET = re.compile(
     r"^(?:(?P<scheme>grpc|http)://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-_]+):(?P<port>\d{1,5})"
     r"(?:/(?P<model>[A-Za-z0-9_.\-]+)(?:/(?P<version>\d+))?)?/?$"
@@ -168,7 +175,7 @@ _TARGET = re.compile(
 def parse_service(name: str, value: str, default_protocol: Protocol, variable: str | None = None) -> Service:
     """``[grpc://|http://]host:port[/model[/version]]`` -> ``Service``, or ``ConfigError``."""
     variable = variable or f"{SERVICE_PREFIX}{name.upper()}"
-    if not _NAME.match(name):
+    if not valid_name(name):
         raise ConfigError(f"{variable}: service name {name!r} must be lower-case letters, digits and '_'")
     match = _TARGET.match(value.strip())
     if match is None:
