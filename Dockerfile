@@ -1,5 +1,5 @@
-# The proxy's image: client_proxy/ and its locked dependencies (requirements/proxy.txt), nothing
-# else. Triton runs from NVIDIA's own image (docker-compose.yml). For a build that is the same
+# The proxy's image: client_proxy/, its locked dependencies (requirements/proxy.txt) and the
+# example compositions and pipelines (examples/), nothing else. Triton runs from NVIDIA's own image (docker-compose.yml). For a build that is the same
 # tomorrow, pin the base images by digest too: FROM python:3.11-slim-bookworm@sha256:<digest>
 # (docker buildx imagetools inspect python:3.11-slim-bookworm prints it).
 
@@ -15,6 +15,8 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin proxy
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY client_proxy ./client_proxy
+# The example compositions and pipelines (the wine models), which compose and k8s point the proxy at.
+COPY examples ./examples
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
     PROXY_HOST=0.0.0.0 \

@@ -10,10 +10,11 @@ import sys
 
 import uvicorn
 
-from client_proxy.compositions import CompositionError, load_compositions
+from client_proxy.compositions import CompositionError
 from client_proxy.config import ConfigError, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.declared import load_declared
 from client_proxy.lingering import LingeringHttpToolsProtocol
-from client_proxy.pipelines import PipelineError, load_pipelines
+from client_proxy.pipelines import PipelineError
 
 
 def main() -> int:
@@ -24,10 +25,7 @@ def main() -> int:
         check_settings(settings)
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
-        if settings.pipelines_file is not None:
-            load_pipelines(settings.pipelines_file, {s.name: s for s in services})
-        if settings.compositions_file is not None:
-            load_compositions(settings.compositions_file, {s.name: s for s in services}, settings.protocol)
+        load_declared(settings, services, warn=False)  # each worker warns in its log
     except (ConfigError, PipelineError, CompositionError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2

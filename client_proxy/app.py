@@ -21,7 +21,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from client_proxy.coalesce import Coalescer
-from client_proxy.compositions import load_compositions
 from client_proxy.config import (
     Service,
     Settings,
@@ -30,11 +29,11 @@ from client_proxy.config import (
     initial_services,
     load_settings,
 )
+from client_proxy.declared import load_declared
 from client_proxy.errors import ProxyError
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
-from client_proxy.pipelines import configured_pipelines
 from client_proxy.routes import admin, health, predict
 from client_proxy.routes import compositions as composition_routes
 from client_proxy.routes import pipelines as pipeline_routes
@@ -50,12 +49,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     check_settings(settings)
     configure_logging(settings.log_level)
     ensemble = ensemble_service(settings, services)
-    pipelines, pipelines_source = configured_pipelines(settings.pipelines_file, {s.name: s for s in services})
-    compositions = (
-        load_compositions(settings.compositions_file, {s.name: s for s in services}, settings.protocol)
-        if settings.compositions_file is not None
-        else {}
-    )
+    declared = load_declared(settings, services)
+    compositions = declared.compositions
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
@@ -66,8 +61,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         gateway=gateway,
         fanout=FanOut(infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
         metrics=metrics,
-        pipelines=pipelines,
-        pipelines_source=pipelines_source,
+        pipelines=declared.pipelines,
+        pipelines_source=declared.pipelines_source,
         ensemble=ensemble,
         compositions=compositions,
         compositions_source=str(settings.compositions_file) if settings.compositions_file else None,

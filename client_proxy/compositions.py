@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, p
 from client_proxy.contracts import Contract
 from client_proxy.errors import AggregationFailed, ServicesFailed
 from client_proxy.fanout import FanOut, FanOutResult
-from client_proxy.gateway import TritonGateway
 from client_proxy.yamlfile import Node
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
@@ -144,13 +144,7 @@ def _composition(
             aggregator, f"composition {name!r}: aggregator must be one of {', '.join(AGGREGATOR_NAMES)}, "
             f"not {aggregator.value!r}"
         )  # fmt: skip
-    classes: tuple[str, ...] = ()
-    if "classes" in fields:
-        raw = fields["classes"].value
-        values = [item.value for item in raw] if isinstance(raw, list) else None
-        if not values or not all(isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
-            raise fail(fields["classes"], f"composition {name!r}: classes must be a list of distinct names")
-        classes = tuple(values)
+    classes = read_classes(fields.get("classes"), f"composition {name!r}", fail)
     policy = None
     if "timeout_policy" in fields:
         try:
@@ -191,6 +185,16 @@ def _composition(
         deadline_ms=float(deadline) if deadline is not None else None,
         min_answers=minimum.value,
     )
+
+
+def read_classes(node: Node | None, owner: str, fail: Any) -> tuple[str, ...]:
+    """A ``classes`` list of distinct names; empty when there is none."""
+    if node is None:
+        return ()
+    values = [item.value for item in node.value] if isinstance(node.value, list) else None
+    if not values or not all(isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
+        raise fail(node, f"{owner}: classes must be a list of distinct names")
+    return tuple(values)
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -261,6 +265,16 @@ def _member(
 
 
 # -- running ------------------------------------------------------------------------------------
+class Gateway(typing.Protocol):
+    """What running a composition needs of the Triton side (``TritonGateway``), and no more."""
+
+    def fits(self, services: list[Service], x: NDArray[Any]) -> bool: ...
+
+    async def ensure_fit(self, services: list[Service], x: NDArray[Any], timeout: float) -> None: ...
+
+    def known_contract(self, service: Service) -> Contract | None: ...
+
+
 @dataclass(frozen=True)
 class CompositionAnswer:
     result: FanOutResult
@@ -270,30 +284,49 @@ class CompositionAnswer:
     classes: tuple[str, ...]
 
 
-def composition_classes(composition: Composition, contracts: list[Contract | None]) -> tuple[str, ...]:
-    """The class names a label is one of: the composition's, else the models' (which must agree)."""
-    if composition.classes:
-        return composition.classes
-    if composition.aggregator == "one_vs_rest":
-        return tuple(m.service.name for m in composition.members)
+def resolve_classes(
+    owner: str,
+    declared: tuple[str, ...],
+    aggregator: str,
+    services: Sequence[str],
+    contracts: Sequence[Contract | None],
+) -> tuple[str, ...]:
+    """The class names a label is one of: those declared, else (``one_vs_rest``) the services,
+    else the models' own ``class_names``, which must agree. ``owner`` names the composition or
+    pipeline in the error."""
+    if declared:
+        return declared
+    if aggregator == "one_vs_rest":
+        return tuple(services)
     named = {c.class_names for c in contracts if c is not None and c.class_names}
     if len(named) > 1:
         raise AggregationFailed(
-            f"composition {composition.name!r}: the services' class names differ "
-            f"({'; '.join(', '.join(n) for n in sorted(named))}): name the classes in the composition"
+            f"{owner}: the services' class names differ "
+            f"({'; '.join(', '.join(n) for n in sorted(named))}): name the classes in the file"
         )
     if not named:
         raise AggregationFailed(
-            f"composition {composition.name!r}: no class names (neither 'classes' in the composition nor a "
+            f"{owner}: no class names (neither 'classes' in the file nor a "
             "'class_names' parameter in the models' configs)"
         )
     return named.pop()
 
 
+def composition_classes(composition: Composition, contracts: list[Contract | None]) -> tuple[str, ...]:
+    """The class names a composition's label is one of."""
+    return resolve_classes(
+        f"composition {composition.name!r}",
+        composition.classes,
+        composition.aggregator,
+        [m.service.name for m in composition.members],
+        contracts,
+    )
+
+
 async def run_composition(
     composition: Composition,
     x: NDArray[Any],
-    gateway: TritonGateway,
+    gateway: Gateway,
     fanout: FanOut,
     request_id: str,
     deadline: float,
@@ -328,7 +361,7 @@ def enough_answers(composition: Composition, result: FanOutResult, policy: Timeo
 
 
 def aggregate(
-    composition: Composition, result: FanOutResult, gateway: TritonGateway
+    composition: Composition, result: FanOutResult, gateway: Gateway
 ) -> tuple[Aggregated | None, tuple[str, ...]]:
     """The composition's aggregator over the services that answered (None for ``none``)."""
     if composition.aggregator == "none":

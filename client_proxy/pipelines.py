@@ -4,18 +4,25 @@ A pipeline file (YAML, ``PROXY_PIPELINES_FILE``) declares::
 
     pipelines:
       iris_cascade:
+        aggregator: one_vs_rest         # optional, the default; or mean | vote | max
+        classes: [...]                  # optional: else the models' class_names
         steps:
           - name: setosa
             services: [setosa]          # one service, or several called in parallel as one step
             input: request              # or "<earlier step>.<service>": that service's output
-            stop_if: "setosa >= 0.9"    # per row: "<service of this step>|max <op> <number>"
+            stop_if: "setosa >= 0.9"    # per row: "<operand> <op> <number>", see below
             on_failure: skip            # skip: go on as if the step were not there; fail: 503/504
           - name: others
             services: [versicolor, virginica]
 
 Rows are routed one by one: a row that meets a step's ``stop_if`` is answered there, the others
-go on to the next step (only they are sent). The label of a row is the service with the highest
-P(class) among every service that answered for it, as in the fan-out.
+go on to the next step (only they are sent). After each step, a row's answer is the pipeline's
+aggregator (as in a composition) over every service that answered for it so far; with
+``one_vs_rest``, the service with the highest P(class), as in the fan-out. ``stop_if`` reads
+``proba`` (that answer's probability), a class name (its score for that class), a service of
+the step (its P(class) for ``one_vs_rest``, else its highest probability) or ``max`` (the
+highest of those over the step's services). A step may name the ``SERVICE_*`` services and the
+compositions' services.
 
 Errors in the file stop the start with a ``PipelineError`` naming the file and line.
 """
@@ -26,7 +33,7 @@ import logging
 import operator
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +42,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy import yamlfile
+from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
+from client_proxy.compositions import Gateway, read_classes, resolve_classes
 from client_proxy.config import Service, TimeoutPolicy
-from client_proxy.errors import ServicesFailed
+from client_proxy.errors import AggregationFailed, ServicesFailed
 from client_proxy.fanout import FanOut
 from client_proxy.yamlfile import Node
 
@@ -58,21 +67,38 @@ class PipelineError(ValueError):
 @dataclass(frozen=True)
 class Condition:
     operand: str
-    """A service of the step (its P(class)), or ``max`` (the step's highest P(class))."""
+    """``proba`` (the row's answer so far), ``max`` (the highest score of the step's services),
+    a service of the step (its score), or a class name (the answer's score for that class)."""
     op: str
     threshold: float
     text: str
 
-    def rows(self, p_class: dict[str, NDArray[np.float32]]) -> NDArray[np.bool_]:
-        """Per row: does the condition hold? Rows where the operand did not answer: no."""
-        if self.operand == "max":
-            if not p_class:
-                return np.zeros(0, dtype=bool)
-            values = np.max(np.stack(list(p_class.values()), axis=1), axis=1)
-        elif self.operand in p_class:
-            values = p_class[self.operand]
+    def rows(
+        self,
+        step_scores: Mapping[str, NDArray[np.float64]],
+        answer: Aggregated,
+        classes: Sequence[str],
+        where: str,
+    ) -> NDArray[np.bool_]:
+        """Per row of the step: does the condition hold? An operand that did not answer: no."""
+        n = len(answer.labels)
+        if self.operand == "proba":
+            values = np.asarray(answer.proba, dtype=np.float64)
+        elif self.operand == "max":
+            if not step_scores:
+                return np.zeros(n, dtype=bool)
+            values = np.max(np.stack(list(step_scores.values()), axis=1), axis=1)
+        elif self.operand in step_scores:
+            values = step_scores[self.operand]
+        elif answer.scores is not None and self.operand in classes:
+            values = answer.scores[:, list(classes).index(self.operand)]
+        elif answer.scores is None:  # one_vs_rest: a service of the step that did not answer
+            return np.zeros(n, dtype=bool)
         else:
-            return np.zeros(0, dtype=bool)
+            raise AggregationFailed(
+                f"{where}: stop_if {self.text!r}: {self.operand!r} is not one of the classes "
+                f"({', '.join(classes)})"
+            )
         return np.asarray(_OPERATORS[self.op](values, self.threshold), dtype=bool)
 
 
@@ -101,11 +127,22 @@ class Pipeline:
     name: str
     description: str
     steps: tuple[Step, ...]
+    aggregator: str = "one_vs_rest"
+    """How the answers of every service that answered for a row make its answer (as in a
+    composition): after each step, over the services of that step and of the steps before it."""
+    classes: tuple[str, ...] = ()
+    """Empty: the models' ``class_names`` (``one_vs_rest``: the services)."""
+
+    @property
+    def service_names(self) -> list[str]:
+        return list(dict.fromkeys(name for step in self.steps for name in step.services))
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "description": self.description,
+            "aggregator": self.aggregator,
+            "classes": list(self.classes),
             "steps": [s.describe() for s in self.steps],
         }
 
@@ -127,17 +164,24 @@ def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pip
     for name, pnode in document.value["pipelines"].value.items():
         if not isinstance(pnode.value, dict):
             raise fail(pnode, f"pipeline {name!r} must be a mapping with 'steps'")
-        unknown = set(pnode.value) - {"steps", "description"}
+        unknown = set(pnode.value) - {"steps", "description", "aggregator", "classes"}
         if unknown:
             raise fail(pnode, f"pipeline {name!r}: unknown key(s) {sorted(unknown)}")
+        aggregator = pnode.value.get("aggregator", Node("one_vs_rest", pnode.line))
+        if aggregator.value not in AGGREGATORS:
+            raise fail(
+                aggregator, f"pipeline {name!r}: aggregator must be one of {', '.join(AGGREGATORS)}, "
+                f"not {aggregator.value!r}"
+            )  # fmt: skip
+        classes = read_classes(pnode.value.get("classes"), f"pipeline {name!r}", fail)
         steps_node = pnode.value.get("steps")
         if steps_node is None or not isinstance(steps_node.value, list) or not steps_node.value:
             raise fail(pnode, f"pipeline {name!r} needs a non-empty list of steps")
         steps: list[Step] = []
         for snode in steps_node.value:
-            steps.append(_step(snode, steps, services, fail))
+            steps.append(_step(snode, steps, services, fail, str(aggregator.value), classes))
         description = pnode.value.get("description", Node("", pnode.line)).value
-        pipelines[name] = Pipeline(name, str(description or ""), tuple(steps))
+        pipelines[name] = Pipeline(name, str(description or ""), tuple(steps), str(aggregator.value), classes)
     return pipelines
 
 
@@ -146,6 +190,8 @@ def _step(
     earlier: list[Step],
     services: Mapping[str, Service],
     fail: Callable[[Node, str], PipelineError],
+    aggregator: str,
+    classes: tuple[str, ...],
 ) -> Step:
     if not isinstance(node.value, dict):
         raise fail(node, "a step must be a mapping")
@@ -192,12 +238,17 @@ def _step(
         if match is None:
             raise fail(
                 fields["stop_if"],
-                f"stop_if {text!r}: expected '<service>|max <op> <number>', op one of >= > <= <",
+                f"stop_if {text!r}: expected '<operand> <op> <number>', the operand 'proba', 'max', "
+                "a service of the step or a class, op one of >= > <= <",
             )
-        if match[1] != "max" and match[1] not in service_names:
+        # A class name is checked here when the classes are declared, else against the models'
+        # class names when the step runs (one_vs_rest: the classes are the services).
+        known_class = match[1] in classes or (aggregator != "one_vs_rest" and not classes)
+        if match[1] not in ("proba", "max") and match[1] not in service_names and not known_class:
             raise fail(
-                fields["stop_if"], f"stop_if {text!r}: {match[1]!r} is not a service of step {name.value!r}"
-            )
+                fields["stop_if"], f"stop_if {text!r}: {match[1]!r} is not a service of step "
+                f"{name.value!r}, one of the classes, 'proba' or 'max'"
+            )  # fmt: skip
         condition = Condition(match[1], match[2], float(match[3]), text.strip())
     on_failure = fields.get("on_failure", Node("fail", node.line))
     if on_failure.value not in ("skip", "fail"):
@@ -206,7 +257,7 @@ def _step(
 
 
 def configured_pipelines(
-    path: Path | None, services: Mapping[str, Service]
+    path: Path | None, services: Mapping[str, Service], warn: bool = True
 ) -> tuple[dict[str, Pipeline], str]:
     """The pipelines to serve, and from where.
 
@@ -219,7 +270,8 @@ def configured_pipelines(
     try:
         return load_pipelines(DEFAULT_FILE, services), str(DEFAULT_FILE)
     except PipelineError as exc:
-        logger.warning("the shipped pipelines are not served: %s", exc)
+        if warn:
+            logger.warning("the shipped pipelines are not served: %s", exc)
         return {}, f"{DEFAULT_FILE} (not served: {exc})"
 
 
@@ -237,28 +289,48 @@ class StepReport:
 @dataclass
 class PipelineResult:
     labels: list[str]
-    proba: NDArray[np.float32]
+    proba: NDArray[np.float64]
     stopped_at: list[str]
     """Per row: the step whose condition answered it, or the last step run."""
     path: list[StepReport]
     calls: int
     """Triton calls made (one per service per step run)."""
+    scores: NDArray[np.float64] | None = None
+    """Per row and class, when the aggregator gives scores (not ``one_vs_rest``)."""
+    classes: tuple[str, ...] = ()
+
+
+def _score(output: NDArray[Any], aggregator: str) -> NDArray[np.float64]:
+    """A service's score per row: its P(class) (``one_vs_rest``), else its highest probability."""
+    if aggregator == "one_vs_rest":
+        return np.asarray(output[:, 0], dtype=np.float64)
+    return np.asarray(output.max(axis=1), dtype=np.float64)
 
 
 async def run_pipeline(
     pipeline: Pipeline,
-    x: NDArray[np.float32],
+    x: NDArray[Any],
     services: Mapping[str, Service],
     fanout: FanOut,
+    gateway: Gateway,
     request_id: str,
     deadline: float,
 ) -> PipelineResult:
+    """Run the steps in order on the rows still open; each row's answer is the pipeline's
+    aggregator over every service that answered for it, up to the step that stopped it."""
+    where = f"pipeline {pipeline.name!r}"
+    first = [services[name] for step in pipeline.steps if step.input == "request" for name in step.services]
+    if not gateway.fits(first, x):
+        await gateway.ensure_fit(first, x, max(deadline - time.monotonic(), 0.001))
     n = x.shape[0]
     active = np.ones(n, dtype=bool)
-    best = np.full(n, -1.0, dtype=np.float64)
     labels = [""] * n
+    proba = np.zeros(n, dtype=np.float64)
+    scores: NDArray[np.float64] | None = None
+    classes: tuple[str, ...] = ()
     stopped_at = [""] * n
-    outputs: dict[str, NDArray[np.float32]] = {}  # "<step>.<service>" -> [n, 2], full size
+    outputs: dict[str, NDArray[Any]] = {}  # "<step>.<service>" -> full size
+    answered: dict[str, NDArray[Any]] = {}  # service -> its latest output, full size
     path: list[StepReport] = []
     calls = 0
     for step in pipeline.steps:
@@ -280,7 +352,7 @@ async def run_pipeline(
             calls += len(step.services)
             if step.on_failure == "fail":
                 raise ServicesFailed(
-                    f"pipeline {pipeline.name!r}, step {step.name!r}: {exc.message}",
+                    f"{where}, step {step.name!r}: {exc.message}",
                     exc.details.get("services", {}),
                     timed_out=exc.status_code == 504,
                 ) from None
@@ -291,29 +363,49 @@ async def run_pipeline(
             )
             continue
         calls += len(step.services)
-        p_class: dict[str, NDArray[np.float32]] = {}
+        step_scores: dict[str, NDArray[np.float64]] = {}
         for name in result.answered:
-            probabilities = result.outcomes[name].probabilities
-            assert probabilities is not None
-            full = np.zeros((n, probabilities.shape[1]), dtype=np.float32)
-            full[rows] = probabilities
-            outputs[f"{step.name}.{name}"] = full
-            p_class[name] = probabilities[:, 0]
-            better = probabilities[:, 0] > best[rows]
-            for i in rows[better]:
-                labels[i] = name
-            best[rows[better]] = probabilities[better, 0]
-        for i in rows:
-            stopped_at[i] = step.name
-        stop = step.stop_if.rows(p_class) if step.stop_if else np.zeros(0, dtype=bool)
-        stopped = rows[stop] if stop.size == rows.size else np.zeros(0, dtype=int)
+            output = result.outcomes[name].probabilities
+            assert output is not None
+            full = np.zeros((n, *output.shape[1:]), dtype=output.dtype)
+            full[rows] = output
+            outputs[f"{step.name}.{name}"] = answered[name] = full
+            step_scores[name] = _score(output, pipeline.aggregator)
+        # Every service in ``answered`` answered for every row still open (rows only ever leave).
+        classes = resolve_classes(
+            where,
+            pipeline.classes,
+            pipeline.aggregator,
+            list(answered),
+            [gateway.known_contract(services[name]) for name in answered],
+        )
+        try:
+            answer = AGGREGATORS[pipeline.aggregator](
+                {k: v[rows] for k, v in answered.items()}, classes, None
+            )
+        except AggregationError as exc:
+            raise AggregationFailed(f"{where}, step {step.name!r}: {exc}") from None
+        for i, row in enumerate(rows.tolist()):
+            labels[row] = answer.labels[i]
+            stopped_at[row] = step.name
+        proba[rows] = answer.proba
+        if answer.scores is not None:
+            if scores is None or scores.shape[1] != answer.scores.shape[1]:
+                scores = np.zeros((n, answer.scores.shape[1]), dtype=np.float64)
+            scores[rows] = answer.scores
+        stop = (
+            step.stop_if.rows(step_scores, answer, classes, f"{where}, step {step.name!r}")
+            if step.stop_if
+            else np.zeros(rows.size, dtype=bool)
+        )
+        stopped = rows[stop]
         active[stopped] = False
         path.append(
             StepReport(step.name, "ran", int(rows.size), int(stopped.size), _ms(started), result.missing)
         )
     if any(label == "" for label in labels):
         raise ServicesFailed(
-            f"pipeline {pipeline.name!r}: no step answered",
+            f"{where}: no step answered",
             {
                 r.step: {"reason": r.status, "message": ", ".join(r.missing)}
                 for r in path
@@ -321,7 +413,9 @@ async def run_pipeline(
             },
             timed_out=False,
         )
-    return PipelineResult(labels, best.astype(np.float32), stopped_at, path, calls)
+    return PipelineResult(
+        labels, proba, stopped_at, path, calls, scores, classes if scores is not None else ()
+    )
 
 
 def _ms(started: float) -> float:
@@ -329,10 +423,14 @@ def _ms(started: float) -> float:
 
 
 def report_body(pipeline: Pipeline, result: PipelineResult, one_row: bool) -> dict[str, Any]:
-    predictions = [
-        {"proba": float(p), "label": label, "stopped_at": stop}
-        for p, label, stop in zip(result.proba.tolist(), result.labels, result.stopped_at, strict=True)
-    ]
+    predictions = []
+    for i, (p, label, stop) in enumerate(
+        zip(result.proba.tolist(), result.labels, result.stopped_at, strict=True)
+    ):
+        prediction: dict[str, Any] = {"proba": p, "label": label, "stopped_at": stop}
+        if result.scores is not None:
+            prediction["scores"] = dict(zip(result.classes, result.scores[i].tolist(), strict=True))
+        predictions.append(prediction)
     return {
         "pipeline": pipeline.name,
         "prediction": predictions[0] if one_row else predictions,

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse
 
 from client_proxy.compositions import Composition, Member
 from client_proxy.config import Service, Settings
+from client_proxy.declared import service_map
 from client_proxy.fanout import FanOut
 from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics
@@ -35,6 +36,10 @@ class ProxyState:
     compositions: dict[str, Composition] = field(default_factory=dict)
     """From ``PROXY_COMPOSITIONS_FILE``; ``default`` is added at request time unless it declares one."""
     compositions_source: str | None = None
+
+    def service_map(self) -> dict[str, Service]:
+        """The services pipelines name, as they are now (the admin endpoints may change them)."""
+        return service_map(self.services, self.compositions.values())
 
     def default_composition(self) -> Composition:
         """The ``SERVICE_*`` services (as the admin endpoints left them) with the seed's rule."""

@@ -37,7 +37,7 @@ from local_triton.server import (
 )
 
 SERVICES = ("setosa", "versicolor", "virginica")
-EXAMPLE_COMPOSITIONS = Path(__file__).resolve().parent.parent / "examples" / "compositions.yaml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def log(message: str) -> None:
@@ -105,8 +105,9 @@ class Stack:
         assert self.server is not None
         port = self.server.grpc_port if self.args.protocol == "grpc" else self.server.http_port
         env = dict(os.environ, PROXY_PORT=str(self.args.proxy_port), PROXY_PROTOCOL=self.args.protocol)
-        # The example compositions (the wine models), pointed at this Triton.
-        env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLE_COMPOSITIONS))
+        # The example compositions and pipelines (the wine models), pointed at this Triton.
+        env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLES / "compositions.yaml"))
+        env.setdefault("PROXY_PIPELINES_FILE", str(EXAMPLES / "pipelines.yaml"))
         env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{self.server.grpc_port}")
         for name in SERVICES:
             env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")

@@ -335,3 +335,79 @@ def test_class_names_that_differ_are_refused_naming_both() -> None:
         composition_classes(composition, [contract("x,y"), contract("y,x")])
     declared = Composition("c", "", (Member(a), Member(b)), "mean", classes=("p", "q"))
     assert composition_classes(declared, [contract("x,y"), contract("y,x")]) == ("p", "q")
+
+
+# -- serial pipelines over the same contracts and aggregators ----------------------------------
+WINE_CASCADE = """
+pipelines:
+  wine_cascade:
+    description: logistic regression first; when it is not sure, the other two join it
+    aggregator: mean
+    steps:
+      - name: logreg
+        services: [wine_logreg]
+        stop_if: "proba >= 0.95"
+      - name: others
+        services: [wine_gbt, wine_knn]
+  by_class:
+    aggregator: mean
+    steps:
+      - name: gbt
+        services: [wine_gbt]
+        stop_if: "class_1 >= 0.9"
+      - name: knn
+        services: [wine_knn]
+"""
+
+
+@pytest.fixture(scope="module")
+def wine_pipelines_proxy(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("wine_pipelines")
+    (folder / "pipelines.yaml").write_text(WINE_CASCADE)
+    proxy_settings = settings(
+        compositions_file=_wine_file(folder, triton), pipelines_file=folder / "pipelines.yaml"
+    )
+    # The pipelines name services the compositions file declares (no SERVICE_ line for them).
+    with running_proxy(proxy_settings, services_on(triton, "grpc")) as url:
+        yield url
+
+
+def test_a_pipeline_aggregates_its_steps_like_a_composition(wine_pipelines_proxy: str) -> None:
+    """Each row's answer is the mean over every service that answered for it: logreg's alone
+    where it was sure (stop_if reads that answer), all three's where it was not."""
+    x, _ = wine.load()
+    out = _onnxruntime(x)
+    sure = out["wine_logreg"].max(axis=1) >= 0.95
+    assert 0 < sure.sum() < len(x)  # the condition splits the rows, or the test proves nothing
+    everyone = mean(out, wine.WINE_CLASSES)
+    expected_labels = [
+        wine.WINE_CLASSES[int(out["wine_logreg"][i].argmax())] if sure[i] else everyone.labels[i]
+        for i in range(len(x))
+    ]
+    expected_proba = np.where(sure, out["wine_logreg"].max(axis=1), everyone.proba)
+
+    body = httpx.post(f"{wine_pipelines_proxy}/pipelines/wine_cascade", json={"data": x.tolist()}).json()
+    assert [r["label"] for r in body["prediction"]] == expected_labels
+    np.testing.assert_allclose([r["proba"] for r in body["prediction"]], expected_proba, atol=1e-5)
+    assert [r["stopped_at"] == "logreg" for r in body["prediction"]] == sure.tolist()
+    assert list(body["prediction"][0]["scores"]) == list(wine.WINE_CLASSES)  # the models' class names
+    assert [(p["step"], p["rows"], p["stopped_rows"]) for p in body["path"]] == [
+        ("logreg", len(x), int(sure.sum())),
+        ("others", int((~sure).sum()), 0),
+    ]
+
+
+def test_stop_if_reads_a_class_of_the_aggregated_answer(wine_pipelines_proxy: str) -> None:
+    x, _ = wine.load()
+    gbt = _onnxruntime(x)["wine_gbt"]
+    confident = gbt[:, 1] >= 0.9
+    assert 0 < confident.sum() < len(x)
+    body = httpx.post(f"{wine_pipelines_proxy}/pipelines/by_class", json={"data": x.tolist()}).json()
+    assert [r["stopped_at"] == "gbt" for r in body["prediction"]] == confident.tolist()
+    assert all(r["label"] == "class_1" for r, c in zip(body["prediction"], confident, strict=True) if c)
+
+
+def test_a_pipeline_refuses_rows_that_do_not_fit_before_any_call(wine_pipelines_proxy: str) -> None:
+    response = httpx.post(f"{wine_pipelines_proxy}/pipelines/wine_cascade", json={"data": [[1.0, 2.0]]})
+    assert response.status_code == 422
+    assert "wine_logreg" in response.json()["error"]["message"]

@@ -237,7 +237,8 @@ def dockerfile_proxy(triton: TritonServer, compose: dict[str, Any]) -> Iterator[
         if line.startswith("ENV "):
             env.update(dict(item.split("=", 1) for item in shlex.split(line[4:])))
     for key, value in _environment(compose["services"]["proxy"]["environment"]).items():
-        env[key] = value.replace("triton:8001", triton.grpc_url).replace("triton:8000", triton.http_url)
+        value = value.replace("triton:8001", triton.grpc_url).replace("triton:8000", triton.http_url)
+        env[key] = value.replace("/app/", f"{ROOT}/")  # the image's WORKDIR is this checkout
     (port,) = free_ports(1)
     env["PROXY_PORT"] = str(port)
     assert command[0] == "python"
@@ -263,6 +264,19 @@ def test_container_entry_point_answers_the_seed_requests(dockerfile_proxy: str) 
     # The compose healthcheck's own command, pointed at this port.
     check = _compose_healthcheck_command(port=int(dockerfile_proxy.rsplit(":", 1)[1]))
     assert subprocess.run(check, timeout=30, check=False).returncode == 0
+
+
+def test_container_serves_the_example_compositions_and_pipelines(
+    dockerfile_proxy: str, compose: dict[str, Any]
+) -> None:
+    """compose mounts examples/ where the image has it, and points the proxy at both files."""
+    assert "./examples:/app/examples:ro" in compose["services"]["proxy"]["volumes"]
+    assert "COPY examples ./examples" in _final_stage(DOCKERFILE.read_text())
+    row = {"data": [[13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]]}
+    wine = httpx.post(f"{dockerfile_proxy}/compositions/wine/label", json=row)
+    assert wine.status_code == 200 and wine.json()["prediction"]["label"] == "class_0"
+    cascade = httpx.post(f"{dockerfile_proxy}/pipelines/wine_cascade", json=row)
+    assert cascade.status_code == 200 and cascade.json()["prediction"]["label"] == "class_0"
 
 
 def _compose_healthcheck_command(port: int) -> list[str]:
@@ -354,7 +368,8 @@ def test_deployment_files_use_only_known_settings() -> None:
     )
     for env in (compose_env, k8s_env):
         for key in env:
-            assert key.startswith("SERVICE_") or key in known, key
+            # TRITON_GRPC_URL: read by the example compositions file (${TRITON_GRPC_URL:-...}).
+            assert key.startswith("SERVICE_") or key in known or key == "TRITON_GRPC_URL", key
 
 
 def test_every_pod_meets_the_restricted_pod_security_standard(rendered: list[dict[str, Any]]) -> None:

@@ -316,3 +316,10 @@ def test_the_ensemble_setting_names_where_the_ensemble_is(
         ensemble = httpx.post(f"{url}/predict/label?route=ensemble", json=row)
         assert ensemble.status_code == 200
         assert ensemble.json()["prediction"]["label"] == fanout["prediction"]["label"] == "setosa"
+
+
+def test_the_example_file_serves_the_shipped_cascade_unchanged() -> None:
+    """examples/pipelines.yaml (make run, compose, k8s) repeats the shipped cascade: the same."""
+    services = {**IRIS, **{n: Service(n, "grpc", "x:1", n) for n in ("wine_logreg", "wine_gbt", "wine_knn")}}
+    example = load_pipelines(ROOT / "examples" / "pipelines.yaml", services)
+    assert example["iris_cascade"].describe() == load_pipelines(DEFAULT_FILE, IRIS)["iris_cascade"].describe()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from client_proxy.errors import UnknownPipeline
 from client_proxy.pipelines import report_body, run_pipeline
-from client_proxy.routes.predict import _WITH_BODY, call_options, read_rows
+from client_proxy.routes.predict import _WITH_BODY, call_options, read_any_rows
 from client_proxy.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.state import JSON, ProxyState
 
@@ -53,9 +53,10 @@ async def run(name: str, request: Request) -> JSON:
         known = ", ".join(sorted(state.pipelines)) or "none"
         raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
     options = call_options(request, state.settings)
-    rows = await read_rows(request, state.settings, options)
-    services = {s.name: s for s in state.services}
-    result = await run_pipeline(pipeline, rows, services, state.fanout, options.request_id, options.deadline)
+    rows = await read_any_rows(request, state.settings, options)
+    result = await run_pipeline(
+        pipeline, rows, state.service_map(), state.fanout, state.gateway, options.request_id, options.deadline
+    )
     if logger.isEnabledFor(logging.INFO):
         steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in result.path)
         logger.info(

@@ -17,7 +17,14 @@ from numpy.typing import NDArray
 from client_proxy.config import Settings, TimeoutPolicy
 from client_proxy.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from client_proxy.fanout import FanOutResult, Labels, Outcome, aggregate, failure
-from client_proxy.inputs import SAMPLE_ROW, PredictRequest, check_content_type, parse_rows, read_body
+from client_proxy.inputs import (
+    SAMPLE_ROW,
+    PredictRequest,
+    check_content_type,
+    parse_any_rows,
+    parse_rows,
+    read_body,
+)
 from client_proxy.observability import log_request
 from client_proxy.schemas import LabelAnswer, Predictions, errors
 from client_proxy.state import JSON, ProxyState
@@ -155,6 +162,13 @@ async def read_rows(request: Request, settings: Settings, options: CallOptions) 
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
     return parse_rows(body, settings.max_rows)
+
+
+async def read_any_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[Any]:
+    """Rows of any width and type, for models the services' contracts describe."""
+    check_content_type(request)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    return parse_any_rows(body, settings.max_rows)
 
 
 _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
