@@ -16,22 +16,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy.config import Service
 from client_proxy.errors import UpstreamError
+from client_proxy.tensors import Inputs, concatenate, row_count, signature
 
-InferFn = Callable[[Service, NDArray[np.float32], str, float], Awaitable[NDArray[np.float32]]]
+InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 
 
 @dataclass
 class _Waiter:
-    x: NDArray[np.float32]
+    x: Inputs
     request_id: str
     timeout: float
-    future: asyncio.Future[NDArray[np.float32]]
+    future: asyncio.Future[NDArray[Any]]
 
 
 @dataclass
@@ -50,9 +51,7 @@ class Coalescer:
         self._lanes: dict[Service, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def infer(
-        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
-    ) -> NDArray[np.float32]:
+    async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
         lane = self._lanes.setdefault(service, _Lane())
         if lane.in_flight < self._max_in_flight:
             lane.in_flight += 1
@@ -61,7 +60,7 @@ class Coalescer:
             finally:
                 lane.in_flight -= 1
                 self._next_batch(service, lane)
-        future: asyncio.Future[NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         lane.waiting.append(_Waiter(x, request_id, timeout, future))
         return await future
 
@@ -70,12 +69,20 @@ class Coalescer:
         lane.waiting = [w for w in lane.waiting if not w.future.done()]  # callers that gave up
         if not lane.waiting or lane.in_flight >= self._max_in_flight:
             return
+        # The first caller's input decides the batch; callers whose input cannot join it (other
+        # tensor names, widths or types) wait for the next call, in their order.
+        kind = signature(lane.waiting[0].x)
         batch: list[_Waiter] = []
+        later: list[_Waiter] = []
         rows = 0
-        while lane.waiting and (not batch or rows + lane.waiting[0].x.shape[0] <= self._max_rows):
-            waiter = lane.waiting.pop(0)
-            batch.append(waiter)
-            rows += waiter.x.shape[0]
+        for waiter in lane.waiting:
+            size = row_count(waiter.x)
+            if (not batch or rows + size <= self._max_rows) and signature(waiter.x) == kind:
+                batch.append(waiter)
+                rows += size
+            else:
+                later.append(waiter)
+        lane.waiting = later
         lane.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._send(service, lane, batch))
         self._tasks.add(task)
@@ -83,7 +90,7 @@ class Coalescer:
 
     async def _send(self, service: Service, lane: _Lane, batch: list[_Waiter]) -> None:
         try:
-            x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
+            x = concatenate([w.x for w in batch])
             try:
                 output = await self._infer(service, x, batch[0].request_id, max(w.timeout for w in batch))
             except UpstreamError as exc:
@@ -97,7 +104,7 @@ class Coalescer:
                 raise
             offset = 0
             for waiter in batch:
-                size = waiter.x.shape[0]
+                size = row_count(waiter.x)
                 if not waiter.future.done():
                     waiter.future.set_result(output[offset : offset + size])
                 offset += size

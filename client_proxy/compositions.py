@@ -30,14 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from numpy.typing import NDArray
-
 from client_proxy import yamlfile
 from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, parse_service, valid_name
 from client_proxy.contracts import Contract
 from client_proxy.errors import AggregationFailed, ServicesFailed
 from client_proxy.fanout import FanOut, FanOutResult
+from client_proxy.tensors import Inputs
 from client_proxy.yamlfile import Node
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
@@ -268,9 +267,9 @@ def _member(
 class Gateway(typing.Protocol):
     """What running a composition needs of the Triton side (``TritonGateway``), and no more."""
 
-    def fits(self, services: list[Service], x: NDArray[Any]) -> bool: ...
+    def fits(self, services: list[Service], x: Inputs) -> bool: ...
 
-    async def ensure_fit(self, services: list[Service], x: NDArray[Any], timeout: float) -> None: ...
+    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None: ...
 
     def known_contract(self, service: Service) -> Contract | None: ...
 
@@ -325,7 +324,7 @@ def composition_classes(composition: Composition, contracts: list[Contract | Non
 
 async def run_composition(
     composition: Composition,
-    x: NDArray[Any],
+    x: Inputs,
     gateway: Gateway,
     fanout: FanOut,
     request_id: str,

@@ -125,16 +125,37 @@ class Contract:
                 f"({self.describe_inputs()}): send named tensors"
             )
         spec = self.inputs[0]
+        return spec, self._convert(service, spec, rows, "rows")
+
+    def input_tensors(self, service: str, tensors: Mapping[str, Any]) -> dict[str, NDArray[Any]]:
+        """The model's inputs from named tensors (others are left out: they may be another
+        service's), each in its datatype with its shape checked, all with the same rows."""
+        missing = [spec for spec in self.inputs if spec.name not in tensors]
+        if missing:
+            needed = ", ".join(spec.describe(self.batched) for spec in missing)
+            raise ContractMismatch(f"{service}: model '{self.model}' needs input {needed}, not sent")
+        converted = {
+            spec.name: self._convert(service, spec, tensors[spec.name], f"tensor '{spec.name}'")
+            for spec in self.inputs
+        }
+        rows = {len(t) for t in converted.values()}
+        if self.batched and len(rows) > 1:
+            sizes = ", ".join(f"{name} {len(t)}" for name, t in converted.items())
+            raise ContractMismatch(f"{service}: the tensors have different numbers of rows ({sizes})")
+        return converted
+
+    def _convert(self, service: str, spec: TensorSpec, value: Any, what: str) -> NDArray[Any]:
+        """``value`` as ``spec``'s datatype and shape, or ``ContractMismatch`` naming both."""
         dtype = NUMPY_DTYPES.get(spec.datatype)
         if dtype is None:
             raise ContractMismatch(
                 f"{service}: input {spec.describe(self.batched)} has a datatype the proxy cannot send"
             )
         try:
-            array = np.asarray(rows, dtype=dtype)
+            array = np.asarray(value, dtype=dtype)
         except (TypeError, ValueError, OverflowError):
             raise ContractMismatch(
-                f"{service}: rows do not convert to {spec.datatype} for input {spec.describe(self.batched)}"
+                f"{service}: {what} do not convert to {spec.datatype} for input {spec.describe(self.batched)}"
             ) from None
         inner = array.shape[1:] if self.batched else array.shape
         if len(inner) != len(spec.shape) or any(
@@ -142,7 +163,7 @@ class Contract:
         ):
             got = "[" + ", ".join(str(s) for s in array.shape) + "]"
             raise ContractMismatch(
-                f"{service}: expects input {spec.describe(self.batched)}, got rows of shape {got}"
+                f"{service}: expects input {spec.describe(self.batched)}, got {what} of shape {got}"
             )
         if self.batched and self.max_batch_size and array.shape[0] > self.max_batch_size:
             raise ContractMismatch(
@@ -153,4 +174,4 @@ class Contract:
             raise ContractMismatch(
                 f"{service}: a value is out of FP16's range for input {spec.describe(self.batched)}"
             )
-        return spec, array
+        return array

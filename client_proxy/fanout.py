@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,10 +24,11 @@ from numpy.typing import NDArray
 from client_proxy.aggregators import one_vs_rest
 from client_proxy.config import Service, TimeoutPolicy
 from client_proxy.errors import CallCancelled, ServicesFailed, UpstreamError, UpstreamTimeout
+from client_proxy.tensors import Inputs
 
 logger = logging.getLogger(__name__)
 
-InferFn = Callable[[Service, NDArray[np.float32], str, float], Awaitable[NDArray[np.float32]]]
+InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 OutcomeHook = Callable[["Outcome"], None]
 
 
@@ -94,7 +96,7 @@ class FanOut:
         self._on_outcome = on_outcome
 
     def _start(
-        self, services: Sequence[Service], x: NDArray[np.float32], request_id: str, deadline: float
+        self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
     ) -> tuple[float, float, list[asyncio.Task[Outcome]]]:
         """Start every call now: the start time, each call's time budget, and the tasks (none
         when the deadline has already passed)."""
@@ -105,9 +107,7 @@ class FanOut:
             return started, budget, []
         return started, budget, [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
 
-    async def _call(
-        self, service: Service, x: NDArray[np.float32], request_id: str, budget: float
-    ) -> Outcome:
+    async def _call(self, service: Service, x: Inputs, request_id: str, budget: float) -> Outcome:
         started = time.perf_counter()
         try:
             probabilities = await self._infer(service, x, request_id, budget)
@@ -133,7 +133,7 @@ class FanOut:
     async def run(
         self,
         services: Sequence[Service],
-        x: NDArray[np.float32],
+        x: Inputs,
         request_id: str,
         deadline: float,
         policy: TimeoutPolicy,
@@ -184,7 +184,7 @@ class FanOut:
         return FanOutResult(outcomes=ordered, answered=answered, missing=missing)
 
     async def stream(
-        self, services: Sequence[Service], x: NDArray[np.float32], request_id: str, deadline: float
+        self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
     ) -> AsyncIterator[Outcome]:
         """Each service's outcome in completion order (late ones last, as timeouts); the caller
         may stop early, and what is still running is then cancelled."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 import grpc
@@ -28,8 +29,9 @@ from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from client_proxy.config import Service, Settings
-from client_proxy.contracts import NUMPY_DTYPES, Contract
+from client_proxy.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.tensors import Inputs, row_count, signature
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,8 @@ _UNAVAILABLE_TEXT = (
 class _Plan:
     """How to call one service's model, worked out once from its contract."""
 
-    input_name: str
-    datatype: str
-    dtype: Any
+    inputs: tuple[tuple[str, str, Any], ...]
+    """Per model input: its name, datatype and numpy dtype (None: sent as given)."""
     output_name: str
 
 
@@ -70,149 +71,73 @@ class _Plan:
 CONTRACT_RETRY_S = 1.0
 
 
-class _Client(Protocol):
-    async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
-    ) -> Any: ...
+class _Client:
+    """One Triton server's aio client. The two protocols take the same calls and differ in a few
+    arguments: binary tensors over HTTP, a client-side timeout and JSON rendering over gRPC."""
 
-    async def infer_outputs(
+    def __init__(self, protocol: str, url: str, max_connections: int) -> None:
+        self._grpc = protocol == "grpc"
+        self._module: Any = grpcclient if self._grpc else httpclient
+        if self._grpc:
+            self._client: Any = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
+        else:
+            # conn_timeout is aiohttp's total timeout; the proxy's own deadline is shorter anyway.
+            self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
+        self._binary: dict[str, Any] = {} if self._grpc else {"binary_data": True}
+        self._requested: dict[str, Any] = {}
+
+    def _timeout(self, timeout: float) -> dict[str, Any]:
+        return {"client_timeout": timeout} if self._grpc else {}
+
+    async def infer(
         self,
         service: Service,
-        x: NDArray[np.float32],
+        tensors: list[tuple[str, NDArray[Any], str]],
         request_id: str,
         timeout: float,
         outputs: tuple[str, ...],
-    ) -> dict[str, Any]: ...
-
-    async def is_model_ready(self, service: Service, timeout: float) -> bool: ...
-
-    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]: ...
-
-    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]: ...
-
-    async def close(self) -> None: ...
-
-
-class _GrpcClient:
-    def __init__(self, url: str) -> None:
-        self._client = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
-        self._outputs: dict[str, Any] = {}
-
-    async def _infer(
-        self,
-        service: Service,
-        x: NDArray[Any],
-        request_id: str,
-        timeout: float,
-        outputs: list[Any],
-        tensor_name: str = "input",
-        datatype: str = "FP32",
-    ) -> Any:
-        tensor = grpcclient.InferInput(tensor_name, x.shape, datatype)
-        tensor.set_data_from_numpy(x)
-        return await self._client.infer(
+    ) -> dict[str, Any]:
+        """``outputs`` of one inference on ``tensors`` (name, array, datatype)."""
+        inputs = []
+        for name, array, datatype in tensors:
+            tensor = self._module.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array, **self._binary)
+            inputs.append(tensor)
+        requested = []
+        for name in outputs:
+            output = self._requested.get(name)
+            if output is None:
+                output = self._requested[name] = self._module.InferRequestedOutput(name, **self._binary)
+            requested.append(output)
+        result = await self._client.infer(
             service.model,
-            [tensor],
+            inputs,
             model_version=service.version,
-            outputs=outputs,
+            outputs=requested,
             request_id=request_id,
-            client_timeout=timeout,
+            **self._timeout(timeout),
         )
-
-    async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
-    ) -> Any:
-        requested = self._outputs.get(plan.output_name)
-        if requested is None:
-            requested = self._outputs[plan.output_name] = grpcclient.InferRequestedOutput(plan.output_name)
-        result = await self._infer(
-            service, x, request_id, timeout, [requested], plan.input_name, plan.datatype
-        )
-        return result.as_numpy(plan.output_name)
-
-    async def infer_outputs(
-        self,
-        service: Service,
-        x: NDArray[np.float32],
-        request_id: str,
-        timeout: float,
-        outputs: tuple[str, ...],
-    ) -> dict[str, Any]:
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
-        result = await self._infer(service, x, request_id, timeout, requested)
         return {name: result.as_numpy(name) for name in outputs}
 
     async def is_model_ready(self, service: Service, timeout: float) -> bool:
-        return bool(await self._client.is_model_ready(service.model, service.version, client_timeout=timeout))
+        ready = self._client.is_model_ready(service.model, service.version, **self._timeout(timeout))
+        return bool(await ready)
 
     async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]:
-        result = await self._client.get_model_metadata(
-            service.model, service.version, as_json=True, client_timeout=timeout
+        json = {"as_json": True} if self._grpc else {}
+        metadata = self._client.get_model_metadata(
+            service.model, service.version, **json, **self._timeout(timeout)
         )
-        return dict(result)
+        return dict(await metadata)
 
     async def model_config(self, service: Service, timeout: float) -> dict[str, Any]:
-        result = await self._client.get_model_config(
-            service.model, service.version, as_json=True, client_timeout=timeout
-        )
-        return dict(result.get("config", result))
-
-    async def close(self) -> None:
-        await self._client.close()
-
-
-class _HttpClient:
-    def __init__(self, url: str, max_connections: int) -> None:
-        # conn_timeout is aiohttp's total timeout; the proxy's own deadline is shorter anyway.
-        self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
-        self._outputs: dict[str, Any] = {}
-
-    async def _infer(
-        self,
-        service: Service,
-        x: NDArray[Any],
-        request_id: str,
-        outputs: list[Any],
-        tensor_name: str = "input",
-        datatype: str = "FP32",
-    ) -> Any:
-        tensor = httpclient.InferInput(tensor_name, list(x.shape), datatype)
-        tensor.set_data_from_numpy(x, binary_data=True)
-        return await self._client.infer(
-            service.model, [tensor], model_version=service.version, outputs=outputs, request_id=request_id
-        )
-
-    async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float, plan: _Plan
-    ) -> Any:
-        requested = self._outputs.get(plan.output_name)
-        if requested is None:
-            requested = self._outputs[plan.output_name] = httpclient.InferRequestedOutput(
-                plan.output_name, binary_data=True
+        json = {"as_json": True} if self._grpc else {}
+        config = dict(
+            await self._client.get_model_config(
+                service.model, service.version, **json, **self._timeout(timeout)
             )
-        result = await self._infer(service, x, request_id, [requested], plan.input_name, plan.datatype)
-        return result.as_numpy(plan.output_name)
-
-    async def infer_outputs(
-        self,
-        service: Service,
-        x: NDArray[np.float32],
-        request_id: str,
-        timeout: float,
-        outputs: tuple[str, ...],
-    ) -> dict[str, Any]:
-        requested = [httpclient.InferRequestedOutput(name, binary_data=True) for name in outputs]
-        result = await self._infer(service, x, request_id, requested)
-        return {name: result.as_numpy(name) for name in outputs}
-
-    async def is_model_ready(self, service: Service, timeout: float) -> bool:
-        return bool(await self._client.is_model_ready(service.model, service.version))
-
-    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]:
-        return dict(await self._client.get_model_metadata(service.model, service.version))
-
-    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]:
-        return dict(await self._client.get_model_config(service.model, service.version))
+        )
+        return dict(config.get("config", config))  # gRPC wraps it in {"config": ...}
 
     async def close(self) -> None:
         await self._client.close()
@@ -262,16 +187,13 @@ class TritonGateway:
         self._plans: dict[Service, _Plan] = {}
         #: When the pre-call check last failed to read a service's contract.
         self._unreadable: dict[Service, float] = {}
-        #: (service, row shape, dtype) that fitted its model -> the model's max_batch_size (0: any).
-        self._fits: dict[tuple[Service, tuple[int, ...], str], int] = {}
+        #: (service, input signature) that fitted its model -> the model's max_batch_size (0: any).
+        self._fits: dict[tuple[Service, Hashable], int] = {}
 
     def _client(self, service: Service) -> _Client:
         client = self._clients.get(service.server)
         if client is None:
-            if service.protocol == "grpc":
-                client = _GrpcClient(service.url)
-            else:
-                client = _HttpClient(service.url, self._settings.max_connections)
+            client = _Client(service.protocol, service.url, self._settings.max_connections)
             self._clients[service.server] = client
         return client
 
@@ -289,10 +211,21 @@ class TritonGateway:
             self._contracts[service] = contract
         return contract
 
-    async def ensure_fit(self, services: list[Service], x: NDArray[Any], timeout: float) -> None:
-        """Refuse (``ContractMismatch``, 422) rows that do not fit a service's model, before any
-        inference call. Contracts not read yet are read now, concurrently and within ``timeout``;
-        a service whose contract cannot be read now is left to fail (or not) on its own call."""
+    def known_contract(self, service: Service) -> Contract | None:
+        """The contract already read, if any (no call to Triton)."""
+        return self._contracts.get(service)
+
+    def _forget(self, service: Service) -> None:
+        """Unloaded, or Triton gone: the model may come back as another version."""
+        self._contracts.pop(service, None)
+        self._plans.pop(service, None)
+        self._fits = {fit: limit for fit, limit in self._fits.items() if fit[0] != service}
+
+    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None:
+        """Refuse (``ContractMismatch``, 422) an input that does not fit a service's model, before
+        any inference call. Contracts not read yet are read now, concurrently and within
+        ``timeout``; a service whose contract cannot be read now is left to fail (or not) on its
+        own call."""
         # A contract that could not be read is not asked for again here for a second: the
         # service's own call reports it, and a missing model costs no extra calls per request.
         now = time.monotonic()
@@ -312,64 +245,77 @@ class TritonGateway:
             for service, result in zip(unknown, results, strict=False):
                 if isinstance(result, BaseException):
                     self._unreadable[service] = now
-        row_shape, dtype = x.shape[1:], x.dtype.str
+        kind = signature(x)
         for service in services:
             contract = self._contracts.get(service)
-            if contract is None or len(contract.inputs) != 1:
+            if contract is None:
                 continue
-            contract.input_rows(service.name, x)  # raises ContractMismatch naming the service
-            self._fits[(service, row_shape, dtype)] = contract.max_batch_size if contract.batched else 0
+            # Each raises ContractMismatch naming the service.
+            if isinstance(x, np.ndarray):
+                contract.input_rows(service.name, x)
+            else:
+                contract.input_tensors(service.name, x)
+            self._fits[(service, kind)] = contract.max_batch_size if contract.batched else 0
 
-    def fits(self, services: list[Service], x: NDArray[Any]) -> bool:
-        """True when rows of this shape and type already fitted every service's model: the hot
-        path, with no need for ``ensure_fit``."""
-        row_shape, dtype, n = x.shape[1:], x.dtype.str, len(x)
+    def fits(self, services: list[Service], x: Inputs) -> bool:
+        """True when inputs like this one already fitted every service's model: the hot path,
+        with no need for ``ensure_fit``."""
+        kind, n = signature(x), row_count(x)
         for service in services:
-            limit = self._fits.get((service, row_shape, dtype))
+            limit = self._fits.get((service, kind))
             if limit is None or (limit and n > limit):
                 return False
         return True
 
     async def _plan(self, service: Service, timeout: float) -> _Plan:
         contract = self._contracts.get(service) or await self.contract(service, timeout)
-        if len(contract.inputs) != 1:
-            raise UpstreamError(
-                f"{service.name}: model '{service.model}' takes {len(contract.inputs)} inputs "
-                f"({contract.describe_inputs()}), not rows",
-                service=service.name,
-            )
-        source, output = contract.inputs[0], contract.output(service.name, service.output)
-        plan = _Plan(source.name, source.datatype, NUMPY_DTYPES.get(source.datatype), output.name)
-        self._plans[service] = plan
+        output = contract.output(service.name, service.output)
+        inputs = tuple((t.name, t.datatype, NUMPY_DTYPES.get(t.datatype)) for t in contract.inputs)
+        plan = self._plans[service] = _Plan(inputs, output.name)
         return plan
 
-    def known_contract(self, service: Service) -> Contract | None:
-        """The contract already read, if any (no call to Triton)."""
-        return self._contracts.get(service)
+    def _tensors(self, service: Service, plan: _Plan, x: Inputs) -> list[tuple[str, NDArray[Any], str]]:
+        """The input tensors of one call, each in the model's datatype."""
+        if isinstance(x, np.ndarray):
+            if len(plan.inputs) != 1:
+                names = ", ".join(name for name, _, _ in plan.inputs)
+                raise ContractMismatch(
+                    f"{service.name}: model '{service.model}' takes inputs {names}: send named tensors"
+                )
+            ((name, datatype, dtype),) = plan.inputs
+            return [(name, x if dtype is None or x.dtype == dtype else x.astype(dtype), datatype)]
+        tensors = []
+        for name, datatype, dtype in plan.inputs:
+            if name not in x:
+                raise ContractMismatch(
+                    f"{service.name}: model '{service.model}' needs input '{name}', not sent"
+                )
+            array = x[name]
+            tensors.append(
+                (name, array if dtype is None or array.dtype == dtype else array.astype(dtype), datatype)
+            )
+        return tensors
 
-    async def infer(
-        self, service: Service, x: NDArray[Any], request_id: str, timeout: float
-    ) -> NDArray[np.float32]:
-        """``service``'s output for the rows ``x``, one Triton call, in the model's own tensors."""
+    async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
+        """``service``'s output for the input ``x``, one Triton call, in the model's own tensors."""
         client = self._client(service)
         try:
             plan = self._plans.get(service) or await self._plan(service, timeout)
-            if plan.dtype is not None and x.dtype != plan.dtype:
-                x = x.astype(plan.dtype)
-            output = await client.infer(service, x, request_id, timeout, plan)
+            tensors = self._tensors(service, plan, x)
+            output = (await client.infer(service, tensors, request_id, timeout, (plan.output_name,)))[
+                plan.output_name
+            ]
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = translate(exc, service)
             if isinstance(error, UpstreamUnavailable):
-                # Unloaded, or Triton gone: the model may come back as another version.
-                self._contracts.pop(service, None)
-                self._plans.pop(service, None)
-                self._fits = {fit: limit for fit, limit in self._fits.items() if fit[0] != service}
+                self._forget(service)
             raise error from exc
-        if output is None or output.shape[0] != x.shape[0]:
+        rows = row_count(x)
+        if output is None or output.shape[0] != rows:
             raise UpstreamError(
-                f"{service.name}: model '{service.model}' returned no output of {x.shape[0]} rows",
+                f"{service.name}: model '{service.model}' returned no output of {rows} rows",
                 service=service.name,
             )
         output = np.asarray(output, dtype=np.float32)
@@ -381,29 +327,37 @@ class TritonGateway:
         return output
 
     async def infer_ensemble(
-        self, service: Service, x: NDArray[np.float32], request_id: str, timeout: float
+        self, service: Service, x: NDArray[Any], request_id: str, timeout: float
     ) -> tuple[list[str], NDArray[np.float32]]:
-        """Triton's own fan-out: the ensemble's ``class_name`` and ``proba`` per row, one call."""
+        """A server-side ensemble's label and its probability per row, in one call. Read from
+        its contract: the label is its one BYTES output, the probability its one floating-point
+        output of one value per row (``class_name`` and ``proba`` for ``iris_ensemble``)."""
         try:
-            out = await self._client(service).infer_outputs(
-                service, x, request_id, timeout, ("class_name", "proba")
-            )
+            contract = await self.contract(service, timeout)
+            label, proba = _label_outputs(service, contract)
+            plan = self._plans.get(service) or await self._plan(replace(service, output=label), timeout)
+            self._plans[service] = plan
+            tensors = self._tensors(service, plan, x)
+            out = await self._client(service).infer(service, tensors, request_id, timeout, (label, proba))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise translate(exc, service) from exc
-        names, proba = out.get("class_name"), out.get("proba")
-        if names is None or proba is None or names.shape[0] != x.shape[0]:
+            error = translate(exc, service)
+            if isinstance(error, UpstreamUnavailable):
+                self._forget(service)
+            raise error from exc
+        names, scores = out.get(label), out.get(proba)
+        if names is None or scores is None or names.shape[0] != x.shape[0]:
             raise UpstreamError(
-                f"{service.name}: model '{service.model}' gave no class_name/proba", service=service.name
+                f"{service.name}: model '{service.model}' gave no {label}/{proba}", service=service.name
             )
         labels = [n.decode() if isinstance(n, bytes) else str(n) for n in names.reshape(-1)]
-        scores = np.asarray(proba, dtype=np.float32).reshape(-1)
-        if not np.isfinite(scores).all():
+        values = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if not np.isfinite(values).all():
             raise UpstreamError(
                 f"{service.name}: model '{service.model}' returned non-finite values", service=service.name
             )
-        return labels, scores
+        return labels, values
 
     async def model_ready(self, service: Service, timeout: float) -> bool:
         """Triton's per-model readiness; raises ``UpstreamError`` when Triton cannot be asked."""
@@ -435,3 +389,24 @@ class TritonGateway:
             except Exception:  # closing must not stop the others from closing
                 logger.exception("closing a Triton client failed")
         return len(clients)
+
+
+def _as(array: NDArray[Any], dtype: Any) -> NDArray[Any]:
+    return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+
+
+def _label_outputs(service: Service, contract: Contract) -> tuple[str, str]:
+    """An ensemble's label output (its one BYTES output) and probability output (its one
+    floating-point output of one value per row)."""
+    labels = [t.name for t in contract.outputs if t.datatype == "BYTES"]
+    probas = [
+        t.name for t in contract.outputs if t.datatype.startswith("FP") and int(np.prod(t.shape or (1,))) == 1
+    ]
+    if len(labels) != 1 or len(probas) != 1:
+        raise UpstreamError(
+            f"{service.name}: model '{service.model}' needs one BYTES output (the label) and one "
+            f"floating-point output of one value per row (its probability); it has "
+            f"{', '.join(t.describe(contract.batched) for t in contract.outputs)}",
+            service=service.name,
+        )
+    return labels[0], probas[0]

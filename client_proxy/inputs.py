@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
+from client_proxy.contracts import NUMPY_DTYPES
 from client_proxy.errors import (
     BadRequest,
     InvalidInput,
@@ -26,6 +28,7 @@ from client_proxy.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from client_proxy.tensors import Inputs
 
 N_FEATURES = 4
 SAMPLE_ROW = [5.1, 3.5, 1.4, 0.2]
@@ -156,6 +159,112 @@ def parse_any_rows(body: bytes, max_rows: int) -> NDArray[Any]:
     if all(isinstance(v, str) for row in request.data for v in row):
         return np.asarray(request.data, dtype=object)
     raise InvalidInput("data: mixes numbers and strings: a row is all numbers, or all strings (BYTES)")
+
+
+def parse_inputs(body: bytes, max_rows: int) -> Inputs:
+    """Rows (``{"data": [[...], ...]}``, as ``parse_any_rows``) or named tensors in the Open
+    Inference Protocol's JSON (``{"inputs": [{"name", "shape", "datatype", "data"}, ...]}``),
+    for a model with several inputs; ``ProxyError`` (4xx) naming the problem otherwise."""
+    if b'"inputs"' not in body:
+        return parse_any_rows(body, max_rows)
+    document = _document(body, max_rows, '{"inputs": [{"name", "shape", "datatype", "data"}, ...]}')
+    if not isinstance(document, dict) or "inputs" not in document:
+        return parse_any_rows(body, max_rows)  # "inputs" was a value, not the key
+    if set(document) != {"inputs"}:
+        raise InvalidInput('body must be {"data": [[...], ...]} or {"inputs": [...]}, not both')
+    return parse_tensors(document["inputs"], max_rows)
+
+
+_TENSOR_KEYS = {"name", "shape", "datatype", "data"}
+
+
+def parse_tensors(entries: Any, max_rows: int) -> dict[str, NDArray[Any]]:
+    """The Open Inference Protocol's input tensors (JSON) as named arrays of their datatype and
+    shape; the first dimension of every tensor is the rows, the same for all."""
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput("inputs: must be a non-empty list of tensors")
+    tensors: dict[str, NDArray[Any]] = {}
+    for i, entry in enumerate(entries):
+        where = f"inputs[{i}]"
+        if not isinstance(entry, dict) or not set(entry) >= _TENSOR_KEYS:
+            raise InvalidInput(f"{where}: a tensor is an object with name, shape, datatype and data")
+        unknown = sorted(set(entry) - _TENSOR_KEYS)
+        if unknown:
+            raise InvalidInput(f"{where}: unknown key(s) {unknown}")
+        name, shape, datatype, data = entry["name"], entry["shape"], entry["datatype"], entry["data"]
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}.name: must be a non-empty string")
+        where = f"inputs[{i}] ({name!r})"
+        if name in tensors:
+            raise InvalidInput(f"{where}: the name is used twice")
+        if datatype not in NUMPY_DTYPES:
+            raise InvalidInput(
+                f"{where}.datatype: must be one of {', '.join(NUMPY_DTYPES)}, not {datatype!r}"
+            )
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise InvalidInput(f"{where}.shape: must be a list of whole numbers >= 0, the rows first")
+        if not 1 <= shape[0] <= max_rows:
+            raise InvalidInput(
+                f"{where}.shape: {shape[0]} rows; from 1 to {max_rows} per request", max_rows=max_rows
+            )
+        tensors[name] = _tensor(where, shape, datatype, data)
+    rows = {len(t) for t in tensors.values()}
+    if len(rows) > 1:
+        sizes = ", ".join(f"{name} {len(t)}" for name, t in tensors.items())
+        raise InvalidInput(f"inputs: every tensor needs the same number of rows (first dimension): {sizes}")
+    return tensors
+
+
+def _flatten(data: Any) -> list[Any]:
+    flat: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def _tensor(where: str, shape: list[int], datatype: str, data: Any) -> NDArray[Any]:
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}.data: must be a list (flat, or nested as the shape)")
+    flat = _flatten(data)
+    expected = math.prod(shape)
+    if len(flat) != expected:
+        raise InvalidInput(f"{where}.data: {len(flat)} values, the shape {shape} needs {expected}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidInput(f"{where}.data: BYTES values must be strings")
+        return np.asarray(flat, dtype=object).reshape(shape)
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in flat):
+            raise InvalidInput(f"{where}.data: BOOL values must be true or false")
+    elif not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
+        raise InvalidInput(f"{where}.data: {datatype} values must be numbers")
+    elif not all(math.isfinite(v) for v in flat):
+        raise InvalidInput(f"{where}.data: values must be finite")
+    elif datatype.startswith(("INT", "UINT")):
+        # numpy casts out-of-range Python integers by wrapping them (1.x) or raises (2.x): check.
+        limits = np.iinfo(NUMPY_DTYPES[datatype])
+        if not all(isinstance(v, int) and limits.min <= v <= limits.max for v in flat):
+            raise InvalidInput(
+                f"{where}.data: a value does not fit {datatype} (whole numbers "
+                f"from {limits.min} to {limits.max})"
+            )
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            array = np.asarray(flat, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+    except (TypeError, ValueError, OverflowError, FloatingPointError):
+        raise InvalidInput(f"{where}.data: a value does not fit {datatype}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"{where}.data: a value is out of {datatype}'s range")
+    return array
 
 
 def check_content_type(request: Request) -> None:

@@ -47,6 +47,7 @@ from client_proxy.compositions import Gateway, read_classes, resolve_classes
 from client_proxy.config import Service, TimeoutPolicy
 from client_proxy.errors import AggregationFailed, ServicesFailed
 from client_proxy.fanout import FanOut
+from client_proxy.tensors import Inputs, row_count, take_rows
 from client_proxy.yamlfile import Node
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
@@ -309,7 +310,7 @@ def _score(output: NDArray[Any], aggregator: str) -> NDArray[np.float64]:
 
 async def run_pipeline(
     pipeline: Pipeline,
-    x: NDArray[Any],
+    x: Inputs,
     services: Mapping[str, Service],
     fanout: FanOut,
     gateway: Gateway,
@@ -322,7 +323,7 @@ async def run_pipeline(
     first = [services[name] for step in pipeline.steps if step.input == "request" for name in step.services]
     if not gateway.fits(first, x):
         await gateway.ensure_fit(first, x, max(deadline - time.monotonic(), 0.001))
-    n = x.shape[0]
+    n = row_count(x)
     active = np.ones(n, dtype=bool)
     labels = [""] * n
     proba = np.zeros(n, dtype=np.float64)
@@ -343,7 +344,7 @@ async def run_pipeline(
         try:
             result = await fanout.run(
                 [services[s] for s in step.services],
-                np.ascontiguousarray(source[rows]),
+                take_rows(source, rows),
                 request_id,
                 deadline,
                 TimeoutPolicy.PARTIAL if step.on_failure == "skip" else TimeoutPolicy.ALL_OR_NOTHING,

@@ -107,3 +107,37 @@ def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
 
     asyncio.run(main())
     assert fake.calls == [1, 1]  # the quitter's row was never sent
+
+
+def test_only_inputs_of_one_signature_share_a_batch() -> None:
+    """Waiting callers whose inputs cannot be joined (another width, named tensors) wait for a
+    call of their own; each still gets its own rows back."""
+    seen: list[object] = []
+
+    async def infer(service: Service, x: object, request_id: str, timeout: float) -> np.ndarray:
+        await asyncio.sleep(0.01)
+        if isinstance(x, dict):
+            seen.append(("named", len(x["a"])))
+            first = x["a"][:, 0]
+        else:
+            assert isinstance(x, np.ndarray)
+            seen.append((x.shape[1], len(x)))
+            first = x[:, 0]
+        return np.stack([first, -first], axis=1).astype(np.float32)
+
+    coalescer = Coalescer(infer, max_rows=1024, max_in_flight=1)
+
+    def named(ident: int) -> dict[str, np.ndarray]:
+        return {"a": np.full((2, 3), ident, dtype=np.float32), "b": np.zeros((2, 1), dtype=np.int64)}
+
+    async def main() -> list[np.ndarray]:
+        calls = [coalescer.infer(SERVICE, rows(0), "first", 1.0)]  # takes the only slot
+        calls += [coalescer.infer(SERVICE, rows(i), "r", 1.0) for i in (1, 2)]
+        calls += [coalescer.infer(SERVICE, np.full((1, 6), 3, dtype=np.float32), "r", 1.0)]
+        calls += [coalescer.infer(SERVICE, named(i), "r", 1.0) for i in (4, 5)]
+        return await asyncio.gather(*calls)
+
+    outputs = asyncio.run(main())
+    assert [o[:, 0].tolist() for o in outputs] == [[0], [1], [2], [3], [4, 4], [5, 5]]
+    # The first alone; then the two 4-wide rows together, the 6-wide row, the two named inputs.
+    assert seen == [(4, 1), (4, 2), (6, 1), ("named", 4)]

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from numpy.typing import NDArray
 from starlette.responses import StreamingResponse
 
 from client_proxy.compositions import (
@@ -24,11 +23,12 @@ from client_proxy.compositions import (
 )
 from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
 from client_proxy.fanout import FanOutResult, Outcome, failure
-from client_proxy.inputs import check_content_type, parse_any_rows, read_body
+from client_proxy.inputs import check_content_type, parse_inputs, read_body
 from client_proxy.observability import log_request
 from client_proxy.routes.predict import CallOptions, _line, call_options, service_line
 from client_proxy.schemas import errors
 from client_proxy.state import JSON, ProxyState
+from client_proxy.tensors import Inputs, row_count
 
 router = APIRouter(tags=["compositions"])
 
@@ -38,20 +38,52 @@ _BODY = {
         "content": {
             "application/json": {
                 "schema": {
-                    "type": "object",
-                    "required": ["data"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "data": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "type": "array",
-                                "minItems": 1,
-                                "items": {"anyOf": [{"type": "number"}, {"type": "string"}]},
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "title": "Rows",
+                            "required": ["data"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "data": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": {"anyOf": [{"type": "number"}, {"type": "string"}]},
+                                    },
+                                }
                             },
-                        }
-                    },
+                        },
+                        {
+                            "type": "object",
+                            "title": "Named tensors (Open Inference Protocol)",
+                            "required": ["inputs"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "inputs": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["name", "shape", "datatype", "data"],
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "name": {"type": "string", "minLength": 1},
+                                            "shape": {
+                                                "type": "array",
+                                                "minItems": 1,
+                                                "items": {"type": "integer", "minimum": 0},
+                                            },
+                                            "datatype": {"type": "string"},
+                                            "data": {"type": "array"},
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                    ]
                 },
                 "examples": {
                     "wine": {
@@ -100,16 +132,14 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def _read(
-    state: ProxyState, name: str, request: Request
-) -> tuple[Composition, CallOptions, NDArray[Any]]:
-    """The composition, the request's policy and deadline (within the composition's), its rows."""
+async def _read(state: ProxyState, name: str, request: Request) -> tuple[Composition, CallOptions, Inputs]:
+    """The composition, the request's policy and deadline (within the composition's), its input."""
     composition = _composition(state, name)
     settings = state.settings
     options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    return composition, options, parse_any_rows(body, settings.max_rows)
+    return composition, options, parse_inputs(body, settings.max_rows)
 
 
 async def _run(
@@ -122,7 +152,7 @@ async def _run(
     log_request(options.request_id, endpoint, list(answer.result.outcomes.values()))
     if answer.result.partial:
         state.metrics.partial_answers.labels(endpoint).inc()
-    return composition, answer, rows.shape[0] == 1
+    return composition, answer, row_count(rows) == 1
 
 
 @router.post("/compositions/{name}/predict", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
@@ -187,7 +217,7 @@ async def stream(name: str, request: Request) -> StreamingResponse:
     line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
     state: ProxyState = request.app.state.proxy
     composition, options, rows = await _read(state, name, request)
-    one_row = rows.shape[0] == 1
+    one_row = row_count(rows) == 1
     services = composition.services
     await state.gateway.ensure_fit(services, rows, max(options.deadline - time.monotonic(), 0.001))
 

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Request
 
 from client_proxy.errors import UnknownPipeline
 from client_proxy.pipelines import report_body, run_pipeline
-from client_proxy.routes.predict import _WITH_BODY, call_options, read_any_rows
+from client_proxy.routes.predict import _WITH_BODY, call_options, read_inputs
 from client_proxy.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.state import JSON, ProxyState
+from client_proxy.tensors import row_count
 
 router = APIRouter(tags=["pipelines"])
 logger = logging.getLogger("client_proxy")
@@ -53,7 +54,7 @@ async def run(name: str, request: Request) -> JSON:
         known = ", ".join(sorted(state.pipelines)) or "none"
         raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
     options = call_options(request, state.settings)
-    rows = await read_any_rows(request, state.settings, options)
+    rows = await read_inputs(request, state.settings, options)
     result = await run_pipeline(
         pipeline, rows, state.service_map(), state.fanout, state.gateway, options.request_id, options.deadline
     )
@@ -62,4 +63,4 @@ async def run(name: str, request: Request) -> JSON:
         logger.info(
             "request_id=%s endpoint=/pipelines/%s %s calls=%d", options.request_id, name, steps, result.calls
         )
-    return JSON(report_body(pipeline, result, one_row=rows.shape[0] == 1))
+    return JSON(report_body(pipeline, result, one_row=row_count(rows) == 1))

@@ -21,13 +21,14 @@ from client_proxy.inputs import (
     SAMPLE_ROW,
     PredictRequest,
     check_content_type,
-    parse_any_rows,
+    parse_inputs,
     parse_rows,
     read_body,
 )
 from client_proxy.observability import log_request
 from client_proxy.schemas import LabelAnswer, Predictions, errors
 from client_proxy.state import JSON, ProxyState
+from client_proxy.tensors import Inputs
 
 router = APIRouter(tags=["predict"])
 
@@ -164,11 +165,11 @@ async def read_rows(request: Request, settings: Settings, options: CallOptions) 
     return parse_rows(body, settings.max_rows)
 
 
-async def read_any_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[Any]:
-    """Rows of any width and type, for models the services' contracts describe."""
+async def read_inputs(request: Request, settings: Settings, options: CallOptions) -> Inputs:
+    """Rows of any width and type, or named tensors, for models the services' contracts describe."""
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    return parse_any_rows(body, settings.max_rows)
+    return parse_inputs(body, settings.max_rows)
 
 
 _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
