@@ -9,11 +9,12 @@ export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools train models run triton test bench soak lint lock clean
+.PHONY: help install tools train models run triton test test-unit bench soak lint lock clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
 	@echo "make test     set up and run the tests (real embedded Triton)"
+	@echo "make test-unit  the core's unit tests only (no Triton; seconds)"
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
 	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 10 minutes)"
@@ -62,6 +63,10 @@ run: $(VENV)/.installed-run models
 
 test: $(VENV)/.installed-test models tools
 	$(BIN)/python -m pytest
+
+# The core's unit tests alone (no Triton, no server): seconds.
+test-unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/unit
 
 bench: $(VENV)/.installed-test models tools
 	$(BIN)/python -m bench

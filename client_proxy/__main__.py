@@ -10,11 +10,12 @@ import sys
 
 import uvicorn
 
-from client_proxy.compositions import CompositionError
-from client_proxy.config import ConfigError, check_settings, ensemble_service, initial_services, load_settings
-from client_proxy.declared import load_declared
-from client_proxy.lingering import LingeringHttpToolsProtocol
-from client_proxy.pipelines import PipelineError
+from client_proxy.api.lingering import LingeringHttpToolsProtocol
+from client_proxy.config import check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.core.compositions import CompositionError
+from client_proxy.core.declared import load_declared
+from client_proxy.core.pipelines import PipelineError
+from client_proxy.core.services import ConfigError
 
 
 def main() -> int:

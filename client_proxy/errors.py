@@ -7,6 +7,8 @@ handler renders every ``ProxyError`` as ``{"error": {"code", "message", ...}}``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -118,10 +120,27 @@ class CallCancelled(UpstreamError):
     reason = "cancelled"
 
 
-class ServicesFailed(ProxyError):
-    """A request could not be answered because of the named services (``failures``: name -> reason)."""
+@dataclass(frozen=True)
+class Failure:
+    """Why one service (or pipeline step) did not answer; in a response, ``{"reason", "message"}``."""
 
-    def __init__(self, message: str, failures: dict[str, dict[str, str]], timed_out: bool) -> None:
-        super().__init__(message, services=failures)
+    reason: str
+    """``timeout``, ``unavailable``, ``error`` or ``cancelled`` (a step: ``skipped``)."""
+    message: str
+
+    @classmethod
+    def of(cls, error: UpstreamError) -> Failure:
+        return cls(error.reason, error.message)
+
+
+class ServicesFailed(ProxyError):
+    """A request could not be answered because of the named services (``failures``); a 504 when
+    one of them was late, else a 503."""
+
+    def __init__(self, message: str, failures: Mapping[str, Failure], timed_out: bool | None = None) -> None:
+        super().__init__(message, services=dict(failures))
+        self.failures = dict(failures)
+        if timed_out is None:
+            timed_out = any(f.reason == "timeout" for f in failures.values())
         self.status_code = 504 if timed_out else 503
         self.code = "upstream_timeout" if timed_out else "upstream_unavailable"

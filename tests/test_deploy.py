@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from client_proxy.config import Settings, parse_service
+from client_proxy.config import Settings
+from client_proxy.core.services import parse_service
 from local_triton import TRITON_RELEASE, TritonServer, free_ports
 
 from .conftest import MODEL_REPOSITORY, ROOT

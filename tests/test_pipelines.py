@@ -11,8 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client_proxy.config import Service
-from client_proxy.pipelines import DEFAULT_FILE, PipelineError, configured_pipelines, load_pipelines
+from client_proxy.core.services import Service
 from local_triton import TritonServer
 from training import CLASS_NAMES
 
@@ -22,48 +21,10 @@ from .helpers import running_proxy, services_on, settings, triton_stats
 IRIS = {n: Service(n, "grpc", "x:1", n) for n in CLASS_NAMES}
 
 
-# -- pipeline files -----------------------------------------------------------------------------
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "pipelines.yaml"
-    path.write_text(text)
-    return path
-
-
-GOOD_HEAD = "pipelines:\n  p:\n    steps:\n"
-
-
-@pytest.mark.parametrize(
-    ("steps", "line", "text"),
-    [
-        ("      - name: a\n        services: [setosa, nope]\n", 5, "unknown service 'nope'"),
-        ("      - name: a\n        services: [setosa]\n        input: a.setosa\n", 6, "a cycle"),
-        ("      - name: a\n        services: [setosa]\n        input: b.setosa\n"
-         "      - name: b\n        services: [virginica]\n", 6, "a cycle"),
-        ("      - name: a\n        services: [setosa]\n        stop_if: setosa => 0.9\n", 6, "stop_if"),
-        ("      - name: a\n        services: [setosa]\n        stop_if: virginica > 0.9\n", 6, "service"),
-        ("      - name: a\n        services: [setosa]\n        on_failure: retry\n", 6, "on_failure"),
-        ("      - name: a\n        services: [setosa]\n        colour: blue\n", 4, "unknown key"),
-    ],
-)  # fmt: skip
-def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: int, text: str) -> None:
-    path = _write(tmp_path, GOOD_HEAD + steps)
-    with pytest.raises(PipelineError) as error:
-        load_pipelines(path, IRIS)
-    assert f"line {line}:" in str(error.value) and text in str(error.value) and str(path) in str(error.value)
-
-
-def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match="line 3"):
-        load_pipelines(_write(tmp_path, "pipelines:\n  p:\n\tsteps: []\n"), IRIS)
-
-
-def test_the_shipped_cascade_loads() -> None:
-    (cascade,) = load_pipelines(DEFAULT_FILE, IRIS).values()
-    assert [s.services for s in cascade.steps] == [("setosa",), ("versicolor", "virginica")]
-
-
 def test_start_up_stops_on_an_invalid_pipeline_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, GOOD_HEAD + "      - name: a\n        services: [ghost]\n")
+    path = _pipelines_file(
+        tmp_path, "pipelines:\n  p:\n    steps:\n      - name: a\n        services: [ghost]\n"
+    )
     env = {"PATH": "/usr/bin:/bin", "PROXY_PIPELINES_FILE": str(path)}
     result = subprocess.run(
         [sys.executable, "-m", "client_proxy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -162,7 +123,7 @@ def test_ensemble_route_by_setting(triton: TritonServer) -> None:
 
 # -- skip and fail, with the test-only failing model -------------------------------------------------
 def _failing_pipelines(tmp_path: Path, on_failure: str) -> Path:
-    return _write(
+    return _pipelines_file(
         tmp_path,
         "pipelines:\n  guarded:\n    steps:\n"
         "      - name: flaky\n        services: [failing]\n        stop_if: failing >= 0.5\n"
@@ -191,16 +152,6 @@ def test_a_failing_step_with_fail_fails_naming_the_step(
         response = httpx.post(f"{url}/pipelines/guarded", json={"data": [[1.0, 2.0, 3.0, 4.0]]})
     assert response.status_code == 503
     assert "step 'flaky'" in response.json()["error"]["message"]
-
-
-def test_the_shipped_file_steps_aside_when_the_services_differ(tmp_path: Path) -> None:
-    only_setosa = {"setosa": IRIS["setosa"]}
-    pipelines, source = configured_pipelines(None, only_setosa)
-    assert pipelines == {} and "not served" in source and "versicolor" in source
-    assert set(configured_pipelines(None, IRIS)[0]) == {"iris_cascade"}
-    # A file the operator named is strict.
-    with pytest.raises(PipelineError):
-        configured_pipelines(DEFAULT_FILE, only_setosa)
 
 
 def _pipelines_file(tmp_path: Path, text: str) -> Path:
@@ -316,10 +267,3 @@ def test_the_ensemble_setting_names_where_the_ensemble_is(
         ensemble = httpx.post(f"{url}/predict/label?route=ensemble", json=row)
         assert ensemble.status_code == 200
         assert ensemble.json()["prediction"]["label"] == fanout["prediction"]["label"] == "setosa"
-
-
-def test_the_example_file_serves_the_shipped_cascade_unchanged() -> None:
-    """examples/pipelines.yaml (make run, compose, k8s) repeats the shipped cascade: the same."""
-    services = {**IRIS, **{n: Service(n, "grpc", "x:1", n) for n in ("wine_logreg", "wine_gbt", "wine_knn")}}
-    example = load_pipelines(ROOT / "examples" / "pipelines.yaml", services)
-    assert example["iris_cascade"].describe() == load_pipelines(DEFAULT_FILE, IRIS)["iris_cascade"].describe()

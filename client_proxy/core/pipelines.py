@@ -41,17 +41,17 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy import yamlfile
-from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.compositions import Gateway, read_classes, resolve_classes
-from client_proxy.config import Service, TimeoutPolicy
-from client_proxy.errors import AggregationFailed, ServicesFailed
-from client_proxy.fanout import FanOut
-from client_proxy.tensors import Inputs, row_count, take_rows
-from client_proxy.yamlfile import Node
+from client_proxy.core import yamlfile
+from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
+from client_proxy.core.compositions import Gateway, read_classes, resolve_classes
+from client_proxy.core.fanout import FanOut
+from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.tensors import Inputs, row_count, take_rows
+from client_proxy.core.yamlfile import Node
+from client_proxy.errors import AggregationFailed, Failure, ServicesFailed
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
-logger = logging.getLogger("client_proxy.pipelines")
+logger = logging.getLogger("client_proxy.core.pipelines")
 _OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge,
     ">": operator.gt,
@@ -284,7 +284,7 @@ class StepReport:
     rows: int
     stopped_rows: int = 0
     latency_ms: float = 0.0
-    missing: dict[str, dict[str, str]] = field(default_factory=dict)
+    missing: dict[str, Failure] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,16 +352,8 @@ async def run_pipeline(
         except ServicesFailed as exc:
             calls += len(step.services)
             if step.on_failure == "fail":
-                raise ServicesFailed(
-                    f"{where}, step {step.name!r}: {exc.message}",
-                    exc.details.get("services", {}),
-                    timed_out=exc.status_code == 504,
-                ) from None
-            path.append(
-                StepReport(
-                    step.name, "skipped", int(rows.size), 0, _ms(started), exc.details.get("services", {})
-                )
-            )
+                raise ServicesFailed(f"{where}, step {step.name!r}: {exc.message}", exc.failures) from None
+            path.append(StepReport(step.name, "skipped", int(rows.size), 0, _ms(started), exc.failures))
             continue
         calls += len(step.services)
         step_scores: dict[str, NDArray[np.float64]] = {}
@@ -407,11 +399,7 @@ async def run_pipeline(
     if any(label == "" for label in labels):
         raise ServicesFailed(
             f"{where}: no step answered",
-            {
-                r.step: {"reason": r.status, "message": ", ".join(r.missing)}
-                for r in path
-                if r.status == "skipped"
-            },
+            {r.step: Failure(r.status, ", ".join(r.missing)) for r in path if r.status == "skipped"},
             timed_out=False,
         )
     return PipelineResult(

@@ -28,10 +28,11 @@ import tritonclient.http.aio as httpaio
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from client_proxy.config import Service, Settings
-from client_proxy.contracts import NUMPY_DTYPES, Contract, ContractMismatch
+from client_proxy.config import Settings
+from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
+from client_proxy.core.services import Service
+from client_proxy.core.tensors import Inputs, row_count, signature
 from client_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from client_proxy.tensors import Inputs, row_count, signature
 
 logger = logging.getLogger(__name__)
 

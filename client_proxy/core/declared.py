@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from client_proxy.compositions import Composition, load_compositions
-from client_proxy.config import Service, Settings
-from client_proxy.pipelines import Pipeline, configured_pipelines
+from client_proxy.config import Settings
+from client_proxy.core.compositions import Composition, load_compositions
+from client_proxy.core.pipelines import Pipeline, configured_pipelines
+from client_proxy.core.services import Service
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ import logging
 
 from fastapi import APIRouter, Request
 
+from client_proxy.api.openapi import WITH_BODY
+from client_proxy.api.options import call_options, read_inputs
+from client_proxy.api.schemas import PipelineAnswer, PipelineList, errors
+from client_proxy.api.state import JSON, ProxyState
+from client_proxy.core.pipelines import report_body, run_pipeline
+from client_proxy.core.tensors import row_count
 from client_proxy.errors import UnknownPipeline
-from client_proxy.pipelines import report_body, run_pipeline
-from client_proxy.routes.predict import _WITH_BODY, call_options, read_inputs
-from client_proxy.schemas import PipelineAnswer, PipelineList, errors
-from client_proxy.state import JSON, ProxyState
-from client_proxy.tensors import row_count
 
 router = APIRouter(tags=["pipelines"])
 logger = logging.getLogger("client_proxy")
@@ -45,7 +46,7 @@ _ERRORS = {
 }
 
 
-@router.post("/pipelines/{name}", response_class=JSON, openapi_extra=_WITH_BODY, responses=_ERRORS)
+@router.post("/pipelines/{name}", response_class=JSON, openapi_extra=WITH_BODY, responses=_ERRORS)
 async def run(name: str, request: Request) -> JSON:
     """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
     state: ProxyState = request.app.state.proxy

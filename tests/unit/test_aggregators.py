@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client_proxy.aggregators import AggregationError, max_, mean, one_vs_rest, vote
-from client_proxy.fanout import aggregate
+from client_proxy.core.aggregators import AggregationError, max_, mean, one_vs_rest, vote
+from client_proxy.core.fanout import aggregate
 from training import wine
 
 CLASSES = ("a", "b", "c")

@@ -9,11 +9,11 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from client_proxy.config import Service
+from client_proxy.api.inputs import N_FEATURES, SAMPLE_ROW
+from client_proxy.api.schemas import Health, HealthAll, Live, Metadata, Ready
+from client_proxy.api.state import JSON, State
+from client_proxy.core.services import Service
 from client_proxy.errors import UpstreamError
-from client_proxy.inputs import N_FEATURES, SAMPLE_ROW
-from client_proxy.schemas import Health, HealthAll, Live, Metadata, Ready
-from client_proxy.state import JSON, State
 
 router = APIRouter(tags=["operations"])
 

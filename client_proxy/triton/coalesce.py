@@ -20,9 +20,9 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from client_proxy.config import Service
+from client_proxy.core.services import Service
+from client_proxy.core.tensors import Inputs, concatenate, row_count, signature
 from client_proxy.errors import UpstreamError
-from client_proxy.tensors import Inputs, concatenate, row_count, signature
 
 InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 

@@ -8,9 +8,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from client_proxy.coalesce import Coalescer
-from client_proxy.config import Service
+from client_proxy.core.services import Service
 from client_proxy.errors import UpstreamUnavailable
+from client_proxy.triton.coalesce import Coalescer
 
 SERVICE = Service("s", "grpc", "x:1", "s")
 

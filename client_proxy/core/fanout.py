@@ -16,20 +16,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy.aggregators import one_vs_rest
-from client_proxy.config import Service, TimeoutPolicy
-from client_proxy.errors import CallCancelled, ServicesFailed, UpstreamError, UpstreamTimeout
-from client_proxy.tensors import Inputs
+from client_proxy.core.aggregators import one_vs_rest
+from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.tensors import Inputs
+from client_proxy.errors import CallCancelled, Failure, ServicesFailed, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
 
 InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 OutcomeHook = Callable[["Outcome"], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class FanOutResult:
     outcomes: dict[str, Outcome]
     """By service name, in the services' order."""
     answered: list[str] = field(default_factory=list)
-    missing: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Service name -> ``{"reason", "message"}`` for each service that did not answer."""
+    missing: dict[str, Failure] = field(default_factory=dict)
+    """Service name -> why, for each service that did not answer."""
 
     @property
     def partial(self) -> bool:
@@ -80,9 +81,9 @@ def aggregate(probabilities: dict[str, NDArray[np.float32]]) -> Labels:
     return Labels(names=result.labels, proba=result.proba.astype(np.float32))
 
 
-def failure(outcome: Outcome) -> dict[str, str]:
+def failure(outcome: Outcome) -> Failure:
     assert outcome.error is not None
-    return {"reason": outcome.error.reason, "message": outcome.error.message}
+    return Failure.of(outcome.error)
 
 
 class FanOut:
@@ -183,6 +184,27 @@ class FanOut:
             raise _services_failed(list(ordered.values()), policy)
         return FanOutResult(outcomes=ordered, answered=answered, missing=missing)
 
+    async def call_alone(
+        self, service: Service, call: Callable[[float], Awaitable[T]], deadline: float
+    ) -> tuple[T, Outcome]:
+        """One call to one service (``call(budget)``), bounded like each call of a fan-out and
+        recorded as one; ``UpstreamError`` (``UpstreamTimeout`` when late) when it fails."""
+        budget = min(self._service_timeout_s, deadline - time.monotonic())
+        started = time.perf_counter()
+        try:
+            if budget <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(budget):
+                result = await call(budget)
+        except TimeoutError:
+            late = self._late(service, max(budget, 0), started)
+            assert late.error is not None
+            raise late.error from None
+        except UpstreamError as exc:
+            self._record(Outcome(service.name, None, exc, time.perf_counter() - started))
+            raise
+        return result, self._record(Outcome(service.name, None, None, time.perf_counter() - started))
+
     async def stream(
         self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
     ) -> AsyncIterator[Outcome]:
@@ -214,13 +236,12 @@ class FanOut:
 
 def _services_failed(outcomes: list[Outcome], policy: TimeoutPolicy) -> ServicesFailed:
     failed = {o.service: failure(o) for o in outcomes if not o.ok}
-    timed_out = any(info["reason"] == "timeout" for info in failed.values())
-    names = ", ".join(f"{name} ({info['reason']})" for name, info in failed.items())
+    names = ", ".join(f"{name} ({info.reason})" for name, info in failed.items())
     if policy is TimeoutPolicy.ALL_OR_NOTHING:
         message = f"all_or_nothing: service {names} did not answer"
     else:
         message = f"no service answered: {names}"
-    return ServicesFailed(message, failed, timed_out=timed_out)
+    return ServicesFailed(message, failed)
 
 
 async def _cancel(tasks: list[asyncio.Task[Outcome]]) -> set[asyncio.Task[Outcome]]:

@@ -17,9 +17,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from client_proxy.config import ConfigError, Service, parse_service, save_services
+from client_proxy.api.state import JSON, ProxyState
+from client_proxy.config import save_services
+from client_proxy.core.services import ConfigError, Service, parse_service
 from client_proxy.errors import Conflict, InvalidInput, ProxyError, Unauthorized, UnknownService
-from client_proxy.state import JSON, ProxyState
 
 logger = logging.getLogger("client_proxy.admin")
 router = APIRouter(prefix="/admin", tags=["admin"])

@@ -30,14 +30,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from client_proxy import yamlfile
-from client_proxy.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.config import ConfigError, Protocol, Service, TimeoutPolicy, parse_service, valid_name
-from client_proxy.contracts import Contract
+from client_proxy.core import yamlfile
+from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
+from client_proxy.core.contracts import Contract
+from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.services import (
+    ConfigError,
+    Protocol,
+    Service,
+    TimeoutPolicy,
+    parse_service,
+    valid_name,
+)
+from client_proxy.core.tensors import Inputs
+from client_proxy.core.yamlfile import Node
 from client_proxy.errors import AggregationFailed, ServicesFailed
-from client_proxy.fanout import FanOut, FanOutResult
-from client_proxy.tensors import Inputs
-from client_proxy.yamlfile import Node
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
 _KEYS = {"description", "services", "aggregator", "classes", "timeout_policy", "deadline_ms", "min_answers"}
@@ -355,8 +362,7 @@ def enough_answers(composition: Composition, result: FanOutResult, policy: Timeo
         )
     else:
         return
-    timed_out = any(m.get("reason") == "timeout" for m in result.missing.values())
-    raise ServicesFailed(message, result.missing, timed_out=timed_out)
+    raise ServicesFailed(message, result.missing)
 
 
 def aggregate(

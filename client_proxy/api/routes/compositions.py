@@ -14,102 +14,24 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
-from client_proxy.compositions import (
+from client_proxy.api.answers import label_rows, line, predictions_body, service_line
+from client_proxy.api.inputs import check_content_type, parse_inputs, read_body
+from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
+from client_proxy.api.options import CallOptions, call_options
+from client_proxy.api.state import JSON, ProxyState
+from client_proxy.core.compositions import (
     Composition,
     CompositionAnswer,
     aggregate,
     enough_answers,
     run_composition,
 )
+from client_proxy.core.fanout import FanOutResult, Outcome, failure
+from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
-from client_proxy.fanout import FanOutResult, Outcome, failure
-from client_proxy.inputs import check_content_type, parse_inputs, read_body
 from client_proxy.observability import log_request
-from client_proxy.routes.predict import CallOptions, _line, call_options, service_line
-from client_proxy.schemas import errors
-from client_proxy.state import JSON, ProxyState
-from client_proxy.tensors import Inputs, row_count
 
 router = APIRouter(tags=["compositions"])
-
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        {
-                            "type": "object",
-                            "title": "Rows",
-                            "required": ["data"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "data": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "items": {"anyOf": [{"type": "number"}, {"type": "string"}]},
-                                    },
-                                }
-                            },
-                        },
-                        {
-                            "type": "object",
-                            "title": "Named tensors (Open Inference Protocol)",
-                            "required": ["inputs"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "inputs": {
-                                    "type": "array",
-                                    "minItems": 1,
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["name", "shape", "datatype", "data"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "name": {"type": "string", "minLength": 1},
-                                            "shape": {
-                                                "type": "array",
-                                                "minItems": 1,
-                                                "items": {"type": "integer", "minimum": 0},
-                                            },
-                                            "datatype": {"type": "string"},
-                                            "data": {"type": "array"},
-                                        },
-                                    },
-                                }
-                            },
-                        },
-                    ]
-                },
-                "examples": {
-                    "wine": {
-                        "value": {
-                            "data": [
-                                [13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]
-                            ]
-                        }
-                    }
-                },
-            }
-        },
-    }
-}
-_ERRORS = errors(
-    {
-        400: "Body is not JSON",
-        404: "No such composition",
-        413: "Body too large",
-        415: "Not application/json",
-        422: "Rows that do not fit a service's model (named), or invalid parameters",
-        502: "The services answered but their answers cannot be combined as declared",
-        503: "Too few services answered (named, with reasons)",
-        504: "Too few services answered in time",
-    }
-)
 
 
 def _composition(state: ProxyState, name: str) -> Composition:
@@ -155,34 +77,26 @@ async def _run(
     return composition, answer, row_count(rows) == 1
 
 
-@router.post("/compositions/{name}/predict", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
+@router.post(
+    "/compositions/{name}/predict",
+    response_class=JSON,
+    openapi_extra=COMPOSITION_BODY,
+    responses=COMPOSITION_ERRORS,
+)
 async def predict(name: str, request: Request) -> JSON:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
     _, answer, one_row = await _run(state, name, request, "/compositions/{name}/predict")
-    body: dict[str, Any] = {}
-    for service, outcome in answer.result.outcomes.items():
-        if outcome.probabilities is not None:
-            body[service] = {"prediction": outcome.probabilities[0] if one_row else outcome.probabilities}
-        else:
-            body[service] = {"prediction": None, "error": failure(outcome)}
-    return JSON(body)
+    return JSON(predictions_body(answer.result, one_row))
 
 
-def _label_rows(answer: CompositionAnswer) -> list[dict[str, Any]]:
-    aggregated = answer.aggregated
-    assert aggregated is not None
-    rows = []
-    for i, (winner, proba) in enumerate(zip(aggregated.labels, aggregated.proba.tolist(), strict=True)):
-        row: dict[str, Any] = {"label": winner, "proba": proba}
-        if aggregated.scores is not None:
-            row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
-        rows.append(row)
-    return rows
-
-
-@router.post("/compositions/{name}/label", response_class=JSON, openapi_extra=_BODY, responses=_ERRORS)
+@router.post(
+    "/compositions/{name}/label",
+    response_class=JSON,
+    openapi_extra=COMPOSITION_BODY,
+    responses=COMPOSITION_ERRORS,
+)
 async def label(name: str, request: Request) -> JSON:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
@@ -193,7 +107,7 @@ async def label(name: str, request: Request) -> JSON:
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
     _, answer, one_row = await _run(state, name, request, "/compositions/{name}/label")
-    rows = _label_rows(answer)
+    rows = label_rows(answer)
     body: dict[str, Any] = {"prediction": rows[0] if one_row else rows}
     if answer.result.partial:
         body["partial"] = True
@@ -203,13 +117,13 @@ async def label(name: str, request: Request) -> JSON:
 
 @router.post(
     "/compositions/{name}/stream",
-    openapi_extra=_BODY,
+    openapi_extra=COMPOSITION_BODY,
     responses={
         200: {
             "content": {"application/x-ndjson": {}},
             "description": "One JSON line per service, then the answer",
         },
-        **_ERRORS,
+        **COMPOSITION_ERRORS,
     },
 )
 async def stream(name: str, request: Request) -> StreamingResponse:
@@ -242,12 +156,12 @@ async def stream(name: str, request: Request) -> StreamingResponse:
             final.update(exc.body())
         else:
             if aggregated is not None:
-                labelled = _label_rows(CompositionAnswer(result, aggregated, classes))
+                labelled = label_rows(CompositionAnswer(result, aggregated, classes))
                 final["prediction"] = labelled[0] if one_row else labelled
         if result.partial:
             final["partial"] = True
             final["missing"] = result.missing
             state.metrics.partial_answers.labels("/compositions/{name}/stream").inc()
-        yield _line(final)
+        yield line(final)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -19,7 +19,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from client_proxy.contracts import NUMPY_DTYPES
+from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.core.tensors import Inputs
 from client_proxy.errors import (
     BadRequest,
     InvalidInput,
@@ -28,7 +29,6 @@ from client_proxy.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from client_proxy.tensors import Inputs
 
 N_FEATURES = 4
 SAMPLE_ROW = [5.1, 3.5, 1.4, 0.2]

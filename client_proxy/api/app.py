@@ -20,24 +20,18 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client_proxy.coalesce import Coalescer
-from client_proxy.config import (
-    Service,
-    Settings,
-    check_settings,
-    ensemble_service,
-    initial_services,
-    load_settings,
-)
-from client_proxy.declared import load_declared
+from client_proxy.api.routes import admin, health, predict
+from client_proxy.api.routes import compositions as composition_routes
+from client_proxy.api.routes import pipelines as pipeline_routes
+from client_proxy.api.state import JSON, ProxyState
+from client_proxy.config import Settings, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.core.declared import load_declared
+from client_proxy.core.fanout import FanOut
+from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
-from client_proxy.fanout import FanOut
-from client_proxy.gateway import TritonGateway
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
-from client_proxy.routes import admin, health, predict
-from client_proxy.routes import compositions as composition_routes
-from client_proxy.routes import pipelines as pipeline_routes
-from client_proxy.state import JSON, ProxyState
+from client_proxy.triton.coalesce import Coalescer
+from client_proxy.triton.gateway import TritonGateway
 
 logger = logging.getLogger("client_proxy")
 

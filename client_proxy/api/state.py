@@ -9,13 +9,14 @@ import orjson
 from fastapi import Depends, Request
 from starlette.responses import JSONResponse
 
-from client_proxy.compositions import Composition, Member
-from client_proxy.config import Service, Settings
-from client_proxy.declared import service_map
-from client_proxy.fanout import FanOut
-from client_proxy.gateway import TritonGateway
+from client_proxy.config import Settings
+from client_proxy.core.compositions import Composition, Member
+from client_proxy.core.declared import service_map
+from client_proxy.core.fanout import FanOut
+from client_proxy.core.pipelines import Pipeline
+from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
-from client_proxy.pipelines import Pipeline
+from client_proxy.triton.gateway import TritonGateway
 
 
 @dataclass

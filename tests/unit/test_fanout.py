@@ -1,86 +1,16 @@
-"""Pure unit tests: configuration parsing and the fan-out's logic (a fake gateway, no Triton)."""
+"""The fan-out's logic with a fake gateway (no Triton): policies, deadlines, cancellation, streams."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from client_proxy.config import (
-    ConfigError,
-    Service,
-    TimeoutPolicy,
-    load_settings,
-    parse_service,
-    services_from_env,
-)
+from client_proxy.core.fanout import FanOut, aggregate
+from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.errors import ServicesFailed, UpstreamUnavailable
-from client_proxy.fanout import FanOut, aggregate
-from client_proxy.inputs import parse_rows
-
-from .conftest import ROOT
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("triton:8001", Service("setosa", "grpc", "triton:8001", "setosa")),
-        ("triton:8001/setosa_v2", Service("setosa", "grpc", "triton:8001", "setosa_v2")),
-        ("triton:8001/setosa/3", Service("setosa", "grpc", "triton:8001", "setosa", "3")),
-        ("http://10.0.0.5:8000", Service("setosa", "http", "10.0.0.5:8000", "setosa")),
-        ("grpc://[::1]:8001/m/", Service("setosa", "grpc", "[::1]:8001", "m")),
-    ],
-)
-def test_service_variables(value: str, expected: Service) -> None:
-    assert parse_service("setosa", value, "grpc") == expected
-
-
-@pytest.mark.parametrize(
-    "value", ["triton", "triton:port", "ftp://triton:8001", "triton:8001/a/b/c", "triton:99999", ""]
-)
-def test_bad_service_variable_names_the_variable(value: str) -> None:
-    with pytest.raises(ConfigError, match="SERVICE_SETOSA"):
-        parse_service("setosa", value, "grpc")
-
-
-def test_services_from_env_sorted_and_defaulted() -> None:
-    settings = load_settings(protocol="http", triton_host="triton")
-    env = {"SERVICE_VIRGINICA": "t:8000", "SERVICE_SETOSA": "t:8000", "OTHER": "x"}
-    assert [s.name for s in services_from_env(env, settings)] == ["setosa", "virginica"]
-    defaults = services_from_env({}, settings)
-    assert [(s.name, s.url, s.protocol) for s in defaults] == [
-        ("setosa", "triton:8000", "http"),
-        ("versicolor", "triton:8000", "http"),
-        ("virginica", "triton:8000", "http"),
-    ]
-
-
-def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PROXY_DEADLINE_MS", "-1")
-    with pytest.raises(ConfigError, match="PROXY_DEADLINE_MS"):
-        load_settings()
-    monkeypatch.setenv("PROXY_DEADLINE_MS", "100")
-    monkeypatch.setenv("PROXY_PROTOCOL", "carrier-pigeon")
-    with pytest.raises(ConfigError, match="PROXY_PROTOCOL"):
-        load_settings()
-
-
-def test_cli_refuses_bad_settings_with_one_line() -> None:
-    env = {"PATH": "/usr/bin:/bin", "PROXY_TIMEOUT_POLICY": "sometimes"}
-    result = subprocess.run(
-        [sys.executable, "-m", "client_proxy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "PROXY_TIMEOUT_POLICY" in result.stderr
-    env = {"PATH": "/usr/bin:/bin", "SERVICE_SETOSA": "no-port"}
-    result = subprocess.run(
-        [sys.executable, "-m", "client_proxy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 2 and "SERVICE_SETOSA" in result.stderr
 
 
 def test_aggregate_is_the_seeds_rule_per_row() -> None:
@@ -91,11 +21,6 @@ def test_aggregate_is_the_seeds_rule_per_row() -> None:
     labels = aggregate(probabilities)
     assert labels.names == ["b", "a", "a"]  # a tie goes to the first service, as in the seed
     np.testing.assert_allclose(labels.proba, [0.3, 0.5, 0.9])
-
-
-def test_parse_rows_builds_float32() -> None:
-    rows = parse_rows(b'{"data": [[1, 2.5, 3, 4], [5, 6, 7, 8]]}', max_rows=10)
-    assert rows.dtype == np.float32 and rows.shape == (2, 4)
 
 
 SERVICES = [Service(n, "grpc", "x:1", n) for n in ("fast", "slow", "broken")]
@@ -139,7 +64,7 @@ def test_partial_reports_each_missing_service_with_its_reason() -> None:
     result, leftover = _run(fake, TimeoutPolicy.PARTIAL, deadline_s=0.1)
     assert time.perf_counter() - started < 2.5  # the deadline, not `slow`'s 5 s
     assert result.answered == ["fast"]
-    assert {n: m["reason"] for n, m in result.missing.items()} == {"slow": "timeout", "broken": "unavailable"}
+    assert {n: m.reason for n, m in result.missing.items()} == {"slow": "timeout", "broken": "unavailable"}
     assert fake.cancelled == ["slow"] and leftover == []
 
 
@@ -168,7 +93,7 @@ def test_partial_with_nobody_answering_is_an_error() -> None:
 
 def test_service_timeout_bounds_each_call() -> None:
     result, _ = _run(FakeGateway({"slow": 1.0}), TimeoutPolicy.PARTIAL, deadline_s=5, service_timeout_s=0.05)
-    assert result.missing["slow"]["reason"] == "timeout"
+    assert result.missing["slow"].reason == "timeout"
 
 
 def test_stream_yields_in_completion_order_and_cancels_on_early_exit() -> None:

@@ -1,0 +1,68 @@
+"""Results shaped into the JSON the routes answer with (the seed's shapes for the Iris API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from client_proxy.core.compositions import CompositionAnswer
+from client_proxy.core.fanout import FanOutResult, Labels, Outcome, failure
+
+
+def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
+    """The seed's shape: ``{service: {"prediction": [p_class, p_other]}}`` for one row,
+    ``{service: {"prediction": [[p_class, p_other], ...]}}`` for N rows. A service that did not
+    answer (``partial``) has ``"prediction": null`` and an ``"error"``."""
+    body: dict[str, Any] = {}
+    for name, outcome in result.outcomes.items():
+        if outcome.probabilities is not None:
+            body[name] = {"prediction": outcome.probabilities[0] if one_row else outcome.probabilities}
+        else:
+            body[name] = {"prediction": None, "error": failure(outcome)}
+    return body
+
+
+def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> dict[str, Any]:
+    """``{"prediction": {"proba": p, "label": name}}`` for one row, a list of those for N rows;
+    ``"partial": true`` and ``"missing"`` (service -> reason) when some service did not answer."""
+    if one_row:
+        prediction: Any = {"proba": float(labels.proba[0]), "label": labels.names[0]}
+    else:
+        prediction = [
+            {"proba": p, "label": n} for p, n in zip(labels.proba.tolist(), labels.names, strict=True)
+        ]
+    body: dict[str, Any] = {"prediction": prediction}
+    if result is not None and result.partial:
+        body["partial"] = True
+        body["missing"] = result.missing
+    return body
+
+
+def line(content: dict[str, Any]) -> bytes:
+    """One NDJSON line."""
+    return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+
+
+def service_line(outcome: Outcome, one_row: bool) -> bytes:
+    """One stream line: a service's answer (or its error) and how long it took."""
+    content: dict[str, Any] = {"service": outcome.service, "latency_ms": round(outcome.latency_s * 1000, 3)}
+    if outcome.probabilities is not None:
+        content["prediction"] = outcome.probabilities[0] if one_row else outcome.probabilities
+    else:
+        content["error"] = failure(outcome)
+    return line(content)
+
+
+def label_rows(answer: CompositionAnswer) -> list[dict[str, Any]]:
+    """A composition's answer per row: ``{"label", "proba"}``, and ``"scores"`` per class when
+    the aggregator gives them."""
+    aggregated = answer.aggregated
+    assert aggregated is not None
+    rows = []
+    for i, (winner, proba) in enumerate(zip(aggregated.labels, aggregated.proba.tolist(), strict=True)):
+        row: dict[str, Any] = {"label": winner, "proba": proba}
+        if aggregated.scores is not None:
+            row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
+        rows.append(row)
+    return rows

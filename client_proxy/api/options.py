@@ -1,0 +1,92 @@
+"""What a request asks for besides its body: its timeout policy and deadline (query or headers),
+and reading its body within that deadline into rows or named tensors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from starlette.requests import Request
+
+from client_proxy.api.inputs import check_content_type, parse_inputs, parse_rows, read_body
+from client_proxy.config import Settings
+from client_proxy.core.services import TimeoutPolicy
+from client_proxy.core.tensors import Inputs
+from client_proxy.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    request_id: str
+    policy: TimeoutPolicy
+    deadline: float
+    """``time.monotonic()`` instant by which the answer must be sent."""
+
+
+POLICIES = {p.value: p for p in TimeoutPolicy}
+
+
+_NO_QUERY: dict[str, str] = {}
+
+
+#: No answer can come back in less: a shorter deadline is refused as a bad request.
+MIN_DEADLINE_MS = 50.0
+
+
+def call_options(
+    request: Request,
+    settings: Settings,
+    default_policy: TimeoutPolicy | None = None,
+    deadline_ms: float | None = None,
+) -> CallOptions:
+    """Policy and deadline from ``?policy=`` / ``X-Timeout-Policy`` and ``?deadline_ms=`` / ``X-Deadline-Ms``.
+
+    Read by hand rather than through FastAPI's dependency injection: these routes are the hot
+    path, and the injection machinery cost more CPU per request than the fan-out itself.
+    """
+    query = request.query_params if request.scope["query_string"] else _NO_QUERY
+    headers = request.headers
+    policy = default_policy or settings.timeout_policy
+    # The query parameter wins over the header; an invalid value is refused wherever it is.
+    for where, raw_policy in (
+        ("X-Timeout-Policy", headers.get("x-timeout-policy")),
+        ("policy", query.get("policy")),
+    ):
+        if raw_policy is not None:
+            if raw_policy not in POLICIES:
+                raise InvalidInput(f"{where}: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
+            policy = POLICIES[raw_policy]
+    budget_ms = min(settings.deadline_ms, deadline_ms) if deadline_ms else settings.deadline_ms
+    ceiling_ms = budget_ms
+    for where, raw_deadline in (
+        ("X-Deadline-Ms", headers.get("x-deadline-ms")),
+        ("deadline_ms", query.get("deadline_ms")),
+    ):
+        if raw_deadline is not None:
+            try:
+                asked = float(raw_deadline)
+            except ValueError:
+                asked = float("nan")
+            if not MIN_DEADLINE_MS <= asked < float("inf"):
+                raise InvalidInput(
+                    f"{where}: must be at least {MIN_DEADLINE_MS:g} milliseconds, not {raw_deadline[:40]!r}"
+                )
+            budget_ms = min(asked, ceiling_ms)
+    scope_state = request.scope.get("state", {})
+    started: float = scope_state.get("started", time.monotonic())
+    return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
+
+
+async def read_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[np.float32]:
+    check_content_type(request)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    return parse_rows(body, settings.max_rows)
+
+
+async def read_inputs(request: Request, settings: Settings, options: CallOptions) -> Inputs:
+    """Rows of any width and type, or named tensors, for models the services' contracts describe."""
+    check_content_type(request)
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
+    return parse_inputs(body, settings.max_rows)

@@ -1,0 +1,30 @@
+"""The package's shape: the core knows nothing of HTTP or tritonclient."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ..conftest import ROOT
+
+CORE = ["aggregators", "compositions", "contracts", "declared", "fanout", "pipelines", "services", "tensors"]
+TRANSPORTS = ("fastapi", "starlette", "uvicorn", "tritonclient", "grpc", "aiohttp", "httpx")
+
+
+def test_the_core_imports_no_web_framework_and_no_triton_client() -> None:
+    imports = "; ".join(f"import client_proxy.core.{module}" for module in CORE)
+    loaded = "{m.split('.')[0] for m in sys.modules}"
+    check = f"import sys; {imports}; print(sorted({loaded} & {set(TRANSPORTS)!r}))"
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_package_root_still_gives_the_app_and_the_settings() -> None:
+    import client_proxy
+
+    assert client_proxy.create_app.__module__ == "client_proxy.api.app"
+    assert client_proxy.Service.__module__ == "client_proxy.core.services"
+    assert set(client_proxy.__all__) >= {"create_app", "Settings", "Service", "TimeoutPolicy"}
