@@ -36,6 +36,8 @@ GOOD_HEAD = "pipelines:\n  p:\n    steps:\n"
         ("      - name: a\n        services: [setosa]\n        stop_if: virginica > 0.9\n", 6, "service"),
         ("      - name: a\n        services: [setosa]\n        on_failure: retry\n", 6, "on_failure"),
         ("      - name: a\n        services: [setosa]\n        colour: blue\n", 4, "unknown key"),
+        ("      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n", 6,
+         "'class_1' is not a service of step 'a', one of the classes, 'proba' or 'max'"),
     ],
 )  # fmt: skip
 def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: int, text: str) -> None:
@@ -43,6 +45,30 @@ def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: 
     with pytest.raises(PipelineError) as error:
         load_pipelines(path, IRIS)
     assert f"line {line}:" in str(error.value) and text in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("head", "line", "text"),
+    [
+        ("pipelines:\n  p:\n    aggregator: median\n    steps:\n", 3, "aggregator must be one of"),
+        ("pipelines:\n  p:\n    classes: [a, a]\n    steps:\n", 3, "classes must be a list of distinct"),
+        ("pipelines:\n  p:\n    aggregator: mean\n    classes: [x, y]\n    steps:\n", 8, "'class_1' is not"),
+    ],
+)
+def test_a_pipelines_aggregator_and_classes_are_checked(
+    tmp_path: Path, head: str, line: int, text: str
+) -> None:
+    steps = "      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n"
+    with pytest.raises(PipelineError) as error:
+        load_pipelines(_write(tmp_path, head + steps), IRIS)
+    assert f"line {line}:" in str(error.value) and text in str(error.value)
+
+
+def test_a_class_operand_is_taken_when_the_classes_come_from_the_models(tmp_path: Path) -> None:
+    head = "pipelines:\n  p:\n    aggregator: mean\n    steps:\n"
+    steps = "      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n"
+    (pipeline,) = load_pipelines(_write(tmp_path, head + steps), IRIS).values()
+    assert pipeline.aggregator == "mean" and pipeline.steps[0].stop_if is not None
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
