@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import time
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -75,3 +79,42 @@ def test_rows_that_do_not_fit_a_services_model_are_a_422_before_any_call(
             message = response.json()["error"]["message"]
             assert message == "wine: expects input 'measurements' FP64 [N, 13], got rows of shape [1, 4]"
         assert triton_stats(triton, ("wine_logreg",)) == before  # nothing was sent to it
+
+
+def test_a_model_reloaded_in_place_with_other_tensors_is_called_by_its_new_contract(
+    explicit_triton: TritonServer, test_repository: Path
+) -> None:
+    """Triton swaps a reloaded model without a gap, so the proxy never sees it unavailable: the
+    call by the old contract is refused, and the proxy reads the contract again for the next."""
+    model = test_repository / "reshaped"
+    shutil.copytree(test_repository / "renamed", model)
+    config = model / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "renamed"', 'name: "reshaped"'))
+    control = grpcclient.InferenceServerClient(explicit_triton.grpc_url)
+    control.load_model("reshaped")
+    services = [
+        Service("setosa", "grpc", explicit_triton.grpc_url, "setosa"),
+        Service("reshaped", "grpc", explicit_triton.grpc_url, "reshaped"),
+    ]
+    rows = [[1.0, 2.0, 3.0, 4.0]]
+    p = 1 / (1 + np.exp(-(sum(rows[0]) - 10)))
+    try:
+        with running_proxy(settings(), services) as url:
+            first = httpx.post(f"{url}/predict", json={"data": rows}).json()
+            assert first["reshaped"]["prediction"] == pytest.approx([p, 1 - p], abs=1e-6)
+            # The same model, its input renamed 'features' -> 'measures', loaded again in place.
+            config.write_text(config.read_text().replace('"features"', '"measures"'))
+            code = model / "1" / "model.py"
+            code.write_text(code.read_text().replace('"features"', '"measures"'))
+            control.load_model("reshaped")
+            time.sleep(1.1)  # past the proxy's once-a-second limit on reading a contract again
+            answers = [httpx.post(f"{url}/predict", json={"data": rows}).json() for _ in range(2)]
+        # At most the first call goes by the old contract (refused, reported as the service's error).
+        refused, after = answers
+        assert refused["reshaped"]["prediction"] is None or refused["reshaped"][
+            "prediction"
+        ] == pytest.approx([p, 1 - p], abs=1e-6)
+        assert after["reshaped"]["prediction"] == pytest.approx([p, 1 - p], abs=1e-6)
+    finally:
+        control.unload_model("reshaped")
+        control.close()

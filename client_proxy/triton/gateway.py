@@ -3,8 +3,9 @@
 One shared client per distinct Triton server (protocol, host:port), created on first use
 inside the running event loop (the aio clients belong to one loop) and closed by ``aclose``.
 What a model takes and gives (tensor names, datatypes, widths) is read from Triton the first
-time a service is called (its ``Contract``) and read again after the model was unavailable,
-since it may come back reloaded as another version; no tensor name is written here.
+time a service is called (its ``Contract``) and read again after the model was unavailable or
+refused a call, since it may come back, or have been reloaded in place, as another version with
+other tensors; no tensor name is written here.
 Every tritonclient, aiohttp and grpc exception is translated here into an
 ``UpstreamError`` subclass; nothing above this module sees a foreign exception.
 """
@@ -32,7 +33,7 @@ from client_proxy.config import Settings
 from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.core.services import Service
 from client_proxy.core.tensors import Inputs, row_count, signature
-from client_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.errors import CallCancelled, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ class TritonGateway:
         self._clients: dict[tuple[str, str], _Client] = {}
         self._contracts: dict[Service, Contract] = {}
         self._plans: dict[Service, _Plan] = {}
+        #: When each contract was read.
+        self._read_at: dict[Service, float] = {}
         #: When the pre-call check last failed to read a service's contract.
         self._unreadable: dict[Service, float] = {}
         #: (service, input signature) that fitted its model -> the model's max_batch_size (0: any).
@@ -210,6 +213,7 @@ class TritonGateway:
             described = await self.model_description(service, timeout)
             contract = Contract.from_triton(described["metadata"], described["config"])
             self._contracts[service] = contract
+            self._read_at[service] = time.monotonic()
         return contract
 
     def known_contract(self, service: Service) -> Contract | None:
@@ -217,10 +221,23 @@ class TritonGateway:
         return self._contracts.get(service)
 
     def _forget(self, service: Service) -> None:
-        """Unloaded, or Triton gone: the model may come back as another version."""
+        """The contract may be stale: read it again before the next call."""
         self._contracts.pop(service, None)
+        self._read_at.pop(service, None)
         self._plans.pop(service, None)
         self._fits = {fit: limit for fit, limit in self._fits.items() if fit[0] != service}
+
+    def _after_failure(self, service: Service, error: UpstreamError) -> None:
+        """Unloaded, or Triton gone: the model may come back as another version, so its contract
+        is read again. Refused for another reason: it may have been reloaded in place with other
+        tensors (Triton swaps versions without a gap), so the contract is read again too, at most
+        once per ``CONTRACT_RETRY_S`` (a model that keeps failing costs no extra call per request).
+        A timeout says nothing about the contract."""
+        stale = time.monotonic() - self._read_at.get(service, -1e9) >= CONTRACT_RETRY_S
+        if isinstance(error, UpstreamUnavailable) or (
+            stale and not isinstance(error, UpstreamTimeout | CallCancelled)
+        ):
+            self._forget(service)
 
     async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None:
         """Refuse (``ContractMismatch``, 422) an input that does not fit a service's model, before
@@ -310,8 +327,7 @@ class TritonGateway:
             raise
         except Exception as exc:
             error = translate(exc, service)
-            if isinstance(error, UpstreamUnavailable):
-                self._forget(service)
+            self._after_failure(service, error)
             raise error from exc
         rows = row_count(x)
         if output is None or output.shape[0] != rows:
@@ -344,8 +360,7 @@ class TritonGateway:
             raise
         except Exception as exc:
             error = translate(exc, service)
-            if isinstance(error, UpstreamUnavailable):
-                self._forget(service)
+            self._after_failure(service, error)
             raise error from exc
         names, scores = out.get(label), out.get(proba)
         if names is None or scores is None or names.shape[0] != x.shape[0]:
