@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from local_triton import TritonServer, free_ports
 from training import wine
 
 from .conftest import MODEL_REPOSITORY
-from .helpers import proxy_environment, running_proxy, services_on, settings
+from .helpers import proxy_environment, running_proxy, services_on, settings, triton_stats
 
 # -- against the real Triton: the wine models, composed by configuration alone ------------------
 WINE_FILE = """
@@ -260,3 +261,43 @@ def test_a_pipeline_refuses_rows_that_do_not_fit_before_any_call(wine_pipelines_
     response = httpx.post(f"{wine_pipelines_proxy}/pipelines/wine_cascade", json={"data": [[1.0, 2.0]]})
     assert response.status_code == 422
     assert "wine_logreg" in response.json()["error"]["message"]
+
+
+def test_class_names_come_from_a_label_file_when_the_config_has_no_parameter(
+    explicit_triton: TritonServer, test_repository: Path, tmp_path: Path
+) -> None:
+    """``label_filename`` alone: the proxy asks Triton (its classification extension) once."""
+    import tritonclient.grpc as grpcclient
+
+    model = test_repository / "cultivars"
+    shutil.copytree(MODEL_REPOSITORY / "wine_gbt", model)
+    config = (model / "config.pbtxt").read_text().replace('name: "wine_gbt"', 'name: "cultivars"')
+    config = config[: config.index('parameters {\n  key: "class_names"')]  # no class_names parameter
+    (model / "config.pbtxt").write_text(config)
+    (model / "labels.txt").write_text("barolo\ngrignolino\nbarbera\n")
+    control = grpcclient.InferenceServerClient(explicit_triton.grpc_url)
+    control.load_model("cultivars")
+    path = tmp_path / "compositions.yaml"
+    path.write_text(
+        "compositions:\n  cultivars:\n    services:\n"
+        f'      cultivars: {{target: "{explicit_triton.grpc_url}/cultivars"}}\n    aggregator: mean\n'
+    )
+    x, _ = wine.load()
+    try:
+        with running_proxy(settings(compositions_file=path), services_on(explicit_triton, "grpc")) as url:
+            before = triton_stats(explicit_triton, ("cultivars",))["cultivars"]
+            bodies = [
+                httpx.post(f"{url}/compositions/cultivars/label", json={"data": x[:20].tolist()})
+                for _ in range(3)
+            ]
+            calls = triton_stats(explicit_triton, ("cultivars",))["cultivars"] - before
+    finally:
+        control.unload_model("cultivars")
+        control.close()
+    names = ("barolo", "grignolino", "barbera")
+    expected = [names[i] for i in _onnxruntime(x[:20])["wine_gbt"].argmax(axis=1)]
+    for body in bodies:
+        assert body.status_code == 200, body.text
+        assert [r["label"] for r in body.json()["prediction"]] == expected
+        assert list(body.json()["prediction"][0]["scores"]) == list(names)
+    assert calls == 3 + 1  # one inference per request, and the labels read once

@@ -72,7 +72,11 @@ def test_triton_killed_under_load_every_request_answered_in_time_then_recovery(t
             statuses = {s for s, _ in results}
             assert statuses <= {200, 503, 504}, statuses  # never a 500, never a dropped connection
             assert 200 in statuses and statuses & {503, 504}
-            assert max(t for _, t in results) < 2.0  # every answer within the 1 s deadline (+ slack)
+            # Every answer within the 1 s deadline, measured by this Python client, which shares two
+            # cores with the proxy and a Triton being killed: it was seen at 2.3 s once, on a machine
+            # running a second test session. What this guards against is a request left hanging
+            # (gRPC's reconnect, the client's 30 s timeout), so the bound sits 2 s above the deadline.
+            assert max(t for _, t in results) < 3.0
 
             server.stop()  # reap what the kill left
             server.start()  # Triton back on the same ports

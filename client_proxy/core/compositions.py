@@ -25,14 +25,13 @@ import os
 import re
 import time
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.core.contracts import Contract
 from client_proxy.core.fanout import FanOut, FanOutResult
 from client_proxy.core.services import (
     ConfigError,
@@ -278,7 +277,7 @@ class Gateway(typing.Protocol):
 
     async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None: ...
 
-    def known_contract(self, service: Service) -> Contract | None: ...
+    async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -290,21 +289,27 @@ class CompositionAnswer:
     classes: tuple[str, ...]
 
 
-def resolve_classes(
+async def resolve_classes(
     owner: str,
     declared: tuple[str, ...],
     aggregator: str,
-    services: Sequence[str],
-    contracts: Sequence[Contract | None],
+    answered: Sequence[Service],
+    gateway: Gateway,
+    input_of: Callable[[Service], Inputs],
+    deadline: float,
 ) -> tuple[str, ...]:
     """The class names a label is one of: those declared, else (``one_vs_rest``) the services,
-    else the models' own ``class_names``, which must agree. ``owner`` names the composition or
+    else the models' own (a ``class_names`` parameter or a label file), which must agree across
+    the services that answered. ``input_of(service)``: an input the service was sent, in case its
+    label file must be read. ``owner`` names the composition or
     pipeline in the error."""
     if declared:
         return declared
     if aggregator == "one_vs_rest":
-        return tuple(services)
-    named = {c.class_names for c in contracts if c is not None and c.class_names}
+        return tuple(s.name for s in answered)
+    timeout = max(deadline - time.monotonic(), 0.001)
+    found = [await gateway.class_names(s, input_of(s), timeout) for s in answered]
+    named = {names for names in found if names}
     if len(named) > 1:
         raise AggregationFailed(
             f"{owner}: the services' class names differ "
@@ -312,21 +317,10 @@ def resolve_classes(
         )
     if not named:
         raise AggregationFailed(
-            f"{owner}: no class names (neither 'classes' in the file nor a "
-            "'class_names' parameter in the models' configs)"
+            f"{owner}: no class names (neither 'classes' in the file nor a 'class_names' parameter "
+            "or a label file in the models' configs)"
         )
     return named.pop()
-
-
-def composition_classes(composition: Composition, contracts: list[Contract | None]) -> tuple[str, ...]:
-    """The class names a composition's label is one of."""
-    return resolve_classes(
-        f"composition {composition.name!r}",
-        composition.classes,
-        composition.aggregator,
-        [m.service.name for m in composition.members],
-        contracts,
-    )
 
 
 async def run_composition(
@@ -344,7 +338,7 @@ async def run_composition(
         await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
     result = await fanout.run(services, x, request_id, deadline, policy)
     enough_answers(composition, result, policy)
-    aggregated, classes = aggregate(composition, result, gateway)
+    aggregated, classes = await aggregate(composition, result, gateway, x, deadline)
     return CompositionAnswer(result, aggregated, classes)
 
 
@@ -365,13 +359,22 @@ def enough_answers(composition: Composition, result: FanOutResult, policy: Timeo
     raise ServicesFailed(message, result.missing)
 
 
-def aggregate(
-    composition: Composition, result: FanOutResult, gateway: Gateway
+async def aggregate(
+    composition: Composition, result: FanOutResult, gateway: Gateway, x: Inputs, deadline: float
 ) -> tuple[Aggregated | None, tuple[str, ...]]:
     """The composition's aggregator over the services that answered (None for ``none``)."""
     if composition.aggregator == "none":
         return None, ()
-    classes = composition_classes(composition, [gateway.known_contract(s) for s in composition.services])
+    answered = [s for s in composition.services if s.name in result.answered]
+    classes = await resolve_classes(
+        f"composition {composition.name!r}",
+        composition.classes,
+        composition.aggregator,
+        answered,
+        gateway,
+        lambda _: x,
+        deadline,
+    )
     outputs = {name: result.outcomes[name].probabilities for name in result.answered}
     try:
         aggregated = AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]

@@ -47,6 +47,8 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     """Without the batch dimension when the model batches; -1 is any size."""
+    label_filename: str = ""
+    """An output's label file in the model's config: Triton then names its classes."""
 
     def describe(self, batched: bool) -> str:
         dims = (["N"] if batched else []) + [str(d) if d >= 0 else "any" for d in self.shape]
@@ -67,7 +69,8 @@ class Contract:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     class_names: tuple[str, ...] = ()
-    """From the config's ``class_names`` parameter (comma-separated), when it has one."""
+    """From the config's ``class_names`` parameter (comma-separated), when it has one; else the
+    gateway asks Triton for an output's label file (``label_filename``) when it needs them."""
 
     @property
     def batched(self) -> bool:
@@ -78,10 +81,18 @@ class Contract:
         """From Triton's model metadata and configuration, as either protocol's JSON gives them."""
         batched = int(config.get("max_batch_size", 0)) > 0
 
+        label_files = {o.get("name"): o.get("label_filename", "") for o in config.get("output", []) or []}
+
         def specs(entries: Sequence[Mapping[str, Any]]) -> tuple[TensorSpec, ...]:
             # The metadata's shapes include the batch dimension (-1) when the model batches.
             return tuple(
-                TensorSpec(e["name"], e["datatype"], _dims(e)[1:] if batched else _dims(e)) for e in entries
+                TensorSpec(
+                    e["name"],
+                    e["datatype"],
+                    _dims(e)[1:] if batched else _dims(e),
+                    str(label_files.get(e["name"]) or ""),
+                )
+                for e in entries
             )
 
         parameters = config.get("parameters", {}) or {}

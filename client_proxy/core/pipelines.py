@@ -332,6 +332,7 @@ async def run_pipeline(
     stopped_at = [""] * n
     outputs: dict[str, NDArray[Any]] = {}  # "<step>.<service>" -> full size
     answered: dict[str, NDArray[Any]] = {}  # service -> its latest output, full size
+    sent: dict[str, Inputs] = {}  # service -> one row of what it was sent
     path: list[StepReport] = []
     calls = 0
     for step in pipeline.steps:
@@ -363,14 +364,17 @@ async def run_pipeline(
             full = np.zeros((n, *output.shape[1:]), dtype=output.dtype)
             full[rows] = output
             outputs[f"{step.name}.{name}"] = answered[name] = full
+            sent[name] = take_rows(source, rows[:1])  # what the service takes, should its labels be read
             step_scores[name] = _score(output, pipeline.aggregator)
         # Every service in ``answered`` answered for every row still open (rows only ever leave).
-        classes = resolve_classes(
+        classes = await resolve_classes(
             where,
             pipeline.classes,
             pipeline.aggregator,
-            list(answered),
-            [gateway.known_contract(services[name]) for name in answered],
+            [services[name] for name in answered],
+            gateway,
+            lambda service: sent[service.name],
+            deadline,
         )
         try:
             answer = AGGREGATORS[pipeline.aggregator](

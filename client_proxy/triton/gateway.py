@@ -32,7 +32,7 @@ from tritonclient.utils import InferenceServerException
 from client_proxy.config import Settings
 from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.core.services import Service
-from client_proxy.core.tensors import Inputs, row_count, signature
+from client_proxy.core.tensors import Inputs, row_count, signature, take_rows
 from client_proxy.errors import CallCancelled, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class _Client:
             # conn_timeout is aiohttp's total timeout; the proxy's own deadline is shorter anyway.
             self._client = httpaio.InferenceServerClient(url, conn_limit=max_connections, conn_timeout=600.0)
         self._binary: dict[str, Any] = {} if self._grpc else {"binary_data": True}
-        self._requested: dict[str, Any] = {}
+        self._requested: dict[tuple[str, int], Any] = {}
 
     def _timeout(self, timeout: float) -> dict[str, Any]:
         return {"client_timeout": timeout} if self._grpc else {}
@@ -98,8 +98,10 @@ class _Client:
         request_id: str,
         timeout: float,
         outputs: tuple[str, ...],
+        class_count: int = 0,
     ) -> dict[str, Any]:
-        """``outputs`` of one inference on ``tensors`` (name, array, datatype)."""
+        """``outputs`` of one inference on ``tensors`` (name, array, datatype); with
+        ``class_count``, Triton's classification of them instead ("score:index:label")."""
         inputs = []
         for name, array, datatype in tensors:
             tensor = self._module.InferInput(name, list(array.shape), datatype)
@@ -107,9 +109,10 @@ class _Client:
             inputs.append(tensor)
         requested = []
         for name in outputs:
-            output = self._requested.get(name)
+            output = self._requested.get((name, class_count))
             if output is None:
-                output = self._requested[name] = self._module.InferRequestedOutput(name, **self._binary)
+                output = self._module.InferRequestedOutput(name, class_count=class_count, **self._binary)
+                self._requested[(name, class_count)] = output
             requested.append(output)
         result = await self._client.infer(
             service.model,
@@ -189,6 +192,8 @@ class TritonGateway:
         self._plans: dict[Service, _Plan] = {}
         #: When each contract was read.
         self._read_at: dict[Service, float] = {}
+        #: Class names read from label files (``class_names``).
+        self._labels: dict[Service, tuple[str, ...]] = {}
         #: When the pre-call check last failed to read a service's contract.
         self._unreadable: dict[Service, float] = {}
         #: (service, input signature) that fitted its model -> the model's max_batch_size (0: any).
@@ -220,10 +225,49 @@ class TritonGateway:
         """The contract already read, if any (no call to Triton)."""
         return self._contracts.get(service)
 
+    async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]:
+        """The classes the service's output scores, in column order: its config's ``class_names``
+        parameter, else its output's label file, read once with Triton's classification
+        extension on one row of ``x`` (an input that fits the model); empty when it has neither."""
+        contract = self._contracts.get(service) or await self.contract(service, timeout)
+        if contract.class_names:
+            return contract.class_names
+        known = self._labels.get(service)
+        if known is not None:
+            return known
+        output = contract.output(service.name, service.output)
+        if not output.label_filename:
+            return ()
+        count = int(np.prod(output.shape)) if output.shape and min(output.shape) > 0 else 0
+        if count == 0:
+            return ()
+        try:
+            plan = self._plans.get(service) or await self._plan(service, timeout)
+            tensors = self._tensors(service, plan, take_rows(x, np.arange(1)))
+            result = await self._client(service).infer(
+                service, tensors, "", timeout, (plan.output_name,), class_count=count
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, service) from exc
+        labels = {}
+        for entry in np.asarray(result[plan.output_name]).reshape(-1):
+            text = entry.decode() if isinstance(entry, bytes) else str(entry)
+            parts = text.split(":", 2)  # "score:index:label"
+            if len(parts) == 3 and parts[1].isdigit() and parts[2]:
+                labels[int(parts[1])] = parts[2]
+        names = tuple(labels.get(i, "") for i in range(count))
+        if not all(names):
+            return ()  # a label file shorter than the output: no names rather than wrong ones
+        self._labels[service] = names
+        return names
+
     def _forget(self, service: Service) -> None:
         """The contract may be stale: read it again before the next call."""
         self._contracts.pop(service, None)
         self._read_at.pop(service, None)
+        self._labels.pop(service, None)
         self._plans.pop(service, None)
         self._fits = {fit: limit for fit, limit in self._fits.items() if fit[0] != service}
 

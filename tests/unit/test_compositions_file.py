@@ -142,18 +142,28 @@ def test_each_mistake_is_one_line_naming_the_file_and_line(
 
 
 def test_class_names_that_differ_are_refused_naming_both() -> None:
-    from client_proxy.core.compositions import Composition, Member, composition_classes
-    from client_proxy.core.contracts import Contract
+    import asyncio
+    import time
+
+    from client_proxy.core.compositions import resolve_classes
     from client_proxy.errors import AggregationFailed
 
     a, b = Service("a", "grpc", "t:1", "a"), Service("b", "grpc", "t:1", "b")
-    composition = Composition("c", "", (Member(a), Member(b)), "mean")
 
-    def contract(names: str) -> Contract:
-        return Contract("m", "1", (), (), 8, tuple(names.split(",")))
+    class Models:
+        def __init__(self, **names: str) -> None:
+            self.names = {k: tuple(v.split(",")) for k, v in names.items()}
 
-    assert composition_classes(composition, [contract("x,y"), contract("x,y")]) == ("x", "y")
+        async def class_names(self, service: Service, x: object, timeout: float) -> tuple[str, ...]:
+            return self.names[service.name]
+
+    def classes(models: Models, declared: tuple[str, ...] = ()) -> tuple[str, ...]:
+        deadline = time.monotonic() + 1
+        return asyncio.run(
+            resolve_classes("composition 'c'", declared, "mean", [a, b], models, lambda _: None, deadline)
+        )  # type: ignore[arg-type]
+
+    assert classes(Models(a="x,y", b="x,y")) == ("x", "y")
     with pytest.raises(AggregationFailed, match=r"class names differ \(x, y; y, x\)"):
-        composition_classes(composition, [contract("x,y"), contract("y,x")])
-    declared = Composition("c", "", (Member(a), Member(b)), "mean", classes=("p", "q"))
-    assert composition_classes(declared, [contract("x,y"), contract("y,x")]) == ("p", "q")
+        classes(Models(a="x,y", b="y,x"))
+    assert classes(Models(a="x,y", b="y,x"), declared=("p", "q")) == ("p", "q")

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client_proxy.core.contracts import Contract
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.pipelines import Condition, Pipeline, PipelineResult, Step, run_pipeline
 from client_proxy.core.services import Service
@@ -46,8 +45,8 @@ class FakeGateway:
     async def ensure_fit(self, services: list[Service], x: Any, timeout: float) -> None:
         return None
 
-    def known_contract(self, service: Service) -> Contract | None:
-        return Contract(service.model, "1", (), (), 8, CLASSES)
+    async def class_names(self, service: Service, x: Any, timeout: float) -> tuple[str, ...]:
+        return CLASSES
 
 
 def _pipeline(stop_if: str | None, aggregator: str = "mean", on_failure: str = "fail") -> Pipeline:

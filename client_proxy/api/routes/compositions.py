@@ -151,7 +151,7 @@ async def stream(name: str, request: Request) -> StreamingResponse:
         final: dict[str, Any] = {"final": True}
         try:
             enough_answers(composition, result, options.policy)
-            aggregated, classes = aggregate(composition, result, state.gateway)
+            aggregated, classes = await aggregate(composition, result, state.gateway, rows, options.deadline)
         except ProxyError as exc:
             final.update(exc.body())
         else:
