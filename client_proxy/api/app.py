@@ -20,13 +20,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client_proxy.api.routes import admin, health, predict
+from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.config import Settings, check_settings, ensemble_service, initial_services, load_settings
 from client_proxy.core.declared import load_declared
 from client_proxy.core.fanout import FanOut
+from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
@@ -62,6 +63,10 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
     )
 
+    state.served = ServedModels(
+        gateway, state.fanout, compositions, declared.pipelines, state.default_composition, state.service_map
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _drain_on_sigterm(state, settings.shutdown_delay_ms / 1000)
@@ -91,7 +96,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.include_router(composition_routes.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
-    for path, endpoint, methods in reversed(predict.FAST_ROUTES):
+    for path, endpoint, methods in reversed([*predict.FAST_ROUTES, *v2.ROUTES]):
         app.router.routes.insert(0, Route(path, endpoint, methods=methods))
     _install_error_handlers(app)
     if settings.cors_origins:

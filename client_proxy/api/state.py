@@ -14,6 +14,7 @@ from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.declared import service_map
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.pipelines import Pipeline
+from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
 from client_proxy.triton.gateway import TritonGateway
@@ -37,6 +38,8 @@ class ProxyState:
     compositions: dict[str, Composition] = field(default_factory=dict)
     """From ``PROXY_COMPOSITIONS_FILE``; ``default`` is added at request time unless it declares one."""
     compositions_source: str | None = None
+    served: ServedModels = field(init=False)
+    """The Open Inference Protocol's view of the compositions, pipelines and services (``/v2``)."""
 
     def service_map(self) -> dict[str, Service]:
         """The services pipelines name, as they are now (the admin endpoints may change them)."""

@@ -66,6 +66,8 @@ class _Plan:
     inputs: tuple[tuple[str, str, Any], ...]
     """Per model input: its name, datatype and numpy dtype (None: sent as given)."""
     output_name: str
+    """The output the service contributes; empty when the model does not say (see ``problem``)."""
+    problem: str = ""
 
 
 #: The pre-call check asks again for a contract it could not read (model unknown, Triton down)
@@ -331,9 +333,12 @@ class TritonGateway:
 
     async def _plan(self, service: Service, timeout: float) -> _Plan:
         contract = self._contracts.get(service) or await self.contract(service, timeout)
-        output = contract.output(service.name, service.output)
+        try:
+            output, problem = contract.output(service.name, service.output).name, ""
+        except ContractMismatch as exc:  # several outputs, none named: only a pass-through call works
+            output, problem = "", exc.message
         inputs = tuple((t.name, t.datatype, NUMPY_DTYPES.get(t.datatype)) for t in contract.inputs)
-        plan = self._plans[service] = _Plan(inputs, output.name)
+        plan = self._plans[service] = _Plan(inputs, output, problem)
         return plan
 
     def _tensors(self, service: Service, plan: _Plan, x: Inputs) -> list[tuple[str, NDArray[Any], str]]:
@@ -363,6 +368,8 @@ class TritonGateway:
         client = self._client(service)
         try:
             plan = self._plans.get(service) or await self._plan(service, timeout)
+            if plan.problem:
+                raise ContractMismatch(plan.problem)
             tensors = self._tensors(service, plan, x)
             output = (await client.infer(service, tensors, request_id, timeout, (plan.output_name,)))[
                 plan.output_name
@@ -386,6 +393,27 @@ class TritonGateway:
                 f"{service.name}: model '{service.model}' returned non-finite values", service=service.name
             )
         return output
+
+    async def call(
+        self, service: Service, x: Inputs, request_id: str, timeout: float, outputs: tuple[str, ...]
+    ) -> dict[str, NDArray[Any]]:
+        """The model's ``outputs`` for ``x``, as Triton gives them (a pass-through call)."""
+        try:
+            plan = self._plans.get(service) or await self._plan(service, timeout)
+            tensors = self._tensors(service, plan, x)
+            result = await self._client(service).infer(service, tensors, request_id, timeout, outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = translate(exc, service)
+            self._after_failure(service, error)
+            raise error from exc
+        missing = [name for name, value in result.items() if value is None]
+        if missing:
+            raise UpstreamError(
+                f"{service.name}: model '{service.model}' gave no {', '.join(missing)}", service=service.name
+            )
+        return result
 
     async def infer_ensemble(
         self, service: Service, x: NDArray[Any], request_id: str, timeout: float

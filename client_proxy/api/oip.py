@@ -1,0 +1,217 @@
+"""The Open Inference Protocol's HTTP/REST encoding (KServe v2, as Triton speaks it): inference
+requests and responses in JSON, with Triton's binary tensor data extension.
+
+A request is JSON, or (with an ``Inference-Header-Content-Length`` header) that many bytes of
+JSON followed by the raw tensors whose ``parameters`` carry a ``binary_data_size``, in order. A
+response puts an output in binary when the request asked for it (the output's ``binary_data``
+parameter, or the request's ``binary_data_output``), which is what ``tritonclient.http`` does by
+default. Tensor bytes are little-endian; BYTES elements are each a 4-byte length and the bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+
+from client_proxy.api.inputs import _tensor
+from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.errors import BadRequest, InvalidInput, InvalidJSON
+
+HEADER = "inference-header-content-length"
+_DATATYPES = {np.dtype(dtype).str: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
+
+
+@dataclass
+class InferRequest:
+    id: str
+    inputs: dict[str, NDArray[Any]]
+    outputs: list[str] | None
+    """The outputs asked for; None: all."""
+    binary: dict[str, bool] = field(default_factory=dict)
+    """Per output asked for: in binary?"""
+    binary_output: bool = False
+    """``binary_data_output``: every output in binary unless it says otherwise."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"failed to parse the request JSON: {exc}") from None
+
+
+def parse_request(body: bytes, header_length: str | None, max_rows: int) -> InferRequest:
+    """An inference request; ``InvalidInput``/``BadRequest`` naming what is wrong otherwise."""
+    if header_length is not None:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise BadRequest(
+                f"Inference-Header-Content-Length {header_length[:40]!r} is not a number"
+            ) from None
+        if not 0 < size <= len(body):
+            raise BadRequest(
+                f"Inference-Header-Content-Length {size} is not within the body's {len(body)} bytes"
+            )
+        document, binary = _json(body[:size]), memoryview(body)[size:]
+    else:
+        document, binary = _json(body), memoryview(b"")
+    if not isinstance(document, dict):
+        raise InvalidInput("the request must be a JSON object with 'inputs'")
+    unknown = set(document) - {"id", "inputs", "outputs", "parameters"}
+    if unknown:
+        raise InvalidInput(f"unexpected key(s) in the request: {', '.join(sorted(unknown))}")
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    entries = document.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, NDArray[Any]] = {}
+    offset = 0
+    for i, entry in enumerate(entries):
+        name, array, used = _input(i, entry, binary[offset:], max_rows)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' is given twice")
+        inputs[name] = array
+        offset += used
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data after the last tensor")
+    outputs, wanted = _outputs(document.get("outputs"))
+    binary_output = bool(parameters.get("binary_data_output", False))
+    return InferRequest(request_id, inputs, outputs, wanted, binary_output, parameters)
+
+
+def _input(i: int, entry: Any, binary: memoryview, max_rows: int) -> tuple[str, NDArray[Any], int]:
+    """One input tensor, and how many bytes of the binary part it used."""
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"inputs[{i}]: a tensor is an object with name, shape and datatype")
+    name, shape, datatype = entry.get("name"), entry.get("shape"), entry.get("datatype")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
+    where = f"input '{name}'"
+    if datatype not in NUMPY_DTYPES:
+        raise InvalidInput(f"{where}: unknown datatype {datatype!r} (one of {', '.join(NUMPY_DTYPES)})")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(f"{where}: 'shape' must be a list of whole numbers >= 0")
+    if shape and shape[0] > max_rows:
+        raise InvalidInput(f"{where}: {shape[0]} rows, more than the {max_rows} allowed per request")
+    parameters = entry.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is None:
+        if "data" not in entry:
+            raise InvalidInput(f"{where}: no 'data' and no binary_data_size")
+        return name, _tensor(where, shape, datatype, entry["data"]), 0
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+        raise BadRequest(f"{where}: binary_data_size {size!r} is beyond the binary data sent")
+    return name, _from_bytes(where, bytes(binary[:size]), shape, datatype), size
+
+
+def _from_bytes(where: str, raw: bytes, shape: list[int], datatype: str) -> NDArray[Any]:
+    count = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        items, at = [], 0
+        while at < len(raw):
+            if at + 4 > len(raw):
+                raise InvalidInput(f"{where}: a BYTES element's length is cut short")
+            (length,) = struct.unpack_from("<I", raw, at)
+            at += 4
+            if at + length > len(raw):
+                raise InvalidInput(f"{where}: a BYTES element is longer than the data sent")
+            items.append(raw[at : at + length])
+            at += length
+        if len(items) != count:
+            raise InvalidInput(f"{where}: {len(items)} BYTES elements, the shape {shape} needs {count}")
+        return np.asarray(items, dtype=object).reshape(shape)
+    dtype = np.dtype(NUMPY_DTYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{where}: {len(raw)} bytes of binary data, the shape {shape} of {datatype} needs "
+            f"{count * dtype.itemsize}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"{where}: values must be finite")
+    return array
+
+
+def _outputs(entries: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    if entries is None:
+        return None, {}
+    if not isinstance(entries, list):
+        raise InvalidInput("'outputs' must be a list")
+    names, binary = [], {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput(f"outputs[{i}]: an output is an object with a 'name'")
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"outputs[{i}]: 'parameters' must be an object")
+        if parameters.get("classification"):
+            raise InvalidInput(f"output '{entry['name']}': the classification extension is not served here")
+        names.append(entry["name"])
+        if "binary_data" in parameters:
+            binary[entry["name"]] = bool(parameters["binary_data"])
+    return names, binary
+
+
+def datatype_of(array: NDArray[Any]) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    return _DATATYPES[array.dtype.str if array.dtype.byteorder != ">" else array.dtype.newbyteorder("<").str]
+
+
+def _to_bytes(array: NDArray[Any]) -> bytes:
+    if datatype_of(array) == "BYTES":
+        parts = []
+        for item in array.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(data)) + data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def _to_json(array: NDArray[Any]) -> list[Any]:
+    if datatype_of(array) == "BYTES":
+        return [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in array.reshape(-1)]
+    return array.reshape(-1).tolist()  # type: ignore[no-any-return]
+
+
+def encode_response(
+    model: str,
+    version: str,
+    request: InferRequest,
+    outputs: dict[str, NDArray[Any]],
+    parameters: dict[str, Any],
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary tensors follow it."""
+    entries, blobs = [], []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
+        if request.binary.get(name, request.binary_output):
+            raw = _to_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = _to_json(array)
+        entries.append(entry)
+    header: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+    if request.id:
+        header["id"] = request.id
+    if parameters:
+        header["parameters"] = parameters
+    encoded = orjson.dumps(header)
+    if not blobs:
+        return encoded, None
+    return encoded + b"".join(blobs), len(encoded)

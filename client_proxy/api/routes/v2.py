@@ -1,0 +1,154 @@
+"""The Open Inference Protocol (KServe v2) over HTTP, under ``/v2``: what Triton serves, so that
+``tritonclient.http``, ``perf_analyzer`` and KServe's clients call a composition, a pipeline or
+a service of the proxy as if it were one Triton model.
+
+Errors are the protocol's: ``{"error": "<message>"}`` with a 4xx/5xx status (400 for a bad
+request, 404 for an unknown model, 503 when too few services answered, 504 past the deadline).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from client_proxy.api.inputs import read_body
+from client_proxy.api.oip import HEADER, encode_response, parse_request
+from client_proxy.api.options import POLICIES, call_options
+from client_proxy.api.state import ProxyState
+from client_proxy.core.served import VERSION
+from client_proxy.errors import InvalidInput, ProxyError
+from client_proxy.observability import log_request
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+
+SERVER = {
+    "name": "client_proxy",
+    "version": "0.1.0",
+    "extensions": ["binary_tensor_data", "model_configuration", "parameters"],
+}
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def _error(exc: ProxyError) -> Response:
+    """The protocol's error body; a request the proxy's routes answer with 422 is a 400 here."""
+    status = 400 if exc.status_code == 422 else exc.status_code
+    return _json({"error": exc.message}, status)
+
+
+def _version(request: Request) -> None:
+    version = request.path_params.get("version")
+    if version not in (None, "", VERSION):
+        name = request.path_params["name"]
+        raise InvalidInput(f"Request for unknown model: '{name}' version {version} is not found")
+
+
+def _timeout(state: ProxyState) -> float:
+    return state.settings.service_timeout_ms / 1000
+
+
+async def server_metadata(request: Request) -> Response:
+    """Server metadata: name, version and the protocol extensions served."""
+    return _json(SERVER)
+
+
+async def server_live(request: Request) -> Response:
+    return Response(status_code=200)
+
+
+async def server_ready(request: Request) -> Response:
+    """Ready while not draining and the default fan-out can answer (as ``/health/ready``)."""
+    state: ProxyState = request.app.state.proxy
+    if state.draining:
+        return Response(status_code=503)
+    ready = await state.served.ready("iris_fanout", _timeout(state))
+    return Response(status_code=200 if ready else 503)
+
+
+async def model_metadata(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    try:
+        _version(request)
+        served = await state.served.describe(request.path_params["name"], _timeout(state))
+    except ProxyError as exc:
+        return _error(exc)
+    return _json(served.metadata())
+
+
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration extension (``perf_analyzer`` reads it)."""
+    state: ProxyState = request.app.state.proxy
+    try:
+        _version(request)
+        served = await state.served.describe(request.path_params["name"], _timeout(state))
+    except ProxyError as exc:
+        return _error(exc)
+    return _json(served.config())
+
+
+async def model_ready(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    try:
+        _version(request)
+        ready = await state.served.ready(request.path_params["name"], _timeout(state))
+    except ProxyError as exc:
+        return _error(exc)
+    return Response(status_code=200 if ready else 400)
+
+
+async def infer(request: Request) -> Response:
+    """One inference, JSON or with binary tensors; the response as the request asked."""
+    state: ProxyState = request.app.state.proxy
+    name = request.path_params["name"]
+    try:
+        _version(request)
+        options = call_options(request, state.settings)
+        body = await read_body(
+            request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
+        )
+        parsed = parse_request(body, request.headers.get(HEADER), state.settings.max_rows)
+        deadline, policy = options.deadline, options.policy
+        timeout_us = parsed.parameters.get("timeout")
+        if timeout_us is not None:
+            if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
+                raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
+            deadline = min(deadline, time.monotonic() + timeout_us / 1e6)
+        asked = parsed.parameters.get("timeout_policy")
+        if asked is not None:
+            if asked not in POLICIES:
+                raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
+            policy = POLICIES[asked]
+        request_id = options.request_id
+        answer = await state.served.infer(name, parsed.inputs, parsed.outputs, request_id, deadline, policy)
+    except ProxyError as exc:
+        return _error(exc)
+    log_request(request_id, f"/v2/models/{name}/infer", [])
+    if answer.parameters.get("partial"):
+        state.metrics.partial_answers.labels("/v2/models/{name}/infer").inc()
+    content, header_length = encode_response(name, VERSION, parsed, answer.outputs, answer.parameters)
+    headers = {HEADER: str(header_length)} if header_length is not None else None
+    media = "application/octet-stream" if header_length is not None else "application/json"
+    return Response(content, headers=headers, media_type=media)
+
+
+#: Served as plain Starlette routes (as the hot seed routes are): the handlers read the request
+#: themselves, and the protocol's errors are not the proxy's JSON errors.
+ROUTES = [
+    ("/v2", server_metadata, ["GET"]),
+    ("/v2/health/live", server_live, ["GET"]),
+    ("/v2/health/ready", server_ready, ["GET"]),
+    ("/v2/models/{name}", model_metadata, ["GET"]),
+    ("/v2/models/{name}/versions/{version}", model_metadata, ["GET"]),
+    ("/v2/models/{name}/ready", model_ready, ["GET"]),
+    ("/v2/models/{name}/versions/{version}/ready", model_ready, ["GET"]),
+    ("/v2/models/{name}/config", model_config, ["GET"]),
+    ("/v2/models/{name}/versions/{version}/config", model_config, ["GET"]),
+    ("/v2/models/{name}/infer", infer, ["POST"]),
+    ("/v2/models/{name}/versions/{version}/infer", infer, ["POST"]),
+]

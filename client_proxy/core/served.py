@@ -1,0 +1,437 @@
+"""The models the proxy serves over the Open Inference Protocol (KServe v2), transport-free.
+
+Every composition (the default one also as ``iris_fanout``), every pipeline and every service
+is a model a v2 client can ask for its metadata and configuration and call. What each looks
+like:
+
+- a composition with an aggregator: the inputs its services share (one ``input`` for the Iris
+  fan-out, exactly as Triton's ``iris_ensemble``), and the outputs of ``iris_ensemble``:
+  ``scores`` FP32 ``[N, classes]``, ``label`` INT64 ``[N, 1]`` (the class index), ``proba``
+  FP32 ``[N, 1]`` and ``class_name`` BYTES ``[N, 1]``; with ``aggregator: none``, each service's
+  output as a tensor named after the service;
+- a pipeline: ``class_name``, ``proba`` and ``stopped_at`` (``[N, 1]`` each), ``scores`` when its
+  aggregator gives them;
+- a service: its model's own inputs and outputs, called through the proxy (deadline, request
+  id, metrics).
+
+A partial answer is a normal answer whose ``parameters`` name each missing service and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from client_proxy.core.compositions import Composition, run_composition
+from client_proxy.core.contracts import Contract, ContractMismatch
+from client_proxy.core.fanout import FanOut
+from client_proxy.core.pipelines import Pipeline, run_pipeline
+from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.tensors import Inputs, row_count
+from client_proxy.errors import Failure, InvalidInput, ProxyError, UpstreamError
+
+#: Version every served model reports (the proxy's models have one).
+VERSION = "1"
+DEFAULT_ALIAS = "iris_fanout"
+
+Kind = Literal["composition", "pipeline", "service"]
+
+
+class UnknownModel(ProxyError):
+    status_code = 404
+    code = "unknown_model"
+
+
+class Gateway(Protocol):
+    """What the v2 models need of the Triton side (``TritonGateway``)."""
+
+    def fits(self, services: list[Service], x: Inputs) -> bool: ...
+
+    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None: ...
+
+    async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]: ...
+
+    async def contract(self, service: Service, timeout: float) -> Contract: ...
+
+    def known_contract(self, service: Service) -> Contract | None: ...
+
+    async def call(
+        self, service: Service, x: Inputs, request_id: str, timeout: float, outputs: tuple[str, ...]
+    ) -> dict[str, NDArray[Any]]: ...
+
+    async def model_ready(self, service: Service, timeout: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor's name, datatype and shape as the protocol shows them (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def config(self, batched: bool) -> dict[str, Any]:
+        datatype = "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
+        return {
+            "name": self.name,
+            "data_type": datatype,
+            "dims": list(self.shape[1:] if batched else self.shape),
+        }
+
+
+@dataclass(frozen=True)
+class Served:
+    """One model of the v2 door: what it is, and what it takes and gives."""
+
+    name: str
+    kind: Kind
+    target: Composition | Pipeline | Service
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int
+
+    @property
+    def platform(self) -> str:
+        return f"proxy_{self.kind}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [VERSION],
+            "platform": self.platform,
+            "inputs": [t.metadata() for t in self.inputs],
+            "outputs": [t.metadata() for t in self.outputs],
+        }
+
+    def config(self) -> dict[str, Any]:
+        batched = self.max_batch_size > 0
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "backend": "",
+            "version_policy": {"latest": {"num_versions": 1}},
+            "max_batch_size": self.max_batch_size,
+            "input": [t.config(batched) for t in self.inputs],
+            "output": [t.config(batched) for t in self.outputs],
+            "parameters": {"description": {"string_value": self._description()}},
+        }
+
+    def _description(self) -> str:
+        if isinstance(self.target, Composition | Pipeline):
+            return self.target.description
+        return f"the service {self.target.name}: {self.target.describe()}"
+
+
+@dataclass
+class Answer:
+    """The outputs of one v2 inference, and the response parameters (a partial answer's)."""
+
+    outputs: dict[str, NDArray[Any]]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what each model looks like ------------------------------------------------------------------
+def _batched_shape(spec_shape: tuple[int, ...], batched: bool) -> tuple[int, ...]:
+    return (-1, *spec_shape) if batched else spec_shape
+
+
+async def _contracts(gateway: Gateway, services: Sequence[Service], timeout: float) -> list[Contract | None]:
+    """The services' contracts, read now where not known (None where Triton cannot say)."""
+
+    async def one(service: Service) -> Contract | None:
+        known = gateway.known_contract(service)
+        if known is not None:
+            return known
+        try:
+            return await gateway.contract(service, timeout)
+        except UpstreamError:
+            return None
+
+    return list(await asyncio.gather(*(one(s) for s in services)))
+
+
+def _shared_inputs(contracts: Sequence[Contract | None]) -> tuple[tuple[Tensor, ...], int, bool]:
+    """The inputs a set of models takes together, their max_batch_size, and whether the request
+    is rows (every model has one input of one shape: one tensor, sent to each as rows)."""
+    known = [c for c in contracts if c is not None]
+    if not known:
+        return (Tensor("input", "FP32", (-1, -1)),), 0, True
+    batch = min((c.max_batch_size for c in known if c.batched), default=0)
+    batched = all(c.batched for c in known)
+    singles = all(len(c.inputs) == 1 for c in known)
+    if singles and len({c.inputs[0].shape for c in known}) == 1:
+        first = known[0].inputs[0]
+        names = {c.inputs[0].name for c in known}
+        name = first.name if len(names) == 1 else "input"
+        return (Tensor(name, first.datatype, _batched_shape(first.shape, batched)),), batch, True
+    tensors: dict[str, Tensor] = {}
+    for contract in known:
+        for spec in contract.inputs:
+            tensors.setdefault(
+                spec.name, Tensor(spec.name, spec.datatype, _batched_shape(spec.shape, batched))
+            )
+    return tuple(tensors.values()), batch, False
+
+
+def _output_shape(contract: Contract | None, service: Service) -> tuple[int, ...] | None:
+    if contract is None:
+        return None
+    try:
+        return contract.output(service.name, service.output).shape
+    except ContractMismatch:
+        return None
+
+
+def _class_count(composition: Composition, contracts: Sequence[Contract | None]) -> int:
+    if composition.aggregator == "one_vs_rest":
+        return len(composition.members)
+    widths = {
+        int(np.prod(shape))
+        for s, c in zip(composition.services, contracts, strict=True)
+        if (shape := _output_shape(c, s)) is not None and shape and min(shape) > 0
+    }
+    return widths.pop() if len(widths) == 1 else -1
+
+
+def _label_outputs(classes: int) -> tuple[Tensor, ...]:
+    return (
+        Tensor("scores", "FP32", (-1, classes)),
+        Tensor("label", "INT64", (-1, 1)),
+        Tensor("proba", "FP32", (-1, 1)),
+        Tensor("class_name", "BYTES", (-1, 1)),
+    )
+
+
+_PIPELINE_OUTPUTS = (
+    Tensor("class_name", "BYTES", (-1, 1)),
+    Tensor("proba", "FP32", (-1, 1)),
+    Tensor("stopped_at", "BYTES", (-1, 1)),
+)
+
+
+def _column(values: Any, dtype: Any) -> NDArray[Any]:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def _names(values: Sequence[str]) -> NDArray[Any]:
+    return _column([v.encode() for v in values], object)
+
+
+def _missing_parameters(missing: Mapping[str, Failure]) -> dict[str, Any]:
+    """A partial answer, in the protocol's parameters (scalars only): which services, and why."""
+    if not missing:
+        return {}
+    parameters: dict[str, Any] = {"partial": True, "missing": ",".join(missing)}
+    for name, failure in missing.items():
+        parameters[f"missing.{name}"] = f"{failure.reason}: {failure.message}"
+    return parameters
+
+
+class ServedModels:
+    """The v2 door's models, looked up by name at request time (the admin endpoints may change
+    the services), and run by the same core as the proxy's own routes."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        fanout: FanOut,
+        compositions: Mapping[str, Composition],
+        pipelines: Mapping[str, Pipeline],
+        default: Any,
+        services: Any,
+    ) -> None:
+        """``default()``: the default composition now; ``services()``: every service by name now."""
+        self._gateway = gateway
+        self._fanout = fanout
+        self._compositions = compositions
+        self._pipelines = pipelines
+        self._default = default
+        self._services = services
+        self._described: dict[str, tuple[Any, Served]] = {}
+
+    def find(self, name: str) -> tuple[Kind, Composition | Pipeline | Service]:
+        """The model ``name``: a composition (``iris_fanout``: the default one), a pipeline or a
+        service, in that order; ``UnknownModel`` (404) otherwise."""
+        if name in self._compositions:
+            return "composition", self._compositions[name]
+        if name in (DEFAULT_ALIAS, "default"):
+            return "composition", self._default()
+        if name in self._pipelines:
+            return "pipeline", self._pipelines[name]
+        services = self._services()
+        if name in services:
+            return "service", services[name]
+        raise UnknownModel(f"Request for unknown model: '{name}' is not found")
+
+    def names(self) -> list[str]:
+        return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self._services()]
+
+    def _services_of(self, target: Composition | Pipeline | Service) -> list[Service]:
+        if isinstance(target, Service):
+            return [target]
+        if isinstance(target, Composition):
+            return target.services
+        services = self._services()
+        return [services[n] for step in target.steps if step.input == "request" for n in step.services]
+
+    async def describe(self, name: str, timeout: float) -> Served:
+        """What the model takes and gives, from its services' contracts (kept while they are)."""
+        kind, target = self.find(name)
+        services = self._services_of(target)
+        contracts = await _contracts(self._gateway, services, timeout)
+        key = (target, tuple(id(c) for c in contracts))
+        cached = self._described.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if isinstance(target, Service):
+            contract = contracts[0]
+            if contract is None:
+                contract = await self._gateway.contract(target, timeout)  # raises, naming the service
+            batched = contract.batched
+            inputs = tuple(
+                Tensor(t.name, t.datatype, _batched_shape(t.shape, batched)) for t in contract.inputs
+            )
+            outputs = tuple(
+                Tensor(t.name, t.datatype, _batched_shape(t.shape, batched)) for t in contract.outputs
+            )
+            served = Served(name, kind, target, inputs, outputs, contract.max_batch_size)
+        elif isinstance(target, Composition):
+            inputs, batch, _ = _shared_inputs(contracts)
+            if target.aggregator == "none":
+                outputs = tuple(
+                    Tensor(s.name, "FP32", (-1, *(_output_shape(c, s) or (-1,))))
+                    for s, c in zip(services, contracts, strict=True)
+                )
+            else:
+                outputs = _label_outputs(len(target.classes) or _class_count(target, contracts))
+            served = Served(name, kind, target, inputs, outputs, batch)
+        else:
+            inputs, batch, _ = _shared_inputs(contracts)
+            served = Served(name, kind, target, inputs, _PIPELINE_OUTPUTS, batch)
+        self._described[name] = (key, served)
+        return served
+
+    async def ready(self, name: str, timeout: float) -> bool:
+        """Ready when enough of its services' models are (a composition: ``min_answers``)."""
+        kind, target = self.find(name)
+        services = self._services_of(target)
+
+        async def one(service: Service) -> bool:
+            try:
+                return await self._gateway.model_ready(service, timeout)
+            except UpstreamError:
+                return False
+
+        ready = sum(await asyncio.gather(*(one(s) for s in services)))
+        needed = target.min_answers if isinstance(target, Composition) else len(services)
+        return ready >= max(needed, 1) if kind != "pipeline" else ready >= 1
+
+    async def infer(
+        self,
+        name: str,
+        tensors: Mapping[str, NDArray[Any]],
+        outputs: Sequence[str] | None,
+        request_id: str,
+        deadline: float,
+        policy: TimeoutPolicy,
+    ) -> Answer:
+        """One inference: the named tensors in, the outputs asked for (all when None) out."""
+        served = await self.describe(name, max(deadline - time.monotonic(), 0.001))
+        known = {t.name for t in served.outputs}
+        if outputs is not None:
+            unknown = [o for o in outputs if o not in known]
+            if unknown:
+                raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{name}'")
+        x = self._input(served, tensors)
+        target = served.target
+        if isinstance(target, Service):
+            wanted = tuple(outputs) if outputs is not None else tuple(t.name for t in served.outputs)
+
+            def call(budget: float) -> Any:
+                return self._gateway.call(target, x, request_id, budget, wanted)
+
+            if not self._gateway.fits([target], x):
+                await self._gateway.ensure_fit([target], x, max(deadline - time.monotonic(), 0.001))
+            result, _ = await self._fanout.call_alone(target, call, deadline)
+            answer = Answer(dict(result))
+        elif isinstance(target, Composition):
+            answer = await self._composition(target, x, request_id, deadline, policy)
+        else:
+            answer = await self._pipeline(target, x, request_id, deadline)
+        if outputs is not None:
+            answer.outputs = {o: answer.outputs[o] for o in outputs if o in answer.outputs}
+        return answer
+
+    def _input(self, served: Served, tensors: Mapping[str, NDArray[Any]]) -> Inputs:
+        """Rows for a model (or models) of one input, else the named tensors; a missing input is
+        refused as Triton refuses it."""
+        for tensor in served.inputs:
+            if tensor.name not in tensors:
+                raise InvalidInput(
+                    f"expected {len(served.inputs)} inputs but got {len(tensors)} inputs for model "
+                    f"'{served.name}': missing '{tensor.name}'"
+                )
+        if isinstance(served.target, Service) or len(served.inputs) != 1:
+            return dict(tensors)
+        return tensors[served.inputs[0].name]
+
+    async def _composition(
+        self, composition: Composition, x: Inputs, request_id: str, deadline: float, policy: TimeoutPolicy
+    ) -> Answer:
+        answer = await run_composition(
+            composition, x, self._gateway, self._fanout, request_id, deadline, policy
+        )
+        result = answer.result
+        parameters = _missing_parameters(result.missing)
+        if answer.aggregated is None:
+            outputs = {n: o.probabilities for n, o in result.outcomes.items() if o.probabilities is not None}
+            return Answer(outputs, parameters)
+        aggregated = answer.aggregated
+        n = row_count(x)
+        if composition.aggregator == "one_vs_rest" and not composition.classes:
+            # Every service is a class, answered or not (a missing one scores 0 and is named).
+            classes = tuple(m.service.name for m in composition.members)
+            scores = np.zeros((n, len(classes)), dtype=np.float32)
+            for i, service in enumerate(classes):
+                outcome = result.outcomes[service]
+                if outcome.probabilities is not None:
+                    scores[:, i] = outcome.probabilities[:, 0]
+        else:
+            classes = answer.classes
+            assert aggregated.scores is not None or composition.aggregator == "one_vs_rest"
+            scores = (
+                np.asarray(aggregated.scores, dtype=np.float32)
+                if aggregated.scores is not None
+                else np.zeros((n, len(classes)), dtype=np.float32)
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        outputs = {
+            "scores": scores,
+            "label": _column([index.get(label, -1) for label in aggregated.labels], np.int64),
+            "proba": _column(aggregated.proba, np.float32),
+            "class_name": _names(aggregated.labels),
+        }
+        return Answer(outputs, parameters)
+
+    async def _pipeline(self, pipeline: Pipeline, x: Inputs, request_id: str, deadline: float) -> Answer:
+        result = await run_pipeline(
+            pipeline, x, self._services(), self._fanout, self._gateway, request_id, deadline
+        )
+        outputs: dict[str, NDArray[Any]] = {
+            "class_name": _names(result.labels),
+            "proba": _column(result.proba, np.float32),
+            "stopped_at": _names(result.stopped_at),
+        }
+        skipped = {
+            r.step: Failure("skipped", ", ".join(r.missing)) for r in result.path if r.status == "skipped"
+        }
+        return Answer(outputs, _missing_parameters(skipped))
