@@ -42,11 +42,12 @@ def start_proxy(
     stack: ExitStack, triton: TritonServer, protocol: str, extra_env: dict[str, str] | None = None
 ) -> tuple[str, int]:
     """``python -m client_proxy`` on a free port, calling ``triton``; its URL and pid."""
-    (port,) = free_ports(1)
+    port, grpc_port = free_ports(2)
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
     env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
-    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_PROTOCOL=protocol, **(extra_env or {}))
+    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_GRPC_PORT=str(grpc_port))
+    env.update(PROXY_PROTOCOL=protocol, **(extra_env or {}))
     process = stack.enter_context(
         serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
     )

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     """Address the proxy listens on."""
     port: int = Field(9000, ge=1, le=65535)
     """Port the proxy listens on."""
+    grpc_port: int = Field(9001, ge=0, le=65535)
+    """Port of the proxy's Open Inference Protocol gRPC service (Triton's ``GRPCInferenceService``);
+    0: no gRPC service."""
     protocol: Protocol = "grpc"
     """Protocol to Triton for services that do not name one: ``grpc`` (faster here) or ``http``."""
     triton_host: str = "localhost"

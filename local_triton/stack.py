@@ -105,6 +105,7 @@ class Stack:
         assert self.server is not None
         port = self.server.grpc_port if self.args.protocol == "grpc" else self.server.http_port
         env = dict(os.environ, PROXY_PORT=str(self.args.proxy_port), PROXY_PROTOCOL=self.args.protocol)
+        env["PROXY_GRPC_PORT"] = str(self.args.proxy_grpc_port)
         # The example compositions and pipelines (the wine models), pointed at this Triton.
         env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLES / "compositions.yaml"))
         env.setdefault("PROXY_PIPELINES_FILE", str(EXAMPLES / "pipelines.yaml"))
@@ -200,6 +201,12 @@ def _how(code: int | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m local_triton.stack", description=__doc__)
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", "9000")))
+    parser.add_argument(
+        "--proxy-grpc-port",
+        type=int,
+        default=int(os.environ.get("PROXY_GRPC_PORT", "9001")),
+        help="the proxy's Open Inference Protocol gRPC port (0: none)",
+    )
     parser.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port")

@@ -71,6 +71,9 @@ def proxy_environment(settings: Settings, services: list[Service], port: int) ->
         else:
             env[f"PROXY_{name.upper()}"] = str(value)
     env["PROXY_HOST"], env["PROXY_PORT"] = "127.0.0.1", str(port)
+    if settings.grpc_port == Settings.model_fields["grpc_port"].default:
+        # Not asked for by the test: a free port, so that proxies never share one.
+        env["PROXY_GRPC_PORT"] = str(free_ports(1)[0])
     for service in services:
         env[f"SERVICE_{service.name.upper()}"] = service.describe()
     return env

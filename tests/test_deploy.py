@@ -201,9 +201,10 @@ def test_the_proxy_lock_alone_serves(tmp_path: Path, triton: TritonServer) -> No
     assert install.returncode == 0, install.stderr[-2000:]
     app = tmp_path / "app"
     shutil.copytree(ROOT / "client_proxy", app / "client_proxy", ignore=shutil.ignore_patterns("__pycache__"))
-    (port,) = free_ports(1)
+    port, grpc_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_", "PYTHON"))}
-    env.update(PROXY_PORT=str(port), SERVICE_SETOSA=triton.grpc_url, PROXY_LOG_LEVEL="WARNING")
+    env.update(PROXY_PORT=str(port), PROXY_GRPC_PORT=str(grpc_port), SERVICE_SETOSA=triton.grpc_url)
+    env.update(PROXY_LOG_LEVEL="WARNING")
     process = subprocess.Popen(
         [str(venv / "bin" / "python"), "-m", "client_proxy"], cwd=app, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -240,8 +241,8 @@ def dockerfile_proxy(triton: TritonServer, compose: dict[str, Any]) -> Iterator[
     for key, value in _environment(compose["services"]["proxy"]["environment"]).items():
         value = value.replace("triton:8001", triton.grpc_url).replace("triton:8000", triton.http_url)
         env[key] = value.replace("/app/", f"{ROOT}/")  # the image's WORKDIR is this checkout
-    (port,) = free_ports(1)
-    env["PROXY_PORT"] = str(port)
+    port, grpc_port = free_ports(2)
+    env["PROXY_PORT"], env["PROXY_GRPC_PORT"] = str(port), str(grpc_port)
     assert command[0] == "python"
     process = subprocess.Popen(
         [sys.executable, *command[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

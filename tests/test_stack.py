@@ -27,17 +27,18 @@ class Stack:
 
     def __init__(self, tmp_path: Path, *extra: str) -> None:
         self.repository = iris_repository(tmp_path, with_ensemble=True)
-        self.proxy_port, http, grpc, self.metrics_port = free_ports(4)
+        self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port = free_ports(5)
         self.url = f"http://127.0.0.1:{self.proxy_port}"
         self.out, self.err = tmp_path / "stack.out", tmp_path / "stack.err"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "local_triton.stack", "--proxy-port", str(self.proxy_port),
                  "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(self.metrics_port),
-                 "--model-repository", str(self.repository), *extra],
+                 "--model-repository", str(self.repository),
+                 "--proxy-grpc-port", str(self.proxy_grpc_port), *extra],
                 cwd=ROOT, stdout=out, stderr=err,
             )  # fmt: skip
-        self.ports = (self.proxy_port, http, grpc, self.metrics_port)
+        self.ports = (self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port)
 
     def wait_serving(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
+from client_proxy.api import grpc_door
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -72,9 +73,14 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         _drain_on_sigterm(state, settings.shutdown_delay_ms / 1000)
         gateway.open([*services, *(s for c in compositions.values() for s in c.services)])
         logger.info("serving %s", ", ".join(f"{s.name}={s.describe()}" for s in services))
+        grpc_server = (
+            await grpc_door.start(state, settings.host, settings.grpc_port) if settings.grpc_port else None
+        )
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=settings.deadline_ms / 1000)
             await coalescer.aclose()
             closed = await gateway.aclose()
             logger.info("shut down: closed the clients of %d Triton server(s)", closed)

@@ -115,10 +115,10 @@ def _input(i: int, entry: Any, binary: memoryview, max_rows: int) -> tuple[str, 
         return name, _tensor(where, shape, datatype, entry["data"]), 0
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
         raise BadRequest(f"{where}: binary_data_size {size!r} is beyond the binary data sent")
-    return name, _from_bytes(where, bytes(binary[:size]), shape, datatype), size
+    return name, from_bytes(where, bytes(binary[:size]), shape, datatype), size
 
 
-def _from_bytes(where: str, raw: bytes, shape: list[int], datatype: str) -> NDArray[Any]:
+def from_bytes(where: str, raw: bytes, shape: list[int], datatype: str) -> NDArray[Any]:
     count = int(np.prod(shape)) if shape else 1
     if datatype == "BYTES":
         items, at = [], 0
@@ -172,7 +172,7 @@ def datatype_of(array: NDArray[Any]) -> str:
     return _DATATYPES[array.dtype.str if array.dtype.byteorder != ">" else array.dtype.newbyteorder("<").str]
 
 
-def _to_bytes(array: NDArray[Any]) -> bytes:
+def to_bytes(array: NDArray[Any]) -> bytes:
     if datatype_of(array) == "BYTES":
         parts = []
         for item in array.reshape(-1):
@@ -200,7 +200,7 @@ def encode_response(
     for name, array in outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if request.binary.get(name, request.binary_output):
-            raw = _to_bytes(array)
+            raw = to_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

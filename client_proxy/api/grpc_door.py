@@ -1,0 +1,236 @@
+"""The Open Inference Protocol over gRPC: Triton's ``inference.GRPCInferenceService`` (its
+messages ship in ``tritonclient.grpc``), served by grpcio's asyncio server in the proxy's own
+process and event loop, on ``PROXY_GRPC_PORT`` (9001), over the same core as the HTTP routes.
+
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer
+are served; the others answer UNIMPLEMENTED (grpcio's default). Errors are gRPC status codes:
+INVALID_ARGUMENT for a bad request, NOT_FOUND for an unknown model, UNAVAILABLE when too few
+services answered, DEADLINE_EXCEEDED past the deadline; the client's own gRPC deadline counts as
+the request's (less a margin for the answer's way back, so a partial answer arrives in time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from numpy.typing import NDArray
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from client_proxy.api.oip import datatype_of, from_bytes, to_bytes
+from client_proxy.api.options import POLICIES
+from client_proxy.api.routes.v2 import SERVER
+from client_proxy.api.state import ProxyState
+from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.core.served import VERSION
+from client_proxy.errors import InvalidInput, ProxyError
+from client_proxy.observability import request_id_from
+
+logger = logging.getLogger("client_proxy.grpc")
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    502: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ProxyError) -> None:
+    await context.abort(_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
+
+
+def _decode_contents(tensor: Any, shape: list[int]) -> NDArray[Any]:
+    where = f"input '{tensor.name}'"
+    field = _CONTENTS.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"{where}: datatype {tensor.datatype} cannot be sent as typed contents")
+    values = list(getattr(tensor.contents, field))
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise InvalidInput(f"{where}: {len(values)} values, the shape {shape} needs {count}")
+    dtype = object if tensor.datatype == "BYTES" else NUMPY_DTYPES[tensor.datatype]
+    try:
+        array = np.asarray(values, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError):
+        raise InvalidInput(f"{where}: a value does not fit {tensor.datatype}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"{where}: values must be finite")
+    return array
+
+
+def _inputs(request: Any, max_rows: int) -> dict[str, NDArray[Any]]:
+    if not request.inputs:
+        raise InvalidInput("the request has no inputs")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    tensors: dict[str, NDArray[Any]] = {}
+    for i, tensor in enumerate(request.inputs):
+        shape = [int(d) for d in tensor.shape]
+        if tensor.datatype not in NUMPY_DTYPES:
+            raise InvalidInput(f"input '{tensor.name}': unknown datatype {tensor.datatype!r}")
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{tensor.name}': the shape {shape} has a negative dimension")
+        if shape and shape[0] > max_rows:
+            raise InvalidInput(f"input '{tensor.name}': {shape[0]} rows, more than the {max_rows} allowed")
+        if tensor.name in tensors:
+            raise InvalidInput(f"input '{tensor.name}' is given twice")
+        if raw:
+            tensors[tensor.name] = from_bytes(f"input '{tensor.name}'", raw[i], shape, tensor.datatype)
+        else:
+            tensors[tensor.name] = _decode_contents(tensor, shape)
+    return tensors
+
+
+def _parameter(value: Any) -> service_pb2.InferParameter:
+    if isinstance(value, bool):
+        return service_pb2.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return service_pb2.InferParameter(int64_param=value)
+    return service_pb2.InferParameter(string_param=str(value))
+
+
+class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Triton's gRPC inference service, answered by the proxy's core."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self._state = state
+
+    @property
+    def _timeout(self) -> float:
+        return self._state.settings.service_timeout_ms / 1000
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        ready = not self._state.draining and await self._state.served.ready("iris_fanout", self._timeout)
+        return service_pb2.ServerReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerMetadataResponse(**SERVER)
+
+    def _version(self, name: str, version: str) -> None:
+        if version not in ("", VERSION):
+            raise InvalidInput(f"Request for unknown model: '{name}' version {version} is not found")
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            self._version(request.name, request.version)
+            ready = await self._state.served.ready(request.name, self._timeout)
+        except ProxyError as exc:
+            await _abort(context, exc)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            self._version(request.name, request.version)
+            served = await self._state.served.describe(request.name, self._timeout)
+        except ProxyError as exc:
+            await _abort(context, exc)
+        return json_format.ParseDict(served.metadata(), service_pb2.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        try:
+            self._version(request.name, request.version)
+            served = await self._state.served.describe(request.name, self._timeout)
+        except ProxyError as exc:
+            await _abort(context, exc)
+        config = json_format.ParseDict(
+            served.config(), model_config_pb2.ModelConfig(), ignore_unknown_fields=True
+        )
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        state = self._state
+        settings = state.settings
+        request_id = request_id_from(request.id or None)
+        started = time.monotonic()
+        deadline = started + settings.deadline_ms / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # The client's gRPC deadline is the request's, less a margin in which the answer
+            # (partial, or the error) travels back: a tenth of it, from 10 to 100 ms.
+            margin = min(max(remaining / 10, 0.01), 0.1)
+            deadline = min(deadline, started + max(remaining - margin, 0.001))
+        policy = settings.timeout_policy
+        try:
+            self._version(request.model_name, request.model_version)
+            parameters = request.parameters
+            if "timeout" in parameters:
+                timeout_us = parameters["timeout"].int64_param
+                if timeout_us <= 0:
+                    raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
+                deadline = min(deadline, started + timeout_us / 1e6)
+            if "timeout_policy" in parameters:
+                asked = parameters["timeout_policy"].string_param
+                if asked not in POLICIES:
+                    raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
+                policy = POLICIES[asked]
+            tensors = _inputs(request, settings.max_rows)
+            outputs = [o.name for o in request.outputs] or None
+            for output in request.outputs:
+                if "classification" in output.parameters:
+                    raise InvalidInput(
+                        f"output '{output.name}': the classification extension is not served here"
+                    )
+            answer = await state.served.infer(
+                request.model_name, tensors, outputs, request_id, deadline, policy
+            )
+        except ProxyError as exc:
+            await _abort(context, exc)
+        if answer.parameters.get("partial"):
+            state.metrics.partial_answers.labels("grpc ModelInfer").inc()
+        response = service_pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=VERSION, id=request.id
+        )
+        for key, value in answer.parameters.items():
+            response.parameters[key].CopyFrom(_parameter(value))
+        for name, array in answer.outputs.items():
+            tensor = response.outputs.add()
+            tensor.name, tensor.datatype = name, datatype_of(array)
+            tensor.shape.extend(array.shape)
+            response.raw_output_contents.append(to_bytes(array))
+        return response
+
+
+async def start(state: ProxyState, host: str, port: int) -> grpc.aio.Server:
+    """The gRPC service on ``host:port``, started in the running event loop."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", state.settings.max_body_bytes),
+            ("grpc.max_send_message_length", 2**31 - 1),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"PROXY_GRPC_PORT={port}: cannot listen on {address} ({exc})") from None
+    await server.start()
+    logger.info("Open Inference Protocol over gRPC on %s", address)
+    return server

@@ -1,0 +1,202 @@
+"""The Open Inference Protocol over gRPC: unmodified ``tritonclient.grpc`` (sync and aio) calls
+Triton's ``iris_ensemble`` and the proxy's ``iris_fanout`` with the same code."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from local_triton import TritonServer, free_ports
+
+from .helpers import running_proxy, services_on, settings
+
+OUTPUTS = ("scores", "label", "proba", "class_name")
+
+
+@pytest.fixture(scope="module")
+def proxy(triton: TritonServer) -> Iterator[str]:
+    (port,) = free_ports(1)
+    with running_proxy(settings(grpc_port=port), services_on(triton, "grpc")):
+        yield f"127.0.0.1:{port}"
+
+
+def _infer(
+    client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, **kwargs: Any
+) -> dict[str, np.ndarray]:
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(
+        model, [tensor], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS], **kwargs
+    )
+    return {n: result.as_numpy(n) for n in OUTPUTS}
+
+
+def _assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    for name in OUTPUTS:
+        assert got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape, name
+        if got[name].dtype == object:
+            assert got[name].tolist() == expected[name].tolist(), name
+        else:
+            np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
+
+
+def test_the_ensembles_code_calls_the_fan_out_batched_and_row_by_row(
+    proxy: str, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    direct, through = (
+        grpcclient.InferenceServerClient(triton.grpc_url),
+        grpcclient.InferenceServerClient(proxy),
+    )
+    try:
+        _assert_same(_infer(through, "iris_fanout", x), _infer(direct, "iris_ensemble", x))
+        for row in x:
+            one = row[None, :]
+            _assert_same(_infer(through, "iris_fanout", one), _infer(direct, "iris_ensemble", one))
+    finally:
+        direct.close()
+        through.close()
+
+
+def test_the_aio_client_too(proxy: str, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = iris
+
+    async def call(url: str, model: str) -> dict[str, np.ndarray]:
+        async with grpcaio.InferenceServerClient(url) as client:
+            tensor = grpcaio.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            result = await client.infer(model, [tensor], request_id="aio-1")  # every output
+            assert result.get_response().id == "aio-1"
+            return {n: result.as_numpy(n) for n in OUTPUTS}
+
+    _assert_same(asyncio.run(call(proxy, "iris_fanout")), asyncio.run(call(triton.grpc_url, "iris_ensemble")))
+
+
+def test_metadata_config_and_health_as_triton_gives_them(proxy: str, triton: TritonServer) -> None:
+    direct, through = (
+        grpcclient.InferenceServerClient(triton.grpc_url),
+        grpcclient.InferenceServerClient(proxy),
+    )
+    try:
+        ours = through.get_model_metadata("iris_fanout", as_json=True)
+        theirs = direct.get_model_metadata("iris_ensemble", as_json=True)
+        assert ours["inputs"] == theirs["inputs"] and ours["outputs"] == theirs["outputs"]
+        config = through.get_model_config("iris_fanout", as_json=True)["config"]
+        ensemble = direct.get_model_config("iris_ensemble", as_json=True)["config"]
+        assert config["max_batch_size"] == ensemble["max_batch_size"]
+        for key in ("input", "output"):
+            assert [(t["name"], t["data_type"], t["dims"]) for t in config[key]] == [
+                (t["name"], t["data_type"], t["dims"]) for t in ensemble[key]
+            ]
+        assert through.is_server_live() and through.is_server_ready()
+        assert through.is_model_ready("iris_fanout")
+        assert through.get_server_metadata(as_json=True)["name"] == "client_proxy"
+        with pytest.raises(InferenceServerException) as unimplemented:
+            through.get_inference_statistics()
+        assert unimplemented.value.status() == "StatusCode.UNIMPLEMENTED"
+    finally:
+        direct.close()
+        through.close()
+
+
+def test_a_service_passes_through(
+    proxy: str, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    direct, through = (
+        grpcclient.InferenceServerClient(triton.grpc_url),
+        grpcclient.InferenceServerClient(proxy),
+    )
+    try:
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        got = through.infer("versicolor", [tensor]).as_numpy("probabilities")
+        np.testing.assert_array_equal(got, direct.infer("versicolor", [tensor]).as_numpy("probabilities"))
+    finally:
+        direct.close()
+        through.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "tensor", "code", "message"),
+    [
+        ("nope", ("input", [1, 4], "FP32"), "StatusCode.NOT_FOUND", "unknown model: 'nope'"),
+        ("iris_fanout", ("inputs", [1, 4], "FP32"), "StatusCode.INVALID_ARGUMENT", "missing 'input'"),
+        ("iris_fanout", ("input", [1, 3], "FP32"), "StatusCode.INVALID_ARGUMENT", "got rows of shape [1, 3]"),
+    ],
+)
+def test_bad_requests_get_grpc_status_codes(
+    proxy: str, model: str, tensor: tuple[str, list[int], str], code: str, message: str
+) -> None:
+    name, shape, datatype = tensor
+    client = grpcclient.InferenceServerClient(proxy)
+    try:
+        inferred = grpcclient.InferInput(name, shape, datatype)
+        inferred.set_data_from_numpy(np.ones(shape, dtype=np.float32))
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(model, [inferred])
+        assert error.value.status() == code and message in str(error.value)
+        assert client.infer("iris_fanout", [_row()]).as_numpy("class_name").tolist() == [[b"setosa"]]
+    finally:
+        client.close()
+
+
+def _row() -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("input", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.asarray([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+    return tensor
+
+
+def test_the_clients_deadline_is_the_requests_and_partial_answers_say_so(
+    explicit_triton: TritonServer,
+) -> None:
+    (port,) = free_ports(1)
+    models = {"setosa": "setosa", "versicolor": "versicolor", "very_slow": "very_slow"}
+    with running_proxy(
+        settings(grpc_port=port, deadline_ms=5000), services_on(explicit_triton, "grpc", models)
+    ):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            started = time.monotonic()
+            result = client.infer("iris_fanout", [_row()], client_timeout=0.8)  # seconds: the gRPC deadline
+            assert time.monotonic() - started < 2.0  # the client's deadline, not the proxy's 5 s
+            parameters = result.get_response().parameters
+            assert parameters["partial"].bool_param is True
+            assert parameters["missing"].string_param == "very_slow"
+            assert parameters["missing.very_slow"].string_param.startswith("timeout: ")
+            with pytest.raises(InferenceServerException) as late:
+                client.infer(
+                    "iris_fanout",
+                    [_row()],
+                    client_timeout=0.8,
+                    parameters={"timeout_policy": "all_or_nothing"},
+                )
+            assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            quick = client.infer("iris_fanout", [_row()], timeout=300_000)  # Triton's timeout parameter, µs
+            assert quick.get_response().parameters["missing"].string_param == "very_slow"
+        finally:
+            client.close()
+
+
+def test_a_raw_grpc_call_with_typed_contents(proxy: str) -> None:
+    """Not every client sends raw bytes: typed contents (fp32_contents) work too."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(proxy) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="iris_fanout")
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        tensor.contents.fp32_contents.extend([5.1, 3.5, 1.4, 0.2])
+        response = stub.ModelInfer(request, timeout=10)
+    names = [o.name for o in response.outputs]
+    raw = response.raw_output_contents[names.index("class_name")]
+    assert raw[4:] == b"setosa"
