@@ -21,8 +21,9 @@ USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
     PROXY_HOST=0.0.0.0 \
     PROXY_PORT=9000 \
+    PROXY_GRPC_PORT=9001 \
     PYTHONUNBUFFERED=1
-EXPOSE 9000
+EXPOSE 9000 9001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/health/live', timeout=2)"]
 CMD ["python", "-m", "client_proxy"]

@@ -39,6 +39,7 @@ K8S = ROOT / "deploy" / "k8s"
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-py3"
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 PROXY_PORT = 9000
+PROXY_GRPC_PORT = 9001
 KUBERNETES_VERSION = "1.37.0"
 
 
@@ -110,7 +111,7 @@ def test_proxy_service_is_built_here_and_waits_for_triton(compose: dict[str, Any
     proxy = compose["services"]["proxy"]
     assert proxy["build"] == "."
     assert proxy["depends_on"]["triton"]["condition"] == "service_healthy"
-    assert proxy["ports"] == [f"{PROXY_PORT}:{PROXY_PORT}"]
+    assert proxy["ports"] == [f"{PROXY_PORT}:{PROXY_PORT}", f"{PROXY_GRPC_PORT}:{PROXY_GRPC_PORT}"]
     assert "/health/ready" in " ".join(proxy["healthcheck"]["test"])
 
 
@@ -141,8 +142,12 @@ def test_every_model_the_proxy_calls_exists(compose: dict[str, Any], rendered: l
 def test_ports_agree_everywhere(compose: dict[str, Any], rendered: list[dict[str, Any]]) -> None:
     assert Settings.model_fields["port"].default == PROXY_PORT
     dockerfile = DOCKERFILE.read_text()
-    assert re.search(rf"^EXPOSE {PROXY_PORT}$", dockerfile, re.M)
-    assert f"PROXY_PORT={PROXY_PORT}" in dockerfile
+    assert Settings.model_fields["grpc_port"].default == PROXY_GRPC_PORT
+    assert re.search(rf"^EXPOSE {PROXY_PORT} {PROXY_GRPC_PORT}$", dockerfile, re.M)
+    assert f"PROXY_PORT={PROXY_PORT}" in dockerfile and f"PROXY_GRPC_PORT={PROXY_GRPC_PORT}" in dockerfile
+    assert {f"{PROXY_PORT}:{PROXY_PORT}", f"{PROXY_GRPC_PORT}:{PROXY_GRPC_PORT}"} <= set(
+        compose["services"]["proxy"]["ports"]
+    )
     readme = (ROOT / "README.md").read_text()
     assert f"localhost:{PROXY_PORT}/predict" in readme
     for port in TRITON_PORTS.values():
@@ -154,7 +159,9 @@ def test_ports_agree_everywhere(compose: dict[str, Any], rendered: list[dict[str
     service = _kind(rendered, "Service", "triton")["spec"]["ports"]
     assert {p["name"]: p["port"] for p in service} == TRITON_PORTS
     proxy = _kind(rendered, "Deployment", "proxy")["spec"]["template"]["spec"]["containers"][0]
-    assert [p["containerPort"] for p in proxy["ports"]] == [PROXY_PORT]
+    assert [p["containerPort"] for p in proxy["ports"]] == [PROXY_PORT, PROXY_GRPC_PORT]
+    proxy_service = _kind(rendered, "Service", "proxy")["spec"]["ports"]
+    assert [p["port"] for p in proxy_service] == [PROXY_PORT, PROXY_GRPC_PORT]
     assert compose["services"]["triton"]["image"] == triton["image"]
 
 
