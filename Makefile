@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools train models run triton test test-unit bench soak lint lock clean
+.PHONY: help install tools perf-analyzer train models run triton test test-unit bench soak lint lock clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -37,8 +37,11 @@ install: $(VENV)/.installed-test
 # From Debian's packages (as root; otherwise install them yourself): wrk, the benchmark's load
 # generator, and chromium, the headless browser the /docs test renders the page in.
 TOOLS := wrk chromium
+# Libraries (Debian packages) the tools need: perf_analyzer links against libb64.
+LIBRARIES := libb64-0d
 tools:
 	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	for library in $(LIBRARIES); do dpkg -s $$library >/dev/null 2>&1 || missing="$$missing $$library"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; \
@@ -61,14 +64,25 @@ triton: $(VENV)/.installed-run models
 run: $(VENV)/.installed-run models
 	$(BIN)/python -m local_triton.stack
 
-test: $(VENV)/.installed-test models tools
+test: $(VENV)/.installed-test models tools perf-analyzer
 	$(BIN)/python -m pytest
+
+# perf_analyzer, unpacked from the wheels requirements/perf-analyzer.txt names (downloaded with
+# their hashes checked, not installed): it measures Triton and the proxy in make bench and tests.
+PERF_ANALYZER := .cache/perf_analyzer/perf_analyzer
+perf-analyzer: $(PERF_ANALYZER)
+$(PERF_ANALYZER): requirements/perf-analyzer.txt | $(VENV)/.installed-test
+	rm -rf .cache/perf_analyzer && mkdir -p .cache/perf_analyzer/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+		-r requirements/perf-analyzer.txt -d .cache/perf_analyzer/wheels
+	$(BIN)/python -m bench.perf_analyzer install .cache/perf_analyzer .cache/perf_analyzer/wheels
+	rm -rf .cache/perf_analyzer/wheels
 
 # The core's unit tests alone (no Triton, no server): seconds.
 test-unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/unit
 
-bench: $(VENV)/.installed-test models tools
+bench: $(VENV)/.installed-test models tools perf-analyzer
 	$(BIN)/python -m bench
 
 # Not part of `make test`: concurrency 64 for 3 minutes against /predict/label.
@@ -90,4 +104,4 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy training local_triton client_proxy bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

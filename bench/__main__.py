@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import perf_analyzer
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
@@ -123,6 +124,71 @@ def _median(measurements: list[Measurement]) -> Measurement:
     )
 
 
+OIP = (
+    ("Triton iris_ensemble, gRPC", "iris_ensemble", "grpc"),
+    ("proxy iris_fanout, gRPC (:9001)", "iris_fanout", "grpc"),
+    ("Triton iris_ensemble, HTTP", "iris_ensemble", "http"),
+    ("proxy iris_fanout, HTTP (/v2)", "iris_fanout", "http"),
+)
+
+
+def _perf_analyzer(
+    args: argparse.Namespace, levels: list[int], triton: TritonServer, http_proxy: str, grpc_proxy: str
+) -> str:
+    """The Open Inference Protocol doors measured by perf_analyzer (interleaved, medians), as a
+    markdown section; a line saying why when perf_analyzer is not installed."""
+    if perf_analyzer.binary() is None:
+        return "\n## perf_analyzer\n\nNot installed (`make perf-analyzer`): not measured.\n"
+    urls = {
+        ("iris_ensemble", "grpc"): triton.grpc_url,
+        ("iris_ensemble", "http"): triton.http_url,
+        ("iris_fanout", "grpc"): grpc_proxy,
+        ("iris_fanout", "http"): http_proxy.removeprefix("http://"),
+    }
+    interval = 1000 if args.smoke else int(args.seconds * 1000)
+    found: dict[tuple[str, int], list[perf_analyzer.Result]] = {}
+    for concurrency in levels:
+        for repeat in range(args.repeats):
+            for name, model, protocol in OIP:
+                result = perf_analyzer.run(
+                    urls[(model, protocol)], model, protocol, concurrency, interval, 100 if args.smoke else 10
+                )
+                found.setdefault((name, concurrency), []).append(result)
+                print(
+                    f"c={concurrency:<3} run {repeat + 1}/{args.repeats} perf_analyzer {name:<36} "
+                    f"{result.throughput:8.1f} infer/s  p50 {result.p50_ms:7.2f} ms  "
+                    f"p99 {result.p99_ms:7.2f} ms",
+                    flush=True,
+                )
+    lines = [
+        "",
+        "## The Open Inference Protocol doors, measured by perf_analyzer",
+        "",
+        "perf_analyzer (the tritonclient 2.50.0 wheel's, unmodified) against Triton's `iris_ensemble` and "
+        "the proxy's `iris_fanout` (the same inputs and outputs), one row per request, "
+        f"{args.repeats} interleaved run(s) per row, medians; until stable, windows of {interval} ms.",
+        "",
+        "| door | concurrency | infer/s | vs Triton, same protocol | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for concurrency in levels:
+        medians = {
+            name: (
+                statistics.median(r.throughput for r in results),
+                statistics.median(r.p50_ms for r in results),
+                statistics.median(r.p99_ms for r in results),
+            )
+            for (name, c), results in found.items()
+            if c == concurrency
+        }
+        for name, model, protocol in OIP:
+            throughput, p50, p99 = medians[name]
+            reference = medians[next(n for n, m, p in OIP if m == "iris_ensemble" and p == protocol)][0]
+            ratio = f"{throughput / reference:.2f}x" if model == "iris_fanout" else ""
+            lines.append(f"| {name} | {concurrency} | {throughput:,.0f} | {ratio} | {p50:.2f} | {p99:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -157,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
         triton_pid = triton.pid
         assert triton_pid is not None
-        grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc")
+        (grpc_door,) = free_ports(1)
+        grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc", grpc_port=grpc_door)
         http_proxy, http_pid = start_proxy(stack, triton, "http")
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
@@ -202,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
 
+        oip = _perf_analyzer(args, levels, triton, grpc_proxy, f"127.0.0.1:{grpc_door}")
+
     rows = [Row(name, concurrency, _median(ms)) for (name, concurrency), ms in results.items()]
     header = {
         "command": "make bench" if not args.smoke else "python -m bench --smoke",
@@ -214,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
-    markdown = render_markdown(rows, header, verdicts, CEILING, SEED)
+    markdown = render_markdown(rows, header, verdicts, CEILING, SEED) + oip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown)
     render_plot(rows, args.out / "latest.png", header)

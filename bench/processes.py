@@ -39,10 +39,16 @@ def serve(args: list[str], env: dict[str, str], health_url: str) -> Iterator[sub
 
 
 def start_proxy(
-    stack: ExitStack, triton: TritonServer, protocol: str, extra_env: dict[str, str] | None = None
+    stack: ExitStack,
+    triton: TritonServer,
+    protocol: str,
+    extra_env: dict[str, str] | None = None,
+    grpc_port: int | None = None,
 ) -> tuple[str, int]:
-    """``python -m client_proxy`` on a free port, calling ``triton``; its URL and pid."""
-    port, grpc_port = free_ports(2)
+    """``python -m client_proxy`` on a free port, calling ``triton``; its URL and pid. Its Open
+    Inference Protocol gRPC service on ``grpc_port`` (default: another free port)."""
+    (port,) = free_ports(1)
+    grpc_port = grpc_port or free_ports(1)[0]
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
     env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
