@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.include_router(predict.router)
     app.include_router(pipeline_routes.router)
     app.include_router(composition_routes.router)
+    app.include_router(v2.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
     for path, endpoint, methods in reversed([*predict.FAST_ROUTES, *v2.ROUTES]):

@@ -184,3 +184,60 @@ COMPOSITION_ERRORS = errors(
         504: "Too few services answered in time",
     }
 )
+
+
+# -- the Open Inference Protocol (/v2) ---------------------------------------------------------
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+V2_MODEL: dict[str, Any] = {"parameters": [_NAME]}
+V2_MODEL_VERSION: dict[str, Any] = {"parameters": [_NAME, _VERSION]}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string"},
+        "data": {"type": "array"},
+        "parameters": {"type": "object"},
+    },
+}
+V2_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {
+                            "type": "object",
+                            "description": "timeout (microseconds), timeout_policy, binary_data_output",
+                        },
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            },
+                        },
+                    },
+                },
+                "examples": {
+                    "iris_fanout": {
+                        "summary": "The seed's row, to the Iris fan-out",
+                        "value": {
+                            "inputs": [
+                                {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": SAMPLE_ROW}
+                            ]
+                        },
+                    }
+                },
+            }
+        },
+    }
+}

@@ -102,3 +102,59 @@ class PipelineAnswer(BaseModel):
 def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for error statuses, each with the error body's schema."""
     return {status: {"description": text, "model": ErrorBody} for status, text in descriptions.items()}
+
+
+# -- the Open Inference Protocol (/v2) ---------------------------------------------------------
+class OipError(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelConfig(_Open):
+    """Triton's model configuration (its JSON form)."""
+
+    name: str
+    max_batch_size: int
+
+
+class OutputTensor(_Open):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = None
+    """Absent when the tensor is in binary after the JSON (``parameters.binary_data_size``)."""
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A partial answer: ``partial``, ``missing`` (the services) and ``missing.<service>`` (why)."""
+    outputs: list[OutputTensor]
+
+
+def oip_errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the protocol's error statuses (``{"error": "..."}``)."""
+    return {status: {"description": text, "model": OipError} for status, text in descriptions.items()}

@@ -17,7 +17,16 @@ from starlette.responses import Response
 
 from client_proxy.api.inputs import read_body
 from client_proxy.api.oip import HEADER, encode_response, parse_request
+from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
 from client_proxy.api.options import POLICIES, call_options
+from client_proxy.api.schemas import (
+    InferResponse,
+    ModelConfig,
+    ModelMetadata,
+    OipError,
+    ServerMetadata,
+    oip_errors,
+)
 from client_proxy.api.state import ProxyState
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
@@ -66,9 +75,9 @@ async def server_ready(request: Request) -> Response:
     """Ready while not draining and the default fan-out can answer (as ``/health/ready``)."""
     state: ProxyState = request.app.state.proxy
     if state.draining:
-        return Response(status_code=503)
+        return _json({"error": "shutting down"}, 503)
     ready = await state.served.ready("iris_fanout", _timeout(state))
-    return Response(status_code=200 if ready else 503)
+    return Response(status_code=200) if ready else _json({"error": "the default fan-out is not ready"}, 503)
 
 
 async def model_metadata(request: Request) -> Response:
@@ -99,7 +108,9 @@ async def model_ready(request: Request) -> Response:
         ready = await state.served.ready(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
-    return Response(status_code=200 if ready else 400)
+    if not ready:
+        return _json({"error": f"model '{request.path_params['name']}' is not ready"}, 400)
+    return Response(status_code=200)
 
 
 async def infer(request: Request) -> Response:
@@ -137,6 +148,62 @@ async def infer(request: Request) -> Response:
     return Response(content, headers=headers, media_type=media)
 
 
+def _document() -> None:
+    """The FastAPI routes, for ``/docs`` and the fuzz tests only: the plain routes below answer."""
+    model_errors = oip_errors({400: "Bad request (a version other than 1)", 404: "Unknown model"})
+    infer_errors = oip_errors(
+        {
+            400: "Bad request: its JSON, a tensor, a missing input, the binary header, a parameter",
+            404: "Unknown model",
+            408: "Body still arriving at the deadline",
+            413: "Body over PROXY_MAX_BODY_BYTES",
+            502: "The services answered but cannot be combined as declared",
+            503: "Too few services answered (named)",
+            504: "Deadline missed",
+        }
+    )
+    inferred = {
+        200: {
+            "model": InferResponse,
+            "description": "The outputs; with binary tensors, application/octet-stream: the JSON "
+            "header (Inference-Header-Content-Length bytes) then the tensors",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **infer_errors,
+    }
+    no_content = {"description": "yes", "content": {}}
+    router.add_api_route("", server_metadata, methods=["GET"], responses={200: {"model": ServerMetadata}})
+    router.add_api_route(
+        "/health/live", server_live, methods=["GET"], response_class=Response, responses={200: no_content}
+    )
+    router.add_api_route(
+        "/health/ready",
+        server_ready,
+        methods=["GET"],
+        response_class=Response,
+        responses={200: no_content, 503: {"description": "not ready", "model": OipError}},
+    )
+    for suffix, extra in (("", V2_MODEL), ("/versions/{version}", V2_MODEL_VERSION)):
+        base = f"/models/{{name}}{suffix}"
+        router.add_api_route(
+            base, model_metadata, methods=["GET"], openapi_extra=extra,
+            responses={200: {"model": ModelMetadata}, **model_errors},
+        )  # fmt: skip
+        router.add_api_route(
+            f"{base}/ready", model_ready, methods=["GET"], openapi_extra=extra, response_class=Response,
+            responses={200: no_content, **oip_errors({400: "Not ready (or a version other than 1)",
+                                                      404: "Unknown model"})},
+        )  # fmt: skip
+        router.add_api_route(
+            f"{base}/config", model_config, methods=["GET"], openapi_extra=extra,
+            responses={200: {"model": ModelConfig}, **model_errors},
+        )  # fmt: skip
+        router.add_api_route(
+            f"{base}/infer", infer, methods=["POST"], openapi_extra={**extra, **V2_INFER_BODY},
+            responses=inferred,
+        )  # fmt: skip
+
+
 #: Served as plain Starlette routes (as the hot seed routes are): the handlers read the request
 #: themselves, and the protocol's errors are not the proxy's JSON errors.
 ROUTES = [
@@ -152,3 +219,5 @@ ROUTES = [
     ("/v2/models/{name}/infer", infer, ["POST"]),
     ("/v2/models/{name}/versions/{version}/infer", infer, ["POST"]),
 ]
+
+_document()
