@@ -200,3 +200,70 @@ def test_a_raw_grpc_call_with_typed_contents(proxy: str) -> None:
     names = [o.name for o in response.outputs]
     raw = response.raw_output_contents[names.index("class_name")]
     assert raw[4:] == b"setosa"
+
+
+def test_the_wine_composition_and_a_pipeline_over_grpc(triton: TritonServer, tmp_path: Any) -> None:
+    """The other shapes: a composition of three models with other tensor names (one shared input
+    of 13 features), and the Iris cascade, over gRPC, as the proxy's own JSON routes answer."""
+    import httpx
+
+    from training import wine
+
+    path = tmp_path / "compositions.yaml"
+    path.write_text(
+        "compositions:\n  wine:\n    services:\n"
+        + "".join(
+            f'      {m}: {{target: "{triton.grpc_url}/{m}"}}\n'
+            for m in ("wine_logreg", "wine_gbt", "wine_knn")
+        )
+        + "    aggregator: mean\n"
+    )
+    (port,) = free_ports(1)
+    x, _ = wine.load()
+    iris_rows = np.asarray([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]], dtype=np.float32)
+    with running_proxy(settings(grpc_port=port, compositions_file=path), services_on(triton, "grpc")) as url:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            (only,) = client.get_model_metadata("wine", as_json=True)["inputs"]
+            assert only["datatype"] == "FP64" and only["shape"] == ["-1", "13"]
+            tensor = grpcclient.InferInput(only["name"], list(x.shape), "FP64")
+            tensor.set_data_from_numpy(x)
+            result = client.infer("wine", [tensor])
+            cascade = grpcclient.InferInput("input", list(iris_rows.shape), "FP32")
+            cascade.set_data_from_numpy(iris_rows)
+            piped = client.infer("iris_cascade", [cascade])
+        finally:
+            client.close()
+        rows = httpx.post(f"{url}/compositions/wine/label", json={"data": x.tolist()}).json()["prediction"]
+        steps = httpx.post(f"{url}/pipelines/iris_cascade", json={"data": iris_rows.tolist()}).json()
+    assert [n.decode() for n in result.as_numpy("class_name").reshape(-1)] == [r["label"] for r in rows]
+    np.testing.assert_allclose(result.as_numpy("proba").reshape(-1), [r["proba"] for r in rows], atol=1e-6)
+    got = [
+        (c.decode(), s.decode())
+        for c, s in zip(
+            piped.as_numpy("class_name").reshape(-1), piped.as_numpy("stopped_at").reshape(-1), strict=True
+        )
+    ]
+    assert (
+        got
+        == [(r["label"], r["stopped_at"]) for r in steps["prediction"]]
+        == [("setosa", "setosa"), ("virginica", "versicolor_or_virginica")]
+    )
+
+
+def test_grpc_refuses_a_wrong_datatype_and_an_oversized_message(proxy: str) -> None:
+    client = grpcclient.InferenceServerClient(proxy)
+    try:
+        text = grpcclient.InferInput("input", [1, 4], "BYTES")
+        text.set_data_from_numpy(np.full((1, 4), b"x", dtype=object))
+        with pytest.raises(InferenceServerException) as wrong:
+            client.infer("iris_fanout", [text])
+        assert wrong.value.status() == "StatusCode.INVALID_ARGUMENT" and "FP32" in str(wrong.value)
+        huge = grpcclient.InferInput("input", [1024, 400], "FP32")  # 1.6 MB, over PROXY_MAX_BODY_BYTES
+        huge.set_data_from_numpy(np.ones((1024, 400), dtype=np.float32))
+        with pytest.raises(InferenceServerException) as big:
+            client.infer("iris_fanout", [huge])
+        assert big.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert client.infer("iris_fanout", [_row()]).as_numpy("class_name").tolist() == [[b"setosa"]]
+    finally:
+        client.close()

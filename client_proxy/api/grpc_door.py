@@ -28,7 +28,7 @@ from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
-from client_proxy.observability import request_id_from
+from client_proxy.observability import log_request, request_id_from
 
 logger = logging.getLogger("client_proxy.grpc")
 
@@ -202,6 +202,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             )
         except ProxyError as exc:
             await _abort(context, exc)
+        log_request(request_id, f"grpc ModelInfer {request.model_name}", answer.outcomes)
         if answer.parameters.get("partial"):
             state.metrics.partial_answers.labels("grpc ModelInfer").inc()
         response = service_pb2.ModelInferResponse(

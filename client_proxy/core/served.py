@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from client_proxy.core.compositions import Composition, run_composition
 from client_proxy.core.contracts import Contract, ContractMismatch
-from client_proxy.core.fanout import FanOut
+from client_proxy.core.fanout import FanOut, Outcome
 from client_proxy.core.pipelines import Pipeline, run_pipeline
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count
@@ -137,6 +137,8 @@ class Answer:
 
     outputs: dict[str, NDArray[Any]]
     parameters: dict[str, Any] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    """Each service call's outcome, for the request log."""
 
 
 # -- what each model looks like ------------------------------------------------------------------
@@ -361,8 +363,8 @@ class ServedModels:
 
             if not self._gateway.fits([target], x):
                 await self._gateway.ensure_fit([target], x, max(deadline - time.monotonic(), 0.001))
-            result, _ = await self._fanout.call_alone(target, call, deadline)
-            answer = Answer(dict(result))
+            result, outcome = await self._fanout.call_alone(target, call, deadline)
+            answer = Answer(dict(result), outcomes=[outcome])
         elif isinstance(target, Composition):
             answer = await self._composition(target, x, request_id, deadline, policy)
         else:
@@ -394,7 +396,7 @@ class ServedModels:
         parameters = _missing_parameters(result.missing)
         if answer.aggregated is None:
             outputs = {n: o.probabilities for n, o in result.outcomes.items() if o.probabilities is not None}
-            return Answer(outputs, parameters)
+            return Answer(outputs, parameters, list(result.outcomes.values()))
         aggregated = answer.aggregated
         n = row_count(x)
         if composition.aggregator == "one_vs_rest" and not composition.classes:
@@ -420,7 +422,7 @@ class ServedModels:
             "proba": _column(aggregated.proba, np.float32),
             "class_name": _names(aggregated.labels),
         }
-        return Answer(outputs, parameters)
+        return Answer(outputs, parameters, list(result.outcomes.values()))
 
     async def _pipeline(self, pipeline: Pipeline, x: Inputs, request_id: str, deadline: float) -> Answer:
         result = await run_pipeline(

@@ -139,7 +139,7 @@ async def infer(request: Request) -> Response:
         answer = await state.served.infer(name, parsed.inputs, parsed.outputs, request_id, deadline, policy)
     except ProxyError as exc:
         return _error(exc)
-    log_request(request_id, f"/v2/models/{name}/infer", [])
+    log_request(request_id, f"/v2/models/{name}/infer", answer.outcomes)
     if answer.parameters.get("partial"):
         state.metrics.partial_answers.labels("/v2/models/{name}/infer").inc()
     content, header_length = encode_response(name, VERSION, parsed, answer.outputs, answer.parameters)
