@@ -146,6 +146,7 @@ def _perf_analyzer(
         ("iris_fanout", "http"): http_proxy.removeprefix("http://"),
     }
     interval = 1000 if args.smoke else int(args.seconds * 1000)
+    levels = [16] if 16 in levels else levels[-1:]  # the level the targets are set at
     found: dict[tuple[str, int], list[perf_analyzer.Result]] = {}
     for concurrency in levels:
         for repeat in range(args.repeats):

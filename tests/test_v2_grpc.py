@@ -70,15 +70,24 @@ def test_the_ensembles_code_calls_the_fan_out_batched_and_row_by_row(
 def test_the_aio_client_too(proxy: str, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]) -> None:
     x, _ = iris
 
-    async def call(url: str, model: str) -> dict[str, np.ndarray]:
+    async def call(url: str, model: str) -> list[dict[str, np.ndarray]]:
+        answers = []
         async with grpcaio.InferenceServerClient(url) as client:
-            tensor = grpcaio.InferInput("input", list(x.shape), "FP32")
-            tensor.set_data_from_numpy(x)
-            result = await client.infer(model, [tensor], request_id="aio-1")  # every output
-            assert result.get_response().id == "aio-1"
-            return {n: result.as_numpy(n) for n in OUTPUTS}
+            for rows in [x, *(row[None, :] for row in x)]:  # batched, then row by row
+                tensor = grpcaio.InferInput("input", list(rows.shape), "FP32")
+                tensor.set_data_from_numpy(rows)
+                result = await client.infer(model, [tensor], request_id="aio-1")  # every output
+                assert result.get_response().id == "aio-1"
+                answers.append({n: result.as_numpy(n) for n in OUTPUTS})
+        return answers
 
-    _assert_same(asyncio.run(call(proxy, "iris_fanout")), asyncio.run(call(triton.grpc_url, "iris_ensemble")))
+    ours, theirs = (
+        asyncio.run(call(proxy, "iris_fanout")),
+        asyncio.run(call(triton.grpc_url, "iris_ensemble")),
+    )
+    assert len(ours) == len(theirs) == 151
+    for got, expected in zip(ours, theirs, strict=True):
+        _assert_same(got, expected)
 
 
 def test_metadata_config_and_health_as_triton_gives_them(proxy: str, triton: TritonServer) -> None:
@@ -267,3 +276,17 @@ def test_grpc_refuses_a_wrong_datatype_and_an_oversized_message(proxy: str) -> N
         assert client.infer("iris_fanout", [_row()]).as_numpy("class_name").tolist() == [[b"setosa"]]
     finally:
         client.close()
+
+
+def test_raw_contents_of_the_wrong_size_are_invalid_argument(proxy: str) -> None:
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(proxy) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="iris_fanout")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones(3, dtype=np.float32).tobytes())  # 12 bytes, not 16
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12 bytes of binary data, the shape [1, 4] of FP32 needs 16" in (error.value.details() or "")

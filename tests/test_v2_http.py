@@ -73,22 +73,30 @@ def test_the_ensembles_code_calls_the_fan_out_batched_and_row_by_row(
 def test_the_aio_client_too(proxy: str, triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]) -> None:
     x, _ = iris
 
-    async def both() -> tuple[Any, Any]:
+    async def both() -> list[tuple[Any, Any]]:
         async with (
             httpaio.InferenceServerClient(triton.http_url) as direct,
             httpaio.InferenceServerClient(proxy) as through,
         ):
 
-            async def call(client: httpaio.InferenceServerClient, model: str) -> dict[str, np.ndarray]:
-                tensor = httpaio.InferInput("input", list(x.shape), "FP32")
-                tensor.set_data_from_numpy(x, binary_data=False)  # the JSON encoding this time
+            async def call(
+                client: httpaio.InferenceServerClient, model: str, rows: np.ndarray
+            ) -> dict[str, np.ndarray]:
+                tensor = httpaio.InferInput("input", list(rows.shape), "FP32")
+                tensor.set_data_from_numpy(rows, binary_data=False)  # the JSON encoding this time
                 result = await client.infer(model, [tensor])  # every output, binary by default
                 return {n: result.as_numpy(n) for n in OUTPUTS}
 
-            return await call(through, "iris_fanout"), await call(direct, "iris_ensemble")
+            pairs = [(await call(through, "iris_fanout", x), await call(direct, "iris_ensemble", x))]
+            for row in x:
+                one = row[None, :]
+                pairs.append(
+                    (await call(through, "iris_fanout", one), await call(direct, "iris_ensemble", one))
+                )
+            return pairs
 
-    got, expected = asyncio.run(both())
-    _assert_same(got, expected)
+    for got, expected in asyncio.run(both()):
+        _assert_same(got, expected)
 
 
 def test_metadata_and_config_show_what_the_ensemble_shows(proxy: str, triton: TritonServer) -> None:
