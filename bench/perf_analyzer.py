@@ -81,9 +81,8 @@ def run(
         ]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0 or not report.exists():
-            raise RuntimeError(
-                f"perf_analyzer {' '.join(command[1:])}: exit {done.returncode}: {done.stdout[-1500:]}"
-            )
+            said = (done.stdout[-1000:] + done.stderr[-1000:]).strip()
+            raise RuntimeError(f"perf_analyzer {' '.join(command[1:])}: exit {done.returncode}: {said}")
         with report.open() as lines:
             (row,) = list(csv.DictReader(lines))
     return Result(

@@ -30,16 +30,11 @@ def test_perf_analyzer_measures_the_fan_out_as_it_measures_the_ensemble(
     proxy: tuple[str, str], triton: TritonServer, protocol: str
 ) -> None:
     http, grpc = proxy
-    ours = perf_analyzer.run(
-        http if protocol == "http" else grpc, "iris_fanout", protocol, 4, interval_ms=1000
-    )
-    theirs = perf_analyzer.run(
-        triton.http_url if protocol == "http" else triton.grpc_url,
-        "iris_ensemble",
-        protocol,
-        4,
-        interval_ms=1000,
-    )
+    # A loose stability criterion (100%): this checks that it works, on a machine busy with
+    # other tests; perf_analyzer's default (10%) can take more windows than a test should wait.
+    ours = perf_analyzer.run(http if protocol == "http" else grpc, "iris_fanout", protocol, 4, 1000, 100)
+    direct = triton.http_url if protocol == "http" else triton.grpc_url
+    theirs = perf_analyzer.run(direct, "iris_ensemble", protocol, 4, 1000, 100)
     # No figure is asserted (that is make bench's job): both ran, measured and reported.
     assert ours.throughput > 0 and theirs.throughput > 0
     assert "Throughput" in ours.output and "error" not in ours.output.lower()
