@@ -14,7 +14,7 @@ import re
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy.core.fanout import Outcome
@@ -72,8 +72,31 @@ class ProxyMetrics:
             "proxy_partial_answers", "Answers given without every service, by route", ["endpoint"], registry=r
         )
 
+        self.replica_calls = Counter(
+            "proxy_replica_calls",
+            "Calls to one replica of a service, by outcome (ok, timeout, unavailable, error)",
+            ["service", "replica", "outcome"],
+            registry=r,
+        )
+        self.replica_state_gauge = Gauge(
+            "proxy_replica_state",
+            "1 for a replica's current state (healthy, ejected, probing), 0 for the others",
+            ["service", "replica", "state"],
+            registry=r,
+        )
+        self.replica_ejections = Counter(
+            "proxy_replica_ejections", "Times a replica was ejected", ["service", "replica"], registry=r
+        )
+        self.retries = Counter(
+            "proxy_retries",
+            "Calls sent again to another replica after a fast failure",
+            ["service"],
+            registry=r,
+        )
+
         # labels() looks children up under a lock; the hot path keeps its own references.
         self._calls: dict[tuple[str, str], Any] = {}
+        self._replica_calls: dict[tuple[str, str, str], Any] = {}
         self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._latency: dict[str, Any] = {}
 
@@ -91,6 +114,22 @@ class ProxyMetrics:
             self.timeouts.labels(outcome.service).inc()
         elif outcome.reason != "cancelled" and not outcome.ok:
             self.upstream_errors.labels(outcome.service, outcome.reason).inc()
+
+    def replica_call(self, service: str, replica: str, outcome: str) -> None:
+        key = (service, replica, outcome)
+        calls = self._replica_calls.get(key)
+        if calls is None:
+            calls = self._replica_calls[key] = self.replica_calls.labels(*key)
+        calls.inc()
+
+    def replica_state(self, service: str, replica: str, state: str) -> None:
+        for each in ("healthy", "ejected", "probing"):
+            self.replica_state_gauge.labels(service, replica, each).set(1 if each == state else 0)
+        if state == "ejected":
+            self.replica_ejections.labels(service, replica).inc()
+
+    def retry(self, service: str) -> None:
+        self.retries.labels(service).inc()
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     declared = load_declared(settings, services)
     compositions = declared.compositions
     metrics = ProxyMetrics()
-    gateway = TritonGateway(settings)
+    gateway = TritonGateway(settings, listener=metrics)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
     infer = coalescer.infer if settings.coalesce else gateway.infer
     state = ProxyState(

@@ -28,8 +28,29 @@ class TimeoutPolicy(StrEnum):
 
 
 @dataclass(frozen=True, order=True)
+class Target:
+    """A model (and optional version) on one Triton server: one replica of a service."""
+
+    protocol: Protocol
+    url: str
+    """``host:port``, as tritonclient takes it (no scheme)."""
+    model: str
+    version: str = ""
+
+    @property
+    def server(self) -> tuple[Protocol, str]:
+        """Key of the shared client calls to this target go through."""
+        return (self.protocol, self.url)
+
+    def describe(self) -> str:
+        version = f"/{self.version}" if self.version else ""
+        return f"{self.protocol}://{self.url}/{self.model}{version}"
+
+
+@dataclass(frozen=True, order=True)
 class Service:
-    """One inference service: a model (and optional version) on a Triton server."""
+    """One inference service: a model (and optional version) on a Triton server, and the
+    replicas that serve the same model elsewhere (``more``)."""
 
     name: str
     protocol: Protocol
@@ -40,15 +61,21 @@ class Service:
     """Empty: the version Triton's version policy serves."""
     output: str | None = None
     """The model output this service contributes; None: the model's only output."""
+    more: tuple[Target, ...] = ()
+    """Further replicas of the same model, on other servers (``SERVICE_X=a:8001,b:8001``)."""
 
     @property
     def server(self) -> tuple[Protocol, str]:
-        """Key of the shared client this service goes through."""
+        """Key of the shared client the first replica goes through."""
         return (self.protocol, self.url)
 
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every replica, the first one first."""
+        return (Target(self.protocol, self.url, self.model, self.version), *self.more)
+
     def describe(self) -> str:
-        version = f"/{self.version}" if self.version else ""
-        return f"{self.protocol}://{self.url}/{self.model}{version}"
+        return ",".join(t.describe() for t in self.targets)
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
@@ -66,23 +93,27 @@ _TARGET = re.compile(
 
 
 def parse_service(name: str, value: str, default_protocol: Protocol, variable: str | None = None) -> Service:
-    """``[grpc://|http://]host:port[/model[/version]]`` -> ``Service``, or ``ConfigError``."""
+    """``[grpc://|http://]host:port[/model[/version]]``, or several of those separated by commas
+    (replicas of the same model), -> ``Service``, or ``ConfigError``."""
     variable = variable or f"SERVICE_{name.upper()}"
     if not valid_name(name):
         raise ConfigError(f"{variable}: service name {name!r} must be lower-case letters, digits and '_'")
-    match = _TARGET.match(value.strip())
+    targets = [_target(name, part, value, default_protocol, variable) for part in value.split(",")]
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"{variable}={value!r}: a replica is named twice")
+    first = targets[0]
+    return Service(name, first.protocol, first.url, first.model, first.version, more=tuple(targets[1:]))
+
+
+def _target(name: str, text: str, value: str, default_protocol: Protocol, variable: str) -> Target:
+    match = _TARGET.match(text.strip())
     if match is None:
         raise ConfigError(
-            f"{variable}={value!r}: expected [grpc://|http://]host:port[/model[/version]], e.g. triton:8001"
+            f"{variable}={value!r}: expected [grpc://|http://]host:port[/model[/version]] (several: "
+            "separated by commas), e.g. triton:8001"
         )
     port = int(match["port"])
     if not 1 <= port <= 65535:
         raise ConfigError(f"{variable}={value!r}: port {port} is out of range")
     protocol: Protocol = match["scheme"] or default_protocol  # type: ignore[assignment]
-    return Service(
-        name=name,
-        protocol=protocol,
-        url=f"{match['host']}:{port}",
-        model=match["model"] or name,
-        version=match["version"] or "",
-    )
+    return Target(protocol, f"{match['host']}:{port}", match["model"] or name, match["version"] or "")

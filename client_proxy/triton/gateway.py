@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -31,9 +31,10 @@ from tritonclient.utils import InferenceServerException
 
 from client_proxy.config import Settings
 from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
-from client_proxy.core.services import Service
+from client_proxy.core.services import Service, Target
 from client_proxy.core.tensors import Inputs, row_count, signature, take_rows
 from client_proxy.errors import CallCancelled, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.triton.replicas import Listener, Replica, ReplicaSet
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class _Plan:
     problem: str = ""
 
 
+T = TypeVar("T")
+#: A call that failed fast is sent to another replica only if this much time is left.
+MIN_RETRY_S = 0.005
+
 #: The pre-call check asks again for a contract it could not read (model unknown, Triton down)
 #: after this long; the service's own call still tries every time.
 CONTRACT_RETRY_S = 1.0
@@ -95,7 +100,7 @@ class _Client:
 
     async def infer(
         self,
-        service: Service,
+        target: Target,
         tensors: list[tuple[str, NDArray[Any], str]],
         request_id: str,
         timeout: float,
@@ -117,31 +122,31 @@ class _Client:
                 self._requested[(name, class_count)] = output
             requested.append(output)
         result = await self._client.infer(
-            service.model,
+            target.model,
             inputs,
-            model_version=service.version,
+            model_version=target.version,
             outputs=requested,
             request_id=request_id,
             **self._timeout(timeout),
         )
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def is_model_ready(self, service: Service, timeout: float) -> bool:
-        ready = self._client.is_model_ready(service.model, service.version, **self._timeout(timeout))
+    async def is_model_ready(self, target: Target, timeout: float) -> bool:
+        ready = self._client.is_model_ready(target.model, target.version, **self._timeout(timeout))
         return bool(await ready)
 
-    async def model_metadata(self, service: Service, timeout: float) -> dict[str, Any]:
+    async def model_metadata(self, target: Target, timeout: float) -> dict[str, Any]:
         json = {"as_json": True} if self._grpc else {}
         metadata = self._client.get_model_metadata(
-            service.model, service.version, **json, **self._timeout(timeout)
+            target.model, target.version, **json, **self._timeout(timeout)
         )
         return dict(await metadata)
 
-    async def model_config(self, service: Service, timeout: float) -> dict[str, Any]:
+    async def model_config(self, target: Target, timeout: float) -> dict[str, Any]:
         json = {"as_json": True} if self._grpc else {}
         config = dict(
             await self._client.get_model_config(
-                service.model, service.version, **json, **self._timeout(timeout)
+                target.model, target.version, **json, **self._timeout(timeout)
             )
         )
         return dict(config.get("config", config))  # gRPC wraps it in {"config": ...}
@@ -187,7 +192,7 @@ def translate(exc: BaseException, service: Service) -> UpstreamError:
 class TritonGateway:
     """Calls the models behind the services. Shared by every request of one app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, listener: Listener | None = None) -> None:
         self._settings = settings
         self._clients: dict[tuple[str, str], _Client] = {}
         self._contracts: dict[Service, Contract] = {}
@@ -198,20 +203,68 @@ class TritonGateway:
         self._labels: dict[Service, tuple[str, ...]] = {}
         #: When the pre-call check last failed to read a service's contract.
         self._unreadable: dict[Service, float] = {}
+        self._replica_sets: dict[tuple[Target, ...], ReplicaSet] = {}
+        self._listener = listener
         #: (service, input signature) that fitted its model -> the model's max_batch_size (0: any).
         self._fits: dict[tuple[Service, Hashable], int] = {}
 
-    def _client(self, service: Service) -> _Client:
-        client = self._clients.get(service.server)
+    def _client(self, target: Target) -> _Client:
+        client = self._clients.get(target.server)
         if client is None:
-            client = _Client(service.protocol, service.url, self._settings.max_connections)
-            self._clients[service.server] = client
+            client = _Client(target.protocol, target.url, self._settings.max_connections)
+            self._clients[target.server] = client
         return client
 
     def open(self, services: list[Service]) -> None:
         """Create the clients for ``services`` now (in the app's lifespan) rather than on first use."""
         for service in services:
-            self._client(service)
+            for target in service.targets:
+                self._client(target)
+
+    def replicas(self, service: Service) -> ReplicaSet:
+        """The service's replicas and their health (shared by services with the same targets)."""
+        key = service.targets
+        found = self._replica_sets.get(key)
+        if found is None:
+            found = self._replica_sets[key] = ReplicaSet(service.name, key, self._listener)
+        return found
+
+    async def _on_a_replica(
+        self, service: Service, timeout: float, call: Callable[[_Client, Target, float], Awaitable[T]]
+    ) -> T:
+        """``call`` on one replica, chosen by ``ReplicaSet.pick``. A fast failure (unreachable,
+        model not ready) is sent once more, to another replica, if there is one and time is left;
+        a late or failed call is not (inference is read-only, so sending it again is safe; a slow
+        replica is what hedging is for)."""
+        replicas = self.replicas(service)
+        started = time.monotonic()
+        tried: list[Replica] = []
+        while True:
+            replica = replicas.pick(tried)
+            tried.append(replica)
+            replica.outstanding += 1
+            try:
+                result = await call(
+                    self._client(replica.target), replica.target, timeout - (time.monotonic() - started)
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = translate(exc, service)
+                fatal = isinstance(error, UpstreamUnavailable)
+                replicas.failed(replica, error.reason, fatal, error.message)
+                left = timeout - (time.monotonic() - started)
+                if fatal and len(tried) < min(len(replicas), 2) and left > MIN_RETRY_S:
+                    if self._listener is not None:
+                        self._listener.retry(service.name)
+                    logger.info("%s: %s; sent again to another replica", service.name, error.message)
+                    continue
+                raise error from exc
+            else:
+                replicas.succeeded(replica)
+                return result
+            finally:
+                replica.outstanding -= 1
 
     async def contract(self, service: Service, timeout: float) -> Contract:
         """What ``service``'s model takes and gives, read from Triton once and then kept."""
@@ -246,13 +299,13 @@ class TritonGateway:
         try:
             plan = self._plans.get(service) or await self._plan(service, timeout)
             tensors = self._tensors(service, plan, take_rows(x, np.arange(1)))
-            result = await self._client(service).infer(
-                service, tensors, "", timeout, (plan.output_name,), class_count=count
-            )
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise translate(exc, service) from exc
+
+        async def classify(client: _Client, target: Target, budget: float) -> dict[str, Any]:
+            return await client.infer(target, tensors, "", budget, (plan.output_name,), class_count=count)
+
+        result = await self._on_a_replica(service, timeout, classify)
         labels = {}
         for entry in np.asarray(result[plan.output_name]).reshape(-1):
             text = entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -365,21 +418,28 @@ class TritonGateway:
 
     async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
         """``service``'s output for the input ``x``, one Triton call, in the model's own tensors."""
-        client = self._client(service)
         try:
             plan = self._plans.get(service) or await self._plan(service, timeout)
             if plan.problem:
                 raise ContractMismatch(plan.problem)
             tensors = self._tensors(service, plan, x)
-            output = (await client.infer(service, tensors, request_id, timeout, (plan.output_name,)))[
-                plan.output_name
-            ]
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = translate(exc, service)
             self._after_failure(service, error)
             raise error from exc
+
+        async def call(client: _Client, target: Target, budget: float) -> Any:
+            return (await client.infer(target, tensors, request_id, budget, (plan.output_name,)))[
+                plan.output_name
+            ]
+
+        try:
+            output = await self._on_a_replica(service, timeout, call)
+        except UpstreamError as error:
+            self._after_failure(service, error)
+            raise
         rows = row_count(x)
         if output is None or output.shape[0] != rows:
             raise UpstreamError(
@@ -401,13 +461,21 @@ class TritonGateway:
         try:
             plan = self._plans.get(service) or await self._plan(service, timeout)
             tensors = self._tensors(service, plan, x)
-            result = await self._client(service).infer(service, tensors, request_id, timeout, outputs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = translate(exc, service)
             self._after_failure(service, error)
             raise error from exc
+
+        async def call(client: _Client, target: Target, budget: float) -> dict[str, Any]:
+            return await client.infer(target, tensors, request_id, budget, outputs)
+
+        try:
+            result = await self._on_a_replica(service, timeout, call)
+        except UpstreamError as error:
+            self._after_failure(service, error)
+            raise
         missing = [name for name, value in result.items() if value is None]
         if missing:
             raise UpstreamError(
@@ -427,13 +495,21 @@ class TritonGateway:
             plan = self._plans.get(service) or await self._plan(replace(service, output=label), timeout)
             self._plans[service] = plan
             tensors = self._tensors(service, plan, x)
-            out = await self._client(service).infer(service, tensors, request_id, timeout, (label, proba))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = translate(exc, service)
             self._after_failure(service, error)
             raise error from exc
+
+        async def call(client: _Client, target: Target, budget: float) -> dict[str, Any]:
+            return await client.infer(target, tensors, request_id, budget, (label, proba))
+
+        try:
+            out = await self._on_a_replica(service, timeout, call)
+        except UpstreamError as error:
+            self._after_failure(service, error)
+            raise
         names, scores = out.get(label), out.get(proba)
         if names is None or scores is None or names.shape[0] != x.shape[0]:
             raise UpstreamError(
@@ -448,25 +524,40 @@ class TritonGateway:
         return labels, values
 
     async def model_ready(self, service: Service, timeout: float) -> bool:
-        """Triton's per-model readiness; raises ``UpstreamError`` when Triton cannot be asked."""
+        """Triton's per-model readiness, on any replica; raises ``UpstreamError`` when no replica's
+        Triton can be asked."""
+        answers = await asyncio.gather(
+            *(self.replica_ready(service, t, timeout) for t in service.targets), return_exceptions=True
+        )
+        if any(a is True for a in answers):
+            return True
+        errors = [a for a in answers if isinstance(a, UpstreamError)]
+        if len(errors) == len(answers):
+            raise errors[0]
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, UpstreamError):
+                raise answer
+        return False
+
+    async def replica_ready(self, service: Service, target: Target, timeout: float) -> bool:
+        """One replica's readiness in its Triton."""
         try:
-            return await self._client(service).is_model_ready(service, timeout)
+            return await self._client(target).is_model_ready(target, timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise translate(exc, service) from exc
 
     async def model_description(self, service: Service, timeout: float) -> dict[str, Any]:
-        """Triton's metadata and config for the service's model."""
-        client = self._client(service)
-        try:
-            metadata = await client.model_metadata(service, timeout)
-            config = await client.model_config(service, timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise translate(exc, service) from exc
-        return {"metadata": metadata, "config": config}
+        """Triton's metadata and config for the service's model (from one replica)."""
+
+        async def describe(client: _Client, target: Target, budget: float) -> dict[str, Any]:
+            return {
+                "metadata": await client.model_metadata(target, budget),
+                "config": await client.model_config(target, budget),
+            }
+
+        return await self._on_a_replica(service, timeout, describe)
 
     async def aclose(self) -> int:
         """Close every client; how many there were."""

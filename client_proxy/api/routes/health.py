@@ -12,7 +12,7 @@ from starlette.responses import Response
 from client_proxy.api.inputs import N_FEATURES, SAMPLE_ROW
 from client_proxy.api.schemas import Health, HealthAll, Live, Metadata, Ready
 from client_proxy.api.state import JSON, State
-from client_proxy.core.services import Service
+from client_proxy.core.services import Service, Target
 from client_proxy.errors import UpstreamError
 
 router = APIRouter(tags=["operations"])
@@ -72,7 +72,33 @@ async def _readiness(state: State, service: Service) -> dict[str, Any]:
         entry.update(health="ok" if ready else "unavailable", ready=ready)
         if not ready:
             entry["reason"] = f"model '{service.model}' is not ready"
+    if len(service.targets) > 1:
+        entry["replicas"] = await _replicas(state, service)
     return entry
+
+
+async def _replicas(state: State, service: Service) -> list[dict[str, Any]]:
+    """Each replica: its model's readiness in its Triton, and the proxy's view (its state, why)."""
+    timeout = state.settings.service_timeout_ms / 1000
+
+    async def ready(target: Target) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(timeout):
+                return await state.gateway.replica_ready(service, target, timeout), ""
+        except TimeoutError:
+            return False, "timeout"
+        except UpstreamError as exc:
+            return False, exc.message
+
+    found = await asyncio.gather(*(ready(t) for t in service.targets))
+    views = state.gateway.replicas(service).describe()
+    out = []
+    for (is_ready, why), view in zip(found, views, strict=True):
+        entry = {**view, "ready": is_ready}
+        if why:
+            entry["not_ready"] = why
+        out.append(entry)
+    return out
 
 
 @router.get("/health/all", response_class=JSON, responses={200: {"model": HealthAll}})
@@ -98,6 +124,8 @@ def _tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def _describe(state: State, service: Service) -> dict[str, Any]:
     entry: dict[str, Any] = {"target": service.describe(), "model": service.model, "version": service.version}
+    if len(service.targets) > 1:
+        entry["replicas"] = state.gateway.replicas(service).describe()
     try:
         async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
             described = await state.gateway.model_description(
