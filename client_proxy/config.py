@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     """Merge concurrent calls to one service into shared, batched Triton calls under load."""
     in_flight_per_service: int = Field(2, ge=1, le=1024)
     """With ``coalesce``: Triton calls per service on the wire at once; later calls wait and batch."""
+    ejection_failures: int = Field(5, ge=1, le=1000)
+    """A replica that fails or is late this many times in a row is ejected (unreachable or not
+    ready: at once)."""
+    ejection_base_ms: float = Field(1000.0, gt=0, le=600_000)
+    """How long a replica's first ejection lasts; each ejection in a row doubles it."""
+    ejection_max_ms: float = Field(30_000.0, gt=0, le=3_600_000)
+    """The longest an ejection lasts."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
     pipelines_file: Path | None = None

@@ -116,8 +116,9 @@ class Stack:
             [sys.executable, "-m", "client_proxy"], env=env, preexec_fn=die_with_parent
         )
         self.proxy_started = time.monotonic()
+        grpc = f", gRPC 127.0.0.1:{self.args.proxy_grpc_port}" if self.args.proxy_grpc_port else ""
         print(
-            f"proxy: http://127.0.0.1:{self.args.proxy_port} (docs at /docs, pid {self.proxy.pid}); "
+            f"proxy: http://127.0.0.1:{self.args.proxy_port}{grpc} (docs at /docs, pid {self.proxy.pid}); "
             "Ctrl-C stops both",
             flush=True,
         )

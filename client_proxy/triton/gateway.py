@@ -226,7 +226,15 @@ class TritonGateway:
         key = service.targets
         found = self._replica_sets.get(key)
         if found is None:
-            found = self._replica_sets[key] = ReplicaSet(service.name, key, self._listener)
+            settings = self._settings
+            found = self._replica_sets[key] = ReplicaSet(
+                service.name,
+                key,
+                self._listener,
+                failures_to_eject=settings.ejection_failures,
+                base_ejection_s=settings.ejection_base_ms / 1000,
+                max_ejection_s=settings.ejection_max_ms / 1000,
+            )
         return found
 
     async def _on_a_replica(

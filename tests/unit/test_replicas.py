@@ -103,3 +103,22 @@ def test_with_every_replica_ejected_the_one_back_soonest_is_still_called() -> No
     replicas.failed(replicas.replicas[1], "unavailable", True, "down")
     replicas.replicas[1].ejected_until -= 0.5
     assert replicas.pick() is replicas.replicas[1]
+
+
+def test_the_ejection_settings_reach_every_replica_set() -> None:
+    from client_proxy.config import load_settings
+    from client_proxy.core.services import Service
+    from client_proxy.triton.gateway import TritonGateway
+
+    gateway = TritonGateway(load_settings(ejection_failures=2, ejection_base_ms=50, ejection_max_ms=80))
+    replicas = gateway.replicas(Service("s", "grpc", "a:8001", "m", more=(B,)))
+    replica = replicas.replicas[0]
+    replicas.failed(replica, "error", False, "failed")
+    assert not replica.ejected
+    replicas.failed(replica, "error", False, "failed")  # the second in a row
+    assert replica.ejected and 0.03 < replica.ejected_until - time.monotonic() <= 0.05
+    for _ in range(3):  # failed probes: 100 ms, then the 80 ms cap
+        replica.ejected_until = 0.0
+        replicas.failed(replica, "unavailable", True, "down")
+    assert 0.06 < replica.ejected_until - time.monotonic() <= 0.08
+    assert gateway.replicas(Service("s", "grpc", "a:8001", "m", more=(B,))) is replicas  # one per target set
