@@ -69,3 +69,14 @@ def test_cli_refuses_bad_settings_with_one_line() -> None:
         [sys.executable, "-m", "client_proxy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and "SERVICE_SETOSA" in result.stderr
+
+
+def test_every_setting_is_in_the_readmes_configuration() -> None:
+    from client_proxy.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## The proxy")]
+    missing = [
+        f"PROXY_{name.upper()}" for name in Settings.model_fields if f"`PROXY_{name.upper()}`" not in table
+    ]
+    assert not missing, f"README's Configuration table lacks {missing}"
