@@ -24,9 +24,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client_proxy.core.services import (
     ConfigError,
+    Hedge,
     Protocol,
     Service,
     TimeoutPolicy,
+    parse_hedge,
     parse_service,
 )
 
@@ -72,6 +74,15 @@ class Settings(BaseSettings):
     """How long a replica's first ejection lasts; each ejection in a row doubles it."""
     ejection_max_ms: float = Field(30_000.0, gt=0, le=3_600_000)
     """The longest an ejection lasts."""
+    balancer: Literal["p2c", "least_outstanding", "round_robin"] = "p2c"
+    """How a service's replicas share its calls: ``p2c`` (the fewer calls in flight of two
+    replicas drawn at random), ``least_outstanding`` or ``round_robin``."""
+    hedge: str = "off"
+    """Default hedging of services with replicas: ``off``, a delay (``20ms``) or a percentile of the
+    service's recent latencies (``p95``) after which a call not yet answered is sent to another
+    replica too; a composition's service may set its own ``hedge``."""
+    hedge_budget: float = Field(0.1, ge=0, le=1)
+    """Most hedged calls, as a fraction of a service's calls (a token bucket)."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
     pipelines_file: Path | None = None
@@ -108,6 +119,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("hedge")
+    @classmethod
+    def _hedge(cls, value: str) -> str:
+        parse_hedge(value, "PROXY_HEDGE")  # a ConfigError is a ValueError: pydantic reports it
+        return value
+
+    @property
+    def default_hedge(self) -> Hedge:
+        return parse_hedge(self.hedge, "PROXY_HEDGE")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -74,7 +74,8 @@ class ProxyMetrics:
 
         self.replica_calls = Counter(
             "proxy_replica_calls",
-            "Calls to one replica of a service, by outcome (ok, timeout, unavailable, error)",
+            "Calls to one replica of a service, by outcome (ok, timeout, unavailable, error; "
+            "cancelled: it lost to a hedge)",
             ["service", "replica", "outcome"],
             registry=r,
         )
@@ -91,6 +92,15 @@ class ProxyMetrics:
             "proxy_retries",
             "Calls sent again to another replica after a fast failure",
             ["service"],
+            registry=r,
+        )
+
+        self.hedges = Counter(
+            "proxy_hedges",
+            "Hedges of slow calls: sent; won (a sent hedge answered first, also counted as sent); "
+            "or due but not sent for lack of budget, deadline or another replica "
+            "(budget, deadline, no_replica)",
+            ["service", "outcome"],
             registry=r,
         )
 
@@ -130,6 +140,9 @@ class ProxyMetrics:
 
     def retry(self, service: str) -> None:
         self.retries.labels(service).inc()
+
+    def hedge(self, service: str, outcome: str) -> None:
+        self.hedges.labels(service, outcome).inc()
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

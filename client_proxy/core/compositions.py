@@ -15,7 +15,8 @@ A compositions file (YAML, ``PROXY_COMPOSITIONS_FILE``) declares them::
         deadline_ms: 1500              # optional: else PROXY_DEADLINE_MS (never more)
         min_answers: 2                 # a partial answer needs at least this many services
 
-A service's entry may also name the ``output`` it contributes, for a model with several.
+A service's entry may also name the ``output`` it contributes, for a model with several, and
+its ``hedge`` (``off``, ``20ms``, ``p95``; default ``PROXY_HEDGE``) when its target names replicas.
 Errors in the file stop the start with a ``CompositionError`` naming the file and the line.
 """
 
@@ -38,6 +39,7 @@ from client_proxy.core.services import (
     Protocol,
     Service,
     TimeoutPolicy,
+    parse_hedge,
     parse_service,
     valid_name,
 )
@@ -47,7 +49,7 @@ from client_proxy.errors import AggregationFailed, ServicesFailed
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
 _KEYS = {"description", "services", "aggregator", "classes", "timeout_policy", "deadline_ms", "min_answers"}
-_MEMBER_KEYS = {"target", "weight", "output"}
+_MEMBER_KEYS = {"target", "weight", "output", "hedge"}
 
 
 class CompositionError(ValueError):
@@ -85,7 +87,9 @@ class Composition:
             "name": self.name,
             "description": self.description,
             "services": {m.service.name: {"target": m.service.describe(), "weight": m.weight,
-                                          "output": m.service.output} for m in self.members},
+                                          "output": m.service.output,
+                                          "hedge": m.service.hedge.describe() if m.service.hedge else None}
+                         for m in self.members},
             "aggregator": self.aggregator,
             "classes": list(self.classes),
             "timeout_policy": self.timeout_policy.value if self.timeout_policy else None,
@@ -266,6 +270,13 @@ def _member(
                 fields["output"], f"composition {composition!r}, service {name!r}: output must be a name"
             )
         service = replace(service, output=output)
+    if "hedge" in fields:
+        try:
+            where = f"composition {composition!r}, service {name!r}: hedge"
+            hedge = parse_hedge(str(fields["hedge"].value), where)
+        except ConfigError as exc:
+            raise fail(fields["hedge"], str(exc)) from None
+        service = replace(service, hedge=hedge)
     return Member(service, float(weight.value))
 
 

@@ -28,6 +28,50 @@ class TimeoutPolicy(StrEnum):
 
 
 @dataclass(frozen=True, order=True)
+class Hedge:
+    """When to send a second copy of a call that has not answered to another replica: after a
+    fixed delay, or after a percentile of the service's recent latencies; neither: never."""
+
+    delay_ms: float = 0.0
+    percentile: float = 0.0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.delay_ms or self.percentile)
+
+    def describe(self) -> str:
+        if self.delay_ms:
+            return f"{self.delay_ms:g}ms"
+        return f"p{self.percentile:g}" if self.percentile else "off"
+
+
+HEDGE_OFF = Hedge()
+
+
+def parse_hedge(value: str, variable: str) -> Hedge:
+    """``off``, a fixed delay (``20ms``, or ``20``: milliseconds) or a percentile of the service's
+    recent latencies (``p95``, ``p99.9``) -> ``Hedge``, or ``ConfigError`` naming ``variable``."""
+    text = value.strip().lower()
+    if text in ("off", "", "0", "none", "false"):
+        return HEDGE_OFF
+    try:
+        if text.startswith("p"):
+            percentile = float(text[1:])
+            if 0 < percentile < 100:
+                return Hedge(percentile=percentile)
+        else:
+            delay = float(text.removesuffix("ms"))
+            if 0 < delay <= 600_000:
+                return Hedge(delay_ms=delay)
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"{variable}={value!r}: expected off, a delay in milliseconds (e.g. 20ms) or a percentile "
+        "of recent latencies (e.g. p95, between p0 and p100)"
+    )
+
+
+@dataclass(frozen=True, order=True)
 class Target:
     """A model (and optional version) on one Triton server: one replica of a service."""
 
@@ -63,6 +107,8 @@ class Service:
     """The model output this service contributes; None: the model's only output."""
     more: tuple[Target, ...] = ()
     """Further replicas of the same model, on other servers (``SERVICE_X=a:8001,b:8001``)."""
+    hedge: Hedge | None = None
+    """When a slow call is sent to another replica too; None: ``PROXY_HEDGE``."""
 
     @property
     def server(self) -> tuple[Protocol, str]:

@@ -205,6 +205,7 @@ class TritonGateway:
         self._unreadable: dict[Service, float] = {}
         self._replica_sets: dict[tuple[Target, ...], ReplicaSet] = {}
         self._listener = listener
+        self._hedge = settings.default_hedge
         #: (service, input signature) that fitted its model -> the model's max_batch_size (0: any).
         self._fits: dict[tuple[Service, Hashable], int] = {}
 
@@ -234,8 +235,14 @@ class TritonGateway:
                 failures_to_eject=settings.ejection_failures,
                 base_ejection_s=settings.ejection_base_ms / 1000,
                 max_ejection_s=settings.ejection_max_ms / 1000,
+                balancer=settings.balancer,
+                hedge_budget=settings.hedge_budget,
             )
         return found
+
+    def hedging(self, service: Service) -> dict[str, object]:
+        """The service's hedging: its policy, current delay, calls and hedges so far."""
+        return self.replicas(service).hedging(service.hedge or self._hedge)
 
     async def _on_a_replica(
         self, service: Service, timeout: float, call: Callable[[_Client, Target, float], Awaitable[T]]
@@ -243,36 +250,139 @@ class TritonGateway:
         """``call`` on one replica, chosen by ``ReplicaSet.pick``. A fast failure (unreachable,
         model not ready) is sent once more, to another replica, if there is one and time is left;
         a late or failed call is not (inference is read-only, so sending it again is safe; a slow
-        replica is what hedging is for)."""
+        replica is what hedging is for: see ``_hedged``)."""
         replicas = self.replicas(service)
+        replicas.calls += 1
+        replicas.budget.deposit()
+        delay = replicas.hedge_delay(service.hedge or self._hedge)
+        if delay is not None and delay < timeout:
+            return await self._hedged(service, replicas, timeout, delay, call)
         started = time.monotonic()
         tried: list[Replica] = []
         while True:
             replica = replicas.pick(tried)
             tried.append(replica)
             replica.outstanding += 1
+            sent = time.monotonic()
             try:
-                result = await call(
-                    self._client(replica.target), replica.target, timeout - (time.monotonic() - started)
-                )
+                result = await call(self._client(replica.target), replica.target, timeout - (sent - started))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 error = translate(exc, service)
-                fatal = isinstance(error, UpstreamUnavailable)
-                replicas.failed(replica, error.reason, fatal, error.message)
                 left = timeout - (time.monotonic() - started)
-                if fatal and len(tried) < min(len(replicas), 2) and left > MIN_RETRY_S:
-                    if self._listener is not None:
-                        self._listener.retry(service.name)
-                    logger.info("%s: %s; sent again to another replica", service.name, error.message)
-                    continue
-                raise error from exc
+                if not self._retry(service, replicas, replica, error, tried, left):
+                    raise error from exc
             else:
+                replicas.latencies.add(time.monotonic() - sent)
                 replicas.succeeded(replica)
                 return result
             finally:
                 replica.outstanding -= 1
+
+    def _retry(
+        self, service: Service, replicas: ReplicaSet, replica: Replica, error: UpstreamError,
+        tried: list[Replica], left: float,
+    ) -> bool:  # fmt: skip
+        """Record a failed call; True when it is to be sent once more, to another replica."""
+        fatal = isinstance(error, UpstreamUnavailable)
+        replicas.failed(replica, error.reason, fatal, error.message)
+        if fatal and len(tried) < min(len(replicas), 2) and left > MIN_RETRY_S:
+            if self._listener is not None:
+                self._listener.retry(service.name)
+            logger.info("%s: %s; sent again to another replica", service.name, error.message)
+            return True
+        return False
+
+    async def _hedged(
+        self,
+        service: Service,
+        replicas: ReplicaSet,
+        timeout: float,
+        delay: float,
+        call: Callable[[_Client, Target, float], Awaitable[T]],
+    ) -> T:
+        """``call`` on one replica and, if it has not answered after ``delay``, on another one
+        too: the first answer wins and the other call is cancelled. No hedge when the budget is
+        spent, when no other replica may take calls, or when the deadline leaves less than the
+        service's median latency (a hedge that cannot finish in time is only load). A fast
+        failure is sent again as in ``_on_a_replica``."""
+        started = time.monotonic()
+        deadline = started + timeout
+        pending: dict[asyncio.Task[T], tuple[Replica, float, bool]] = {}
+        tried: list[Replica] = []
+
+        def send(replica: Replica, hedge: bool) -> None:
+            tried.append(replica)
+            replica.outstanding += 1
+            now = time.monotonic()
+            task = asyncio.ensure_future(call(self._client(replica.target), replica.target, deadline - now))
+            pending[task] = (replica, now, hedge)
+
+        send(replicas.pick(), False)
+        hedge_at: float | None = started + delay
+        error: UpstreamError | None = None
+        cause: BaseException | None = None
+        try:
+            while pending:
+                wait = None if hedge_at is None else max(hedge_at - time.monotonic(), 0.0)
+                done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    hedge_at = None
+                    self._hedge_one(service, replicas, tried, deadline, send)
+                    continue
+                for task in done:
+                    replica, sent, hedge = pending.pop(task)
+                    replica.outstanding -= 1
+                    exc = task.exception()
+                    if exc is None:
+                        replicas.latencies.add(time.monotonic() - sent)
+                        replicas.succeeded(replica)
+                        if hedge:
+                            replicas.hedges_won += 1
+                            if self._listener is not None:
+                                self._listener.hedge(service.name, "won")
+                        return task.result()
+                    error, cause = translate(exc, service), exc
+                    left = deadline - time.monotonic()
+                    if self._retry(service, replicas, replica, error, tried, left) and not pending:
+                        other = replicas.pick(tried)
+                        send(other, False)
+            assert error is not None
+            raise error from cause
+        finally:
+            for task, (replica, _, _) in pending.items():
+                replica.outstanding -= 1
+                if task.done():
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a loser's failure is no one's error
+                else:
+                    task.cancel()
+                    replicas.cancelled(replica)
+
+    def _hedge_one(
+        self,
+        service: Service,
+        replicas: ReplicaSet,
+        tried: list[Replica],
+        deadline: float,
+        send: Callable[[Replica, bool], None],
+    ) -> None:
+        """The hedge delay passed with no answer: send the call to another replica, if allowed."""
+        other = replicas.other(tried)
+        median = replicas.latencies.percentile(50) or 0.0
+        if other is None:
+            outcome = "no_replica"
+        elif deadline - time.monotonic() < max(median, MIN_RETRY_S):
+            outcome = "deadline"
+        elif not replicas.budget.take():
+            outcome = "budget"
+        else:
+            outcome = "sent"
+            replicas.hedges += 1
+            send(other, True)
+        if self._listener is not None:
+            self._listener.hedge(service.name, outcome)
 
     async def contract(self, service: Service, timeout: float) -> Contract:
         """What ``service``'s model takes and gives, read from Triton once and then kept."""

@@ -11,10 +11,17 @@ too. An ejected replica gets no calls for a back-off that doubles with each ejec
 its success returns it (a failure ejects it again, for longer). A service whose replicas are
 all ejected still calls the one whose ejection ends first (better a call that may fail than
 no call at all). Inference is read-only, so a call that failed fast may be sent again.
+
+Hedging, after "The Tail at Scale" (Dean and Barroso, 2013): the set keeps a window of the
+service's recent call latencies (for a hedge delay given as a percentile) and a token bucket
+that bounds hedged calls to a fraction of all calls (``hedge_budget``): each call adds that
+fraction of a token, each hedge takes a whole one, and the bucket holds at most
+``HEDGE_BURST`` tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -22,11 +29,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from client_proxy.core.services import Target
+import numpy as np
+
+from client_proxy.core.services import Hedge, Target
 
 logger = logging.getLogger("client_proxy.replicas")
 
 State = Literal["healthy", "ejected", "probing"]
+Balancer = Literal["p2c", "least_outstanding", "round_robin"]
+
+#: Latencies kept per service for a percentile hedge delay, and how many it needs first.
+LATENCY_WINDOW = 1024
+MIN_LATENCIES = 32
+#: Percentiles are computed again after this many new latencies (not on every call).
+PERCENTILE_EVERY = 64
+#: No hedge sooner than this after its call, whatever the percentile says.
+MIN_HEDGE_DELAY_S = 0.001
+#: Most hedges the budget lets through in a burst, after a calm spell.
+HEDGE_BURST = 10.0
 
 
 class Listener(Protocol):
@@ -37,6 +57,9 @@ class Listener(Protocol):
     def replica_state(self, service: str, replica: str, state: State) -> None: ...
 
     def retry(self, service: str) -> None: ...
+
+    def hedge(self, service: str, outcome: str) -> None:
+        """A hedge was ``sent``, ``won``, or not sent (``budget``, ``deadline``, ``no_replica``)."""
 
 
 @dataclass
@@ -63,6 +86,52 @@ class Replica:
         return "ejected" if now < self.ejected_until else "probing"
 
 
+class Latencies:
+    """A sliding window of a service's recent call latencies, and percentiles of it."""
+
+    def __init__(self, size: int = LATENCY_WINDOW) -> None:
+        self._values = np.zeros(size)
+        self._count = 0
+        self._percentiles: dict[float, float] = {}
+
+    def __len__(self) -> int:
+        return min(self._count, len(self._values))
+
+    def add(self, seconds: float) -> None:
+        self._values[self._count % len(self._values)] = seconds
+        self._count += 1
+        if self._count % PERCENTILE_EVERY == 0:
+            self._percentiles.clear()
+
+    def percentile(self, q: float) -> float | None:
+        """The ``q``-th percentile of the window (seconds); None before ``MIN_LATENCIES`` calls."""
+        if self._count < MIN_LATENCIES:
+            return None
+        value = self._percentiles.get(q)
+        if value is None:
+            value = self._percentiles[q] = float(np.percentile(self._values[: len(self)], q))
+        return value
+
+
+class HedgeBudget:
+    """A token bucket: each call adds ``ratio`` of a token, each hedge takes one; so hedges stay
+    within ``ratio`` of the calls, give or take a burst of ``burst``."""
+
+    def __init__(self, ratio: float, burst: float = HEDGE_BURST) -> None:
+        self.ratio = ratio
+        self._burst = burst
+        self.tokens = burst if ratio > 0 else 0.0
+
+    def deposit(self) -> None:
+        self.tokens = min(self.tokens + self.ratio, self._burst)
+
+    def take(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
 class ReplicaSet:
     """The replicas of one service, and their health as the calls to them found it."""
 
@@ -75,9 +144,17 @@ class ReplicaSet:
         base_ejection_s: float = 1.0,
         max_ejection_s: float = 30.0,
         rng: random.Random | None = None,
+        balancer: Balancer = "p2c",
+        hedge_budget: float = 0.1,
     ) -> None:
         self.service = service
         self.replicas = [Replica(t) for t in targets]
+        self.balancer = balancer
+        self._turn = itertools.count()
+        self.latencies = Latencies()
+        self.budget = HedgeBudget(hedge_budget)
+        #: Calls (first tries), hedges sent and hedges that answered first.
+        self.calls = self.hedges = self.hedges_won = 0
         self._listener = listener
         self._failures_to_eject = failures_to_eject
         self._base_ejection_s = base_ejection_s
@@ -100,8 +177,45 @@ class ReplicaSet:
             return min(left, key=lambda r: (r.ejected_until, r.outstanding))
         if len(open_) == 1:
             return open_[0]
+        if self.balancer == "round_robin":
+            return open_[next(self._turn) % len(open_)]
+        if self.balancer == "least_outstanding":
+            least = min(r.outstanding for r in open_)
+            return self._random.choice([r for r in open_ if r.outstanding == least])
         a, b = self._random.sample(open_, 2)
         return a if a.outstanding <= b.outstanding else b
+
+    def other(self, tried: Iterable[Replica]) -> Replica | None:
+        """A replica not in ``tried`` that may take a call now (not ejected), for a hedge."""
+        now = time.monotonic()
+        excluded = {id(r) for r in tried}
+        if not any(id(r) not in excluded and r.state(now) == "healthy" for r in self.replicas):
+            return None
+        replica = self.pick(tried)
+        return None if id(replica) in excluded or replica.state(now) != "healthy" else replica
+
+    def hedge_delay(self, hedge: Hedge) -> float | None:
+        """How long a call waits before it is hedged; None: it is not (hedging off, one replica,
+        or not enough latencies known yet for a percentile)."""
+        if len(self.replicas) < 2 or not hedge.on:
+            return None
+        if hedge.delay_ms:
+            return hedge.delay_ms / 1000
+        value = self.latencies.percentile(hedge.percentile)
+        return None if value is None else max(value, MIN_HEDGE_DELAY_S)
+
+    def hedging(self, hedge: Hedge) -> dict[str, object]:
+        """The service's hedging now, for ``/health/all`` and ``/metadata``."""
+        delay = self.hedge_delay(hedge)
+        return {
+            "hedge": hedge.describe(),
+            "delay_ms": None if delay is None else round(delay * 1000, 3),
+            "calls": self.calls,
+            "hedges": self.hedges,
+            "hedges_won": self.hedges_won,
+            "extra_load": round(self.hedges / self.calls, 4) if self.calls else 0.0,
+            "budget": self.budget.ratio,
+        }
 
     def succeeded(self, replica: Replica) -> None:
         replica.failures = 0
@@ -132,6 +246,10 @@ class ReplicaSet:
                     replica.name, self.service, back_off, replica.ejections, message,
                 )  # fmt: skip
             self._state(replica, "ejected")
+
+    def cancelled(self, replica: Replica) -> None:
+        """A call to ``replica`` was cancelled (it lost to a hedge): says nothing of its health."""
+        self._call(replica, "cancelled")
 
     def describe(self) -> list[dict[str, object]]:
         """Each replica's state and why, for ``/health/all`` and ``/metadata``."""

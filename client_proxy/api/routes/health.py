@@ -74,6 +74,7 @@ async def _readiness(state: State, service: Service) -> dict[str, Any]:
             entry["reason"] = f"model '{service.model}' is not ready"
     if len(service.targets) > 1:
         entry["replicas"] = await _replicas(state, service)
+        entry["hedging"] = state.gateway.hedging(service)
     return entry
 
 
@@ -126,6 +127,7 @@ async def _describe(state: State, service: Service) -> dict[str, Any]:
     entry: dict[str, Any] = {"target": service.describe(), "model": service.model, "version": service.version}
     if len(service.targets) > 1:
         entry["replicas"] = state.gateway.replicas(service).describe()
+        entry["hedging"] = state.gateway.hedging(service)
     try:
         async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
             described = await state.gateway.model_description(
