@@ -15,8 +15,9 @@ no call at all). Inference is read-only, so a call that failed fast may be sent 
 Hedging, after "The Tail at Scale" (Dean and Barroso, 2013): the set keeps a window of the
 service's recent call latencies (for a hedge delay given as a percentile) and a token bucket
 that bounds hedged calls to a fraction of all calls (``hedge_budget``): each call adds that
-fraction of a token, each hedge takes a whole one, and the bucket holds at most
-``HEDGE_BURST`` tokens.
+fraction of a token, each hedge takes a whole one, and the bucket holds what
+``HEDGE_BURST_CALLS`` calls deposit (so over any stretch of calls, hedges stay within the
+budget's fraction of them plus that burst).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ MIN_LATENCIES = 32
 PERCENTILE_EVERY = 64
 #: No hedge sooner than this after its call, whatever the percentile says.
 MIN_HEDGE_DELAY_S = 0.001
-#: Most hedges the budget lets through in a burst, after a calm spell.
-HEDGE_BURST = 10.0
+#: The budget's bucket holds what this many calls deposit: after a calm spell, a stall may
+#: be hedged in a burst of up to ``hedge_budget`` x this many calls (100 at 10%).
+HEDGE_BURST_CALLS = 1000
 
 
 class Listener(Protocol):
@@ -115,15 +117,15 @@ class Latencies:
 
 class HedgeBudget:
     """A token bucket: each call adds ``ratio`` of a token, each hedge takes one; so hedges stay
-    within ``ratio`` of the calls, give or take a burst of ``burst``."""
+    within ``ratio`` of the calls, give or take a burst of ``burst`` (``ratio`` x ``burst_calls``)."""
 
-    def __init__(self, ratio: float, burst: float = HEDGE_BURST) -> None:
+    def __init__(self, ratio: float, burst_calls: int = HEDGE_BURST_CALLS) -> None:
         self.ratio = ratio
-        self._burst = burst
-        self.tokens = burst if ratio > 0 else 0.0
+        self.burst = ratio * burst_calls
+        self.tokens = self.burst
 
     def deposit(self) -> None:
-        self.tokens = min(self.tokens + self.ratio, self._burst)
+        self.tokens = min(self.tokens + self.ratio, self.burst)
 
     def take(self) -> bool:
         if self.tokens >= 1.0:

@@ -1,0 +1,132 @@
+"""A TCP relay in front of a server's port that can pause it: a stand-in for a Triton replica
+that stalls now and then (a garbage-collection pause, a noisy neighbour, a busy GPU), for the
+hedging tests and benchmark. Real servers, real models: only the bytes are held back.
+
+Every ``every_ms`` the relay holds the bytes sent to the server for ``pause_ms`` (the phase of
+the first pause is drawn at random from the seed), then lets them through in order. Over gRPC,
+whose calls share one connection, every call sent during a pause waits for its end, as they
+would behind a stalled server. With ``pause_ms`` 0 it relays without delay, so that a healthy
+replica can pay the same relay cost as a slow one.
+
+    python -m local_triton.slow_port --listen 9101 --upstream 127.0.0.1:8001 --pause-ms 200 --every-ms 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from local_triton.server import die_with_parent, free_ports, terminate
+
+CHUNK = 65536
+
+
+class Pauses:
+    """When the relay holds bytes back: ``pause_s`` out of every ``every_s``."""
+
+    def __init__(self, pause_s: float, every_s: float, seed: int = 0) -> None:
+        self.pause_s = pause_s
+        self.every_s = every_s
+        self._start = time.monotonic() - random.Random(seed).uniform(0, every_s)
+
+    def release_at(self, now: float) -> float:
+        """When bytes that arrive at ``now`` may go on (``now`` outside a pause)."""
+        if self.pause_s <= 0:
+            return now
+        phase = (now - self._start) % self.every_s
+        return now + (self.pause_s - phase) if phase < self.pause_s else now
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pauses: Pauses | None) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            if pauses is not None:
+                # In order: bytes that arrive during a pause wait for its end, and nothing
+                # overtakes them.
+                wait = pauses.release_at(time.monotonic()) - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+async def relay(listen: int, upstream_host: str, upstream_port: int, pauses: Pauses) -> None:
+    async def connected(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(upstream_host, upstream_port)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(
+            _pump(client_reader, server_writer, pauses), _pump(server_reader, client_writer, None)
+        )
+
+    server = await asyncio.start_server(connected, "127.0.0.1", listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(f"relaying 127.0.0.1:{listen} -> {upstream_host}:{upstream_port}", flush=True)
+        await stop.wait()
+
+
+@contextlib.contextmanager
+def slow_port(upstream: str, pause_ms: float, every_ms: float, seed: int = 0) -> Iterator[str]:
+    """A relay to ``upstream`` (``host:port``) in its own process; yields its ``host:port``."""
+    (port,) = free_ports(1)
+    args = [
+        sys.executable, "-m", "local_triton.slow_port", "--listen", str(port), "--upstream", upstream,
+        "--pause-ms", str(pause_ms), "--every-ms", str(every_ms), "--seed", str(seed),
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        if not process.stdout.readline().startswith("relaying"):
+            raise RuntimeError(f"the relay to {upstream} did not start")
+        yield f"127.0.0.1:{port}"
+    finally:
+        terminate(process, timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m local_triton.slow_port", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--listen", type=int, required=True, help="port to listen on (127.0.0.1)")
+    parser.add_argument("--upstream", required=True, help="host:port to relay to")
+    parser.add_argument("--pause-ms", type=float, default=0.0, help="how long each pause lasts")
+    parser.add_argument("--every-ms", type=float, default=1000.0, help="how often a pause begins")
+    parser.add_argument("--seed", type=int, default=0, help="draws the phase of the pauses")
+    args = parser.parse_args(argv)
+    if args.pause_ms and not 0 < args.pause_ms < args.every_ms:
+        parser.error("--pause-ms must be shorter than --every-ms")
+    host, _, port = args.upstream.rpartition(":")
+    die_with_parent()
+    asyncio.run(
+        relay(
+            args.listen,
+            host or "127.0.0.1",
+            int(port),
+            Pauses(args.pause_ms / 1000, args.every_ms / 1000, args.seed),
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
