@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     """Longest time, in milliseconds, a whole request may take; a request may ask for less."""
     timeout_policy: TimeoutPolicy = TimeoutPolicy.PARTIAL
     """Default timeout policy: ``partial`` or ``all_or_nothing``; a request may override it."""
+    max_in_flight: int = Field(512, ge=0, le=1_000_000)
+    """Most inference requests (HTTP ``POST`` and gRPC ``ModelInfer``) in flight in one process;
+    beyond it a request is refused at once with 503 and ``Retry-After`` (gRPC: UNAVAILABLE).
+    0: no bound."""
     max_rows: int = Field(1024, ge=1, le=1_000_000)
     """Most rows one request may send (Triton's max_batch_size for these models is 1024)."""
     max_body_bytes: int = Field(1_048_576, ge=1024)

@@ -104,6 +104,17 @@ class ProxyMetrics:
             registry=r,
         )
 
+        self.shed_requests = Counter(
+            "proxy_shed_requests",
+            "Inference requests refused at once (503, gRPC UNAVAILABLE) because PROXY_MAX_IN_FLIGHT "
+            "were in flight, by door (http, grpc)",
+            ["door"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "proxy_requests_in_flight", "Inference requests in flight now (HTTP and gRPC)", registry=r
+        )
+
         # labels() looks children up under a lock; the hot path keeps its own references.
         self._calls: dict[tuple[str, str], Any] = {}
         self._replica_calls: dict[tuple[str, str, str], Any] = {}
@@ -143,6 +154,13 @@ class ProxyMetrics:
 
     def hedge(self, service: str, outcome: str) -> None:
         self.hedges.labels(service, outcome).inc()
+
+    def shed(self, door: str) -> None:
+        self.shed_requests.labels(door).inc()
+
+    def watch_in_flight(self, admission: Any) -> None:
+        """``proxy_requests_in_flight`` reads ``admission.in_flight`` when scraped (no hot-path cost)."""
+        self.in_flight.set_function(lambda: admission.in_flight)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

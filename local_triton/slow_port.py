@@ -6,7 +6,8 @@ Every ``every_ms`` the relay holds the bytes sent to the server for ``pause_ms``
 the first pause is drawn at random from the seed), then lets them through in order. Over gRPC,
 whose calls share one connection, every call sent during a pause waits for its end, as they
 would behind a stalled server. With ``pause_ms`` 0 it relays without delay, so that a healthy
-replica can pay the same relay cost as a slow one.
+replica can pay the same relay cost as a slow one. SIGUSR1 holds every byte until SIGUSR2
+(``Relay.hold`` and ``Relay.release``), for tests that need requests held in flight for sure.
 
     python -m local_triton.slow_port --listen 9101 --upstream 127.0.0.1:8001 --pause-ms 200 --every-ms 2000
 """
@@ -44,9 +45,12 @@ class Pauses:
         return now + (self.pause_s - phase) if phase < self.pause_s else now
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pauses: Pauses | None) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pauses: Pauses | None, gate: asyncio.Event
+) -> None:
     try:
         while data := await reader.read(CHUNK):
+            await gate.wait()
             if pauses is not None:
                 # In order: bytes that arrive during a pause wait for its end, and nothing
                 # overtakes them.
@@ -63,29 +67,54 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paus
 
 
 async def relay(listen: int, upstream_host: str, upstream_port: int, pauses: Pauses) -> None:
+    gate = asyncio.Event()
+    gate.set()
+
     async def connected(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
             server_reader, server_writer = await asyncio.open_connection(upstream_host, upstream_port)
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(
-            _pump(client_reader, server_writer, pauses), _pump(server_reader, client_writer, None)
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # the relay is stopping
+            await asyncio.gather(
+                _pump(client_reader, server_writer, pauses, gate),
+                _pump(server_reader, client_writer, None, gate),
+            )
 
     server = await asyncio.start_server(connected, "127.0.0.1", listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, gate.clear)
+    loop.add_signal_handler(signal.SIGUSR2, gate.set)
     async with server:
         print(f"relaying 127.0.0.1:{listen} -> {upstream_host}:{upstream_port}", flush=True)
         await stop.wait()
 
 
+class Relay:
+    """A running relay: its ``address`` (``host:port``), and a switch that holds every byte."""
+
+    def __init__(self, address: str, process: subprocess.Popen[str]) -> None:
+        self.address = address
+        self._process = process
+
+    def hold(self) -> None:
+        """From now on, nothing passes (calls in flight and new ones wait) until ``release``."""
+        self._process.send_signal(signal.SIGUSR1)
+        time.sleep(0.05)  # the relay's loop has taken the signal
+
+    def release(self) -> None:
+        self._process.send_signal(signal.SIGUSR2)
+
+
 @contextlib.contextmanager
-def slow_port(upstream: str, pause_ms: float, every_ms: float, seed: int = 0) -> Iterator[str]:
-    """A relay to ``upstream`` (``host:port``) in its own process; yields its ``host:port``."""
+def slow_port(
+    upstream: str, pause_ms: float = 0.0, every_ms: float = 1000.0, seed: int = 0
+) -> Iterator[Relay]:
+    """A relay to ``upstream`` (``host:port``) in its own process."""
     (port,) = free_ports(1)
     args = [
         sys.executable, "-m", "local_triton.slow_port", "--listen", str(port), "--upstream", upstream,
@@ -96,7 +125,7 @@ def slow_port(upstream: str, pause_ms: float, every_ms: float, seed: int = 0) ->
         assert process.stdout is not None
         if not process.stdout.readline().startswith("relaying"):
             raise RuntimeError(f"the relay to {upstream} did not start")
-        yield f"127.0.0.1:{port}"
+        yield Relay(f"127.0.0.1:{port}", process)
     finally:
         terminate(process, timeout=10)
         if process.stdout is not None:

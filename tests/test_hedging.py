@@ -71,8 +71,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
             stack.callback(server.stop)
             servers.append(server)
         slow = stack.enter_context(slow_port(servers[0].grpc_url, pause_ms=200, every_ms=1000, seed=1))
-        steady = stack.enter_context(slow_port(servers[1].grpc_url, pause_ms=0, every_ms=1000))
-        yield slow, steady
+        steady = stack.enter_context(slow_port(servers[1].grpc_url))
+        yield slow.address, steady.address
 
 
 def _services(slow: str, steady: str) -> list[Service]:

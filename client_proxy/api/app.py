@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from client_proxy.api import grpc_door
+from client_proxy.api.admission import Admission, AdmissionMiddleware
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -62,7 +63,9 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         ensemble=ensemble,
         compositions=compositions,
         compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
+        admission=Admission(settings.max_in_flight, metrics.shed),
     )
+    metrics.watch_in_flight(state.admission)
 
     state.served = ServedModels(
         gateway, state.fanout, compositions, declared.pipelines, state.default_composition, state.service_map
@@ -115,6 +118,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             expose_headers=["X-Request-ID"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    # Outermost: a refused request costs as little as it can (no request id, no route).
+    app.add_middleware(AdmissionMiddleware, admission=state.admission)
     return app
 
 

@@ -177,6 +177,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             margin = min(max(remaining / 10, 0.01), 0.1)
             deadline = min(deadline, started + max(remaining - margin, 0.001))
         policy = settings.timeout_policy
+        admission = state.admission
+        if not admission.enter("grpc"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
             self._version(request.model_name, request.model_version)
             parameters = request.parameters
@@ -202,6 +205,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             )
         except ProxyError as exc:
             await _abort(context, exc)
+        finally:
+            admission.leave()
         log_request(request_id, f"grpc ModelInfer {request.model_name}", answer.outcomes)
         if answer.parameters.get("partial"):
             state.metrics.partial_answers.labels("grpc ModelInfer").inc()

@@ -10,6 +10,13 @@ nginx's answer is its lingering close, and this is the same: after the response,
 only the sending side (the client sees the answer and end of stream), keep reading and
 discarding what still arrives for at most ``linger_s`` seconds and ``linger_bytes`` bytes,
 then close. A client that stops sending ends it at once.
+
+The same protocol slows down a client that ignores a shed request's ``Retry-After``: after a
+503 from the admission bound (``client_proxy.api.admission``), the connection is not read for
+``SHED_PAUSE_S``. The refusal itself goes out at once; the client's next request on that
+connection waits in the socket until the pause ends and is then served (or refused) as usual.
+Without it, clients that resend at once (wrk, naive retry loops) turn every refusal into
+another request, and the flood of refusals starves the requests the proxy admitted.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+
+from client_proxy.api.admission import SHED_MARK, SHED_PAUSE_S
 
 #: nginx's lingering_time is 30 s; a refused body needs far less on any link worth serving.
 LINGER_SECONDS = 5.0
@@ -69,6 +78,7 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
         self.lingering = False
         self._lingered = 0
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._shed_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
@@ -81,6 +91,24 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
         transport.write_eof()  # after what is buffered: the client reads the whole answer, then EOF
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, transport.close)
         self.flow.resume_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.scope.get(SHED_MARK)
+            and not self.lingering
+            and not self.transport.is_closing()
+            and self._shed_timer is None
+        ):
+            self.flow.pause_reading()
+            self._shed_timer = self.loop.call_later(SHED_PAUSE_S, self._after_shed_pause)
+
+    def _after_shed_pause(self) -> None:
+        self._shed_timer = None
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -98,4 +126,7 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
+        if self._shed_timer is not None:
+            self._shed_timer.cancel()
+            self._shed_timer = None
         super().connection_lost(exc)

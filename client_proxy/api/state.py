@@ -9,6 +9,7 @@ import orjson
 from fastapi import Depends, Request
 from starlette.responses import JSONResponse
 
+from client_proxy.api.admission import Admission
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.declared import service_map
@@ -38,6 +39,8 @@ class ProxyState:
     compositions: dict[str, Composition] = field(default_factory=dict)
     """From ``PROXY_COMPOSITIONS_FILE``; ``default`` is added at request time unless it declares one."""
     compositions_source: str | None = None
+    admission: Admission = field(default_factory=lambda: Admission(0))
+    """The bound on inference requests in flight (``PROXY_MAX_IN_FLIGHT``), both doors."""
     served: ServedModels = field(init=False)
     """The Open Inference Protocol's view of the compositions, pipelines and services (``/v2``)."""
 
