@@ -61,7 +61,7 @@ async def run(url: str, connections: int, seconds: float, timeout: float, body: 
                     counts["connect"] += 1
                     await asyncio.sleep(0.05)
                     continue
-            assert reader is not None
+            assert reader is not None and writer is not None
             started = time.monotonic()
             try:
                 writer.write(request)
