@@ -1,15 +1,25 @@
-"""A TCP relay in front of a server's port that can pause it: a stand-in for a Triton replica
-that stalls now and then (a garbage-collection pause, a noisy neighbour, a busy GPU), for the
-hedging tests and benchmark. Real servers, real models: only the bytes are held back.
+"""A TCP relay in front of a server's port that can pause it or delay some of its calls: a
+stand-in for a Triton replica that stalls now and then (a garbage-collection pause, a noisy
+neighbour, a busy GPU), for the hedging tests and benchmark. Real servers, real models: only
+the bytes are held back.
 
 Every ``every_ms`` the relay holds the bytes sent to the server for ``pause_ms`` (the phase of
 the first pause is drawn at random from the seed), then lets them through in order. Over gRPC,
 whose calls share one connection, every call sent during a pause waits for its end, as they
-would behind a stalled server. With ``pause_ms`` 0 it relays without delay, so that a healthy
+would behind a stalled server.
+
+Besides, each chunk of bytes sent to the server is held ``delay_ms`` with probability
+``delay_fraction`` (drawn from the seed). Over HTTP/1.1, where a connection carries one call at
+a time and a chunk is one request, that slows that fraction of the calls and no other: the slow
+calls a balancer cannot see coming, which hedging is for. (Over gRPC every call behind the held
+chunk on the connection waits too.)
+
+With neither, it relays without delay, so that a healthy
 replica can pay the same relay cost as a slow one. SIGUSR1 holds every byte until SIGUSR2
 (``Relay.hold`` and ``Relay.release``), for tests that need requests held in flight for sure.
 
     python -m local_triton.slow_port --listen 9101 --upstream 127.0.0.1:8001 --pause-ms 200 --every-ms 2000
+    python -m local_triton.slow_port --listen 9100 --upstream :8000 --delay-fraction 0.05 --delay-ms 100
 """
 
 from __future__ import annotations
@@ -32,17 +42,27 @@ CHUNK = 65536
 class Pauses:
     """When the relay holds bytes back: ``pause_s`` out of every ``every_s``."""
 
-    def __init__(self, pause_s: float, every_s: float, seed: int = 0) -> None:
+    def __init__(
+        self, pause_s: float, every_s: float, seed: int = 0, delay_fraction: float = 0.0, delay_s: float = 0.0
+    ) -> None:
         self.pause_s = pause_s
         self.every_s = every_s
-        self._start = time.monotonic() - random.Random(seed).uniform(0, every_s)
+        self._random = random.Random(seed)
+        self._start = time.monotonic() - self._random.uniform(0, every_s)
+        self.delay_fraction = delay_fraction
+        self.delay_s = delay_s
 
     def release_at(self, now: float) -> float:
-        """When bytes that arrive at ``now`` may go on (``now`` outside a pause)."""
-        if self.pause_s <= 0:
-            return now
-        phase = (now - self._start) % self.every_s
-        return now + (self.pause_s - phase) if phase < self.pause_s else now
+        """When bytes that arrive at ``now`` may go on: after the pause they fall in, and after
+        a delay if they are drawn for one."""
+        release = now
+        if self.pause_s > 0:
+            phase = (now - self._start) % self.every_s
+            if phase < self.pause_s:
+                release += self.pause_s - phase
+        if self.delay_fraction and self._random.random() < self.delay_fraction:
+            release += self.delay_s
+        return release
 
 
 async def _pump(
@@ -112,13 +132,19 @@ class Relay:
 
 @contextlib.contextmanager
 def slow_port(
-    upstream: str, pause_ms: float = 0.0, every_ms: float = 1000.0, seed: int = 0
+    upstream: str,
+    pause_ms: float = 0.0,
+    every_ms: float = 1000.0,
+    seed: int = 0,
+    delay_fraction: float = 0.0,
+    delay_ms: float = 0.0,
 ) -> Iterator[Relay]:
     """A relay to ``upstream`` (``host:port``) in its own process."""
     (port,) = free_ports(1)
     args = [
         sys.executable, "-m", "local_triton.slow_port", "--listen", str(port), "--upstream", upstream,
         "--pause-ms", str(pause_ms), "--every-ms", str(every_ms), "--seed", str(seed),
+        "--delay-fraction", str(delay_fraction), "--delay-ms", str(delay_ms),
     ]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
@@ -140,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="host:port to relay to")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="how long each pause lasts")
     parser.add_argument("--every-ms", type=float, default=1000.0, help="how often a pause begins")
-    parser.add_argument("--seed", type=int, default=0, help="draws the phase of the pauses")
+    parser.add_argument("--seed", type=int, default=0, help="draws the phase of the pauses and the delays")
+    parser.add_argument("--delay-fraction", type=float, default=0.0, help="chance a chunk is delayed")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="how long a delayed chunk waits")
     args = parser.parse_args(argv)
     if args.pause_ms and not 0 < args.pause_ms < args.every_ms:
         parser.error("--pause-ms must be shorter than --every-ms")
@@ -151,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             args.listen,
             host or "127.0.0.1",
             int(port),
-            Pauses(args.pause_ms / 1000, args.every_ms / 1000, args.seed),
+            Pauses(
+                args.pause_ms / 1000,
+                args.every_ms / 1000,
+                args.seed,
+                args.delay_fraction,
+                args.delay_ms / 1000,
+            ),
         )
     )
     return 0
