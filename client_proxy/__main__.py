@@ -35,7 +35,8 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        loop="uvloop",
+        # uvloop, accepting a burst of connections at once instead of one per loop turn.
+        loop="client_proxy.api.accepting:new_event_loop",
         # httptools with a lingering close, so a client still sending a refused body reads the 413.
         http=LingeringHttpToolsProtocol,
         # The proxy logs one line per request itself, with its request id and each service's outcome.
