@@ -20,19 +20,21 @@ from urllib.parse import urlsplit
 DEFAULT_BODY = b'{"data": [[1.0, 2.0, 3.0, 4.0]]}'
 
 
-async def _answer(reader: asyncio.StreamReader) -> int:
-    """Read one response; its status."""
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One whole HTTP/1.1 response (its head and its ``Content-Length`` body)."""
     head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
     length = 0
-    for line in lines[1:]:
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    if length:
-        await reader.readexactly(length)
-    return status
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+async def _answer(reader: asyncio.StreamReader) -> int:
+    """Read one response; its status."""
+    response = await read_response(reader)
+    return int(response.split(b" ", 2)[1])
 
 
 async def run(url: str, connections: int, seconds: float, timeout: float, body: bytes) -> dict[str, object]:

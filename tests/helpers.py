@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -173,3 +174,14 @@ def read_http_response(sock: socket.socket) -> str:
             break
         body += chunk
     return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` in Prometheus text whose labels include ``labels``
+    (each label equal to the value given); 0 if there is none."""
+    total = 0.0
+    for found, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.M):
+        found_labels = dict(re.findall(r'(\w+)="([^"]*)"', found))
+        if all(found_labels.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total

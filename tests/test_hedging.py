@@ -12,7 +12,6 @@ the latencies are printed for the record, and measured in ``make bench``.
 from __future__ import annotations
 
 import asyncio
-import re
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from client_proxy.core.services import Service
 from local_triton import TritonServer
 from local_triton.slow_port import slow_port
 
-from .helpers import iris_repository, running_proxy, settings
+from .helpers import iris_repository, metric, running_proxy, settings
 
 ROW = {"data": [[6.0, 2.9, 4.5, 1.5]]}
 MODELS = ("setosa", "versicolor", "virginica")
@@ -50,15 +49,6 @@ async def _load(url: str) -> list[tuple[int, bool, float]]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         await asyncio.gather(*(worker(client) for _ in range(CONCURRENCY)))
     return results
-
-
-def _counter(metrics: str, name: str, **labels: str) -> float:
-    """The sum of a counter's samples whose labels include ``labels``."""
-    total = 0.0
-    for found_labels, value in re.findall(rf"^{name}\{{(.*)\}} (\S+)$", metrics, re.M):
-        if all(f'{k}="{v}"' in found_labels for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def test_without_hedging_the_pauses_are_waited_out_and_nothing_is_hedged(replica
         metrics = httpx.get(f"{url}/metrics").text
     assert results and {status for status, _, _ in results} == {200}
     assert not any(partial for _, partial, _ in results)
-    assert _counter(metrics, "proxy_hedges_total") == 0
+    assert metric(metrics, "proxy_hedges_total") == 0
     # The pauses were real: some answers waited for one (the request's deadline is 2 s).
     assert max(s for _, _, s in results) > 0.1
     print("\n" + _summary("hedging off, one replica pausing 200 ms/s", results), file=sys.__stderr__)
@@ -115,14 +105,14 @@ def test_hedging_sends_slow_calls_to_the_other_replica_within_its_budget(replica
     for model in MODELS:
         hedging = health["services"][model]["hedging"]
         assert hedging["hedge"] == "p95" and hedging["delay_ms"] is not None
-        sent = _counter(metrics, "proxy_hedges_total", service=model, outcome="sent")
-        won = _counter(metrics, "proxy_hedges_total", service=model, outcome="won")
+        sent = metric(metrics, "proxy_hedges_total", service=model, outcome="sent")
+        won = metric(metrics, "proxy_hedges_total", service=model, outcome="won")
         assert sent == hedging["hedges"] and won == hedging["hedges_won"]
         assert 0 < won <= sent, (model, sent, won)
         # The budget: a tenth of the calls, and a burst of 100.
         assert sent <= 0.1 * hedging["calls"] + 100, (model, sent, hedging["calls"])
     # The calls that lost to a hedge were cancelled, and most of those were on the pausing replica.
-    slow_lost = _counter(
+    slow_lost = metric(
         metrics, "proxy_replica_calls_total", replica=f"grpc://{slow}/setosa", outcome="cancelled"
     )
     assert slow_lost > 0
@@ -131,7 +121,7 @@ def test_hedging_sends_slow_calls_to_the_other_replica_within_its_budget(replica
         + f"; hedges {sum(health['services'][m]['hedging']['hedges'] for m in MODELS)} "
         f"for {sum(health['services'][m]['hedging']['calls'] for m in MODELS)} calls; "
         f"{health['services']['setosa']['hedging']}; skipped "
-        f"{ {o: _counter(metrics, 'proxy_hedges_total', outcome=o) for o in SKIPPED} }",
+        f"{ {o: metric(metrics, 'proxy_hedges_total', outcome=o) for o in SKIPPED} }",
         file=sys.__stderr__,
     )  # fmt: skip
 

@@ -25,6 +25,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from bench.overload import read_response
 from client_proxy.core.services import Service
 from local_triton import TritonServer, free_ports
 from local_triton.slow_port import Relay, slow_port
@@ -181,10 +182,10 @@ def test_a_client_that_ignores_retry_after_waits_for_its_next_answer_and_gets_it
                 await asyncio.sleep(0.2)
                 reader, writer = await asyncio.open_connection(host, int(port))
                 writer.write(request)
-                first = await _response(reader)
+                first = (await read_response(reader)).decode()
                 writer.write(request)  # at once, as if Retry-After meant nothing
                 sent = time.monotonic()
-            second = await _response(reader)  # Triton goes on: the held ones finish
+            second = (await read_response(reader)).decode()  # Triton goes on: the held ones finish
             waited = time.monotonic() - sent
             writer.close()
             await asyncio.gather(*held)
@@ -196,12 +197,6 @@ def test_a_client_that_ignores_retry_after_waits_for_its_next_answer_and_gets_it
     # served like any other: answered, never dropped.
     assert waited >= 0.45
     assert second.startswith("HTTP/1.1 200"), second
-
-
-async def _response(reader: asyncio.StreamReader) -> str:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode()
-    length = int(re.search(r"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-    return head + (await reader.readexactly(length)).decode()
 
 
 def test_after_the_overload_every_request_is_admitted_again(proxy: Overloadable) -> None:

@@ -12,7 +12,7 @@ import pytest
 from local_triton import TritonServer
 from training import CLASS_NAMES
 
-from .helpers import iris_repository, running_proxy, services_on, settings
+from .helpers import iris_repository, metric, running_proxy, services_on, settings
 
 ROW = {"data": [[1.0, 2.0, 3.0, 4.0]]}
 IRIS = {n: n for n in CLASS_NAMES}
@@ -284,17 +284,6 @@ def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart
         server.stop()
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 if absent."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.index("}") + 1]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_metrics_count_what_happened(explicit_triton: TritonServer) -> None:
     models = {"setosa": "setosa", "slow": "slow", "ghost": "no_such_model"}
     with (
@@ -312,28 +301,26 @@ def test_metrics_count_what_happened(explicit_triton: TritonServer) -> None:
         text = client.get("/metrics").text
 
     assert (
-        _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="200")
-        == 3
+        metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="200") == 3
     )
-    assert _metric(text, "proxy_http_requests_total", endpoint="/predict", method="POST", status="200") == 1
+    assert metric(text, "proxy_http_requests_total", endpoint="/predict", method="POST", status="200") == 1
     assert (
-        _metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="422")
-        == 1
+        metric(text, "proxy_http_requests_total", endpoint="/predict/label", method="POST", status="422") == 1
     )
-    assert _metric(text, "proxy_http_request_duration_seconds_count", endpoint="/predict/label") == 5
-    assert _metric(text, "proxy_partial_answers_total", endpoint="/predict/label") == 3
-    assert _metric(text, "proxy_partial_answers_total", endpoint="/predict") == 1
+    assert metric(text, "proxy_http_request_duration_seconds_count", endpoint="/predict/label") == 5
+    assert metric(text, "proxy_partial_answers_total", endpoint="/predict/label") == 3
+    assert metric(text, "proxy_partial_answers_total", endpoint="/predict") == 1
     # Five fanned-out requests; the all_or_nothing one fails fast on `ghost` and cancels the rest.
     for service in models:
         total = sum(
-            _metric(text, "proxy_service_calls_total", service=service, outcome=o)
+            metric(text, "proxy_service_calls_total", service=service, outcome=o)
             for o in ("ok", "timeout", "unavailable", "error", "cancelled")
         )
         assert total == 5, service
-    assert _metric(text, "proxy_service_calls_total", service="ghost", outcome="unavailable") == 5
-    assert _metric(text, "proxy_service_calls_total", service="slow", outcome="cancelled") == 1
-    assert _metric(text, "proxy_service_calls_total", service="setosa", outcome="ok") >= 4
-    assert _metric(text, "proxy_service_calls_total", service="ghost", outcome="unavailable") >= 4
-    assert _metric(text, "proxy_upstream_errors_total", service="ghost", reason="unavailable") >= 4
-    assert _metric(text, "proxy_service_timeouts_total", service="slow") >= 4
-    assert _metric(text, "proxy_service_call_duration_seconds_count", service="setosa") >= 4
+    assert metric(text, "proxy_service_calls_total", service="ghost", outcome="unavailable") == 5
+    assert metric(text, "proxy_service_calls_total", service="slow", outcome="cancelled") == 1
+    assert metric(text, "proxy_service_calls_total", service="setosa", outcome="ok") >= 4
+    assert metric(text, "proxy_service_calls_total", service="ghost", outcome="unavailable") >= 4
+    assert metric(text, "proxy_upstream_errors_total", service="ghost", reason="unavailable") >= 4
+    assert metric(text, "proxy_service_timeouts_total", service="slow") >= 4
+    assert metric(text, "proxy_service_call_duration_seconds_count", service="setosa") >= 4
