@@ -1,6 +1,6 @@
 """An event loop that accepts a burst of connections at once (uvicorn ``loop=``).
 
-Since libuv 1.45 (its pull request 3696), a libuv listener accepts one connection per turn of
+Since libuv's pull request 3696 (2022), a libuv listener accepts one connection per turn of
 the event loop, and uvloop inherits it. Under load a turn of the proxy's loop lasts
 milliseconds (it answers hundreds of requests per turn), so new connections wait in the
 kernel's accept queue at a rate of a few dozen per second: measured here, 1,024 connections
