@@ -403,6 +403,29 @@ class TritonServer:
         self.stop()
 
 
+#: Backend directories are named ``<prefix><pid of the process that made it>-<random>``.
+BACKEND_DIR_PREFIX = "local-triton-backends-"
+
+
+def remove_stale_backend_dirs(parent: Path) -> list[Path]:
+    """Remove the backend directories in ``parent`` whose maker is gone (a launcher that was
+    SIGKILLed cannot remove its own); the removed ones. A directory of a live process, or one
+    named otherwise, is left alone."""
+    removed = []
+    for path in parent.glob(f"{BACKEND_DIR_PREFIX}*-*"):
+        pid_text = path.name[len(BACKEND_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except PermissionError:
+            pass  # another user's live process
+    return removed
+
+
 def assemble_backend_dir(layout: WheelLayout, into: Path | None = None) -> Path:
     """``<dir>/python/`` (the wheel's python backend and this Python's stub) and
     ``<dir>/onnxruntime/model.py`` (the Python-based ONNX Runtime backend).
@@ -410,7 +433,9 @@ def assemble_backend_dir(layout: WheelLayout, into: Path | None = None) -> Path:
     Copies, not symlinks: Triton resolves a backend library's real path and refuses one that
     "escapes" the backend directory.
     """
-    root = into or Path(tempfile.mkdtemp(prefix="local-triton-backends-"))
+    if into is None:
+        remove_stale_backend_dirs(Path(tempfile.gettempdir()))
+    root = into or Path(tempfile.mkdtemp(prefix=f"{BACKEND_DIR_PREFIX}{os.getpid()}-"))
     python = root / "python"
     python.mkdir(parents=True, exist_ok=True)
     files = {

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from local_triton import TritonServer, free_ports
+from local_triton.server import BACKEND_DIR_PREFIX, remove_stale_backend_dirs
 
 from .conftest import ROOT
 from .helpers import iris_repository, read_http_response, running_proxy, services_on, settings, stub_processes
@@ -224,6 +226,24 @@ def test_a_killed_launcher_leaves_no_triton_behind(tmp_path: Path) -> None:
             f"Triton outlived its launcher: {served}, {stub_processes(repository)}"
         )
         time.sleep(0.2)
+    # Its backend directory could not be removed by the killed launcher; the next start removes it.
+    left = set(Path(tempfile.gettempdir()).glob(f"{BACKEND_DIR_PREFIX}{process.pid}-*"))
+    assert left, "no backend directory of the killed launcher: the check below would prove nothing"
+    assert left <= set(remove_stale_backend_dirs(Path(tempfile.gettempdir())))
+    assert not any(path.exists() for path in left)
+
+
+def test_only_the_backend_directories_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{BACKEND_DIR_PREFIX}{gone.pid}-x1"
+    (stale / "python").mkdir(parents=True)
+    live = tmp_path / f"{BACKEND_DIR_PREFIX}{os.getpid()}-x2"
+    unnamed = tmp_path / f"{BACKEND_DIR_PREFIX}x3"  # made before the names carried a pid
+    live.mkdir()
+    unnamed.mkdir()
+    assert remove_stale_backend_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and unnamed.exists()
 
 
 def test_a_body_that_never_finishes_gets_408_within_the_deadline(triton: TritonServer) -> None:
