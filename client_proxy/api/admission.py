@@ -74,39 +74,22 @@ class Admission:
         )
 
 
-class AdmissionMiddleware:
-    """Refuses an inference request at once with 503 when ``Admission`` says so. The outermost
-    middleware, so that a refusal costs the least: it carries no request id and is counted in
-    ``proxy_shed_requests_total``, not in ``proxy_http_requests_total``."""
+class Refusals:
+    """The 503 answers of an ``Admission``: the Open Inference Protocol's error under ``/v2``,
+    the proxy's own elsewhere; rendered once."""
 
-    def __init__(self, app: ASGIApp, admission: Admission) -> None:
-        self.app = app
-        self.admission = admission
+    def __init__(self, admission: Admission) -> None:
         message = admission.reason()
-        self._refusals = {
+        self._bodies = {
             v2: json.dumps(
                 {"error": message} if v2 else {"error": {"code": "overloaded", "message": message}}
             ).encode()
             for v2 in (False, True)
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith("/admin"):
-            await self.app(scope, receive, send)
-            return
-        admission = self.admission
-        if not admission.enter("http"):
-            scope[SHED_MARK] = True
-            await self._refuse(scope, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            admission.leave()
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        # The Open Inference Protocol's error under /v2, the proxy's own elsewhere.
-        payload = self._refusals[scope["path"].startswith("/v2/")]
+    async def send(self, scope: Scope, send: Send) -> None:
+        scope[SHED_MARK] = True  # the HTTP protocol pauses reading this connection
+        payload = self._bodies[scope["path"].startswith("/v2/")]
         await send(
             {
                 "type": "http.response.start",
@@ -119,3 +102,28 @@ class AdmissionMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+class AdmissionMiddleware:
+    """Refuses an inference request at once with 503 when ``Admission`` says so. The outermost
+    middleware, so that a refusal costs the least: it carries no request id and is counted in
+    ``proxy_shed_requests_total``, not in ``proxy_http_requests_total``. (The hot routes are
+    admitted by ``fastlane.FastLane`` in the same way, before this.)"""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+        self._refusals = Refusals(admission)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith("/admin"):
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        if not admission.enter("http"):
+            await self._refusals.send(scope, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.leave()

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from client_proxy.api import grpc_door
 from client_proxy.api.admission import Admission, AdmissionMiddleware
+from client_proxy.api.fastlane import FastLane
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -106,7 +107,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.include_router(v2.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
-    for path, endpoint, methods in reversed([*predict.FAST_ROUTES, *v2.ROUTES]):
+    plain_routes = [*predict.FAST_ROUTES, *v2.ROUTES]
+    for path, endpoint, methods in reversed(plain_routes):
         app.router.routes.insert(0, Route(path, endpoint, methods=methods))
     _install_error_handlers(app)
     if settings.cors_origins:
@@ -120,6 +122,12 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     # Outermost: a refused request costs as little as it can (no request id, no route).
     app.add_middleware(AdmissionMiddleware, admission=state.admission)
+    if not settings.cors_origins:  # with CORS, CORSMiddleware must see every answer
+        lane = FastLane(plain_routes, state.admission, metrics, render_proxy_error, render_unexpected)
+        build_stack = app.build_middleware_stack
+        # Starlette builds its middleware stack once, on the first request: the lane goes in
+        # front of it, inside Starlette's own __call__ (which sets scope["app"]).
+        app.build_middleware_stack = lambda: lane.in_front_of(build_stack())  # type: ignore[method-assign]
     return app
 
 
@@ -151,14 +159,25 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
+def render_proxy_error(exc: ProxyError, request_id: str) -> Response:
+    """The JSON answer to a ``ProxyError``: its status, code, message and the request id."""
+    if exc.status_code >= 500:
+        logger.warning("request_id=%s %s %s", request_id, exc.code, exc.message)
+    body = exc.body()
+    body["error"]["request_id"] = request_id
+    return JSON(body, status_code=exc.status_code)
+
+
+def render_unexpected(request_id: str) -> Response:
+    """The 500 answer to a bug: never a stack trace or an internal address (the log has them)."""
+    body = {"error": {"code": "internal_error", "message": "internal error", "request_id": request_id}}
+    return JSON(body, status_code=500)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
-        if exc.status_code >= 500:
-            logger.warning("request_id=%s %s %s", _request_id(request), exc.code, exc.message)
-        body = exc.body()
-        body["error"]["request_id"] = _request_id(request)
-        return JSON(body, status_code=exc.status_code)
+        return render_proxy_error(exc, _request_id(request))
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -186,16 +205,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSON(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        # Never a stack trace or an internal address in the body: the log has them.
         logger.exception("request_id=%s unexpected error", _request_id(request))
-        body = {
-            "error": {
-                "code": "internal_error",
-                "message": "internal error",
-                "request_id": _request_id(request),
-            }
-        }
-        return JSON(body, status_code=500)
+        return render_unexpected(_request_id(request))
 
     app.add_exception_handler(ProxyError, proxy_error)
     app.add_exception_handler(RequestValidationError, validation_error)
