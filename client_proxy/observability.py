@@ -232,24 +232,36 @@ class _Formatter(logging.Formatter):
     _text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.timestamp(record.created)
+
+    def timestamp(self, created: float) -> str:
+        """``created`` (``time.time()``) as ``%Y-%m-%d %H:%M:%S,mmm``, as logging writes it."""
+        second = int(created)
         if second != self._second:
             self._second, self._text = (
                 second,
-                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created)),
+                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created)),
             )
-        return f"{self._text},{int(record.msecs):03d}"
+        return f"{self._text},{int((created - second) * 1000):03d}"
+
+
+#: The handler ``configure_logging`` installed, when it did: ``log_request`` writes its line to
+#: it directly (same text) while it is the proxy logger's only handler and nothing filters.
+_request_handler: logging.StreamHandler[Any] | None = None
+_request_formatter = _Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def configure_logging(level: str) -> None:
     """The proxy's loggers at ``level``, one line per record, to stderr."""
+    global _request_handler
     proxy_logger = logging.getLogger("client_proxy")
     proxy_logger.setLevel(level)
     if not proxy_logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(_request_formatter)
         proxy_logger.addHandler(handler)
         proxy_logger.propagate = False
+        _request_handler = handler
 
 
 def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | list[Outcome]) -> None:
@@ -258,5 +270,36 @@ def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | l
         return
     items = outcomes.values() if isinstance(outcomes, dict) else outcomes
     parts = " ".join(f"{o.service}={o.reason}/{o.latency_s * 1000:.1f}ms" for o in items)
-    level = logging.INFO if all(o.ok for o in items) else logging.WARNING
-    logger.log(level, "request_id=%s endpoint=%s %s", request_id, endpoint, parts)
+    ok = all(o.ok for o in items)
+    # One line per request is a visible share of the proxy's CPU through logging's machinery (a
+    # LogRecord, two locks, the formatter): the same text goes straight to the same stream when
+    # that is all logging would do with it.
+    handler = _request_handler
+    handlers = logger.handlers
+    if (
+        handler is not None
+        and len(handlers) == 1
+        and handlers[0] is handler
+        and not (logger.filters or handler.filters)
+        and _write(handler, request_id, endpoint, parts, ok)
+    ):
+        return
+    logger.log(
+        logging.INFO if ok else logging.WARNING, "request_id=%s endpoint=%s %s", request_id, endpoint, parts
+    )
+
+
+def _write(handler: logging.StreamHandler[Any], request_id: str, endpoint: str, parts: str, ok: bool) -> bool:
+    """The request line written to ``handler``'s stream as its formatter would; False if that
+    failed (logging's own path then reports the failure its way)."""
+    line = (
+        f"{_request_formatter.timestamp(time.time())} {'INFO' if ok else 'WARNING'} client_proxy "
+        f"request_id={request_id} endpoint={endpoint} {parts}\n"
+    )
+    try:
+        with handler.lock:  # type: ignore[union-attr]
+            handler.stream.write(line)
+            handler.stream.flush()
+    except Exception:
+        return False
+    return True
