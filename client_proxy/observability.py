@@ -183,6 +183,14 @@ def request_id_from(raw: str | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def request_id_of(scope: Scope) -> str:
+    """The request's id: its ``X-Request-ID`` header when short and plain, else a new one."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            return request_id_from(value.decode("latin-1"))
+    return request_id_from(None)
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: ProxyMetrics) -> None:
         self.app = app
@@ -192,12 +200,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        raw = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                raw = value.decode("latin-1")
-                break
-        request_id = request_id_from(raw)
+        request_id = request_id_of(scope)
         started = time.monotonic()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id

@@ -7,7 +7,7 @@ exit stack, the proxy's admission and request context, the router), and each lay
 per request, more than the fan-out itself. The inference routes need what those layers do, so
 ``FastLane`` does it once, in order, for them alone:
 
-1. admission: past ``PROXY_MAX_IN_FLIGHT``, the 503 at once (``admission.refuse``);
+1. admission of a ``POST``: past ``PROXY_MAX_IN_FLIGHT``, the 503 at once (``admission.Refusals``);
 2. the request id (the client's ``X-Request-ID`` when plain, else a new one) and the start
    time, in ``scope["state"]`` where the routes read them;
 3. the route itself (the same function FastAPI would call, with a Starlette ``Request``);
@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy.api.admission import Admission, Refusals
 from client_proxy.errors import ProxyError
-from client_proxy.observability import ProxyMetrics, request_id_from
+from client_proxy.observability import ProxyMetrics, request_id_of
 
 logger = logging.getLogger("client_proxy")
 
@@ -114,13 +114,14 @@ class FastLane:
     ) -> None:
         handler, template, path_params = found
         admission = self._admission
-        if scope["method"] == "POST" and not admission.enter("http"):
+        counted = scope["method"] == "POST"  # as AdmissionMiddleware: inference requests only
+        if counted and not admission.enter("http"):
             await self._refusals.send(scope, send)
             return
         try:
             await self._answer(handler, template, path_params, scope, receive, send)
         finally:
-            if scope["method"] == "POST":
+            if counted:
                 admission.leave()
 
     async def _answer(
@@ -133,12 +134,7 @@ class FastLane:
         send: Send,
     ) -> None:
         started = time.monotonic()
-        raw_id = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                raw_id = value.decode("latin-1")
-                break
-        request_id = request_id_from(raw_id)
+        request_id = request_id_of(scope)
         scope["path_params"] = path_params
         scope["state"] = {"request_id": request_id, "started": started}
         id_header = (b"x-request-id", request_id.encode())
