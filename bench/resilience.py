@@ -127,6 +127,9 @@ def replicas_section(seconds: float, repeats: int, warmup: float) -> str:
         for name, url in proxies.items():
             hedges, calls = _hedging(url)
             extra[name] = (hedges - before[name][0], calls - before[name][1])
+        # A replica that died mid-section leaves every later row on one replica: say so rather
+        # than print figures that measure something else.
+        died = {name: s.returncode for name, s in (("a", a), ("b", b)) if s.returncode is not None}
     lines = [
         "",
         "## A slow replica: balancing and hedging",
@@ -136,6 +139,14 @@ def replicas_section(seconds: float, repeats: int, warmup: float) -> str:
         f"c={REPLICA_CONCURRENCY} on `/predict/label`, {repeats} interleaved run(s) of {seconds:g} s, "
         "medians. Extra calls: hedges sent per call over the measured runs (the hedging budget is 10%).",
     ]
+    if died:
+        lines += [
+            "",
+            "**Void: Triton "
+            + ", ".join(f"{name} exited ({code})" for name, code in died.items())
+            + " during this section; the rows after its death ran on one replica.**",
+        ]
+        print(f"warning: Triton replica(s) exited during the replicas section: {died}", flush=True)
     for scenario, scenario_configs in SCENARIOS.items():
         reference = statistics.median(m.p99_ms for m in measured[scenario_configs[0].name])
         lines += [

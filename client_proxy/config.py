@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     replica too; a composition's service may set its own ``hedge``."""
     hedge_budget: float = Field(0.1, ge=0, le=1)
     """Most hedged calls, as a fraction of a service's calls (a token bucket)."""
+    grpc_cancel: bool = False
+    """Cancel on Triton a gRPC call the proxy no longer waits for (a hedge's loser, a fan-out that
+    stopped early, a client gone). Off: the call is left to finish within its deadline and its
+    answer dropped, because cancelling gRPC calls can crash Triton 24.10 (SIGSEGV, fixed upstream
+    after that release: triton-inference-server/server#7368, #7840). Turn it on with a Triton
+    that has the fix, to spare it the work."""
     max_connections: int = Field(256, ge=1)
     """Connections the HTTP client keeps per Triton server (fan-out width x concurrency)."""
     pipelines_file: Path | None = None

@@ -222,6 +222,11 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def returncode(self) -> int | None:
+        """None while the server runs (or before it starts); its exit status once it has ended."""
+        return self._process.poll() if self._process else None
+
     def log_text(self) -> str:
         return "".join(self._log_tail)
 

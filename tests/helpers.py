@@ -87,7 +87,8 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
     own_log = None
     if log is None and os.environ.get("PROXY_TEST_LOG_DIR"):
         # Keep each test proxy's own log, for a failure that needs reading after the fact.
-        log = own_log = open(os.path.join(os.environ["PROXY_TEST_LOG_DIR"], f"proxy-{port}.log"), "w")  # noqa: SIM115
+        name = f"proxy-{port}-{time.time_ns()}.log"  # ports are reused: the time keeps each log
+        log = own_log = open(os.path.join(os.environ["PROXY_TEST_LOG_DIR"], name), "w")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "client_proxy"],
         env=proxy_environment(settings, services, port),

@@ -84,8 +84,12 @@ class _Client:
     """One Triton server's aio client. The two protocols take the same calls and differ in a few
     arguments: binary tensors over HTTP, a client-side timeout and JSON rendering over gRPC."""
 
-    def __init__(self, protocol: str, url: str, max_connections: int) -> None:
+    def __init__(self, protocol: str, url: str, max_connections: int, cancel: bool = False) -> None:
         self._grpc = protocol == "grpc"
+        #: Abandon, not cancel, a gRPC inference call given up on (``Settings.grpc_cancel``).
+        self._abandon = self._grpc and not cancel
+        #: gRPC calls given up on and still running on Triton (left to finish).
+        self.abandoned = 0
         self._module: Any = grpcclient if self._grpc else httpclient
         if self._grpc:
             self._client: Any = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
@@ -121,7 +125,7 @@ class _Client:
                 output = self._module.InferRequestedOutput(name, class_count=class_count, **self._binary)
                 self._requested[(name, class_count)] = output
             requested.append(output)
-        result = await self._client.infer(
+        call = self._client.infer(
             target.model,
             inputs,
             model_version=target.version,
@@ -129,7 +133,27 @@ class _Client:
             request_id=request_id,
             **self._timeout(timeout),
         )
+        result = await (self._unless_cancelled(call) if self._abandon else call)
         return {name: result.as_numpy(name) for name in outputs}
+
+    async def _unless_cancelled(self, call: Awaitable[T]) -> T:
+        """``call``'s result; if the caller is cancelled meanwhile, the call goes on without it
+        (bounded by its gRPC deadline) and its outcome is dropped. Cancelling it would send
+        Triton an RST_STREAM, which Triton 24.10's gRPC frontend can answer with a segfault
+        (``Settings.grpc_cancel``)."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                self.abandoned += 1
+                task.add_done_callback(self._dropped)
+            raise
+
+    def _dropped(self, task: asyncio.Future[Any]) -> None:
+        self.abandoned -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned call's failure is no one's error
 
     async def is_model_ready(self, target: Target, timeout: float) -> bool:
         ready = self._client.is_model_ready(target.model, target.version, **self._timeout(timeout))
@@ -212,7 +236,8 @@ class TritonGateway:
     def _client(self, target: Target) -> _Client:
         client = self._clients.get(target.server)
         if client is None:
-            client = _Client(target.protocol, target.url, self._settings.max_connections)
+            settings = self._settings
+            client = _Client(target.protocol, target.url, settings.max_connections, settings.grpc_cancel)
             self._clients[target.server] = client
         return client
 
