@@ -134,6 +134,10 @@ OIP = (
 )
 
 
+#: perf_analyzer against the proxy's gRPC door over perf_analyzer against Triton's gRPC, at c=16.
+OIP_TARGET = 0.8
+
+
 def _perf_analyzer(
     args: argparse.Namespace, levels: list[int], triton: TritonServer, http_proxy: str, grpc_proxy: str
 ) -> str:
@@ -189,6 +193,14 @@ def _perf_analyzer(
             reference = medians[next(n for n, m, p in OIP if m == "iris_ensemble" and p == protocol)][0]
             ratio = f"{throughput / reference:.2f}x" if model == "iris_fanout" else ""
             lines.append(f"| {name} | {concurrency} | {throughput:,.0f} | {ratio} | {p50:.2f} | {p99:.2f} |")
+        if concurrency == 16:
+            door, direct = medians[OIP[1][0]][0], medians[OIP[0][0]][0]
+            door_ratio = door / direct if direct else 0.0
+            holds = "yes" if door_ratio >= OIP_TARGET else "**no**"
+            lines += [
+                "",
+                f"Target: the gRPC door at c=16 >= {OIP_TARGET}x Triton's: {door_ratio:.2f}x, {holds}.",
+            ]
     return "\n".join(lines) + "\n"
 
 
