@@ -55,6 +55,14 @@ class Result:
     p50_ms: float
     p99_ms: float
     output: str
+    stability_percentage: int = 10
+    """The spread perf_analyzer accepted between windows (wider when the first try did not settle)."""
+
+
+#: When windows do not settle within the asked spread (a noisy shared machine; seen in a full
+#: ``make bench``), perf_analyzer is run once more accepting this much, rather than the whole
+#: benchmark failing.
+LOOSE_STABILITY_PERCENTAGE = 30
 
 
 def run(
@@ -66,7 +74,20 @@ def run(
     stability_percentage: int = 10,
     home: Path = HOME,
 ) -> Result:
-    """One perf_analyzer measurement (until stable, as it does by default) of ``model`` at ``url``."""
+    """One perf_analyzer measurement (until stable, as it does by default) of ``model`` at ``url``;
+    if it does not settle, once more with ``LOOSE_STABILITY_PERCENTAGE``."""
+    try:
+        return _run(url, model, protocol, concurrency, interval_ms, stability_percentage, home)
+    except RuntimeError as exc:
+        if "stable measurement" not in str(exc) or stability_percentage >= LOOSE_STABILITY_PERCENTAGE:
+            raise
+        return _run(url, model, protocol, concurrency, interval_ms, LOOSE_STABILITY_PERCENTAGE, home)
+
+
+def _run(
+    url: str, model: str, protocol: str, concurrency: int, interval_ms: int, stability_percentage: int,
+    home: Path,
+) -> Result:  # fmt: skip
     executable = binary(home)
     if executable is None:
         raise FileNotFoundError("perf_analyzer is not installed: make perf-analyzer")
@@ -90,6 +111,7 @@ def run(
         p50_ms=float(row["p50 latency"]) / 1000,
         p99_ms=float(row["p99 latency"]) / 1000,
         output=done.stdout,
+        stability_percentage=stability_percentage,
     )
 
 

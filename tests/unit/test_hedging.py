@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -221,42 +220,3 @@ def test_round_robin_takes_turns_and_least_outstanding_takes_the_idlest() -> Non
     assert {least.pick().target for _ in range(20)} == {C}
     least.replicas[2].outstanding = 1
     assert {least.pick().target for _ in range(50)} == {B, C}  # ties drawn at random
-
-
-def _given_up(cancel: bool) -> tuple[bool, int, int]:
-    """A gRPC client's call whose caller is cancelled mid-call: (whether the call still ran to its
-    end, calls abandoned while it ran, calls abandoned after)."""
-    from client_proxy.triton.gateway import _Client
-
-    async def scenario() -> tuple[bool, int, int]:
-        client = _Client("grpc", "127.0.0.1:1", 1, cancel=cancel)  # never connected: the call is ours
-        finished = asyncio.Event()
-
-        async def call() -> str:
-            await asyncio.sleep(0.05)
-            finished.set()
-            raise RuntimeError("the abandoned call's own failure")  # dropped, not logged as unretrieved
-
-        waiter = asyncio.ensure_future(client._unless_cancelled(call()) if client._abandon else call())
-        await asyncio.sleep(0.01)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        during = client.abandoned
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), 0.5)
-        await asyncio.sleep(0)
-        await client.close()
-        return finished.is_set(), during, client.abandoned
-
-    return asyncio.run(scenario())
-
-
-def test_a_grpc_call_given_up_on_is_abandoned_not_cancelled_by_default() -> None:
-    # Cancelling gRPC calls can crash Triton 24.10 (SIGSEGV in its cancellation path): the call
-    # goes on to its end, counted as abandoned while it runs, and its failure is dropped.
-    assert _given_up(cancel=False) == (True, 1, 0)
-
-
-def test_with_grpc_cancel_on_a_call_given_up_on_is_cancelled() -> None:
-    assert _given_up(cancel=True) == (False, 0, 0)
