@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,6 +120,37 @@ def test_ensemble_route_by_setting(triton: TritonServer) -> None:
         assert body["prediction"]["label"] == "virginica"
         metrics = httpx.get(f"{url}/metrics").text
         assert 'proxy_service_calls_total{outcome="ok",service="ensemble"} 1.0' in metrics
+
+
+def test_the_ensemble_route_batches_concurrent_requests_into_fewer_triton_calls(
+    triton: TritonServer, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = iris
+    with running_proxy(settings(coalesce=True, in_flight_per_service=1), services_on(triton, "grpc")) as url:
+        fanout = httpx.post(f"{url}/predict/label", json={"data": x.tolist()}).json()["prediction"]
+
+        async def one_row_each() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post("/predict/label", params={"route": "ensemble"}, json={"data": [row]})
+                        for row in x.tolist()
+                    )
+                )
+
+        model = ("iris_ensemble",)
+        before, rows_before = triton_stats(triton, model), triton_stats(triton, model, what="rows")
+        responses = asyncio.run(one_row_each())
+        after, rows_after = triton_stats(triton, model), triton_stats(triton, model, what="rows")
+    assert [r.status_code for r in responses] == [200] * len(x)
+    # Each request still gets its own row's answer, the one the fan-out gives.
+    assert [r.json()["prediction"]["label"] for r in responses] == [p["label"] for p in fanout]
+    np.testing.assert_allclose(
+        [r.json()["prediction"]["proba"] for r in responses], [p["proba"] for p in fanout], atol=1e-6
+    )
+    # Counted by Triton: every row reached the ensemble once, in fewer calls than requests.
+    assert rows_after["iris_ensemble"] - rows_before["iris_ensemble"] == len(x)
+    assert after["iris_ensemble"] - before["iris_ensemble"] < len(x)
 
 
 # -- skip and fail, with the test-only failing model -------------------------------------------------

@@ -53,6 +53,10 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     gateway = TritonGateway(settings, listener=metrics)
     coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
     infer = coalescer.infer if settings.coalesce else gateway.infer
+    # The ensemble route batches its concurrent calls too, in a coalescer of its own (its calls
+    # give a label and a probability per row, not one output tensor).
+    ensemble_coalescer = Coalescer(gateway.ensemble_rows, settings.max_rows, settings.in_flight_per_service)
+    ensemble_rows = ensemble_coalescer.infer if settings.coalesce else gateway.ensemble_rows
     state = ProxyState(
         settings=settings,
         services=services,
@@ -62,6 +66,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         pipelines=declared.pipelines,
         pipelines_source=declared.pipelines_source,
         ensemble=ensemble,
+        ensemble_rows=ensemble_rows,
         compositions=compositions,
         compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
         admission=Admission(settings.max_in_flight, metrics.shed),
@@ -86,6 +91,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             if grpc_server is not None:
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
             await coalescer.aclose()
+            await ensemble_coalescer.aclose()
             closed = await gateway.aclose()
             logger.info("shut down: closed the clients of %d Triton server(s)", closed)
 

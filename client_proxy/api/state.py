@@ -18,6 +18,7 @@ from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
+from client_proxy.triton.coalesce import InferFn
 from client_proxy.triton.gateway import TritonGateway
 
 
@@ -32,6 +33,9 @@ class ProxyState:
     pipelines_source: str
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
+    ensemble_rows: InferFn | None = None
+    """How the ensemble is called: ``TritonGateway.ensemble_rows``, through its own coalescer
+    unless ``PROXY_COALESCE`` is off (None: the gateway's, uncoalesced)."""
     changes: list[dict[str, Any]] = field(default_factory=list)
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False

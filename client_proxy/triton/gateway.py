@@ -671,6 +671,18 @@ class TritonGateway:
             )
         return result
 
+    async def ensemble_rows(
+        self, service: Service, x: Inputs, request_id: str, timeout: float
+    ) -> NDArray[Any]:
+        """``infer_ensemble``'s answer as one array, a row ``[label, probability]`` per input row
+        (object dtype): the shape a ``Coalescer`` splits among the requests of a batched call."""
+        assert isinstance(x, np.ndarray)  # the seed's rows: the ensemble takes one input
+        names, proba = await self.infer_ensemble(service, x, request_id, timeout)
+        rows = np.empty((len(names), 2), dtype=object)
+        rows[:, 0] = names
+        rows[:, 1] = proba
+        return rows
+
     async def infer_ensemble(
         self, service: Service, x: NDArray[Any], request_id: str, timeout: float
     ) -> tuple[list[str], NDArray[np.float32]]:

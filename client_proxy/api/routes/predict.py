@@ -47,13 +47,14 @@ async def _fan_out(
 async def _ensemble(state: ProxyState, x: NDArray[np.float32], options: CallOptions) -> Labels:
     """Triton's own fan-out: one call to the ensemble, bounded and recorded like a service call."""
     service = state.ensemble
+    ensemble_rows = state.ensemble_rows or state.gateway.ensemble_rows
 
-    def call(budget: float) -> Awaitable[tuple[list[str], NDArray[np.float32]]]:
-        return state.gateway.infer_ensemble(service, x, options.request_id, budget)
+    def call(budget: float) -> Awaitable[NDArray[Any]]:
+        return ensemble_rows(service, x, options.request_id, budget)
 
-    (names, proba), outcome = await state.fanout.call_alone(service, call, options.deadline)
+    rows, outcome = await state.fanout.call_alone(service, call, options.deadline)
     log_request(options.request_id, "/predict/label?route=ensemble", [outcome])
-    return Labels(names=names, proba=proba)
+    return Labels(names=rows[:, 0].tolist(), proba=rows[:, 1].astype(np.float32))
 
 
 @router.post("/predict", response_class=JSON, openapi_extra=WITH_BODY, responses=PREDICTIONS)
