@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     coalesce: bool = True
     """Merge concurrent calls to one service into shared, batched Triton calls under load."""
     in_flight_per_service: int = Field(2, ge=1, le=1024)
-    """With ``coalesce``: Triton calls per service on the wire at once; later calls wait and batch."""
+    """With ``coalesce``: the most Triton calls per service on the wire at once. One goes out at a
+    time and later calls wait and batch; another goes out beside it only when those in flight are
+    late (4x the service's usual call time, 2 ms at least)."""
     ejection_failures: int = Field(5, ge=1, le=1000)
     """A replica that fails or is late this many times in a row is ejected (unreachable or not
     ready: at once)."""

@@ -1,11 +1,17 @@
 """Request coalescing: concurrent calls to one service share Triton calls.
 
-At most ``max_in_flight`` calls per service are on their way to Triton at any time. A call
-that arrives while they are all busy waits, and when one of them returns, every waiting call
-(up to ``max_rows`` rows) goes out together as one batched Triton call; each caller gets its
-own rows back. Under light load nothing waits, so latency is unchanged; under heavy load the
-proxy sends far fewer, larger requests, which is cheaper for the proxy and for Triton alike
-(Triton's dynamic batcher does the same on its side of the wire).
+One call per service is on its way to Triton at a time. A call that arrives meanwhile waits,
+and when the one in flight returns, every waiting call (up to ``max_rows`` rows) goes out
+together as one batched Triton call; each caller gets its own rows back. Under light load
+nothing waits, so latency is unchanged; under heavy load the proxy sends far fewer, larger
+requests, which is cheaper for the proxy and for Triton alike (Triton's dynamic batcher does
+the same on its side of the wire).
+
+A call that is late must not hold everyone behind it: when the calls in flight have all been
+out longer than ``STALL_FACTOR`` times the service's usual call time (``MIN_STALL_S`` at
+least), one more goes out with what waits, up to ``max_in_flight`` calls at once. (Two calls
+always allowed, the earlier design, fell now and then into smaller batches: at concurrency 16
+one call at a time answered a fifth more requests for a fifth less CPU per request.)
 
 A batched call carries the first caller's request id to Triton; every caller still logs its
 own id. A caller that gives up (deadline, cancellation) simply does not take its result.
@@ -14,6 +20,7 @@ own id. A caller that gives up (deadline, cancellation) simply does not take its
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +42,46 @@ class _Waiter:
     future: asyncio.Future[NDArray[Any]]
 
 
+#: Calls in flight this many times longer than the service's usual call time are late: one more
+#: call may go out beside them.
+STALL_FACTOR = 4.0
+#: ... but never sooner than this (a usual call time of microseconds is only a fast loop).
+MIN_STALL_S = 0.002
+#: Weight of the newest call in the usual call time (an exponentially weighted mean).
+LATENCY_WEIGHT = 0.1
+
+
 @dataclass
 class _Lane:
-    """One service's calls: how many are in flight, and who waits for the next one."""
+    """One service's calls: which are in flight since when, and who waits for the next one."""
 
     in_flight: int = 0
     waiting: list[_Waiter] = field(default_factory=list)
+    #: When the calls in flight went out (the oldest first).
+    started: list[float] = field(default_factory=list)
+    #: The service's usual call time (seconds); 0 until a call has returned.
+    latency: float = 0.0
+    #: A timer that looks again when the calls in flight would become late.
+    timer: asyncio.TimerHandle | None = None
+
+    def stall_s(self) -> float:
+        return max(STALL_FACTOR * self.latency, MIN_STALL_S)
+
+    def may_send(self, max_in_flight: int, now: float) -> bool:
+        """Whether a call may go out now: none is in flight, or all are late and a slot is free."""
+        if self.in_flight == 0:
+            return True
+        return self.in_flight < max_in_flight and now - self.started[-1] >= self.stall_s()
+
+    def went_out(self, now: float) -> None:
+        self.in_flight += 1
+        self.started.append(now)
+
+    def came_back(self, started: float, now: float) -> None:
+        self.in_flight -= 1
+        self.started.remove(started)
+        elapsed = now - started
+        self.latency += (elapsed - self.latency) * (LATENCY_WEIGHT if self.latency else 1.0)
 
 
 class Coalescer:
@@ -52,22 +93,41 @@ class Coalescer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
-        lane = self._lanes.setdefault(service, _Lane())
-        if lane.in_flight < self._max_in_flight:
-            lane.in_flight += 1
+        lane = self._lanes.get(service)
+        if lane is None:
+            lane = self._lanes[service] = _Lane()
+        now = time.monotonic()
+        if not lane.waiting and lane.may_send(self._max_in_flight, now):
+            lane.went_out(now)
             try:
                 return await self._infer(service, x, request_id, timeout)
             finally:
-                lane.in_flight -= 1
+                lane.came_back(now, time.monotonic())
                 self._next_batch(service, lane)
         future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         lane.waiting.append(_Waiter(x, request_id, timeout, future))
+        self._look_again(service, lane, now)
         return await future
 
+    def _look_again(self, service: Service, lane: _Lane, now: float) -> None:
+        """While callers wait behind calls that are not late yet, look again when they would be."""
+        if lane.timer is not None or lane.in_flight >= self._max_in_flight or not lane.in_flight:
+            return
+        due = lane.started[-1] + lane.stall_s() - now
+        lane.timer = asyncio.get_running_loop().call_later(max(due, 0.0), self._stalled, service, lane)
+
+    def _stalled(self, service: Service, lane: _Lane) -> None:
+        lane.timer = None
+        self._next_batch(service, lane)
+
     def _next_batch(self, service: Service, lane: _Lane) -> None:
-        """Send what waits as one call, if a call slot is free."""
+        """Send what waits as one call, if a call may go out now (else look again later)."""
         lane.waiting = [w for w in lane.waiting if not w.future.done()]  # callers that gave up
-        if not lane.waiting or lane.in_flight >= self._max_in_flight:
+        if not lane.waiting:
+            return
+        now = time.monotonic()
+        if not lane.may_send(self._max_in_flight, now):
+            self._look_again(service, lane, now)
             return
         # The first caller's input decides the batch; callers whose input cannot join it (other
         # tensor names, widths or types) wait for the next call, in their order.
@@ -83,12 +143,14 @@ class Coalescer:
             else:
                 later.append(waiter)
         lane.waiting = later
-        lane.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._send(service, lane, batch))
+        lane.went_out(now)
+        task = asyncio.get_running_loop().create_task(self._send(service, lane, batch, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if later:
+            self._look_again(service, lane, now)
 
-    async def _send(self, service: Service, lane: _Lane, batch: list[_Waiter]) -> None:
+    async def _send(self, service: Service, lane: _Lane, batch: list[_Waiter], started: float) -> None:
         try:
             x = concatenate([w.x for w in batch])
             try:
@@ -109,11 +171,15 @@ class Coalescer:
                     waiter.future.set_result(output[offset : offset + size])
                 offset += size
         finally:
-            lane.in_flight -= 1
+            lane.came_back(started, time.monotonic())
             self._next_batch(service, lane)
 
     async def aclose(self) -> None:
         """Cancel the batched calls still in flight (at shutdown)."""
+        for lane in self._lanes.values():
+            if lane.timer is not None:
+                lane.timer.cancel()
+                lane.timer = None
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

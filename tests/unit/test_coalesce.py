@@ -10,6 +10,7 @@ import pytest
 
 from client_proxy.core.services import Service
 from client_proxy.errors import UpstreamUnavailable
+from client_proxy.triton import coalesce
 from client_proxy.triton.coalesce import Coalescer
 
 SERVICE = Service("s", "grpc", "x:1", "s")
@@ -141,3 +142,88 @@ def test_only_inputs_of_one_signature_share_a_batch() -> None:
     assert [o[:, 0].tolist() for o in outputs] == [[0], [1], [2], [3], [4, 4], [5, 5]]
     # The first alone; then the two 4-wide rows together, the 6-wide row, the two named inputs.
     assert seen == [(4, 1), (4, 2), (6, 1), ("named", 4)]
+
+
+class Gauged(FakeTriton):
+    """Also records how many calls were in flight at once, and lets the first call hang."""
+
+    def __init__(self, pause: float = 0.01, first_pause: float | None = None) -> None:
+        super().__init__(pause)
+        self.first_pause = first_pause
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def infer(self, service: Service, x: np.ndarray, request_id: str, timeout: float) -> np.ndarray:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        first = not self.calls
+        self.calls.append(x.shape[0])
+        try:
+            await asyncio.sleep(self.first_pause if first and self.first_pause else self.pause)
+        finally:
+            self.in_flight -= 1
+        return np.stack([x[:, 0], -x[:, 0]], axis=1).astype(np.float32)
+
+
+def test_calls_that_answer_as_usual_go_out_one_at_a_time_in_bigger_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "Late" is 4x the usual 10 ms here; a loaded machine that stalls the loop that long must
+    # not make this test see a late call, so late is put out of reach.
+    monkeypatch.setattr(coalesce, "MIN_STALL_S", 60.0)
+    fake = Gauged(pause=0.01)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=2)
+
+    async def wave(start: int) -> list[np.ndarray]:
+        return await asyncio.gather(*(coalescer.infer(SERVICE, rows(start + i), "r", 1.0) for i in range(20)))
+
+    async def main() -> None:
+        await coalescer.infer(SERVICE, rows(0), "r", 1.0)  # learns the usual call time (10 ms)
+        for start in (100, 200, 300):
+            outputs = await wave(start)
+            assert [o.tolist() for o in outputs] == [[[start + i, -(start + i)]] for i in range(20)]
+
+    asyncio.run(main())
+    # No call was late, so none went out beside another: each wave is its first caller alone,
+    # then the 19 others together.
+    assert fake.most_in_flight == 1
+    assert fake.calls == [1] + [1, 19] * 3
+
+
+def test_a_late_call_does_not_hold_the_callers_behind_it() -> None:
+    fake = Gauged(pause=0.01, first_pause=0.5)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=2)
+    done: list[str] = []
+
+    async def call(name: str, ident: int) -> None:
+        out = await coalescer.infer(SERVICE, rows(ident), name, 1.0)
+        assert out.tolist() == [[ident, -ident]]
+        done.append(name)
+
+    async def main() -> None:
+        slow = asyncio.create_task(call("hung", 1))
+        await asyncio.sleep(0.001)
+        await asyncio.gather(*(call(f"behind {i}", 10 + i) for i in range(5)))
+        await slow
+
+    asyncio.run(main())
+    # Those behind went out together in a second call once the first was late, and answered first.
+    assert done[-1] == "hung" and fake.most_in_flight == 2 and fake.calls == [1, 5]
+
+
+def test_with_one_call_in_flight_at_most_those_behind_a_late_call_wait_for_it() -> None:
+    fake = Gauged(pause=0.01, first_pause=0.1)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=1)
+    done: list[str] = []
+
+    async def call(name: str, ident: int) -> None:
+        await coalescer.infer(SERVICE, rows(ident), name, 1.0)
+        done.append(name)
+
+    async def main() -> None:
+        slow = asyncio.create_task(call("hung", 1))
+        await asyncio.sleep(0.001)
+        await asyncio.gather(*(call(f"behind {i}", 10 + i) for i in range(3)), slow)
+
+    asyncio.run(main())
+    assert done[0] == "hung" and fake.most_in_flight == 1 and fake.calls == [1, 3]
