@@ -5,7 +5,8 @@ Triton), the three models called concurrently by an async tritonclient with no p
 proxy's ``/predict/label`` over gRPC and over HTTP, its ``/predict/stream``, and the seed's
 design rebuilt for comparison. Each at several concurrencies, repeated, medians reported, with
 ratios to the ceiling and to the seed's design measured in the same run. Then the Open Inference
-Protocol doors (perf_analyzer), a slow replica (balancing, hedging) and overload (shedding):
+Protocol doors (perf_analyzer), 256 connections and the memory per connection
+(``bench.connections``), a slow replica (balancing, hedging) and overload (shedding):
 ``bench.resilience``.
 """
 
@@ -25,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import perf_analyzer, resilience
+from bench import connections, perf_analyzer, resilience
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
@@ -288,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
 
         oip = _perf_analyzer(args, levels, triton, grpc_proxy, f"127.0.0.1:{grpc_door}")
+        conns = connections.connections_section(
+            {"proxy over gRPC": (grpc_proxy, grpc_pid), "proxy over HTTP": (http_proxy, http_pid)},
+            PROXY_BODY,
+            args.seconds,
+            args.repeats,
+        )
         overload = resilience.overload_section(triton, 2.0 if args.smoke else 2 * args.seconds, args.repeats)
     replicas = resilience.replicas_section(args.seconds, args.repeats, args.warmup)
 
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
-    markdown = render_markdown(rows, header, verdicts, CEILING, SEED) + oip + replicas + overload
+    markdown = render_markdown(rows, header, verdicts, CEILING, SEED) + oip + conns + replicas + overload
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown)
     render_plot(rows, args.out / "latest.png", header)

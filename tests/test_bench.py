@@ -37,6 +37,10 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     assert "## A slow replica: balancing and hedging" in report and "## Overload: 1,024 connections" in report
     for row in ("pausing, p2c, hedging p95", "slow calls, p2c, hedging p95", "bound 512 (default)"):
         assert f"| {row} |" in report, row
+    # 256 connections and the memory each costs the proxy.
+    assert "## Connections: 256 at once, and memory per connection" in report
+    for row in ("proxy over gRPC", "proxy over HTTP"):
+        assert f"| {row} |" in report, row
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report in result.stdout  # printed as well as written
 
