@@ -33,9 +33,9 @@ class ProxyState:
     pipelines_source: str
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
-    ensemble_rows: InferFn | None = None
+    ensemble_rows: InferFn
     """How the ensemble is called: ``TritonGateway.ensemble_rows``, through its own coalescer
-    unless ``PROXY_COALESCE`` is off (None: the gateway's, uncoalesced)."""
+    unless ``PROXY_COALESCE`` is off."""
     changes: list[dict[str, Any]] = field(default_factory=list)
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False

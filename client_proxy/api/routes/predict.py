@@ -47,10 +47,9 @@ async def _fan_out(
 async def _ensemble(state: ProxyState, x: NDArray[np.float32], options: CallOptions) -> Labels:
     """Triton's own fan-out: one call to the ensemble, bounded and recorded like a service call."""
     service = state.ensemble
-    ensemble_rows = state.ensemble_rows or state.gateway.ensemble_rows
 
     def call(budget: float) -> Awaitable[NDArray[Any]]:
-        return ensemble_rows(service, x, options.request_id, budget)
+        return state.ensemble_rows(service, x, options.request_id, budget)
 
     rows, outcome = await state.fanout.call_alone(service, call, options.deadline)
     log_request(options.request_id, "/predict/label?route=ensemble", [outcome])
