@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(9001, ge=0, le=65535)
     """Port of the proxy's Open Inference Protocol gRPC service (Triton's ``GRPCInferenceService``);
     0: no gRPC service."""
+    grpc_server: Literal["lean", "grpcio"] = "lean"
+    """What serves the gRPC door: ``lean`` (the proxy's own HTTP/2 server for unary calls, on its
+    event loop; about a seventh of grpcio's CPU per call) or ``grpcio`` (grpcio's asyncio server)."""
     protocol: Protocol = "grpc"
     """Protocol to Triton for services that do not name one: ``grpc`` (faster here) or ``http``."""
     triton_host: str = "localhost"

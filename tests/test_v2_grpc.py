@@ -22,10 +22,11 @@ from .helpers import running_proxy, services_on, settings
 OUTPUTS = ("scores", "label", "proba", "class_name")
 
 
-@pytest.fixture(scope="module")
-def proxy(triton: TritonServer) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["lean", "grpcio"])
+def proxy(triton: TritonServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The door served by the proxy's own HTTP/2 server (the default), and by grpcio's."""
     (port,) = free_ports(1)
-    with running_proxy(settings(grpc_port=port), services_on(triton, "grpc")):
+    with running_proxy(settings(grpc_port=port, grpc_server=request.param), services_on(triton, "grpc")):
         yield f"127.0.0.1:{port}"
 
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC: Triton's ``inference.GRPCInferenceService`` (its
-messages ship in ``tritonclient.grpc``), served by grpcio's asyncio server in the proxy's own
-process and event loop, on ``PROXY_GRPC_PORT`` (9001), over the same core as the HTTP routes.
+messages ship in ``tritonclient.grpc``), served in the proxy's own process and event loop on
+``PROXY_GRPC_PORT`` (9001) by the lean server of ``grpc_wire`` (or grpcio's asyncio server, with
+``PROXY_GRPC_SERVER=grpcio``), over the same core as the HTTP routes.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer
 are served; the others answer UNIMPLEMENTED (grpcio's default). Errors are gRPC status codes:
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -21,6 +22,7 @@ from google.protobuf import json_format
 from numpy.typing import NDArray
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from client_proxy.api import grpc_wire
 from client_proxy.api.oip import datatype_of, from_bytes, to_bytes
 from client_proxy.api.options import POLICIES
 from client_proxy.api.routes.v2 import SERVER
@@ -223,20 +225,62 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return response
 
 
-async def start(state: ProxyState, host: str, port: int) -> grpc.aio.Server:
-    """The gRPC service on ``host:port``, started in the running event loop."""
+#: The methods served, with their request types; grpcio answers the others UNIMPLEMENTED, as the
+#: lean server does.
+_METHODS = {
+    "ServerLive": service_pb2.ServerLiveRequest,
+    "ServerReady": service_pb2.ServerReadyRequest,
+    "ServerMetadata": service_pb2.ServerMetadataRequest,
+    "ModelReady": service_pb2.ModelReadyRequest,
+    "ModelMetadata": service_pb2.ModelMetadataRequest,
+    "ModelConfig": service_pb2.ModelConfigRequest,
+    "ModelInfer": service_pb2.ModelInferRequest,
+}
+
+
+class Door(Protocol):
+    async def stop(self, grace: float | None) -> None: ...
+
+
+async def start(state: ProxyState, host: str, port: int) -> Door:
+    """The gRPC service on ``host:port``, started in the running event loop, by the server
+    ``PROXY_GRPC_SERVER`` names."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    service = InferenceService(state)
+    if state.settings.grpc_server == "grpcio":
+        door: Door = await _start_grpcio(service, state, address)
+    else:
+        lean = grpc_wire.LeanGrpcServer(
+            {
+                f"/inference.GRPCInferenceService/{name}": grpc_wire.Method(
+                    request_type, getattr(service, name)
+                )
+                for name, request_type in _METHODS.items()
+            },
+            max_message_bytes=state.settings.max_body_bytes,
+        )
+        try:
+            await lean.start(host, port)
+        except OSError as exc:
+            raise RuntimeError(f"PROXY_GRPC_PORT={port}: cannot listen on {address} ({exc})") from None
+        door = lean
+    logger.info("Open Inference Protocol over gRPC on %s (%s)", address, state.settings.grpc_server)
+    return door
+
+
+async def _start_grpcio(service: InferenceService, state: ProxyState, address: str) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", state.settings.max_body_bytes),
             ("grpc.max_send_message_length", 2**31 - 1),
         ]
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise RuntimeError(f"PROXY_GRPC_PORT={port}: cannot listen on {address} ({exc})") from None
+        raise RuntimeError(
+            f"PROXY_GRPC_PORT={state.settings.grpc_port}: cannot listen on {address} ({exc})"
+        ) from None
     await server.start()
-    logger.info("Open Inference Protocol over gRPC on %s", address)
     return server

@@ -148,6 +148,9 @@ def _batched_shape(spec_shape: tuple[int, ...], batched: bool) -> tuple[int, ...
 
 async def _contracts(gateway: Gateway, services: Sequence[Service], timeout: float) -> list[Contract | None]:
     """The services' contracts, read now where not known (None where Triton cannot say)."""
+    known = [gateway.known_contract(s) for s in services]
+    if None not in known:
+        return known  # the usual case: no task per service
 
     async def one(service: Service) -> Contract | None:
         known = gateway.known_contract(service)

@@ -1,0 +1,397 @@
+"""The lean gRPC server (``client_proxy.api.grpc_wire``) against grpcio's own client (the C core
+every Python gRPC client uses) and, for what a well-behaved client never sends, raw HTTP/2 frames
+over a socket. The door's methods over this server are tested against a real Triton in
+tests/test_v2_grpc.py; here the handlers are small ones of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import hpack
+import pytest
+from tritonclient.grpc import service_pb2
+
+from client_proxy.api import grpc_wire as wire
+from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method, frame
+
+Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
+MAX_MESSAGE = 8 * 1024 * 1024
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def echo(self, request: Any, context: Context) -> Any:
+        remaining = context.time_remaining()
+        return Response(
+            id=request.id,
+            model_version="none" if remaining is None else f"{remaining:.3f}",
+            raw_output_contents=list(request.raw_input_contents),
+        )
+
+    async def big(self, request: Any, context: Context) -> Any:
+        size = request.parameters["size"].int64_param
+        return Response(id=request.id, raw_output_contents=[bytes(i % 251 for i in range(size))])
+
+    async def abort(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.NOT_FOUND, request.id)
+
+    async def boom(self, request: Any, context: Context) -> Any:
+        raise RuntimeError("a bug")
+
+    async def slow(self, request: Any, context: Context) -> Any:
+        self.started.set()
+        try:
+            while not self.release.is_set():
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return Response(id=request.id)
+
+    def methods(self) -> dict[str, Method]:
+        return {
+            f"/test.T/{name.capitalize()}": Method(Request, getattr(self, name))
+            for name in ("echo", "big", "abort", "boom", "slow")
+        }
+
+
+class Running:
+    def __init__(self) -> None:
+        self.handlers = Handlers()
+        self.server = LeanGrpcServer(self.handlers.methods(), max_message_bytes=MAX_MESSAGE)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.run(self.server.start("127.0.0.1", self.port))
+
+    def run(self, coroutine: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.run(self.server.stop(grace=0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def running() -> Iterator[Running]:
+    server = Running()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def channel(running: Running) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        f"127.0.0.1:{running.port}", options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    ) as opened:
+        yield opened
+
+
+def _call(channel: grpc.Channel, name: str, request: Any, **kwargs: Any) -> Any:
+    method = channel.unary_unary(
+        f"/test.T/{name}",
+        request_serializer=Request.SerializeToString,
+        response_deserializer=Response.FromString,
+    )
+    return method(request, **kwargs)
+
+
+def test_a_unary_call_round_trips_with_grpcios_client(channel: grpc.Channel) -> None:
+    answer = _call(channel, "Echo", Request(id="one", raw_input_contents=[b"\x00\x01", b"abc"]))
+    assert answer.id == "one" and list(answer.raw_output_contents) == [b"\x00\x01", b"abc"]
+    assert answer.model_version == "none"  # no deadline given
+
+
+def test_the_clients_deadline_reaches_the_handler(channel: grpc.Channel) -> None:
+    answer = _call(channel, "Echo", Request(id="d"), timeout=5.0)
+    assert 4.0 < float(answer.model_version) <= 5.1  # grpc's encoding rounds the timeout up a little
+
+
+def test_many_calls_at_once_on_one_connection(channel: grpc.Channel) -> None:
+    futures = [_call_future(channel, Request(id=str(i))) for i in range(200)]
+    assert [f.result(timeout=10).id for f in futures] == [str(i) for i in range(200)]
+
+
+def _call_future(channel: grpc.Channel, request: Any) -> Any:
+    method = channel.unary_unary(
+        "/test.T/Echo",
+        request_serializer=Request.SerializeToString,
+        response_deserializer=Response.FromString,
+    )
+    return method.future(request)
+
+
+def test_status_codes_and_messages_reach_the_client(channel: grpc.Channel) -> None:
+    details = "model 'ünïcode 100%' is not found"
+    with pytest.raises(grpc.RpcError) as aborted:
+        _call(channel, "Abort", Request(id=details))
+    assert aborted.value.code() == grpc.StatusCode.NOT_FOUND and aborted.value.details() == details
+    with pytest.raises(grpc.RpcError) as bug:
+        _call(channel, "Boom", Request())
+    assert bug.value.code() == grpc.StatusCode.INTERNAL and "unexpected error" in bug.value.details()
+    with pytest.raises(grpc.RpcError) as unknown:
+        channel.unary_unary("/test.T/Nope")(b"")
+    assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED and "/test.T/Nope" in unknown.value.details()
+
+
+def test_large_messages_both_ways_pass_flow_control(channel: grpc.Channel) -> None:
+    # 5 MiB in: more than half the stream's window (WINDOW_UPDATEs from the server); 6 MiB out:
+    # more than the client's initial window (the server waits for its WINDOW_UPDATEs).
+    payload = bytes(range(256)) * (5 * 4096)
+    assert _call(channel, "Echo", Request(raw_input_contents=[payload])).raw_output_contents == [payload]
+    request = Request(id="big")
+    request.parameters["size"].int64_param = 6 * 1024 * 1024
+    (out,) = _call(channel, "Big", request).raw_output_contents
+    assert len(out) == 6 * 1024 * 1024 and out[:300] == bytes(i % 251 for i in range(300))
+
+
+def test_a_compressed_request_is_decompressed(channel: grpc.Channel) -> None:
+    payload = b"iris " * 10_000
+    for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+        answer = _call(channel, "Echo", Request(raw_input_contents=[payload]), compression=compression)
+        assert answer.raw_output_contents == [payload]
+
+
+def test_a_message_over_the_limit_is_resource_exhausted(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        _call(channel, "Echo", Request(raw_input_contents=[b"x" * (MAX_MESSAGE + 1)]))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    zipped = Request(raw_input_contents=[b"\x00" * (MAX_MESSAGE + 1)])  # small on the wire
+    with pytest.raises(grpc.RpcError) as inflated:
+        _call(channel, "Echo", zipped, compression=grpc.Compression.Gzip)
+    assert inflated.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _call(channel, "Echo", Request(id="after")).id == "after"  # the connection goes on
+
+
+def test_a_call_the_client_gives_up_on_is_cancelled_in_the_server(
+    running: Running, channel: grpc.Channel
+) -> None:
+    with pytest.raises(grpc.RpcError) as late:
+        _call(channel, "Slow", Request(), timeout=0.2)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert running.handlers.started.is_set()
+    assert running.handlers.cancelled.wait(2), "the handler still runs after the client's RST_STREAM"
+    assert _call(channel, "Echo", Request(id="next")).id == "next"
+
+
+# -- raw frames -----------------------------------------------------------------------------------
+
+
+class Raw:
+    """A client speaking HTTP/2 frame by frame."""
+
+    def __init__(self, port: int, preface: bytes = wire.PREFACE, settings: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
+        self.buffer = b""
+        self.sock.sendall(preface + frame(wire.SETTINGS, 0, 0, settings))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.sendall(b"".join(frames))
+
+    def block(self, path: str = "/test.T/Echo", content_type: str = "application/grpc") -> bytes:
+        return bytes(
+            self.encoder.encode(
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", path),
+                    (":authority", "test"),
+                    ("content-type", content_type),
+                    ("te", "trailers"),
+                ]
+            )
+        )
+
+    def next_frame(self) -> tuple[int, int, int, bytes] | None:
+        while True:
+            if len(self.buffer) >= 9:
+                length = int.from_bytes(self.buffer[:3], "big")
+                if len(self.buffer) >= 9 + length:
+                    kind, flags = self.buffer[3], self.buffer[4]
+                    stream = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
+                    payload, self.buffer = self.buffer[9 : 9 + length], self.buffer[9 + length :]
+                    return kind, flags, stream, payload
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def answer(self, stream: int) -> tuple[dict[bytes, bytes], bytes, int | None]:
+        """Headers (with trailers), data, and the RST_STREAM code of ``stream``, to its end."""
+        headers: dict[bytes, bytes] = {}
+        data = b""
+        while (got := self.next_frame()) is not None:
+            kind, flags, sid, payload = got
+            if sid != stream:
+                continue
+            if kind == wire.HEADERS:
+                headers.update(dict(self.decoder.decode(payload, raw=True)))
+            elif kind == wire.DATA:
+                data += payload
+            elif kind == wire.RST_STREAM:
+                return headers, data, int.from_bytes(payload, "big")
+            if flags & wire.END_STREAM:
+                return headers, data, None
+        raise AssertionError("the connection ended first")
+
+
+def _message(request: Any) -> bytes:
+    body = request.SerializeToString()
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+@pytest.fixture
+def raw(running: Running) -> Iterator[Raw]:
+    client = Raw(running.port)
+    yield client
+    client.close()
+
+
+def test_padding_priority_and_continuation_frames_are_understood(raw: Raw) -> None:
+    block = raw.block()
+    padded = b"\x03" + b"\x80\x00\x00\x00\x10" + block[:5] + b"\x00\x00\x00"  # pad 3, priority
+    data = _message(Request(id="padded"))
+    raw.send(
+        frame(wire.HEADERS, wire.PADDED | wire.PRIORITY_FLAG, 1, padded),
+        frame(wire.CONTINUATION, wire.END_HEADERS, 1, block[5:]),
+        frame(wire.DATA, wire.PADDED | wire.END_STREAM, 1, b"\x02" + data + b"\x00\x00"),
+    )
+    headers, body, reset = raw.answer(1)
+    assert reset is None and headers[b":status"] == b"200" and headers[b"grpc-status"] == b"0"
+    assert Response.FromString(body[5:]).id == "padded"
+
+
+def test_a_ping_is_acknowledged_with_its_payload(raw: Raw) -> None:
+    raw.send(frame(wire.PING, 0, 0, b"12345678"))
+    while (got := raw.next_frame()) is not None and got[0] != wire.PING:
+        pass
+    assert got == (wire.PING, wire.ACK, 0, b"12345678")
+
+
+def test_a_unary_call_with_two_messages_is_refused(raw: Raw) -> None:
+    data = _message(Request(id="a")) + _message(Request(id="b"))
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 1, raw.block()), frame(wire.DATA, wire.END_STREAM, 1, data)
+    )
+    headers, _, _ = raw.answer(1)
+    assert headers[b"grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0]).encode()
+    assert b"exactly one message" in headers[b"grpc-message"]
+
+
+def test_a_request_that_is_not_grpc_gets_415(raw: Raw) -> None:
+    raw.send(frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, 1, raw.block(content_type="text/plain")))
+    headers, _, _ = raw.answer(1)
+    assert headers[b":status"] == b"415"
+
+
+def test_an_answer_waits_for_the_clients_window(running: Running) -> None:
+    # The client allows 100 bytes per stream: the answer stops there until a WINDOW_UPDATE.
+    client = Raw(running.port, settings=(4).to_bytes(2, "big") + (100).to_bytes(4, "big"))
+    try:
+        request = Request(id="w")
+        request.parameters["size"].int64_param = 1000
+        client.send(
+            frame(wire.HEADERS, wire.END_HEADERS, 1, client.block("/test.T/Big")),
+            frame(wire.DATA, wire.END_STREAM, 1, _message(request)),
+        )
+        received = 0
+        client.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            while (got := client.next_frame()) is not None:
+                if got[0] == wire.DATA:
+                    received += len(got[3])
+        assert received == 100
+        client.sock.settimeout(5)
+        client.send(frame(wire.WINDOW_UPDATE, 0, 1, (2000).to_bytes(4, "big")))
+        headers, body, _ = client.answer(1)
+        assert headers[b"grpc-status"] == b"0" and received + len(body) > 1000
+    finally:
+        client.close()
+
+
+def test_not_http2_is_told_so_and_closed(running: Running) -> None:
+    client = Raw(running.port, preface=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        got = client.next_frame()
+        while got is not None and got[0] != wire.GOAWAY:  # the server's SETTINGS and WINDOW_UPDATE first
+            got = client.next_frame()
+        assert got is not None
+        assert int.from_bytes(got[3][4:8], "big") == wire.PROTOCOL_ERROR
+        assert client.next_frame() is None  # closed
+    finally:
+        client.close()
+
+
+def test_a_stop_answers_calls_in_flight_and_refuses_new_ones(running: Running, raw: Raw) -> None:
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 1, raw.block("/test.T/Slow")),
+        frame(wire.DATA, wire.END_STREAM, 1, _message(Request(id="in flight"))),
+    )
+    assert running.handlers.started.wait(5)
+    stopping = asyncio.run_coroutine_threadsafe(running.server.stop(grace=5), running.loop)
+    goaway = None
+    while goaway is None and (got := raw.next_frame()) is not None:
+        goaway = got if got[0] == wire.GOAWAY else None
+    assert goaway is not None and int.from_bytes(goaway[3][:4], "big") == 1  # the last stream served
+    raw.send(frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, 3, raw.block()))
+    _, _, reset = raw.answer(3)
+    assert reset == wire.REFUSED_STREAM
+    time.sleep(0.1)
+    running.handlers.release.set()
+    headers, body, _ = raw.answer(1)
+    assert headers[b"grpc-status"] == b"0" and Response.FromString(body[5:]).id == "in flight"
+    stopping.result(5)
+    assert raw.next_frame() is None  # then the connection is closed
+
+
+def test_a_header_block_of_table_references_means_what_the_table_says_now(raw: Raw) -> None:
+    # The server decodes a block of references once and keeps the result; the same bytes must be
+    # decoded afresh once the client's table has changed. Hand-made HPACK blocks (RFC 7541):
+    def string(value: bytes) -> bytes:
+        return bytes([len(value)]) + value
+
+    def indexing(name_index: int, value: bytes) -> bytes:  # literal, added to the table
+        return bytes([0x40 | name_index]) + string(value)
+
+    def call(stream: int, block: bytes) -> dict[bytes, bytes]:
+        raw.send(
+            frame(wire.HEADERS, wire.END_HEADERS, stream, block),
+            frame(wire.DATA, wire.END_STREAM, stream, _message(Request(id=f"call {stream}"))),
+        )
+        headers, _, _ = raw.answer(stream)
+        return headers
+
+    method_scheme = b"\x83\x86"  # :method POST, :scheme http (static entries 3 and 6)
+    te = b"\x40" + string(b"te") + string(b"trailers")
+    first = method_scheme + indexing(4, b"/test.T/Echo") + indexing(31, b"application/grpc") + te
+    # The table is now 62 te, 63 content-type, 64 :path Echo; this block is references alone:
+    references = method_scheme + bytes([0x80 | 64, 0x80 | 63, 0x80 | 62])
+    assert call(1, first)[b"grpc-status"] == b"0"
+    assert call(3, references)[b"grpc-status"] == b"0"  # Echo
+    assert call(5, references)[b"grpc-status"] == b"0"  # Echo again, from what was kept
+    # A new :path entry: 62 :path Abort, 63 te, 64 content-type. The same bytes now say Abort.
+    call(7, method_scheme + indexing(4, b"/test.T/Abort") + bytes([0x80 | 64, 0x80 | 63]))
+    aborted = call(9, references)
+    assert aborted[b"grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0]).encode()
+    assert aborted[b"grpc-message"] == b"call 9"
