@@ -13,11 +13,13 @@ Protocol doors (perf_analyzer), 256 connections and the memory per connection
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -26,7 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import connections, perf_analyzer, resilience
+from bench import connections, cpu_profile, perf_analyzer, resilience
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
@@ -130,6 +132,7 @@ def _median(measurements: list[Measurement]) -> Measurement:
 OIP = (
     ("Triton iris_ensemble, gRPC", "iris_ensemble", "grpc"),
     ("proxy iris_fanout, gRPC (:9001)", "iris_fanout", "grpc"),
+    ("proxy iris_fanout, gRPC, PROXY_GRPC_SERVER=grpcio", "iris_fanout", "grpc"),
     ("Triton iris_ensemble, HTTP", "iris_ensemble", "http"),
     ("proxy iris_fanout, HTTP (/v2)", "iris_fanout", "http"),
 )
@@ -140,18 +143,20 @@ OIP_TARGET = 0.8
 
 
 def _perf_analyzer(
-    args: argparse.Namespace, levels: list[int], triton: TritonServer, http_proxy: str, grpc_proxy: str
+    args: argparse.Namespace,
+    levels: list[int],
+    triton: TritonServer,
+    http_proxy: str,
+    grpc_door: str,
+    grpcio_door: str,
 ) -> str:
     """The Open Inference Protocol doors measured by perf_analyzer (interleaved, medians), as a
     markdown section; a line saying why when perf_analyzer is not installed."""
     if perf_analyzer.binary() is None:
         return "\n## perf_analyzer\n\nNot installed (`make perf-analyzer`): not measured.\n"
-    urls = {
-        ("iris_ensemble", "grpc"): triton.grpc_url,
-        ("iris_ensemble", "http"): triton.http_url,
-        ("iris_fanout", "grpc"): grpc_proxy,
-        ("iris_fanout", "http"): http_proxy.removeprefix("http://"),
-    }
+    urls = dict(zip([name for name, _, _ in OIP], [
+        triton.grpc_url, grpc_door, grpcio_door, triton.http_url, http_proxy.removeprefix("http://"),
+    ], strict=True))  # fmt: skip
     interval = 1000 if args.smoke else int(args.seconds * 1000)
     levels = [16] if 16 in levels else levels[-1:]  # the level the targets are set at
     found: dict[tuple[str, int], list[perf_analyzer.Result]] = {}
@@ -159,7 +164,7 @@ def _perf_analyzer(
         for repeat in range(args.repeats):
             for name, model, protocol in OIP:
                 result = perf_analyzer.run(
-                    urls[(model, protocol)], model, protocol, concurrency, interval, 100 if args.smoke else 10
+                    urls[name], model, protocol, concurrency, interval, 100 if args.smoke else 10
                 )
                 found.setdefault((name, concurrency), []).append(result)
                 print(
@@ -177,7 +182,8 @@ def _perf_analyzer(
         "the proxy's `iris_fanout` (the same inputs and outputs), one row per request, "
         f"{args.repeats} interleaved run(s) per row, medians; until stable, windows of {interval} ms "
         f"(within 10%; {loose} run(s) that did not settle were run again accepting "
-        f"{perf_analyzer.LOOSE_STABILITY_PERCENTAGE}%).",
+        f"{perf_analyzer.LOOSE_STABILITY_PERCENTAGE}%). The door is served by the proxy's own HTTP/2 "
+        "server; the grpcio row is the same proxy with grpcio's asyncio server on that port instead.",
         "",
         "| door | concurrency | infer/s | vs Triton, same protocol | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -206,6 +212,45 @@ def _perf_analyzer(
                 f"Target: the gRPC door at c=16 >= {OIP_TARGET}x Triton's: {door_ratio:.2f}x, {holds}.",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _profiles(
+    args: argparse.Namespace, grpc_proxy: str, grpc_pid: int, doors: dict[str, tuple[str, int]]
+) -> str:
+    """Where the proxy's CPU goes at c=16: ``/predict/label`` under wrk, and the gRPC door under
+    perf_analyzer with each server (py-spy); a line saying why when it cannot be measured."""
+    seconds = 2 if args.smoke else 8
+    head = [
+        "",
+        "## Where the proxy's CPU goes (py-spy)",
+        "",
+        f"py-spy samples the proxy at {cpu_profile.RATE_HZ} Hz for {seconds} s under 16 requests in flight. "
+        "On the stack: the share of samples a function was running or waiting under; at the top: "
+        "running itself. `Runner.run` at the top is the event loop's own native code (uvloop) with the C "
+        "extensions it calls (grpc's Cython, protobuf); `Thread.run` is grpc's poller thread. A stack py-spy "
+        "could not read whole counts at the top only.",
+        "",
+    ]
+    if cpu_profile.binary() is None:
+        return "\n".join([*head, "py-spy is not installed: not measured.", ""])
+    loads: list[tuple[str, int, Callable[[], object]]] = [
+        ("`/predict/label` over gRPC, wrk c=16", grpc_pid,
+         lambda: run_wrk(f"{grpc_proxy}/predict/label", PROXY_BODY, 16, seconds + 2)),
+    ]  # fmt: skip
+    if perf_analyzer.binary() is not None:
+        for server, (door, pid) in doors.items():
+            loads.append((
+                f"the gRPC door ({server} server), perf_analyzer c=16", pid, functools.partial(
+                    perf_analyzer.run, door, "iris_fanout", "grpc", 16, seconds * 500, 100
+                ),
+            ))  # fmt: skip
+    lines = head
+    for title, pid, load in loads:
+        try:
+            lines += cpu_profile.render(title, cpu_profile.record(pid, seconds, load))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            lines += [f"#### {title}", "", f"Not measured: {exc}", ""]
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -242,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
         triton_pid = triton.pid
         assert triton_pid is not None
-        (grpc_door,) = free_ports(1)
+        grpc_door, grpcio_door = free_ports(2)
         grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc", grpc_port=grpc_door)
+        _, grpcio_pid = start_proxy(
+            stack, triton, "grpc", extra_env={"PROXY_GRPC_SERVER": "grpcio"}, grpc_port=grpcio_door
+        )
         http_proxy, http_pid = start_proxy(stack, triton, "http")
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
@@ -288,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
 
-        oip = _perf_analyzer(args, levels, triton, grpc_proxy, f"127.0.0.1:{grpc_door}")
+        doors = {
+            "lean": (f"127.0.0.1:{grpc_door}", grpc_pid),
+            "grpcio": (f"127.0.0.1:{grpcio_door}", grpcio_pid),
+        }
+        oip = _perf_analyzer(args, levels, triton, grpc_proxy, doors["lean"][0], doors["grpcio"][0])
+        profiles = _profiles(args, grpc_proxy, grpc_pid, doors)
         conns = connections.connections_section(
             {"proxy over gRPC": (grpc_proxy, grpc_pid), "proxy over HTTP": (http_proxy, http_pid)},
             PROXY_BODY,
@@ -310,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
-    markdown = render_markdown(rows, header, verdicts, CEILING, SEED) + oip + conns + replicas + overload
+    markdown = (
+        render_markdown(rows, header, verdicts, CEILING, SEED) + oip + profiles + conns + replicas + overload
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown)
     render_plot(rows, args.out / "latest.png", header)

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     grpc_server: Literal["lean", "grpcio"] = "lean"
     """What serves the gRPC door: ``lean`` (the proxy's own HTTP/2 server for unary calls, on its
     event loop; about a seventh of grpcio's CPU per call) or ``grpcio`` (grpcio's asyncio server)."""
+    grpc_client: Literal["lean", "grpcio"] = "lean"
+    """What makes the inference calls to Triton over gRPC: ``lean`` (the proxy's own HTTP/2 client
+    for unary calls, on its event loop; a third of grpcio's CPU per call) or ``grpcio``
+    (tritonclient's grpcio client, which makes the other calls either way)."""
     protocol: Protocol = "grpc"
     """Protocol to Triton for services that do not name one: ``grpc`` (faster here) or ``http``."""
     triton_host: str = "localhost"

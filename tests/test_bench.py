@@ -41,6 +41,16 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     assert "## Connections: 256 at once, and memory per connection" in report
     for row in ("proxy over gRPC", "proxy over HTTP"):
         assert f"| {row} |" in report, row
+    # The proxy's profiles: each a table, or the reason it could not be taken (py-spy needs ptrace).
+    assert "## Where the proxy's CPU goes (py-spy)" in report
+    for title in (
+        "`/predict/label` over gRPC",
+        "the gRPC door (lean server)",
+        "the gRPC door (grpcio server)",
+    ):
+        section = report.split(f"#### {title}", 1)[1].split("####", 1)[0]
+        assert "| on the stack |" in section or "Not measured: " in section, title
+    assert "| proxy iris_fanout, gRPC, PROXY_GRPC_SERVER=grpcio | 16 |" in report
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report in result.stdout  # printed as well as written
 
@@ -64,3 +74,23 @@ def test_a_reference_that_completed_nothing_is_not_measured_rather_than_a_crash(
     assert (seed.measured, seed.holds) == ("not measured", None)
     assert verdicts["proxy throughput at c=16 >= 0.8x iris_ensemble direct"].measured == "0.50x"
     assert verdicts["proxy CPU per request at c=16 <= 0.3 ms"].holds is None  # no CPU was metered
+
+
+def test_a_py_spy_profile_is_read_into_shares_of_samples() -> None:
+    from bench.cpu_profile import parse
+
+    raw = (
+        "<module> (client_proxy/__main__.py:54);Runner.run (asyncio/runners.py:118) 50\n"
+        "<module> (client_proxy/__main__.py:54);Runner.run (asyncio/runners.py:118);"
+        "serve (client_proxy/api/fastlane.py:122);infer (client_proxy/core/served.py:350) 30\n"
+        "<module> (client_proxy/__main__.py:54);Runner.run (asyncio/runners.py:118);"
+        "serve (client_proxy/api/fastlane.py:125) 20\n"
+    )
+    profile = parse(raw)
+    assert profile.samples == 100
+    # The entry frames (on every stack) are left out of "on the stack"; lines of one function merge.
+    assert profile.inclusive == [
+        ("serve (client_proxy/api/fastlane.py)", 0.5),
+        ("infer (client_proxy/core/served.py)", 0.3),
+    ]
+    assert profile.self[0] == ("Runner.run (asyncio/runners.py)", 0.5)

@@ -35,6 +35,7 @@ from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.core.services import Service, Target
 from client_proxy.core.tensors import Inputs, row_count, signature, take_rows
 from client_proxy.errors import CallCancelled, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.triton.grpc_lean import CallError, LeanChannel
 from client_proxy.triton.replicas import Listener, Replica, ReplicaSet
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class _Plan:
 
 
 T = TypeVar("T")
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 #: A call that failed fast is sent to another replica only if this much time is left.
 MIN_RETRY_S = 0.005
 
@@ -91,12 +93,15 @@ class _Client:
     """One Triton server's aio client. The two protocols take the same calls and differ in a few
     arguments: binary tensors over HTTP, a client-side timeout and JSON rendering over gRPC."""
 
-    def __init__(self, protocol: str, url: str, max_connections: int, cancel: bool = False) -> None:
+    def __init__(
+        self, protocol: str, url: str, max_connections: int, cancel: bool = False, lean: bool = True
+    ) -> None:
         self._grpc = protocol == "grpc"
         #: Abandon, not cancel, a gRPC inference call given up on (``Settings.grpc_cancel``).
         self._abandon = self._grpc and not cancel
-        #: gRPC calls given up on and still running on Triton (left to finish).
-        self.abandoned = 0
+        self._abandoned = 0
+        #: Inference calls over the proxy's own HTTP/2 client (``Settings.grpc_client``).
+        self._lean = LeanChannel(url, cancel) if self._grpc and lean else None
         self._module: Any = grpcclient if self._grpc else httpclient
         if self._grpc:
             self._client: Any = grpcaio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL_ARGS)
@@ -171,6 +176,14 @@ class _Client:
             output = request.outputs.add(name=name)
             if class_count:
                 output.parameters["classification"].int64_param = class_count
+        if self._lean is not None:
+            try:
+                answer = await self._lean.unary(_MODEL_INFER, request.SerializeToString(), timeout)
+            except CallError as exc:  # as tritonclient reports gRPC errors, for ``translate``
+                raise InferenceServerException(msg=exc.details, status=str(exc.code)) from None
+            response = service_pb2.ModelInferResponse.FromString(answer)
+            result = grpcclient.InferResult(response)
+            return {name: result.as_numpy(name) for name in outputs}
         call = self._stub.ModelInfer(request, timeout=timeout)
         try:
             response = await (self._unless_cancelled(call) if self._abandon else call)
@@ -180,6 +193,11 @@ class _Client:
             ) from None
         result = grpcclient.InferResult(response)
         return {name: result.as_numpy(name) for name in outputs}
+
+    @property
+    def abandoned(self) -> int:
+        """gRPC inference calls given up on and still running on Triton (left to finish)."""
+        return self._abandoned + (self._lean.abandoned if self._lean is not None else 0)
 
     async def _unless_cancelled(self, call: Awaitable[T]) -> T:
         """``call``'s result; if the caller is cancelled meanwhile, the call goes on without it
@@ -191,12 +209,12 @@ class _Client:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if not task.done():
-                self.abandoned += 1
+                self._abandoned += 1
                 task.add_done_callback(self._dropped)
             raise
 
     def _dropped(self, task: asyncio.Future[Any]) -> None:
-        self.abandoned -= 1
+        self._abandoned -= 1
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned call's failure is no one's error
 
@@ -221,6 +239,8 @@ class _Client:
         return dict(config.get("config", config))  # gRPC wraps it in {"config": ...}
 
     async def close(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
         await self._client.close()
 
 
@@ -282,7 +302,13 @@ class TritonGateway:
         client = self._clients.get(target.server)
         if client is None:
             settings = self._settings
-            client = _Client(target.protocol, target.url, settings.max_connections, settings.grpc_cancel)
+            client = _Client(
+                target.protocol,
+                target.url,
+                settings.max_connections,
+                settings.grpc_cancel,
+                lean=settings.grpc_client == "lean",
+            )
             self._clients[target.server] = client
         return client
 

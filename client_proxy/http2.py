@@ -1,0 +1,473 @@
+"""HTTP/2 (RFC 9113) over cleartext TCP, as much of it as unary gRPC calls need, for both ends:
+the proxy's gRPC door (``client_proxy.api.grpc_wire``, a server) and its inference calls to
+Triton (``client_proxy.triton.grpc_lean``, a client).
+
+Why the proxy speaks HTTP/2 itself: grpcio's asyncio server and client cost a few tenths of a
+millisecond of CPU per call on the project's machine (a poller thread beside the event loop, a
+completion queue, several Cython coroutines per call), as much as everything else the proxy
+does per request. Frames parsed with ``struct`` in the event loop's protocol callbacks, and
+header blocks sent as fixed bytes, cost a fraction of that. Header blocks are decoded by the
+``hpack`` package (RFC 7541).
+
+``Connection`` holds what both ends share: the frame loop, SETTINGS, PING, flow control both ways
+(``send`` holds back what the peer's windows do not allow yet), CONTINUATION and padding, GOAWAY
+on a connection error. A subclass handles a stream's HEADERS, DATA and RST_STREAM, and the
+peer's GOAWAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any, cast
+
+import hpack
+
+logger = logging.getLogger("client_proxy.http2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: A frame header: the 24-bit length as its high byte and low 16 bits, type, flags, stream id.
+FRAME = struct.Struct(">BHBBI")
+#: A gRPC message's prefix: compressed flag, length.
+MESSAGE = struct.Struct(">BI")
+SETTING = struct.Struct(">HI")
+U32 = struct.Struct(">I")
+GOAWAY_HEAD = struct.Struct(">II")
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    range(10)
+)
+END_STREAM = ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+#: How much the peer may send on one stream, and on the connection, before a WINDOW_UPDATE
+#: (sent when half is used): wide, so that a message rarely waits for one.
+STREAM_WINDOW = 4 * 1024 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+#: The largest header list accepted (decoded), as grpcio's hard limit.
+MAX_HEADER_LIST = 16 * 1024
+#: The largest frame accepted (HTTP/2's default, not raised).
+MAX_FRAME = 16_384
+MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW = 65_535
+
+
+def integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) in a ``prefix_bits`` prefix, the first byte's upper bits
+    being ``flags``."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([flags | value])
+    encoded = bytearray([flags | limit])
+    value -= limit
+    while value >= 128:
+        encoded.append((value & 0x7F) | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def string(value: bytes) -> bytes:
+    return integer(len(value), 7) + value
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """A header as a literal never added to the dynamic table, so every block this side sends is
+    fixed bytes and no table has to be kept in step with the peer's decoder."""
+    return b"\x00" + string(name) + string(value)
+
+
+def literal_indexed_name(index: int, value: bytes) -> bytes:
+    """A literal never added to the table, its name the static table's entry ``index``."""
+    return integer(index, 4) + string(value)
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    length = len(payload)
+    return FRAME.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id) + payload
+
+
+def only_indexed(block: bytes) -> bool:
+    """Whether a header block holds indexed fields alone (RFC 7541 6.1: the first bit set, the
+    index an integer with a 7-bit prefix), which leave the decoder's table as it was."""
+    position, end = 0, len(block)
+    while position < end:
+        first = block[position]
+        if not first & 0x80:
+            return False
+        position += 1
+        if first & 0x7F == 0x7F:  # the index goes on in bytes whose first bit says "more"
+            while position < end and block[position] & 0x80:
+                position += 1
+            position += 1
+    return True
+
+
+def unpadded(flags: int, payload: bytes) -> bytes:
+    if not flags & PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise ConnectionFailure(PROTOCOL_ERROR, "padding longer than its frame")
+    return payload[1 : len(payload) - payload[0]]
+
+
+class ConnectionFailure(Exception):
+    """A connection error (RFC 9113 5.4.1): the connection ends with a GOAWAY naming it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Stream:
+    """What both ends keep of a stream: its windows, and answer bytes flow control holds back."""
+
+    __slots__ = ("ended", "id", "pending", "send_window", "tail", "unacknowledged")
+
+    def __init__(self, stream_id: int, send_window: int) -> None:
+        self.id = stream_id
+        self.send_window = send_window
+        self.unacknowledged = 0  # bytes received since the stream's last WINDOW_UPDATE
+        self.ended = False  # the peer's END_STREAM arrived
+        self.pending = b""  # DATA payload not sent yet
+        self.tail: bytes | None = None  # a frame to send after ``pending`` (None: END_STREAM on the data)
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/2 connection, either end; ``server`` says which (the server reads the preface)."""
+
+    server = False
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buffer = b""
+        self._preface = not self.server  # a client reads no preface
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        # A peer repeats its header blocks, which after the first are references to the HPACK
+        # table alone; such a block does not change the table, so it decodes the same way until
+        # a block that may change the table comes, and is decoded once.
+        self._indexed: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._continuation: tuple[int, int, bytearray] | None = None  # stream, END_STREAM, block
+        self.send_window = DEFAULT_WINDOW
+        self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_max_frame = 16_384
+        self.peer_max_streams = MAX_WINDOW  # the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+        self._unacknowledged = 0  # bytes received since the connection's last WINDOW_UPDATE
+        self.streams: dict[int, Any] = {}
+        self._blocked: dict[int, Stream] = {}  # streams whose data waits for flow control
+        self.out: list[bytes] = []
+        self.last_stream = 0
+
+    # -- to be provided by each end -------------------------------------------------------------
+
+    def on_headers(self, stream_id: int, end_stream: bool, headers: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def on_data(self, stream: Any, data: bytes, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        raise NotImplementedError
+
+    def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
+        raise NotImplementedError
+
+    def sent(self, stream: Any) -> None:
+        """All of ``stream``'s frames are out."""
+
+    def on_lost(self, exc: Exception | None) -> None:
+        """The connection is gone."""
+
+    def settings(self) -> list[tuple[int, int]]:
+        return [
+            (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
+        ]
+
+    # -- the transport's callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        payload = b"".join(SETTING.pack(key, value) for key, value in self.settings())
+        head = b"" if self.server else PREFACE
+        transport.write(
+            head
+            + frame(SETTINGS, 0, 0, payload)
+            + frame(WINDOW_UPDATE, 0, 0, U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._blocked.clear()
+        self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        # A peer that does not read what it is sent is not read from either.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        buffer = self._buffer + data if self._buffer else data
+        position = 0
+        try:
+            if not self._preface:
+                if len(buffer) < len(PREFACE):
+                    if not PREFACE.startswith(buffer):
+                        raise ConnectionFailure(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    self._buffer = buffer
+                    return
+                if not buffer.startswith(PREFACE):
+                    raise ConnectionFailure(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                self._preface = True
+                position = len(PREFACE)
+            end = len(buffer)
+            while end - position >= 9:
+                high, low, kind, flags, stream_id = FRAME.unpack_from(buffer, position)
+                length = high << 16 | low
+                if length > MAX_FRAME:
+                    raise ConnectionFailure(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+                start = position + 9
+                if end - start < length:
+                    break
+                position = start + length
+                self._frame(kind, flags, stream_id & 0x7FFFFFFF, buffer[start:position])
+            self._buffer = buffer[position:]
+        except ConnectionFailure as exc:
+            self.fail(exc.code, str(exc))
+        except Exception:
+            logger.exception("HTTP/2 connection: unexpected error; closing it")
+            self.fail(INTERNAL_ERROR, "internal error")
+        self.flush()
+
+    # -- frames in ------------------------------------------------------------------------------
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and kind != CONTINUATION:
+            raise ConnectionFailure(PROTOCOL_ERROR, "a header block was cut by another frame")
+        if kind == DATA:
+            self._on_data(flags, stream_id, payload)
+        elif kind == HEADERS:
+            if stream_id == 0:
+                raise ConnectionFailure(PROTOCOL_ERROR, "HEADERS on stream 0")
+            block = unpadded(flags, payload)
+            if flags & PRIORITY_FLAG:
+                if len(block) < 5:
+                    raise ConnectionFailure(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                block = block[5:]
+            if flags & END_HEADERS:
+                self.on_headers(stream_id, bool(flags & END_STREAM), self._decode(block))
+            else:
+                self._continuation = (stream_id, flags & END_STREAM, bytearray(block))
+        elif kind == CONTINUATION:
+            if self._continuation is None or self._continuation[0] != stream_id:
+                raise ConnectionFailure(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+            pieces = self._continuation[2]
+            pieces += payload
+            if len(pieces) > 2 * MAX_HEADER_LIST:
+                raise ConnectionFailure(PROTOCOL_ERROR, "a header block larger than allowed")
+            if flags & END_HEADERS:
+                stream_id, end_stream, _ = self._continuation
+                self._continuation = None
+                self.on_headers(stream_id, bool(end_stream), self._decode(bytes(pieces)))
+        elif kind == SETTINGS:
+            self._on_settings(flags, stream_id, payload)
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(stream_id, payload)
+        elif kind == PING:
+            if stream_id != 0:
+                raise ConnectionFailure(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise ConnectionFailure(FRAME_SIZE_ERROR, "PING of other than 8 bytes")
+            if not flags & ACK:
+                self.out.append(frame(PING, ACK, 0, payload))
+        elif kind == RST_STREAM:
+            if stream_id == 0:
+                raise ConnectionFailure(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if len(payload) != 4:
+                raise ConnectionFailure(FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes")
+            self._blocked.pop(stream_id, None)
+            self.on_reset(stream_id, U32.unpack(payload)[0])
+        elif kind == GOAWAY:
+            if len(payload) < 8:
+                raise ConnectionFailure(FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
+            last, code = GOAWAY_HEAD.unpack_from(payload)
+            self.on_goaway(last & 0x7FFFFFFF, code, payload[8:])
+        elif kind == PUSH_PROMISE:
+            raise ConnectionFailure(PROTOCOL_ERROR, "PUSH_PROMISE, which this side never allows")
+        # PRIORITY and frame types this side does not know are ignored, as HTTP/2 asks.
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        headers = self._indexed.get(block)
+        if headers is None:
+            try:
+                headers = cast(list[tuple[bytes, bytes]], self._decoder.decode(block, raw=True))
+            except hpack.HPACKError as exc:
+                # The decoder's table may be out of step with the peer's: the connection ends.
+                raise ConnectionFailure(COMPRESSION_ERROR, f"header block: {exc}") from None
+            if not only_indexed(block):
+                self._indexed.clear()  # the table may have changed: what was kept may not hold
+            elif len(self._indexed) < 64:
+                self._indexed[block] = headers
+        return headers
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise ConnectionFailure(PROTOCOL_ERROR, "DATA on stream 0")
+        self._unacknowledged += len(payload)  # padding counts against the window too
+        if self._unacknowledged > CONNECTION_WINDOW:
+            raise ConnectionFailure(FLOW_CONTROL_ERROR, "more data than the connection's window")
+        if self._unacknowledged >= CONNECTION_WINDOW // 2:
+            self.out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(self._unacknowledged)))
+            self._unacknowledged = 0
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.last_stream:
+                raise ConnectionFailure(PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return  # a stream already closed on this side: its remaining data is dropped
+        if stream.ended:
+            self.reset(stream, STREAM_CLOSED)
+            return
+        stream.unacknowledged += len(payload)
+        if stream.unacknowledged > STREAM_WINDOW:
+            self.reset(stream, FLOW_CONTROL_ERROR)
+            return
+        end_stream = bool(flags & END_STREAM)
+        if not end_stream and stream.unacknowledged >= STREAM_WINDOW // 2:
+            self.out.append(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.unacknowledged)))
+            stream.unacknowledged = 0
+        if end_stream:
+            stream.ended = True
+        self.on_data(stream, unpadded(flags, payload), end_stream)
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id != 0:
+            raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ConnectionFailure(FRAME_SIZE_ERROR, "a SETTINGS acknowledgement with a payload")
+            return
+        if len(payload) % 6:
+            raise ConnectionFailure(FRAME_SIZE_ERROR, "SETTINGS of a length not a multiple of 6")
+        for offset in range(0, len(payload), 6):
+            key, value = SETTING.unpack_from(payload, offset)
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionFailure(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
+                delta, self.peer_window = value - self.peer_window, value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                if not 16_384 <= value <= 2**24 - 1:
+                    raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+                self.peer_max_frame = value
+            elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
+                self.peer_max_streams = value
+            # The header table size is the peer's decoder's: this side's blocks never use it.
+        self.out.append(frame(SETTINGS, ACK, 0))
+        self.send_blocked()
+
+    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFailure(FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
+        if stream_id == 0:
+            if increment == 0:
+                raise ConnectionFailure(PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionFailure(FLOW_CONTROL_ERROR, "the connection's window beyond 2^31-1")
+        else:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                return  # closed here, or idle (a window may be opened before a stream is)
+            if increment == 0:
+                self.reset(stream, PROTOCOL_ERROR)
+                return
+            stream.send_window += increment
+            if stream.send_window > MAX_WINDOW:
+                self.reset(stream, FLOW_CONTROL_ERROR)
+                return
+        self.send_blocked()
+
+    # -- frames out -----------------------------------------------------------------------------
+
+    def send(self, stream: Stream, data: bytes, tail: bytes | None) -> None:
+        """``data`` as DATA frames on ``stream`` as the windows allow, then ``tail`` (a frame),
+        or END_STREAM on the last DATA frame when ``tail`` is None; ``sent`` when all is out."""
+        size = len(data)
+        if size <= self.send_window and size <= stream.send_window and size <= self.peer_max_frame:
+            self.send_window -= size
+            stream.send_window -= size
+            if tail is None:
+                self.out.append(frame(DATA, END_STREAM, stream.id, data))
+            else:
+                self.out.append(frame(DATA, 0, stream.id, data))
+                self.out.append(tail)
+            self.sent(stream)
+            return
+        stream.pending, stream.tail = data, tail
+        self._blocked[stream.id] = stream
+        self.send_blocked()
+
+    def send_blocked(self) -> None:
+        """Send what flow control now lets through, oldest stream first."""
+        for stream in list(self._blocked.values()):
+            while stream.pending and self.send_window > 0 and stream.send_window > 0:
+                size = min(len(stream.pending), self.send_window, stream.send_window, self.peer_max_frame)
+                chunk, stream.pending = stream.pending[:size], stream.pending[size:]
+                self.send_window -= size
+                stream.send_window -= size
+                last = not stream.pending and stream.tail is None
+                self.out.append(frame(DATA, END_STREAM if last else 0, stream.id, chunk))
+            if stream.pending:
+                if self.send_window <= 0:
+                    return
+                continue
+            if stream.tail is not None:
+                self.out.append(stream.tail)
+            del self._blocked[stream.id]
+            self.sent(stream)
+
+    def reset(self, stream: Any, code: int) -> None:
+        """Ends ``stream`` with RST_STREAM; the subclass's ``on_reset`` runs as if the peer had."""
+        self._blocked.pop(stream.id, None)
+        self.out.append(frame(RST_STREAM, 0, stream.id, U32.pack(code)))
+        self.on_reset(stream.id, code)
+
+    def unblock(self, stream_id: int) -> None:
+        self._blocked.pop(stream_id, None)
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.closed:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def fail(self, code: int, message: str) -> None:
+        """A connection error: GOAWAY naming it, and the connection closed."""
+        logger.info("HTTP/2 connection closed: %s", message)
+        self.out.append(
+            frame(GOAWAY, 0, 0, GOAWAY_HEAD.pack(self.last_stream, code) + message.encode()[:256])
+        )
+        self.flush()
+        self.close()
