@@ -88,7 +88,8 @@ def test_calls_share_one_connection_and_large_messages_pass_flow_control() -> No
         # 6 MiB each way: more than the server's 4 MiB stream window (the client waits for its
         # WINDOW_UPDATE), and more than the client's half window (it sends WINDOW_UPDATEs).
         payload = bytes(range(256)) * (6 * 4096)
-        assert (await _call(channel, "Echo", Request(raw_input_contents=[payload]))).raw_output_contents == [payload]
+        answer = await _call(channel, "Echo", Request(raw_input_contents=[payload]))
+        assert answer.raw_output_contents == [payload]
 
     scenario(body)
 
