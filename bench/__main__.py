@@ -132,7 +132,7 @@ def _median(measurements: list[Measurement]) -> Measurement:
 OIP = (
     ("Triton iris_ensemble, gRPC", "iris_ensemble", "grpc"),
     ("proxy iris_fanout, gRPC (:9001)", "iris_fanout", "grpc"),
-    ("proxy iris_fanout, gRPC, PROXY_GRPC_SERVER=grpcio", "iris_fanout", "grpc"),
+    ("proxy iris_fanout, gRPC, grpcio server and client (before)", "iris_fanout", "grpc"),
     ("Triton iris_ensemble, HTTP", "iris_ensemble", "http"),
     ("proxy iris_fanout, HTTP (/v2)", "iris_fanout", "http"),
 )
@@ -183,7 +183,9 @@ def _perf_analyzer(
         f"{args.repeats} interleaved run(s) per row, medians; until stable, windows of {interval} ms "
         f"(within 10%; {loose} run(s) that did not settle were run again accepting "
         f"{perf_analyzer.LOOSE_STABILITY_PERCENTAGE}%). The door is served by the proxy's own HTTP/2 "
-        "server; the grpcio row is the same proxy with grpcio's asyncio server on that port instead.",
+        "server and the proxy calls Triton with its own client; the row marked before is the same proxy "
+        "with grpcio's server and client instead (`PROXY_GRPC_SERVER=grpcio PROXY_GRPC_CLIENT=grpcio`), "
+        "the design until both were replaced.",
         "",
         "| door | concurrency | infer/s | vs Triton, same protocol | p50 ms | p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -214,11 +216,17 @@ def _perf_analyzer(
     return "\n".join(lines) + "\n"
 
 
+#: The proxy's gRPC as it was before its own HTTP/2 server and client: grpcio's.
+GRPCIO = {"PROXY_GRPC_SERVER": "grpcio", "PROXY_GRPC_CLIENT": "grpcio"}
+_WHEN = {"lean": "now", "grpcio": "before: grpcio's server and client"}
+
+
 def _profiles(
-    args: argparse.Namespace, grpc_proxy: str, grpc_pid: int, doors: dict[str, tuple[str, int]]
+    args: argparse.Namespace, proxies: dict[str, tuple[str, int]], doors: dict[str, tuple[str, int]]
 ) -> str:
-    """Where the proxy's CPU goes at c=16: ``/predict/label`` under wrk, and the gRPC door under
-    perf_analyzer with each server (py-spy); a line saying why when it cannot be measured."""
+    """Where the proxy's CPU goes at c=16, now and before (grpcio's server and client):
+    ``/predict/label`` under wrk, the gRPC door under perf_analyzer (py-spy); a line saying why
+    when it cannot be measured."""
     seconds = 2 if args.smoke else 8
     head = [
         "",
@@ -233,14 +241,16 @@ def _profiles(
     ]
     if cpu_profile.binary() is None:
         return "\n".join([*head, "py-spy is not installed: not measured.", ""])
-    loads: list[tuple[str, int, Callable[[], object]]] = [
-        ("`/predict/label` over gRPC, wrk c=16", grpc_pid,
-         lambda: run_wrk(f"{grpc_proxy}/predict/label", PROXY_BODY, 16, seconds + 2)),
-    ]  # fmt: skip
+    loads: list[tuple[str, int, Callable[[], object]]] = []
+    for kind, (url, pid) in proxies.items():
+        loads.append((
+            f"`/predict/label` over gRPC, wrk c=16 ({_WHEN[kind]})", pid,
+            functools.partial(run_wrk, f"{url}/predict/label", PROXY_BODY, 16, seconds + 2),
+        ))  # fmt: skip
     if perf_analyzer.binary() is not None:
-        for server, (door, pid) in doors.items():
+        for kind, (door, pid) in doors.items():
             loads.append((
-                f"the gRPC door ({server} server), perf_analyzer c=16", pid, functools.partial(
+                f"the gRPC door, perf_analyzer c=16 ({_WHEN[kind]})", pid, functools.partial(
                     perf_analyzer.run, door, "iris_fanout", "grpc", 16, seconds * 500, 100
                 ),
             ))  # fmt: skip
@@ -289,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         assert triton_pid is not None
         grpc_door, grpcio_door = free_ports(2)
         grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc", grpc_port=grpc_door)
-        _, grpcio_pid = start_proxy(
-            stack, triton, "grpc", extra_env={"PROXY_GRPC_SERVER": "grpcio"}, grpc_port=grpcio_door
-        )
+        grpcio_proxy, grpcio_pid = start_proxy(stack, triton, "grpc", extra_env=GRPCIO, grpc_port=grpcio_door)
         http_proxy, http_pid = start_proxy(stack, triton, "http")
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
@@ -341,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             "grpcio": (f"127.0.0.1:{grpcio_door}", grpcio_pid),
         }
         oip = _perf_analyzer(args, levels, triton, grpc_proxy, doors["lean"][0], doors["grpcio"][0])
-        profiles = _profiles(args, grpc_proxy, grpc_pid, doors)
+        profiles = _profiles(
+            args, {"lean": (grpc_proxy, grpc_pid), "grpcio": (grpcio_proxy, grpcio_pid)}, doors
+        )
         conns = connections.connections_section(
             {"proxy over gRPC": (grpc_proxy, grpc_pid), "proxy over HTTP": (http_proxy, http_pid)},
             PROXY_BODY,

@@ -44,13 +44,14 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     # The proxy's profiles: each a table, or the reason it could not be taken (py-spy needs ptrace).
     assert "## Where the proxy's CPU goes (py-spy)" in report
     for title in (
-        "`/predict/label` over gRPC",
-        "the gRPC door (lean server)",
-        "the gRPC door (grpcio server)",
+        "`/predict/label` over gRPC, wrk c=16 (now)",
+        "`/predict/label` over gRPC, wrk c=16 (before: grpcio's server and client)",
+        "the gRPC door, perf_analyzer c=16 (now)",
+        "the gRPC door, perf_analyzer c=16 (before: grpcio's server and client)",
     ):
         section = report.split(f"#### {title}", 1)[1].split("####", 1)[0]
         assert "| on the stack |" in section or "Not measured: " in section, title
-    assert "| proxy iris_fanout, gRPC, PROXY_GRPC_SERVER=grpcio | 16 |" in report
+    assert "| proxy iris_fanout, gRPC, grpcio server and client (before) | 16 |" in report
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report in result.stdout  # printed as well as written
 

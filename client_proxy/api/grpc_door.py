@@ -217,11 +217,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         )
         for key, value in answer.parameters.items():
             response.parameters[key].CopyFrom(_parameter(value))
+        add_output, contents = response.outputs.add, response.raw_output_contents
         for name, array in answer.outputs.items():
-            tensor = response.outputs.add()
-            tensor.name, tensor.datatype = name, datatype_of(array)
-            tensor.shape.extend(array.shape)
-            response.raw_output_contents.append(to_bytes(array))
+            add_output(name=name, datatype=datatype_of(array), shape=array.shape)
+            contents.append(to_bytes(array))
         return response
 
 
