@@ -288,6 +288,9 @@ class TritonGateway:
         self._plans: dict[Service, _Plan] = {}
         #: When each contract was read.
         self._read_at: dict[Service, float] = {}
+        #: Contracts being read: the requests of a cold start's burst share one read per service
+        #: instead of each asking Triton (a 1,024-connection burst timed out hundreds of them).
+        self._reading: dict[Service, asyncio.Future[Contract]] = {}
         #: Class names read from label files (``class_names``).
         self._labels: dict[Service, tuple[str, ...]] = {}
         #: When the pre-call check last failed to read a service's contract.
@@ -483,12 +486,25 @@ class TritonGateway:
     async def contract(self, service: Service, timeout: float) -> Contract:
         """What ``service``'s model takes and gives, read from Triton once and then kept."""
         contract = self._contracts.get(service)
-        if contract is None:
-            described = await self.model_description(service, timeout)
-            contract = Contract.from_triton(described["metadata"], described["config"])
-            self._contracts[service] = contract
-            self._read_at[service] = time.monotonic()
+        if contract is not None:
+            return contract
+        reading = self._reading.get(service)
+        if reading is None:
+            reading = self._reading[service] = asyncio.ensure_future(self._read_contract(service, timeout))
+            reading.add_done_callback(lambda done: self._read(service, done))
+        return await asyncio.shield(reading)  # a caller that gives up leaves the read to the others
+
+    async def _read_contract(self, service: Service, timeout: float) -> Contract:
+        described = await self.model_description(service, timeout)
+        contract = Contract.from_triton(described["metadata"], described["config"])
+        self._contracts[service] = contract
+        self._read_at[service] = time.monotonic()
         return contract
+
+    def _read(self, service: Service, done: asyncio.Future[Contract]) -> None:
+        self._reading.pop(service, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have given up already
 
     def known_contract(self, service: Service) -> Contract | None:
         """The contract already read, if any (no call to Triton)."""
