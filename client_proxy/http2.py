@@ -161,12 +161,12 @@ class Connection(asyncio.Protocol):
         self.send_window = DEFAULT_WINDOW
         self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_max_frame = 16_384
-        self.peer_max_streams = MAX_WINDOW  # the peer's SETTINGS_MAX_CONCURRENT_STREAMS
         self._unacknowledged = 0  # bytes received since the connection's last WINDOW_UPDATE
         self.streams: dict[int, Any] = {}
         self._blocked: dict[int, Stream] = {}  # streams whose data waits for flow control
         self.out: list[bytes] = []
         self.last_stream = 0
+        self.going_away = False  # a GOAWAY went one way or the other: no new stream
 
     # -- to be provided by each end -------------------------------------------------------------
 
@@ -376,8 +376,6 @@ class Connection(asyncio.Protocol):
                 if not 16_384 <= value <= 2**24 - 1:
                     raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
                 self.peer_max_frame = value
-            elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
-                self.peer_max_streams = value
             # The header table size is the peer's decoder's: this side's blocks never use it.
         self.out.append(frame(SETTINGS, ACK, 0))
         self.send_blocked()
@@ -457,6 +455,12 @@ class Connection(asyncio.Protocol):
         if self.out and self.transport is not None and not self.closed:
             self.transport.write(b"".join(self.out))
         self.out.clear()
+
+    def close_if_done(self) -> None:
+        """After a GOAWAY, the connection ends with its last stream."""
+        if self.going_away and not self.streams:
+            self.flush()
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -30,9 +30,6 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from client_proxy.http2 import (
-    ACK,
-    CONTINUATION,
-    DATA,
     END_HEADERS,
     END_STREAM,
     GOAWAY,
@@ -40,32 +37,18 @@ from client_proxy.http2 import (
     HEADERS,
     MESSAGE,
     NO_ERROR,
-    PADDED,
-    PING,
-    PREFACE,
-    PRIORITY_FLAG,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     RST_STREAM,
-    SETTINGS,
     SETTINGS_MAX_CONCURRENT_STREAMS,
     U32,
-    WINDOW_UPDATE,
     Connection,
     ConnectionFailure,
     Stream,
     frame,
-    integer,
     literal,
     literal_indexed_name,
-    string,
 )
-
-__all__ = [
-    "ACK", "CONTINUATION", "DATA", "END_HEADERS", "END_STREAM", "GOAWAY", "HEADERS", "PADDED", "PING",
-    "PREFACE", "PRIORITY_FLAG", "PROTOCOL_ERROR", "REFUSED_STREAM", "RST_STREAM", "SETTINGS",
-    "WINDOW_UPDATE", "Abort", "Context", "LeanGrpcServer", "Method", "frame",
-]  # fmt: skip
 
 logger = logging.getLogger("client_proxy.grpc")
 
@@ -192,7 +175,6 @@ class _ServerConnection(Connection):
         self._server = server
         self._loop = asyncio.get_running_loop()
         self.streams: dict[int, _Call] = {}
-        self._going_away = False
 
     def settings(self) -> list[tuple[int, int]]:
         return [(SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS), *super().settings()]
@@ -216,12 +198,12 @@ class _ServerConnection(Connection):
         stream = self.streams.pop(stream_id, None)
         if stream is not None and stream.task is not None:
             stream.task.cancel()
-        self._close_if_done()
+        self.close_if_done()
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
         # The client starts no new call; those in flight are answered, then the connection ends.
-        self._going_away = True
-        self._close_if_done()
+        self.going_away = True
+        self.close_if_done()
 
     def on_headers(self, stream_id: int, end_stream: bool, headers: list[tuple[bytes, bytes]]) -> None:
         stream = self.streams.get(stream_id)
@@ -235,7 +217,7 @@ class _ServerConnection(Connection):
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise ConnectionFailure(PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order")
         self.last_stream = stream_id
-        if self._going_away or len(self.streams) >= MAX_STREAMS:
+        if self.going_away or len(self.streams) >= MAX_STREAMS:
             self.out.append(frame(RST_STREAM, 0, stream_id, U32.pack(REFUSED_STREAM)))
             return
         method = path = content_type = timeout = None
@@ -372,7 +354,7 @@ class _ServerConnection(Connection):
 
     def _answer_http(self, stream: _Call, status: bytes) -> None:
         """Not a gRPC request: an HTTP status alone (``:status`` is the static table's name 8)."""
-        self.out.append(frame(HEADERS, END_STREAM | END_HEADERS, stream.id, integer(8, 4) + string(status)))
+        self.out.append(frame(HEADERS, END_STREAM | END_HEADERS, stream.id, literal_indexed_name(8, status)))
         self.sent(stream)
 
     def sent(self, stream: Any) -> None:
@@ -380,21 +362,16 @@ class _ServerConnection(Connection):
         if not stream.ended:
             # Answered before the whole request came: the client is asked to stop sending it.
             self.out.append(frame(RST_STREAM, 0, stream.id, U32.pack(NO_ERROR)))
-        self._close_if_done()
+        self.close_if_done()
 
     # -- the connection's end -------------------------------------------------------------------
 
     def go_away(self) -> None:
         """No new stream: those the client opens from now are refused (it may retry them
         elsewhere); those open are answered."""
-        if self.closed or self._going_away:
+        if self.closed or self.going_away:
             return
-        self._going_away = True
+        self.going_away = True
         self.out.append(frame(GOAWAY, 0, 0, GOAWAY_HEAD.pack(self.last_stream, NO_ERROR)))
         self.flush()
-        self._close_if_done()
-
-    def _close_if_done(self) -> None:
-        if self._going_away and not self.streams:
-            self.flush()
-            self.close()
+        self.close_if_done()

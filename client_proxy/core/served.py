@@ -152,16 +152,15 @@ async def _contracts(gateway: Gateway, services: Sequence[Service], timeout: flo
     if None not in known:
         return known  # the usual case: no task per service
 
-    async def one(service: Service) -> Contract | None:
-        known = gateway.known_contract(service)
-        if known is not None:
-            return known
+    async def one(service: Service, contract: Contract | None) -> Contract | None:
+        if contract is not None:
+            return contract
         try:
             return await gateway.contract(service, timeout)
         except UpstreamError:
             return None
 
-    return list(await asyncio.gather(*(one(s) for s in services)))
+    return list(await asyncio.gather(*(one(s, c) for s, c in zip(services, known, strict=True))))
 
 
 def _shared_inputs(contracts: Sequence[Contract | None]) -> tuple[tuple[Tensor, ...], int, bool]:

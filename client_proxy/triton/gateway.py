@@ -176,21 +176,21 @@ class _Client:
             output = request.outputs.add(name=name)
             if class_count:
                 output.parameters["classification"].int64_param = class_count
+        # Errors as tritonclient reports gRPC errors, for ``translate``.
         if self._lean is not None:
             try:
                 answer = await self._lean.unary(_MODEL_INFER, request.SerializeToString(), timeout)
-            except CallError as exc:  # as tritonclient reports gRPC errors, for ``translate``
+            except CallError as exc:
                 raise InferenceServerException(msg=exc.details, status=str(exc.code)) from None
             response = service_pb2.ModelInferResponse.FromString(answer)
-            result = grpcclient.InferResult(response)
-            return {name: result.as_numpy(name) for name in outputs}
-        call = self._stub.ModelInfer(request, timeout=timeout)
-        try:
-            response = await (self._unless_cancelled(call) if self._abandon else call)
-        except grpc.RpcError as exc:  # as tritonclient reports it, for ``translate``
-            raise InferenceServerException(
-                msg=exc.details(), status=str(exc.code()), debug_details=exc.debug_error_string()
-            ) from None
+        else:
+            call = self._stub.ModelInfer(request, timeout=timeout)
+            try:
+                response = await (self._unless_cancelled(call) if self._abandon else call)
+            except grpc.RpcError as exc:
+                raise InferenceServerException(
+                    msg=exc.details(), status=str(exc.code()), debug_details=exc.debug_error_string()
+                ) from None
         result = grpcclient.InferResult(response)
         return {name: result.as_numpy(name) for name in outputs}
 

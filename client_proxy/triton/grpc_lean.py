@@ -86,7 +86,6 @@ class _ClientConnection(Connection):
         super().__init__()
         self.streams: dict[int, _Call] = {}
         self.next_id = 1
-        self.going_away = False
         self.lost = lost
         self.last_heard = time.monotonic()
         self.silence: asyncio.TimerHandle | None = None
@@ -169,8 +168,7 @@ class _ClientConnection(Connection):
     def _end(self, stream: _Call) -> None:
         self.streams.pop(stream.id, None)
         self.unblock(stream.id)
-        if self.going_away and not self.streams:
-            self.close()
+        self.close_if_done()
         future = stream.future
         if future.done():
             return  # abandoned: the answer is dropped
@@ -205,8 +203,7 @@ class _ClientConnection(Connection):
             # REFUSED_STREAM: the server did not start it (safe to send again); others: it gave up.
             status = grpc.StatusCode.UNAVAILABLE if code == REFUSED_STREAM else grpc.StatusCode.INTERNAL
             stream.future.set_exception(CallError(status, f"the server reset the call (HTTP/2 error {code})"))
-        if self.going_away and not self.streams:
-            self.close()
+        self.close_if_done()
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
         # Calls above last_stream were not started by the server: they fail as unavailable (to be
@@ -214,8 +211,7 @@ class _ClientConnection(Connection):
         self.going_away = True
         for stream_id in [s for s in self.streams if s > last_stream]:
             self.on_reset(stream_id, REFUSED_STREAM)
-        if not self.streams:
-            self.close()
+        self.close_if_done()
 
     def on_lost(self, exc: Exception | None) -> None:
         if self.silence is not None:
@@ -228,9 +224,6 @@ class _ClientConnection(Connection):
                 stream.future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason))
         if not self.lost.done():
             self.lost.set_result(None)
-
-    def sent(self, stream: Any) -> None:
-        pass
 
 
 class LeanChannel:

@@ -17,8 +17,9 @@ import hpack
 import pytest
 from tritonclient.grpc import service_pb2
 
-from client_proxy.api import grpc_wire as wire
-from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method, frame
+from client_proxy import http2 as wire
+from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method
+from client_proxy.http2 import frame
 
 Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
 MAX_MESSAGE = 8 * 1024 * 1024
