@@ -10,7 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from starlette.requests import Request
 
-from client_proxy.api.inputs import check_content_type, parse_inputs, parse_rows, read_body
+from client_proxy.api.inputs import check_content_type, header, parse_inputs, parse_rows, read_body
 from client_proxy.config import Settings
 from client_proxy.core.services import TimeoutPolicy
 from client_proxy.core.tensors import Inputs
@@ -47,11 +47,10 @@ def call_options(
     path, and the injection machinery cost more CPU per request than the fan-out itself.
     """
     query = request.query_params if request.scope["query_string"] else _NO_QUERY
-    headers = request.headers
     policy = default_policy or settings.timeout_policy
     # The query parameter wins over the header; an invalid value is refused wherever it is.
     for where, raw_policy in (
-        ("X-Timeout-Policy", headers.get("x-timeout-policy")),
+        ("X-Timeout-Policy", header(request, "x-timeout-policy")),
         ("policy", query.get("policy")),
     ):
         if raw_policy is not None:
@@ -61,7 +60,7 @@ def call_options(
     budget_ms = min(settings.deadline_ms, deadline_ms) if deadline_ms else settings.deadline_ms
     ceiling_ms = budget_ms
     for where, raw_deadline in (
-        ("X-Deadline-Ms", headers.get("x-deadline-ms")),
+        ("X-Deadline-Ms", header(request, "x-deadline-ms")),
         ("deadline_ms", query.get("deadline_ms")),
     ):
         if raw_deadline is not None:

@@ -4,9 +4,11 @@
 timeout policy says; ``FanOut.stream`` yields each service's outcome the moment it arrives
 (the seed's asynchronous variant). ``aggregate`` turns the answers into labels.
 
-Every call is a task bounded by ``min(service timeout, time left to the deadline)``, and every
-task still running when a request is done (failed fast, or the client went away) is cancelled
-and awaited: no request leaves work behind in the proxy.
+Every call is bounded by ``min(service timeout, time left to the deadline)``, and every call
+still running when a request is done (failed fast, or the client went away) is given up: a
+task is cancelled and awaited; a caller's place in a coalesced batch (``Coalescer.submit``,
+waited on as a future rather than a task per call) is cancelled, and the batch goes on for
+the others, or, if it was the caller's alone, until its own timeout at the latest.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -29,6 +31,18 @@ from client_proxy.errors import CallCancelled, Failure, ServicesFailed, Upstream
 logger = logging.getLogger(__name__)
 
 InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
+
+
+class Submitter(Protocol):
+    """Starts calls whose answers are futures (``Coalescer``)."""
+
+    def submit(
+        self, service: Service, x: Inputs, request_id: str, timeout: float
+    ) -> asyncio.Future[NDArray[Any]]: ...
+
+    def give_up(self, service: Service, future: asyncio.Future[NDArray[Any]]) -> None: ...
+
+
 OutcomeHook = Callable[["Outcome"], None]
 T = TypeVar("T")
 
@@ -90,11 +104,18 @@ class FanOut:
     """Calls a set of services concurrently, within a deadline."""
 
     def __init__(
-        self, infer: InferFn, service_timeout_s: float, on_outcome: OutcomeHook | None = None
+        self,
+        infer: InferFn,
+        service_timeout_s: float,
+        on_outcome: OutcomeHook | None = None,
+        submitter: Submitter | None = None,
     ) -> None:
+        """``submitter``, when given, starts the same calls as ``infer`` with futures for their
+        answers (``Coalescer``): ``run`` then waits on those instead of a task per call."""
         self._infer = infer
         self._service_timeout_s = service_timeout_s
         self._on_outcome = on_outcome
+        self._submitter = submitter
 
     def _start(
         self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
@@ -144,6 +165,8 @@ class FanOut:
         ``all_or_nothing`` raises ``ServicesFailed`` at the first failure (cancelling the rest);
         ``partial`` returns what arrived in time, and raises only when no service answered.
         """
+        if self._submitter is not None:
+            return await self._run_submitted(self._submitter, services, x, request_id, deadline, policy)
         started, budget, tasks = self._start(services, x, request_id, deadline)
         outcomes: dict[str, Outcome] = {}
         failed_fast = completed = False
@@ -175,6 +198,87 @@ class FanOut:
             if service.name not in outcomes and not failed_fast:
                 outcomes[service.name] = self._late(service, max(budget, 0), started)
 
+        return self._result(services, outcomes, failed_fast, policy)
+
+    async def _run_submitted(
+        self,
+        submitter: Submitter,
+        services: Sequence[Service],
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+        policy: TimeoutPolicy,
+    ) -> FanOutResult:
+        """``run`` on futures from ``submitter``: one future that wakes the request when every call
+        has ended (or one failed, under ``all_or_nothing``), and one timer for the deadline."""
+        started = time.perf_counter()
+        budget = min(self._service_timeout_s, deadline - time.monotonic())
+        outcomes: dict[str, Outcome] = {}
+        failed_fast = False
+        if budget > 0:
+            loop = asyncio.get_running_loop()
+            woken = loop.create_future()
+            ended: dict[asyncio.Future[NDArray[Any]], float] = {}
+            fail_fast = policy is TimeoutPolicy.ALL_OR_NOTHING
+            submit = submitter.submit
+            futures = [submit(service, x, request_id, budget) for service in services]
+            count = len(futures)
+
+            def on_end(future: asyncio.Future[NDArray[Any]]) -> None:
+                ended[future] = time.perf_counter()
+                if not woken.done() and (
+                    len(ended) == count
+                    or (fail_fast and (future.cancelled() or future.exception() is not None))
+                ):
+                    woken.set_result(None)
+
+            for future in futures:
+                future.add_done_callback(on_end)
+            timer = loop.call_later(budget, _wake, woken)
+            given_up: list[Service] = []
+            interrupted = True  # until woken: the request itself may be cancelled meanwhile
+            try:
+                await woken
+                interrupted = False
+            finally:
+                timer.cancel()
+                for service, future in zip(services, futures, strict=True):
+                    if future not in ended:
+                        future.remove_done_callback(on_end)
+                        submitter.give_up(service, future)
+                        given_up.append(service)
+                        if interrupted:
+                            self._cancelled(service, started)
+            bug: Exception | None = None
+            for service, future in zip(services, futures, strict=True):
+                end = ended.get(future)
+                if end is None:
+                    continue
+                try:
+                    outcome = self._record(_outcome(service, future, end - started))
+                except Exception as exc:  # a bug: raised once every call is accounted for
+                    bug = bug or exc
+                    continue
+                outcomes[service.name] = outcome
+                failed_fast = failed_fast or (fail_fast and not outcome.ok)
+            if failed_fast:
+                for service in given_up:  # not needed any more, rather than late
+                    self._cancelled(service, started)
+            if bug is not None:
+                raise bug
+        if not failed_fast:
+            for service in services:
+                if service.name not in outcomes:
+                    outcomes[service.name] = self._late(service, max(budget, 0), started)
+        return self._result(services, outcomes, failed_fast, policy)
+
+    def _result(
+        self,
+        services: Sequence[Service],
+        outcomes: dict[str, Outcome],
+        failed_fast: bool,
+        policy: TimeoutPolicy,
+    ) -> FanOutResult:
         if failed_fast:
             raise _services_failed([o for o in outcomes.values() if not o.ok], policy)
         ordered = {s.name: outcomes[s.name] for s in services}
@@ -232,6 +336,25 @@ class FanOut:
             for service, task in zip(services, tasks, strict=bool(tasks)):
                 if task in unfinished and service.name not in seen:
                     self._cancelled(service, started)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _outcome(service: Service, future: asyncio.Future[NDArray[Any]], latency_s: float) -> Outcome:
+    """The outcome of a call that ended: its answer, its ``UpstreamError``, or cancelled by the
+    one who made it (the coalescer, at shutdown). Any other exception is a bug and propagates."""
+    if future.cancelled():
+        error: UpstreamError = CallCancelled(f"{service.name}: cancelled", service=service.name)
+        return Outcome(service.name, None, error, latency_s)
+    exc = future.exception()
+    if exc is None:
+        return Outcome(service.name, future.result(), None, latency_s)
+    if isinstance(exc, UpstreamError):
+        return Outcome(service.name, None, exc, latency_s)
+    raise exc
 
 
 def _services_failed(outcomes: list[Outcome], policy: TimeoutPolicy) -> ServicesFailed:

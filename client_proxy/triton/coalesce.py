@@ -63,6 +63,8 @@ class _Lane:
     latency: float = 0.0
     #: A timer that looks again when the calls in flight would become late.
     timer: asyncio.TimerHandle | None = None
+    #: The batched calls in flight, each with its callers (to call one off when all gave up).
+    batches: list[tuple[asyncio.Task[None], list[_Waiter]]] = field(default_factory=list)
 
     def stall_s(self) -> float:
         return max(STALL_FACTOR * self.latency, MIN_STALL_S)
@@ -109,6 +111,37 @@ class Coalescer:
         self._look_again(service, lane, now)
         return await future
 
+    def submit(
+        self, service: Service, x: Inputs, request_id: str, timeout: float
+    ) -> asyncio.Future[NDArray[Any]]:
+        """``infer`` without a task of the caller's own: a future for the caller's rows of the
+        answer, resolved (or failed with the ``UpstreamError``) when its batch returns; give it
+        up with ``give_up``. A call that can go out at once goes out in a task of its own, as a
+        batch of one. (``FanOut`` waits on these futures directly: three tasks fewer per request.)"""
+        lane = self._lanes.get(service)
+        if lane is None:
+            lane = self._lanes[service] = _Lane()
+        future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
+        waiting = lane.waiting
+        waiting.append(_Waiter(x, request_id, timeout, future))
+        now = time.monotonic()
+        if len(waiting) == 1 and lane.may_send(self._max_in_flight, now):
+            self._next_batch(service, lane)
+        else:
+            self._look_again(service, lane, now)
+        return future
+
+    def give_up(self, service: Service, future: asyncio.Future[NDArray[Any]]) -> None:
+        """A caller of ``submit`` gives up: its future is cancelled, and a batched call whose
+        callers have all given up is cancelled too (no work left behind for nobody)."""
+        future.cancel()
+        lane = self._lanes.get(service)
+        if lane is None:
+            return
+        for task, batch in lane.batches:
+            if any(w.future is future for w in batch) and all(w.future.done() for w in batch):
+                task.cancel()
+
     def _look_again(self, service: Service, lane: _Lane, now: float) -> None:
         """While callers wait behind calls that are not late yet, look again when they would be."""
         if lane.timer is not None or lane.in_flight >= self._max_in_flight or not lane.in_flight:
@@ -147,6 +180,7 @@ class Coalescer:
         task = asyncio.get_running_loop().create_task(self._send(service, lane, batch, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        lane.batches.append((task, batch))
         if later:
             self._look_again(service, lane, now)
 
@@ -164,6 +198,11 @@ class Coalescer:
                 for waiter in batch:
                     waiter.future.cancel()
                 raise
+            except Exception as exc:  # a bug: every caller's request fails with it (a 500, logged)
+                for waiter in batch:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(exc)
+                return
             offset = 0
             for waiter in batch:
                 size = row_count(waiter.x)
@@ -171,6 +210,10 @@ class Coalescer:
                     waiter.future.set_result(output[offset : offset + size])
                 offset += size
         finally:
+            for i, (_, sent) in enumerate(lane.batches):
+                if sent is batch:
+                    del lane.batches[i]
+                    break
             lane.came_back(started, time.monotonic())
             self._next_batch(service, lane)
 

@@ -227,3 +227,47 @@ def test_with_one_call_in_flight_at_most_those_behind_a_late_call_wait_for_it() 
 
     asyncio.run(main())
     assert done[0] == "hung" and fake.most_in_flight == 1 and fake.calls == [1, 3]
+
+
+def test_submitted_callers_share_batches_and_giving_up_calls_off_only_an_abandoned_batch() -> None:
+    """``submit``/``give_up`` (the path ``FanOut`` takes): one caller giving up leaves its batch
+    to the others; a batch whose callers all gave up is cancelled, not left running."""
+    fake = FakeTriton(pause=0.05)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=1)
+    cancelled: list[int] = []
+
+    async def main() -> None:
+        first = coalescer.submit(SERVICE, rows(1), "r", 1.0)  # goes out at once, alone
+        await asyncio.sleep(0.01)
+        quitter = coalescer.submit(SERVICE, rows(2), "r", 1.0)  # these two wait, then go together
+        stayer = coalescer.submit(SERVICE, rows(3), "r", 1.0)
+        assert (await first).tolist() == [[1, -1]]
+        await asyncio.sleep(0.01)
+        coalescer.give_up(SERVICE, quitter)
+        assert (await stayer).tolist() == [[3, -3]]  # the shared batch went on for the stayer
+        assert quitter.cancelled()
+
+        alone = coalescer.submit(SERVICE, rows(4), "r", 1.0)
+        await asyncio.sleep(0.01)
+        (task,) = [t for t in coalescer._tasks if not t.done()]
+        task.add_done_callback(lambda t: cancelled.append(4) if t.cancelled() else None)
+        coalescer.give_up(SERVICE, alone)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.done() and not coalescer._lanes[SERVICE].batches
+
+    asyncio.run(main())
+    assert fake.calls == [1, 2, 1] and cancelled == [4]
+
+
+def test_a_bug_in_a_batched_call_fails_its_callers_instead_of_leaving_them_waiting() -> None:
+    async def broken(service: Service, x: np.ndarray, request_id: str, timeout: float) -> np.ndarray:
+        raise KeyError("a bug")
+
+    async def main() -> None:
+        coalescer = Coalescer(broken, max_rows=1024)
+        future = coalescer.submit(SERVICE, rows(1), "r", 1.0)
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(future, 1.0)
+
+    asyncio.run(main())

@@ -62,3 +62,17 @@ def test_two_tensors_of_one_name_or_different_rows_are_refused() -> None:
         parse_inputs(f'{{"inputs": [{a}, {a}]}}'.encode(), max_rows=10)
     with pytest.raises(InvalidInput, match="same number of rows"):
         parse_inputs(f'{{"inputs": [{a}, {b}]}}'.encode(), max_rows=10)
+
+
+def test_header_reads_like_starlettes_headers_get() -> None:
+    """``header`` (one dict per request) answers as ``request.headers.get`` does: names in
+    lower case, the first of a repeated header, None when absent."""
+    from starlette.requests import Request
+
+    from client_proxy.api.inputs import header
+
+    raw = [(b"content-type", b"application/json"), (b"x-route", b"ensemble"), (b"x-route", b"fanout")]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": raw, "query_string": b""})
+    for name in ("content-type", "x-route", "x-deadline-ms"):
+        assert header(request, name) == request.headers.get(name)
+    assert header(request, "x-route") == "ensemble"

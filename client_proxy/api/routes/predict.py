@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from numpy.typing import NDArray
 
 from client_proxy.api.answers import label_body, line, predictions_body, service_line
-from client_proxy.api.inputs import SAMPLE_ROW
+from client_proxy.api.inputs import SAMPLE_ROW, header
 from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY
 from client_proxy.api.options import CallOptions, call_options, read_rows
 from client_proxy.api.state import JSON, ProxyState
@@ -76,7 +76,7 @@ async def predict_label(request: Request) -> JSON:
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
     route = request.query_params.get("route") if request.scope["query_string"] else None
-    route = route or request.headers.get("x-route") or state.settings.label_route
+    route = route or header(request, "x-route") or state.settings.label_route
     if route not in ("fanout", "ensemble"):
         raise InvalidInput(f"route: must be 'fanout' or 'ensemble', not {route[:40]!r}")
     rows = await read_rows(request, state.settings, options)

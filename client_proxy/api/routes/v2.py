@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from client_proxy.api.inputs import read_body
+from client_proxy.api.inputs import header, read_body
 from client_proxy.api.oip import HEADER, encode_response, parse_request
 from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
 from client_proxy.api.options import POLICIES, call_options
@@ -123,7 +123,7 @@ async def infer(request: Request) -> Response:
         body = await read_body(
             request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
         )
-        parsed = parse_request(body, request.headers.get(HEADER), state.settings.max_rows)
+        parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
         deadline, policy = options.deadline, options.policy
         timeout_us = parsed.parameters.get("timeout")
         if timeout_us is not None:
