@@ -16,7 +16,14 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -28,6 +35,7 @@ from client_proxy.core.fanout import Outcome
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 logger = logging.getLogger("client_proxy")
@@ -159,13 +167,20 @@ class ProxyMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.timeouts = Counter(
-            "proxy_service_timeouts", "Service calls that missed their deadline", ["service"], registry=r
+        # (proxy_service_timeouts_total and proxy_upstream_errors_total, which counted the same
+        # calls again by reason, are gone: proxy_service_calls_total{outcome} has them.)
+        self.batch_rows = LoopHistogram(
+            "proxy_coalesced_batch_rows",
+            "Rows in one Triton call the coalescer sent, by service",
+            ["service"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
-        self.upstream_errors = Counter(
-            "proxy_upstream_errors",
-            "Service calls that failed (unavailable or error), by reason",
-            ["service", "reason"],
+        self.batch_requests = LoopHistogram(
+            "proxy_coalesced_batch_requests",
+            "Requests sharing one Triton call the coalescer sent, by service",
+            ["service"],
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.partial_answers = Counter(
@@ -211,6 +226,23 @@ class ProxyMetrics:
             ["door"],
             registry=r,
         )
+        self.ready = Gauge(
+            "proxy_ready",
+            "1 when the default composition can answer (as /health/ready: a service ready, not "
+            "draining), measured when scraped",
+            registry=r,
+        )
+        self.service_ready = Gauge(
+            "proxy_service_ready",
+            "1 when the service's model is ready in Triton, measured when scraped",
+            ["service"],
+            registry=r,
+        )
+        # The proxy's own process: CPU seconds, resident and virtual memory, open descriptors,
+        # start time (Linux), the Python version and the garbage collector's counts.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.in_flight = Gauge(
             "proxy_requests_in_flight", "Inference requests in flight now (HTTP and gRPC)", registry=r
         )
@@ -219,13 +251,15 @@ class ProxyMetrics:
         self._request_labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
     def observe_outcome(self, outcome: Outcome) -> None:
-        service, reason = outcome.service, outcome.reason
-        self.service_calls.inc((service, reason))
+        service = outcome.service
+        self.service_calls.inc((service, outcome.reason))
         self.service_latency.observe((service,), outcome.latency_s)
-        if reason == "timeout":
-            self.timeouts.labels(service).inc()
-        elif reason != "ok" and reason != "cancelled":
-            self.upstream_errors.labels(service, reason).inc()
+
+    def observe_batch(self, service: str, rows: int, requests: int) -> None:
+        """One Triton call the coalescer sent: its rows and how many requests shared it."""
+        labels = (service,)
+        self.batch_rows.observe(labels, rows)
+        self.batch_requests.observe(labels, requests)
 
     def replica_call(self, service: str, replica: str, outcome: str) -> None:
         self.replica_calls.inc((service, replica, outcome))

@@ -15,7 +15,7 @@ from local_triton import TritonServer
 from training import CLASS_NAMES
 
 from .conftest import MODEL_REPOSITORY
-from .helpers import running_proxy, services_on, settings, triton_stats
+from .helpers import metric, running_proxy, services_on, settings, triton_stats
 
 SEED_ROW = [[1.0, 2.0, 3.0, 4.0]]
 SAMPLE_ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -285,7 +285,15 @@ def test_coalescing_batches_concurrent_requests_into_fewer_triton_calls(
         before, rows_before = triton_stats(triton), triton_stats(triton, what="rows")
         assert _concurrent_labels(url, x) == labels  # each request still gets its own row's answer
         after, rows_after = triton_stats(triton), triton_stats(triton, what="rows")
+        text = httpx.get(f"{url}/metrics", timeout=10).text
     for name in CLASS_NAMES:
         assert rows_after[name] - rows_before[name] == 150, name  # every row reached Triton once
         # 150 requests at once, one call on the wire per service: the rest wait and share calls.
         assert after[name] - before[name] < 150, name
+        # The proxy's batch histograms saw the same calls: one observation per Triton call, every
+        # request and every row in exactly one of them.
+        calls = after[name] - before[name]
+        assert metric(text, "proxy_coalesced_batch_requests_count", service=name) == calls, name
+        assert metric(text, "proxy_coalesced_batch_requests_sum", service=name) == 150, name
+        assert metric(text, "proxy_coalesced_batch_rows_sum", service=name) == 150, name
+        assert metric(text, "proxy_coalesced_batch_rows_bucket", service=name, le="1.0") < calls, name

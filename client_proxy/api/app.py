@@ -51,11 +51,18 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     compositions = declared.compositions
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings, listener=metrics)
-    coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
+    coalescer = Coalescer(
+        gateway.infer, settings.max_rows, settings.in_flight_per_service, on_batch=metrics.observe_batch
+    )
     infer = coalescer.infer if settings.coalesce else gateway.infer
     # The ensemble route batches its concurrent calls too, in a coalescer of its own (its calls
     # give a label and a probability per row, not one output tensor).
-    ensemble_coalescer = Coalescer(gateway.ensemble_rows, settings.max_rows, settings.in_flight_per_service)
+    ensemble_coalescer = Coalescer(
+        gateway.ensemble_rows,
+        settings.max_rows,
+        settings.in_flight_per_service,
+        on_batch=metrics.observe_batch,
+    )
     ensemble_rows = ensemble_coalescer.infer if settings.coalesce else gateway.ensemble_rows
     state = ProxyState(
         settings=settings,

@@ -87,8 +87,16 @@ class _Lane:
 
 
 class Coalescer:
-    def __init__(self, infer: InferFn, max_rows: int, max_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        infer: InferFn,
+        max_rows: int,
+        max_in_flight: int = 2,
+        on_batch: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        """``on_batch(service name, rows, requests)`` hears of every Triton call sent."""
         self._infer = infer
+        self._on_batch = on_batch
         self._max_rows = max_rows
         self._max_in_flight = max_in_flight
         self._lanes: dict[Service, _Lane] = {}
@@ -101,6 +109,8 @@ class Coalescer:
         now = time.monotonic()
         if not lane.waiting and lane.may_send(self._max_in_flight, now):
             lane.went_out(now)
+            if self._on_batch is not None:
+                self._on_batch(service.name, row_count(x), 1)
             try:
                 return await self._infer(service, x, request_id, timeout)
             finally:
@@ -177,6 +187,8 @@ class Coalescer:
                 later.append(waiter)
         lane.waiting = later
         lane.went_out(now)
+        if self._on_batch is not None:
+            self._on_batch(service.name, rows, len(batch))
         task = asyncio.get_running_loop().create_task(self._send(service, lane, batch, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -183,5 +183,12 @@ async def metadata(state: State) -> JSON:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(state: State) -> Response:
-    """The proxy's Prometheus metrics (Triton's own are on its port 8002)."""
+    """The proxy's Prometheus metrics (Triton's own are on its port 8002). The readiness gauges
+    are measured now, as ``/health/ready`` would answer (each model asked with the service
+    timeout)."""
+    services = list(state.services)
+    results = await asyncio.gather(*(_readiness(state, s) for s in services))
+    for service, result in zip(services, results, strict=True):
+        state.metrics.service_ready.labels(service.name).set(1 if result["ready"] else 0)
+    state.metrics.ready.set(1 if any(r["ready"] for r in results) and not state.draining else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
