@@ -9,6 +9,7 @@ import os
 import sys
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from client_proxy.api.lingering import LingeringHttpToolsProtocol
 from client_proxy.config import check_settings, ensemble_service, initial_services, load_settings
@@ -16,6 +17,7 @@ from client_proxy.core.compositions import CompositionError
 from client_proxy.core.declared import load_declared
 from client_proxy.core.pipelines import PipelineError
 from client_proxy.core.services import ConfigError
+from client_proxy.observability import uvicorn_log_config
 
 
 def main() -> int:
@@ -44,6 +46,8 @@ def main() -> int:
         # Nothing here reads the client's address, so X-Forwarded-* need not be parsed per request.
         proxy_headers=False,
         log_level=settings.log_level.lower(),
+        # PROXY_LOG_FORMAT=json: uvicorn's own lines as JSON objects too, like the proxy's.
+        log_config=uvicorn_log_config(settings.log_format) or LOGGING_CONFIG,
         timeout_graceful_shutdown=int(settings.deadline_ms / 1000) + 5,
         server_header=False,
     )

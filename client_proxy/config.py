@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     """Origins allowed to call the proxy from a browser, as JSON (``["https://app.example"]``);
     empty (the default): no CORS headers at all."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
     """Log level of the proxy's own loggers."""
     workers: int = Field(1, ge=1, le=64)
     """uvicorn worker processes (``python -m client_proxy``)."""

@@ -28,6 +28,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy.core.fanout import Outcome
@@ -372,17 +374,53 @@ _request_handler: logging.StreamHandler[Any] | None = None
 _request_formatter = _Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def configure_logging(level: str) -> None:
-    """The proxy's loggers at ``level``, one line per record, to stderr."""
+def json_formatter() -> logging.Formatter:
+    """One JSON object per line (python-json-logger): ``time`` (ISO 8601, UTC), ``level``,
+    ``logger``, ``message``, and whatever a record carries besides (``request_id``,
+    ``endpoint``, ``services`` on the request line). The proxy's and uvicorn's loggers share it."""
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
+        # uvicorn's records carry their message again with terminal colour codes: left out.
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+    )
+
+
+def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
+    """uvicorn's ``log_config`` for ``PROXY_LOG_FORMAT``: None (uvicorn's own) for text; for json,
+    its loggers (``uvicorn``, ``uvicorn.error``, ``uvicorn.access``) through ``json_formatter``."""
+    if log_format != "json":
+        return None
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "client_proxy.observability.json_formatter"}},
+        "handlers": {"default": handler},
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        },
+    }
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """The proxy's loggers at ``level``, one line per record, to stderr: text, or one JSON object
+    per line (``log_format="json"``)."""
     global _request_handler
     proxy_logger = logging.getLogger("client_proxy")
     proxy_logger.setLevel(level)
     if not proxy_logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(_request_formatter)
+        json_lines = log_format == "json"
+        handler.setFormatter(json_formatter() if json_lines else _request_formatter)
         proxy_logger.addHandler(handler)
         proxy_logger.propagate = False
-        _request_handler = handler
+        # The request line's shortcut writes the text format only; JSON goes through logging.
+        _request_handler = None if json_lines else handler
 
 
 def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | list[Outcome]) -> None:
@@ -405,8 +443,14 @@ def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | l
         and _write(handler, request_id, endpoint, parts, ok)
     ):
         return
+    services = {o.service: {"outcome": o.reason, "latency_ms": round(o.latency_s * 1000, 1)} for o in items}
     logger.log(
-        logging.INFO if ok else logging.WARNING, "request_id=%s endpoint=%s %s", request_id, endpoint, parts
+        logging.INFO if ok else logging.WARNING,
+        "request_id=%s endpoint=%s %s",
+        request_id,
+        endpoint,
+        parts,
+        extra={"request_id": request_id, "endpoint": endpoint, "services": services},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 
@@ -297,3 +298,32 @@ def test_coalescing_batches_concurrent_requests_into_fewer_triton_calls(
         assert metric(text, "proxy_coalesced_batch_requests_sum", service=name) == 150, name
         assert metric(text, "proxy_coalesced_batch_rows_sum", service=name) == 150, name
         assert metric(text, "proxy_coalesced_batch_rows_bucket", service=name, le="1.0") < calls, name
+
+
+def test_json_logs_are_one_object_per_line_from_the_proxy_and_uvicorn(triton: TritonServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``PROXY_LOG_FORMAT=json``: every line the proxy process writes (its request lines, uvicorn's
+    start and stop) is a JSON object with time, level, logger and message; the request line
+    carries the request id, the route and each service's outcome as fields."""
+    log_path = tmp_path / "proxy.log"
+    with (
+        open(log_path, "w") as log,
+        running_proxy(
+            settings(log_format="json", log_level="INFO"), services_on(triton, "grpc"), log=log
+        ) as url,
+    ):
+        response = httpx.post(
+            f"{url}/predict/label",
+            json={"data": [[1.0, 2.0, 3.0, 4.0]]},
+            headers={"X-Request-ID": "json-log-1"},
+        )
+        assert response.status_code == 200
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line parses, or this fails
+    for record in records:
+        assert {"time", "level", "logger", "message"} <= record.keys(), record
+        assert "color_message" not in record  # uvicorn's coloured copy of the message
+    assert any(r["logger"].startswith("uvicorn") and "startup complete" in r["message"] for r in records)
+    (request,) = [r for r in records if r.get("request_id") == "json-log-1"]
+    assert request["endpoint"] == "/predict/label" and request["level"] == "INFO"
+    assert {name: s["outcome"] for name, s in request["services"].items()} == dict.fromkeys(CLASS_NAMES, "ok")
+    assert all(s["latency_ms"] >= 0 for s in request["services"].values())

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     settings = settings or load_settings()
     services = services if services is not None else initial_services(os.environ, settings)
     check_settings(settings)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     ensemble = ensemble_service(settings, services)
     declared = load_declared(settings, services)
     compositions = declared.compositions
