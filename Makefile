@@ -35,8 +35,9 @@ $(VENV)/.installed-%: requirements/%.txt | $(BIN)/python
 install: $(VENV)/.installed-test
 
 # From Debian's packages (as root; otherwise install them yourself): wrk, the benchmark's load
-# generator, and chromium, the headless browser the /docs test renders the page in.
-TOOLS := wrk chromium
+# generator, chromium, the headless browser the /docs test renders the page in, and prometheus
+# (with promtool), which the tests run on deploy/prometheus/prometheus.yml.
+TOOLS := wrk chromium prometheus
 # Libraries (Debian packages) the tools need: perf_analyzer links against libb64.
 LIBRARIES := libb64-0d
 tools:

@@ -1,0 +1,100 @@
+"""deploy/prometheus/prometheus.yml, the configuration docker-compose.yml gives Prometheus, checked
+by promtool and run by a real Prometheus (Debian's package, the release docker-compose.yml pins)
+that scrapes the real proxy and the real embedded Triton."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+import yaml
+
+from local_triton import TritonServer, free_ports
+from local_triton.server import terminate
+
+from .helpers import running_proxy, services_on, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def test_promtool_accepts_the_committed_configuration() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make tools` installs Debian's prometheus package"
+    checked = subprocess.run([promtool, "check", "config", str(CONFIG)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_compose_runs_the_prometheus_release_the_tests_run() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    service = compose["services"]["prometheus"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in service["volumes"]
+    image_version = service["image"].rsplit(":v", 1)[1]
+    version = subprocess.run(["prometheus", "--version"], capture_output=True, text=True).stdout
+    assert f"version {image_version}" in version, (image_version, version)
+    targets = {
+        c["job_name"]: c["static_configs"][0]["targets"]
+        for c in yaml.safe_load(CONFIG.read_text())["scrape_configs"]
+    }
+    assert targets == {"proxy": ["proxy:9000"], "triton": ["triton:8002"]}  # compose's service names
+
+
+def _query(url: str, expression: str) -> list[dict]:  # type: ignore[type-arg]
+    response = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=5)
+    response.raise_for_status()
+    return response.json()["data"]["result"]  # type: ignore[no-any-return]
+
+
+def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tmp_path: Path) -> None:
+    """The committed file, with its two targets pointed at this test's proxy and Triton: both
+    are up, and the proxy's request counter and Triton's inference counter arrive."""
+    with running_proxy(settings(), services_on(triton, "grpc")) as proxy_url:
+        for _ in range(5):
+            assert (
+                httpx.post(f"{proxy_url}/predict/label", json={"data": [[1.0, 2.0, 3.0, 4.0]]}).status_code
+                == 200
+            )
+        text = CONFIG.read_text()
+        text = text.replace("proxy:9000", urllib.parse.urlsplit(proxy_url).netloc)
+        text = text.replace("triton:8002", urllib.parse.urlsplit(triton.metrics_url).netloc)
+        config = tmp_path / "prometheus.yml"
+        config.write_text(text)
+        (port,) = free_ports(1)
+        url = f"http://127.0.0.1:{port}"
+        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            up: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                try:
+                    up = {r["metric"]["job"]: r["value"][1] for r in _query(url, "up")}
+                except httpx.HTTPError:
+                    up = {}
+                if up == {"proxy": "1", "triton": "1"}:
+                    break
+                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                time.sleep(1)
+            assert up == {"proxy": "1", "triton": "1"}, json.dumps(up)
+            requests = _query(url, 'proxy_http_requests_total{endpoint="/predict/label",status="200"}')
+            assert requests and float(requests[0]["value"][1]) >= 5
+            inferences = _query(url, 'nv_inference_request_success{model="setosa"}')
+            assert inferences and float(inferences[0]["value"][1]) >= 5
+        finally:
+            terminate(process)
+            log.close()
