@@ -7,8 +7,8 @@ timeout policy says; ``FanOut.stream`` yields each service's outcome the moment 
 Every call is bounded by ``min(service timeout, time left to the deadline)``, and every call
 still running when a request is done (failed fast, or the client went away) is given up: a
 task is cancelled and awaited; a caller's place in a coalesced batch (``Coalescer.submit``,
-waited on as a future rather than a task per call) is cancelled, and the batch goes on for
-the others, or, if it was the caller's alone, until its own timeout at the latest.
+waited on as a future rather than a task per call) is given up (``Coalescer.give_up``), and
+the batch goes on for the others, or is cancelled when no caller is left.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ class FanOut:
         return self._record(Outcome(service.name, None, error, time.perf_counter() - started))
 
     def _cancelled(self, service: Service, started: float) -> Outcome:
-        error = CallCancelled(f"{service.name}: cancelled", service=service.name)
-        return self._record(Outcome(service.name, None, error, time.perf_counter() - started))
+        return self._record(
+            Outcome(service.name, None, _call_cancelled(service), time.perf_counter() - started)
+        )
 
     async def run(
         self,
@@ -338,6 +339,10 @@ class FanOut:
                     self._cancelled(service, started)
 
 
+def _call_cancelled(service: Service) -> CallCancelled:
+    return CallCancelled(f"{service.name}: cancelled", service=service.name)
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -347,8 +352,7 @@ def _outcome(service: Service, future: asyncio.Future[NDArray[Any]], latency_s: 
     """The outcome of a call that ended: its answer, its ``UpstreamError``, or cancelled by the
     one who made it (the coalescer, at shutdown). Any other exception is a bug and propagates."""
     if future.cancelled():
-        error: UpstreamError = CallCancelled(f"{service.name}: cancelled", service=service.name)
-        return Outcome(service.name, None, error, latency_s)
+        return Outcome(service.name, None, _call_cancelled(service), latency_s)
     exc = future.exception()
     if exc is None:
         return Outcome(service.name, future.result(), None, latency_s)

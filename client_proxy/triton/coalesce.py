@@ -102,10 +102,14 @@ class Coalescer:
         self._lanes: dict[Service, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
+    def _lane(self, service: Service) -> _Lane:
         lane = self._lanes.get(service)
         if lane is None:
             lane = self._lanes[service] = _Lane()
+        return lane
+
+    async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
+        lane = self._lane(service)
         now = time.monotonic()
         if not lane.waiting and lane.may_send(self._max_in_flight, now):
             lane.went_out(now)
@@ -128,9 +132,7 @@ class Coalescer:
         answer, resolved (or failed with the ``UpstreamError``) when its batch returns; give it
         up with ``give_up``. A call that can go out at once goes out in a task of its own, as a
         batch of one. (``FanOut`` waits on these futures directly: three tasks fewer per request.)"""
-        lane = self._lanes.get(service)
-        if lane is None:
-            lane = self._lanes[service] = _Lane()
+        lane = self._lane(service)
         future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         waiting = lane.waiting
         waiting.append(_Waiter(x, request_id, timeout, future))

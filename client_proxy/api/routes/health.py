@@ -43,15 +43,12 @@ async def ready(state: State) -> JSON:
     is, and from the moment a SIGTERM starts the proxy's shutdown (``draining``)."""
     if state.draining:
         return JSON({"status": "draining", "reason": "shutting down"}, status_code=503)
-    services = list(state.services)
-    results = await asyncio.gather(*(_readiness(state, s) for s in services))
-    ready_names = [s.name for s, r in zip(services, results, strict=True) if r["ready"]]
+    readiness = await _default_readiness(state)
+    ready_names = [s.name for s, r in readiness if r["ready"]]
     if state.draining:
         return JSON({"status": "draining", "reason": "shutting down"}, status_code=503)
     if not ready_names:
-        reasons = "; ".join(
-            f"{s.name}: {r.get('reason', 'not ready')}" for s, r in zip(services, results, strict=True)
-        )
+        reasons = "; ".join(f"{s.name}: {r.get('reason', 'not ready')}" for s, r in readiness)
         return JSON(
             {"status": "unavailable", "reason": f"no service is ready ({reasons or 'no services'})"},
             status_code=503,
@@ -59,7 +56,23 @@ async def ready(state: State) -> JSON:
     return JSON({"status": "ready", "ready_services": ready_names})
 
 
+async def _default_readiness(state: State) -> list[tuple[Service, dict[str, Any]]]:
+    """Each service of the default composition with its model's readiness (``_model_readiness``)."""
+    services = list(state.services)
+    results = await asyncio.gather(*(_model_readiness(state, s) for s in services))
+    return list(zip(services, results, strict=True))
+
+
 async def _readiness(state: State, service: Service) -> dict[str, Any]:
+    """``_model_readiness``, and with replicas each replica's state and the hedging settings."""
+    entry = await _model_readiness(state, service)
+    if len(service.targets) > 1:
+        entry["replicas"] = await _replicas(state, service)
+        entry["hedging"] = state.gateway.hedging(service)
+    return entry
+
+
+async def _model_readiness(state: State, service: Service) -> dict[str, Any]:
     entry: dict[str, Any] = {"target": service.describe()}
     try:
         async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
@@ -72,9 +85,6 @@ async def _readiness(state: State, service: Service) -> dict[str, Any]:
         entry.update(health="ok" if ready else "unavailable", ready=ready)
         if not ready:
             entry["reason"] = f"model '{service.model}' is not ready"
-    if len(service.targets) > 1:
-        entry["replicas"] = await _replicas(state, service)
-        entry["hedging"] = state.gateway.hedging(service)
     return entry
 
 
@@ -186,9 +196,8 @@ async def metrics(state: State) -> Response:
     """The proxy's Prometheus metrics (Triton's own are on its port 8002). The readiness gauges
     are measured now, as ``/health/ready`` would answer (each model asked with the service
     timeout)."""
-    services = list(state.services)
-    results = await asyncio.gather(*(_readiness(state, s) for s in services))
-    for service, result in zip(services, results, strict=True):
+    readiness = await _default_readiness(state)
+    for service, result in readiness:
         state.metrics.service_ready.labels(service.name).set(1 if result["ready"] else 0)
-    state.metrics.ready.set(1 if any(r["ready"] for r in results) and not state.draining else 0)
+    state.metrics.ready.set(1 if any(r["ready"] for _, r in readiness) and not state.draining else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
