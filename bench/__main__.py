@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench import connections, cpu_profile, perf_analyzer, resilience
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
+from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
 from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
@@ -50,6 +51,7 @@ PROXY_GRPC = "proxy /predict/label over gRPC"
 PROXY_HTTP = "proxy /predict/label over HTTP"
 PROXY_STREAM = "proxy /predict/stream over gRPC"
 PROXY_ENSEMBLE = "proxy /predict/label?route=ensemble over gRPC"
+PROXY_TRACED = "proxy /predict/label over gRPC, tracing on"
 SEED = "seed design (FastAPI services, httpx client per request)"
 
 
@@ -278,6 +280,47 @@ def _profiles(
     return "\n".join(lines)
 
 
+def _tracing_section(
+    results: dict[tuple[str, int], list[Measurement]],
+    levels: list[int],
+    receiver: Receiver,
+    traced_requests: int,
+) -> str:
+    """What tracing on costs the proxy: the traced proxy against the same proxy untraced, run
+    interleaved with it in the main table (medians of the same runs)."""
+    lines = [
+        "",
+        "## Tracing on",
+        "",
+        "The proxy over gRPC with OpenTelemetry tracing on (every request sampled: a request span, a",
+        "span per service and one per Triton call, 7 per request, exported over OTLP/HTTP to a",
+        "receiver in the benchmark's process) against the same proxy with tracing off, in the same",
+        "interleaved runs as the table above. Triton is not tracing here (its cost is Triton's).",
+        "",
+        "| concurrency | req/s off | req/s on | on / off | p50 off (ms) | p50 on (ms) "
+        "| proxy CPU/request off (ms) | on (ms) | added (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in levels:
+        off = _median(results[(PROXY_GRPC, concurrency)])
+        on = _median(results[(PROXY_TRACED, concurrency)])
+        cpu_off = off.cpu_per_request_ms().get("proxy", 0.0)
+        cpu_on = on.cpu_per_request_ms().get("proxy", 0.0)
+        ratio = on.throughput / off.throughput if off.throughput else 0.0
+        lines.append(
+            f"| {concurrency} | {off.throughput:.0f} | {on.throughput:.0f} | {ratio:.2f}x "
+            f"| {off.p50_ms:.2f} | {on.p50_ms:.2f} | {cpu_off:.3f} | {cpu_on:.3f} | {cpu_on - cpu_off:+.3f} |"
+        )
+    per_request = receiver.count / traced_requests if traced_requests else 0.0
+    lines += [
+        "",
+        f"Spans received: {receiver.count} in {receiver.posts} exports, {per_request:.1f} per traced "
+        "request measured (warm-up requests are traced too).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -316,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         grpc_proxy, grpc_pid = start_proxy(stack, triton, "grpc", grpc_port=grpc_door)
         grpcio_proxy, grpcio_pid = start_proxy(stack, triton, "grpc", extra_env=GRPCIO, grpc_port=grpcio_door)
         http_proxy, http_pid = start_proxy(stack, triton, "http")
+        # The same proxy with tracing on (every request sampled), exporting to a receiver here.
+        receiver = stack.enter_context(otlp_receiver(keep=False))
+        traced_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "bench-proxy"}
+        traced_proxy, traced_pid = start_proxy(stack, triton, "grpc", extra_env=traced_env)
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
             Target(CEILING, lambda c, s: run_wrk(ensemble_url, ENSEMBLE_BODY, c, s), {"triton": triton_pid}),
@@ -325,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                    {"triton": triton_pid, "proxy": grpc_pid}),
             Target(PROXY_HTTP, lambda c, s: run_wrk(f"{http_proxy}/predict/label", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": http_pid}),
+            Target(PROXY_TRACED, lambda c, s: run_wrk(f"{traced_proxy}/predict/label", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": traced_pid}),
             Target(PROXY_STREAM, lambda c, s: run_wrk(f"{grpc_proxy}/predict/stream", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": grpc_pid}),
             Target(PROXY_ENSEMBLE,
@@ -332,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                    {"triton": triton_pid, "proxy": grpc_pid}),
         ]  # fmt: skip
         _check_answer(ensemble_url, ENSEMBLE_BODY, "virginica")
+        _check_answer(f"{traced_proxy}/predict/label", PROXY_BODY, "virginica")
         for url in (grpc_proxy, http_proxy):
             _check_answer(f"{url}/predict/label", PROXY_BODY, "virginica")
             _check_answer(f"{url}/predict/stream", PROXY_BODY, '"final":true')
@@ -345,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_answer(f"{seed_url}/predict/label", PROXY_BODY, "virginica")
 
         results: dict[tuple[str, int], list[Measurement]] = {}
+        traced_requests = 0
         for concurrency in levels:
             for target in targets:
                 target.run(concurrency, args.warmup)
@@ -352,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                 for target in targets:  # interleaved, so drift on the machine hits every row alike
                     m = _measure(target, concurrency, args.seconds)
                     results.setdefault((target.name, concurrency), []).append(m)
+                    if target.name == PROXY_TRACED:
+                        traced_requests += m.requests
                     print(
                         f"c={concurrency:<3} run {repeat + 1}/{args.repeats} {target.name:<58} "
                         f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
@@ -374,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             args.repeats,
         )
         overload = resilience.overload_section(triton, 2.0 if args.smoke else 2 * args.seconds, args.repeats)
+        tracing = _tracing_section(results, levels, receiver, traced_requests)
     replicas = resilience.replicas_section(args.seconds, args.repeats, args.warmup)
 
     rows = [Row(name, concurrency, _median(ms)) for (name, concurrency), ms in results.items()]
@@ -389,7 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
     markdown = (
-        render_markdown(rows, header, verdicts, CEILING, SEED) + oip + profiles + conns + replicas + overload
+        render_markdown(rows, header, verdicts, CEILING, SEED)
+        + tracing
+        + oip
+        + profiles
+        + conns
+        + replicas
+        + overload
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(markdown)

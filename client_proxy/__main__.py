@@ -11,6 +11,7 @@ import sys
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from client_proxy import tracing
 from client_proxy.api.lingering import LingeringHttpToolsProtocol
 from client_proxy.config import check_settings, ensemble_service, initial_services, load_settings
 from client_proxy.core.compositions import CompositionError
@@ -29,7 +30,8 @@ def main() -> int:
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
         load_declared(settings, services, warn=False)  # each worker warns in its log
-    except (ConfigError, PipelineError, CompositionError) as exc:
+        tracing.check(os.environ)
+    except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(

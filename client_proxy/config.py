@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     """Log level of the proxy's own loggers."""
     workers: int = Field(1, ge=1, le=64)
     """uvicorn worker processes (``python -m client_proxy``)."""
+    metrics: bool = True
+    """Serve ``GET /metrics``. Several workers need it off: each would answer a scrape with its
+    own figures alone (``check_settings``)."""
     shutdown_delay_ms: float = Field(0.0, ge=0, le=600_000)
     """After a SIGTERM, how long (ms) the proxy goes on serving while ``/health/ready`` answers
     503, so that load balancers stop sending before it stops accepting connections and drains.
@@ -161,6 +164,14 @@ def check_settings(settings: Settings) -> None:
     if settings.admin_token is not None and settings.workers > 1:
         # Each worker would hold its own list of services: a change would reach one of them.
         raise ConfigError("PROXY_ADMIN_TOKEN: the admin endpoints need PROXY_WORKERS=1")
+    if settings.metrics and settings.workers > 1:
+        # Each worker counts its own requests: a scrape would get one worker's figures, a
+        # different one each time. One worker per container, scaled by replicas, keeps /metrics
+        # whole (and is what the compose file and the Kubernetes manifests run).
+        raise ConfigError(
+            f"PROXY_WORKERS={settings.workers}: /metrics would show one worker's figures; run one "
+            "worker per container (more replicas for more throughput), or set PROXY_METRICS=false"
+        )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -62,6 +62,13 @@ class UnknownService(ProxyError):
     code = "unknown_service"
 
 
+class NotFound(ProxyError):
+    """A route that is switched off (``/metrics`` with ``PROXY_METRICS=false``)."""
+
+    status_code = 404
+    code = "not_found"
+
+
 class Unauthorized(ProxyError):
     status_code = 401
     code = "unauthorized"

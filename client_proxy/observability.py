@@ -32,6 +32,7 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from client_proxy import tracing
 from client_proxy.core.fanout import Outcome
 
 _ID_PREFIX = os.urandom(8).hex()
@@ -41,6 +42,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 logger = logging.getLogger("client_proxy")
+#: Probes and scrapes: no spans (they would be most of a trace store's traces and say nothing).
+_UNTRACED = ("/health", "/metrics")
 
 
 class LoopCounter(Collector):
@@ -335,6 +338,11 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
+        traced = (
+            tracing.start_request(scope["method"], scope["path"], scope["headers"], request_id)
+            if tracing.ENABLED and not scope["path"].startswith(_UNTRACED)
+            else None
+        )
         try:
             await self.app(scope, receive, send_with_id)
         finally:
@@ -345,6 +353,8 @@ class RequestContextMiddleware:
                 # they have no path parameters, so their path is their template.
                 endpoint = scope["path"] if "endpoint" in scope else "unmatched"
             self.metrics.observe_request(endpoint, scope["method"], status, time.monotonic() - started)
+            if traced is not None:
+                tracing.end_request(*traced, scope["method"], endpoint, status)
 
 
 class _Formatter(logging.Formatter):
@@ -430,6 +440,9 @@ def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | l
     items = outcomes.values() if isinstance(outcomes, dict) else outcomes
     parts = " ".join(f"{o.service}={o.reason}/{o.latency_s * 1000:.1f}ms" for o in items)
     ok = all(o.ok for o in items)
+    trace_id = tracing.trace_id() if tracing.ENABLED else None
+    if trace_id is not None:
+        parts += f" trace_id={trace_id}"
     # One line per request is a visible share of the proxy's CPU through logging's machinery (a
     # LogRecord, two locks, the formatter): the same text goes straight to the same stream when
     # that is all logging would do with it.
@@ -450,7 +463,12 @@ def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | l
         request_id,
         endpoint,
         parts,
-        extra={"request_id": request_id, "endpoint": endpoint, "services": services},
+        extra={
+            "request_id": request_id,
+            "endpoint": endpoint,
+            "services": services,
+            **({"trace_id": trace_id} if trace_id is not None else {}),
+        },
     )
 
 

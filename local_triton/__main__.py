@@ -7,13 +7,22 @@ not load) are printed as one line, and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
 
-from local_triton.server import DEFAULT_REPOSITORY, LaunchError, TritonServer, format_ready_line, models_in
+from client_proxy import tracing
+from local_triton.server import (
+    DEFAULT_REPOSITORY,
+    LaunchError,
+    TritonServer,
+    format_ready_line,
+    models_in,
+    trace_args,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,11 +44,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with explicit model control: a model to load at start (repeatable; '*' for all)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo Triton's own log")
+    parser.add_argument(
+        "--trace-url",
+        default=None,
+        metavar="URL",
+        help="Triton's OpenTelemetry tracing of requests that carry a trace context, exported over "
+        "OTLP/HTTP to URL (default: on where OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, to that endpoint)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.trace_url is None and tracing.enabled_by(os.environ):
+        args.trace_url = tracing.traces_url(os.environ)
     server = TritonServer(
         model_repository=args.model_repository,
         http_port=args.http_port,
@@ -50,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         model_control_mode=args.model_control_mode,
         load_models=args.load_model,
         log_stream=None if args.quiet else sys.stderr,
+        extra_args=trace_args(args.trace_url) if args.trace_url else (),
     )
     stopping = threading.Event()
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from client_proxy import tracing
 from local_triton.server import (
     DEFAULT_REPOSITORY,
     LaunchError,
@@ -34,6 +35,7 @@ from local_triton.server import (
     format_ready_line,
     models_in,
     terminate,
+    trace_args,
 )
 
 SERVICES = ("setosa", "versicolor", "virginica")
@@ -95,6 +97,8 @@ class Stack:
             metrics_port=self.args.metrics_port,
             log_stream=sys.stderr if self.args.triton_log else None,
             cancel=self.stopping,
+            # Where the proxy traces (OTEL_* variables), Triton traces the same requests.
+            extra_args=trace_args(tracing.traces_url(os.environ)) if tracing.enabled_by(os.environ) else (),
         )
         self.server.start()
         self.triton_started = time.monotonic()

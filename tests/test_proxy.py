@@ -11,8 +11,9 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 
-from local_triton import TritonServer
+from local_triton import TritonServer, free_ports
 from training import CLASS_NAMES
 
 from .conftest import MODEL_REPOSITORY
@@ -327,3 +328,24 @@ def test_json_logs_are_one_object_per_line_from_the_proxy_and_uvicorn(triton: Tr
     assert request["endpoint"] == "/predict/label" and request["level"] == "INFO"
     assert {name: s["outcome"] for name, s in request["services"].items()} == dict.fromkeys(CLASS_NAMES, "ok")
     assert all(s["latency_ms"] >= 0 for s in request["services"].values())
+
+
+def test_several_workers_serve_with_metrics_off(triton: TritonServer) -> None:
+    """``PROXY_WORKERS=2`` with ``PROXY_METRICS=false``: the workers answer over HTTP and share the
+    gRPC door's port (each starts its own door), and /metrics is a 404 naming the setting rather
+    than one worker's figures."""
+    (door,) = free_ports(1)
+    two = settings(workers=2, metrics=False, grpc_port=door)
+    with running_proxy(two, services_on(triton, "grpc")) as url:
+        for _ in range(10):
+            response = httpx.post(f"{url}/predict/label", json={"data": SAMPLE_ROW}, timeout=10)
+            assert response.status_code == 200 and response.json()["prediction"]["label"] == "setosa"
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{door}")
+        tensor = grpcclient.InferInput("input", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array(SAMPLE_ROW, dtype=np.float32))
+        for _ in range(10):
+            assert client.infer("iris_fanout", [tensor]).as_numpy("class_name") is not None
+        client.close()
+        off = httpx.get(f"{url}/metrics", timeout=10)
+        assert off.status_code == 404
+        assert off.json()["error"]["message"] == "/metrics is off (PROXY_METRICS=false)"

@@ -198,6 +198,9 @@ class Loop(uvloop.Loop):
         if sock is not None:
             if host is not None or port is not None:
                 raise ValueError("host/port and sock can not be specified at the same time")
+            # A socket handed in may be bound and not listening yet (uvicorn's parent process
+            # binds the one its workers share): listen, as asyncio's own servers do.
+            sock.listen(backlog)
             sock.setblocking(False)
             sockets = [sock]
         else:

@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
+from client_proxy import tracing
 from client_proxy.api import grpc_door
 from client_proxy.api.admission import Admission, AdmissionMiddleware
 from client_proxy.api.fastlane import FastLane
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     services = services if services is not None else initial_services(os.environ, settings)
     check_settings(settings)
     configure_logging(settings.log_level, settings.log_format)
+    tracing.configure(os.environ)  # off unless the OTEL_* variables switch it on
     ensemble = ensemble_service(settings, services)
     declared = load_declared(settings, services)
     compositions = declared.compositions
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             await ensemble_coalescer.aclose()
             closed = await gateway.aclose()
             logger.info("shut down: closed the clients of %d Triton server(s)", closed)
+            tracing.flush()
 
     # Swagger UI (/docs) and ReDoc (/redoc) from files the fastapi-offline package ships, served
     # by the proxy itself: FastAPI's default pages load them from a public CDN, and are blank

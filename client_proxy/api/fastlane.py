@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from client_proxy import tracing
 from client_proxy.api.admission import Admission, Refusals
 from client_proxy.errors import ProxyError
 from client_proxy.observability import ProxyMetrics, request_id_of
@@ -119,10 +120,38 @@ class FastLane:
             await self._refusals.send(scope, send)
             return
         try:
-            await self._answer(handler, template, path_params, scope, receive, send)
+            if tracing.ENABLED:
+                await self._traced(handler, template, path_params, scope, receive, send)
+            else:
+                await self._answer(handler, template, path_params, scope, receive, send)
         finally:
             if counted:
                 admission.leave()
+
+    async def _traced(
+        self,
+        handler: Handler,
+        template: str,
+        path_params: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """``_answer`` within the request's span (tracing on)."""
+        status = 500
+
+        async def send_traced(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        request_id = request_id_of(scope)
+        span, token = tracing.start_request(scope["method"], scope["path"], scope["headers"], request_id)
+        try:
+            await self._answer(handler, template, path_params, scope, receive, send_traced, request_id)
+        finally:
+            tracing.end_request(span, token, scope["method"], template, status)
 
     async def _answer(
         self,
@@ -132,9 +161,11 @@ class FastLane:
         scope: Scope,
         receive: Receive,
         send: Send,
+        request_id: str | None = None,
     ) -> None:
         started = time.monotonic()
-        request_id = request_id_of(scope)
+        if request_id is None:
+            request_id = request_id_of(scope)
         scope["path_params"] = path_params
         scope["state"] = {"request_id": request_id, "started": started}
         id_header = (b"x-request-id", request_id.encode())

@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from numpy.typing import NDArray
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from client_proxy import tracing
 from client_proxy.api import grpc_wire
 from client_proxy.api.oip import datatype_of, from_bytes, to_bytes
 from client_proxy.api.options import POLICIES
@@ -167,9 +168,31 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ModelConfigResponse(config=config)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if not tracing.ENABLED:
+            return await self._infer(request, context)
+        request_id = request_id_from(request.id or None)
+        headers = [
+            (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in context.invocation_metadata() or ()
+        ]
+        path = "/inference.GRPCInferenceService/ModelInfer"
+        span, token = tracing.start_request("POST", path, headers, request_id, door="grpc")
+        status = "OK"
+        try:
+            return await self._infer(request, context, request_id)
+        except grpc_wire.Abort as exc:
+            status = exc.code.name
+            raise
+        except BaseException as exc:  # grpcio's abort raises its own exception
+            status = type(exc).__name__
+            raise
+        finally:
+            tracing.end_grpc_request(span, token, request.model_name, status)
+
+    async def _infer(self, request: Any, context: Any, request_id: str | None = None) -> Any:
         state = self._state
         settings = state.settings
-        request_id = request_id_from(request.id or None)
+        if request_id is None:
+            request_id = request_id_from(request.id or None)
         started = time.monotonic()
         deadline = started + settings.deadline_ms / 1000
         remaining = context.time_remaining()
@@ -259,7 +282,8 @@ async def start(state: ProxyState, host: str, port: int) -> Door:
             max_message_bytes=state.settings.max_body_bytes,
         )
         try:
-            await lean.start(host, port)
+            # Every uvicorn worker starts its own door: with several, they share the port.
+            await lean.start(host, port, reuse_port=state.settings.workers > 1)
         except OSError as exc:
             raise RuntimeError(f"PROXY_GRPC_PORT={port}: cannot listen on {address} ({exc})") from None
         door = lean

@@ -79,6 +79,10 @@ def status_block(code: grpc.StatusCode, details: str) -> bytes:
     return block + literal(b"grpc-message", _percent_encoded(details)) if details else block
 
 
+#: The W3C trace context headers, kept for the handler (``Context.invocation_metadata``).
+_TRACE_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
+
+
 def _grpc_timeout(value: bytes) -> float:
     """``grpc-timeout`` (up to 8 digits and a unit) in seconds."""
     unit = _TIMEOUT_UNITS.get(value[-1:])
@@ -100,10 +104,16 @@ class Abort(Exception):
 class Context:
     """What a handler may ask of its call, as grpcio's ``ServicerContext`` names it."""
 
-    __slots__ = ("_deadline",)
+    __slots__ = ("_deadline", "_metadata")
 
-    def __init__(self, deadline: float | None) -> None:
+    def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._deadline = deadline
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The client's trace context headers (``traceparent``, ``tracestate``): the only
+        metadata this server keeps."""
+        return self._metadata
 
     def time_remaining(self) -> float | None:
         """Seconds left before the client's deadline; None if it set none."""
@@ -125,13 +135,14 @@ class Method:
 
 
 class _Call(Stream):
-    __slots__ = ("body", "deadline", "encoding", "method", "task")
+    __slots__ = ("body", "deadline", "encoding", "metadata", "method", "task")
 
     def __init__(self, stream_id: int, method: Method | None, send_window: int) -> None:
         super().__init__(stream_id, send_window)
         self.method = method
         self.deadline: float | None = None
         self.encoding = b"identity"
+        self.metadata: tuple[tuple[str, str], ...] = ()
         self.body = bytearray()
         self.task: asyncio.Task[None] | None = None
 
@@ -145,9 +156,13 @@ class LeanGrpcServer:
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen on ``host:port``; with ``reuse_port``, beside the other processes that do
+        (``SO_REUSEPORT``: the kernel shares the connections out, one worker each)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ServerConnection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), host, port, backlog=1024, reuse_port=reuse_port or None
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening; tell every client to start no new call (GOAWAY); let calls in flight
@@ -222,6 +237,7 @@ class _ServerConnection(Connection):
             return
         method = path = content_type = timeout = None
         encoding: bytes = b"identity"
+        metadata: list[tuple[str, str]] = []
         for name, value in headers:
             if name == b":path":
                 path = value
@@ -233,7 +249,11 @@ class _ServerConnection(Connection):
                 timeout = value
             elif name == b"grpc-encoding":
                 encoding = value
+            elif name in _TRACE_HEADERS:
+                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
         stream = _Call(stream_id, self._server.methods.get(path or b""), self.peer_window)
+        if metadata:
+            stream.metadata = tuple(metadata)
         stream.ended = end_stream
         self.streams[stream_id] = stream
         if method != b"POST":
@@ -324,7 +344,7 @@ class _ServerConnection(Connection):
 
     async def _call(self, stream: _Call, method: Method, request: Any) -> None:
         try:
-            response = await method.handler(request, Context(stream.deadline))
+            response = await method.handler(request, Context(stream.deadline, stream.metadata))
             payload = response.SerializeToString()
         except Abort as exc:
             self._answer_status(stream, exc.code, exc.details)

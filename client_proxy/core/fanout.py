@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from client_proxy import tracing
 from client_proxy.core.aggregators import one_vs_rest
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs
@@ -118,15 +119,31 @@ class FanOut:
         self._submitter = submitter
 
     def _start(
-        self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
+        self,
+        services: Sequence[Service],
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+        steps: tracing.Steps | None = None,
     ) -> tuple[float, float, list[asyncio.Task[Outcome]]]:
         """Start every call now: the start time, each call's time budget, and the tasks (none
-        when the deadline has already passed)."""
+        when the deadline has already passed). With ``steps``, each call runs in its step's span."""
         started = time.perf_counter()
         # Every call starts now, so the per-service timeout and the request's deadline are one bound.
         budget = min(self._service_timeout_s, deadline - time.monotonic())
         if budget <= 0:
             return started, budget, []
+        if steps is not None:
+            return (
+                started,
+                budget,
+                [
+                    asyncio.create_task(
+                        self._call(s, x, request_id, budget), context=steps.task_context(s.name)
+                    )
+                    for s in services
+                ],
+            )
         return started, budget, [asyncio.create_task(self._call(s, x, request_id, budget)) for s in services]
 
     async def _call(self, service: Service, x: Inputs, request_id: str, budget: float) -> Outcome:
@@ -166,9 +183,61 @@ class FanOut:
         ``all_or_nothing`` raises ``ServicesFailed`` at the first failure (cancelling the rest);
         ``partial`` returns what arrived in time, and raises only when no service answered.
         """
+        if tracing.ENABLED:
+            return await self._run_traced(services, x, request_id, deadline, policy)
         if self._submitter is not None:
             return await self._run_submitted(self._submitter, services, x, request_id, deadline, policy)
-        started, budget, tasks = self._start(services, x, request_id, deadline)
+        return await self._run_tasks(services, x, request_id, deadline, policy)
+
+    async def _run_traced(
+        self,
+        services: Sequence[Service],
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+        policy: TimeoutPolicy,
+    ) -> FanOutResult:
+        """``run`` with a span per service, beneath the current (request's) span, and the
+        deadline, the policy and the outcome as the current span's attributes."""
+        steps = tracing.Steps("service")
+        tracing.annotate(
+            {
+                "proxy.policy": str(policy),
+                "proxy.deadline_ms": round((deadline - time.monotonic()) * 1000, 1),
+                "proxy.services": [s.name for s in services],
+            }
+        )
+        outcomes: dict[str, Outcome] = {}
+        try:
+            if self._submitter is not None:
+                result = await self._run_submitted(
+                    self._submitter, services, x, request_id, deadline, policy, steps, outcomes
+                )
+            else:
+                result = await self._run_tasks(services, x, request_id, deadline, policy, steps, outcomes)
+            tracing.annotate({"proxy.partial": result.partial, "proxy.answered": result.answered})
+            return result
+        except ServicesFailed:
+            tracing.annotate({"proxy.partial": False, "proxy.answered": []})
+            raise
+        finally:
+            for name, outcome in outcomes.items():
+                error = outcome.error.message if outcome.error is not None else ""
+                steps.end(name, outcome.reason, outcome.latency_s, error)
+            steps.close()
+
+    async def _run_tasks(
+        self,
+        services: Sequence[Service],
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+        policy: TimeoutPolicy,
+        steps: tracing.Steps | None = None,
+        seen: dict[str, Outcome] | None = None,
+    ) -> FanOutResult:
+        """``run`` with a task per call; ``seen`` (when given) receives every outcome."""
+        started, budget, tasks = self._start(services, x, request_id, deadline, steps)
         outcomes: dict[str, Outcome] = {}
         failed_fast = completed = False
         try:
@@ -195,10 +264,13 @@ class FanOut:
                 for service, task in zip(services, tasks, strict=True):
                     if task in unfinished:
                         self._cancelled(service, started)
+                    elif seen is not None and not task.cancelled() and service.name not in outcomes:
+                        seen[service.name] = task.result()  # answered before the request was given up
         for service in services:
             if service.name not in outcomes and not failed_fast:
                 outcomes[service.name] = self._late(service, max(budget, 0), started)
-
+        if seen is not None:
+            seen.update(outcomes)
         return self._result(services, outcomes, failed_fast, policy)
 
     async def _run_submitted(
@@ -209,9 +281,12 @@ class FanOut:
         request_id: str,
         deadline: float,
         policy: TimeoutPolicy,
+        steps: tracing.Steps | None = None,
+        seen: dict[str, Outcome] | None = None,
     ) -> FanOutResult:
         """``run`` on futures from ``submitter``: one future that wakes the request when every call
-        has ended (or one failed, under ``all_or_nothing``), and one timer for the deadline."""
+        has ended (or one failed, under ``all_or_nothing``), and one timer for the deadline.
+        With ``steps``, each call is submitted in its step's span; ``seen`` receives the outcomes."""
         started = time.perf_counter()
         budget = min(self._service_timeout_s, deadline - time.monotonic())
         outcomes: dict[str, Outcome] = {}
@@ -222,7 +297,13 @@ class FanOut:
             ended: dict[asyncio.Future[NDArray[Any]], float] = {}
             fail_fast = policy is TimeoutPolicy.ALL_OR_NOTHING
             submit = submitter.submit
-            futures = [submit(service, x, request_id, budget) for service in services]
+            if steps is None:
+                futures = [submit(service, x, request_id, budget) for service in services]
+            else:
+                futures = []
+                for service in services:
+                    with steps.current(service.name):
+                        futures.append(submit(service, x, request_id, budget))
             count = len(futures)
 
             def on_end(future: asyncio.Future[NDArray[Any]]) -> None:
@@ -271,6 +352,8 @@ class FanOut:
             for service in services:
                 if service.name not in outcomes:
                     outcomes[service.name] = self._late(service, max(budget, 0), started)
+        if seen is not None:
+            seen.update(outcomes)
         return self._result(services, outcomes, failed_fast, policy)
 
     def _result(
@@ -294,6 +377,23 @@ class FanOut:
     ) -> tuple[T, Outcome]:
         """One call to one service (``call(budget)``), bounded like each call of a fan-out and
         recorded as one; ``UpstreamError`` (``UpstreamTimeout`` when late) when it fails."""
+        if tracing.ENABLED:
+            steps = tracing.Steps("service")
+            try:
+                with steps.current(service.name):
+                    result, outcome = await self._call_alone(service, call, deadline)
+                steps.end(service.name, outcome.reason)
+                return result, outcome
+            except UpstreamError as exc:
+                steps.end(service.name, exc.reason, error=exc.message)
+                raise
+            finally:
+                steps.close()
+        return await self._call_alone(service, call, deadline)
+
+    async def _call_alone(
+        self, service: Service, call: Callable[[float], Awaitable[T]], deadline: float
+    ) -> tuple[T, Outcome]:
         budget = min(self._service_timeout_s, deadline - time.monotonic())
         started = time.perf_counter()
         try:
@@ -315,7 +415,8 @@ class FanOut:
     ) -> AsyncIterator[Outcome]:
         """Each service's outcome in completion order (late ones last, as timeouts); the caller
         may stop early, and what is still running is then cancelled."""
-        started, budget, tasks = self._start(services, x, request_id, deadline)
+        steps = tracing.steps("service")
+        started, budget, tasks = self._start(services, x, request_id, deadline, steps)
         seen: set[str] = set()
         try:
             if tasks:
@@ -323,6 +424,8 @@ class FanOut:
                     for next_done in asyncio.as_completed(tasks, timeout=budget):
                         outcome = self._record(await next_done)
                         seen.add(outcome.service)
+                        if steps is not None:
+                            steps.end(outcome.service, outcome.reason, outcome.latency_s)
                         yield outcome
                 except TimeoutError:
                     pass
@@ -330,8 +433,13 @@ class FanOut:
             for service in services:
                 if service.name not in seen:
                     seen.add(service.name)
-                    yield self._late(service, max(budget, 0), started)
+                    late = self._late(service, max(budget, 0), started)
+                    if steps is not None:
+                        steps.end(service.name, late.reason, late.latency_s)
+                    yield late
         finally:
+            if steps is not None:
+                steps.close()
             unfinished = await _cancel(tasks)  # the caller stopped early
             # No tasks when the deadline had already passed: nothing was started, nothing to cancel.
             for service, task in zip(services, tasks, strict=bool(tasks)):

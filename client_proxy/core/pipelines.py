@@ -41,10 +41,11 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from client_proxy import tracing
 from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.core.compositions import Gateway, read_classes, resolve_classes
-from client_proxy.core.fanout import FanOut
+from client_proxy.core.fanout import FanOut, FanOutResult
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count, take_rows
 from client_proxy.core.yamlfile import Node
@@ -343,12 +344,13 @@ async def run_pipeline(
         source = x if step.input == "request" else outputs[step.input]
         started = time.perf_counter()
         try:
-            result = await fanout.run(
+            result = await _run_step(
+                fanout,
+                step,
                 [services[s] for s in step.services],
                 take_rows(source, rows),
                 request_id,
                 deadline,
-                TimeoutPolicy.PARTIAL if step.on_failure == "skip" else TimeoutPolicy.ALL_OR_NOTHING,
             )
         except ServicesFailed as exc:
             calls += len(step.services)
@@ -409,6 +411,26 @@ async def run_pipeline(
     return PipelineResult(
         labels, proba, stopped_at, path, calls, scores, classes if scores is not None else ()
     )
+
+
+async def _run_step(
+    fanout: FanOut, step: Step, services: list[Service], x: Inputs, request_id: str, deadline: float
+) -> FanOutResult:
+    """One step's fan-out (in a span of its own beneath the request's, tracing on)."""
+    policy = TimeoutPolicy.PARTIAL if step.on_failure == "skip" else TimeoutPolicy.ALL_OR_NOTHING
+    if not tracing.ENABLED:
+        return await fanout.run(services, x, request_id, deadline, policy)
+    steps = tracing.Steps("step")
+    try:
+        with steps.current(step.name):
+            result = await fanout.run(services, x, request_id, deadline, policy)
+        steps.end(step.name, "ok")
+        return result
+    except ServicesFailed as exc:
+        steps.end(step.name, "skipped" if step.on_failure == "skip" else "failed", error=exc.message)
+        raise
+    finally:
+        steps.close()
 
 
 def _ms(started: float) -> float:

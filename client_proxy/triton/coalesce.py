@@ -27,6 +27,7 @@ from typing import Any
 
 from numpy.typing import NDArray
 
+from client_proxy import tracing
 from client_proxy.core.services import Service
 from client_proxy.core.tensors import Inputs, concatenate, row_count, signature
 from client_proxy.errors import UpstreamError
@@ -40,6 +41,8 @@ class _Waiter:
     request_id: str
     timeout: float
     future: asyncio.Future[NDArray[Any]]
+    #: The caller's trace context (tracing on): the batch's call is traced beneath it.
+    trace: Any = None
 
 
 #: Calls in flight this many times longer than the service's usual call time are late: one more
@@ -121,7 +124,8 @@ class Coalescer:
                 lane.came_back(now, time.monotonic())
                 self._next_batch(service, lane)
         future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
-        lane.waiting.append(_Waiter(x, request_id, timeout, future))
+        trace = tracing.current() if tracing.ENABLED else None
+        lane.waiting.append(_Waiter(x, request_id, timeout, future, trace))
         self._look_again(service, lane, now)
         return await future
 
@@ -135,7 +139,8 @@ class Coalescer:
         lane = self._lane(service)
         future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         waiting = lane.waiting
-        waiting.append(_Waiter(x, request_id, timeout, future))
+        trace = tracing.current() if tracing.ENABLED else None
+        waiting.append(_Waiter(x, request_id, timeout, future, trace))
         now = time.monotonic()
         if len(waiting) == 1 and lane.may_send(self._max_in_flight, now):
             self._next_batch(service, lane)
@@ -202,7 +207,12 @@ class Coalescer:
         try:
             x = concatenate([w.x for w in batch])
             try:
-                output = await self._infer(service, x, batch[0].request_id, max(w.timeout for w in batch))
+                call = self._infer(service, x, batch[0].request_id, max(w.timeout for w in batch))
+                if batch[0].trace is not None:
+                    with tracing.batch(service.name, [w.trace for w in batch], row_count(x)):
+                        output = await call
+                else:
+                    output = await call
             except UpstreamError as exc:
                 for waiter in batch:
                     if not waiter.future.done():

@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from client_proxy import tracing
 from client_proxy.config import Settings
 from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.core.services import Service, Target
@@ -148,6 +149,7 @@ class _Client:
             model_version=target.version,
             outputs=requested,
             request_id=request_id,
+            headers=tracing.outgoing_headers() if tracing.ENABLED else None,
             **self._timeout(timeout),
         )
         result = await (self._unless_cancelled(call) if self._abandon else call)
@@ -177,14 +179,16 @@ class _Client:
             if class_count:
                 output.parameters["classification"].int64_param = class_count
         # Errors as tritonclient reports gRPC errors, for ``translate``.
+        headers = tracing.outgoing_headers() if tracing.ENABLED else None
         if self._lean is not None:
             try:
-                answer = await self._lean.unary(_MODEL_INFER, request.SerializeToString(), timeout)
+                answer = await self._lean.unary(_MODEL_INFER, request.SerializeToString(), timeout, headers)
             except CallError as exc:
                 raise InferenceServerException(msg=exc.details, status=str(exc.code)) from None
             response = service_pb2.ModelInferResponse.FromString(answer)
         else:
-            call = self._stub.ModelInfer(request, timeout=timeout)
+            metadata = tuple(headers.items()) if headers else None
+            call = self._stub.ModelInfer(request, timeout=timeout, metadata=metadata)
             try:
                 response = await (self._unless_cancelled(call) if self._abandon else call)
             except grpc.RpcError as exc:
@@ -344,7 +348,11 @@ class TritonGateway:
         return self.replicas(service).hedging(service.hedge or self._hedge)
 
     async def _on_a_replica(
-        self, service: Service, timeout: float, call: Callable[[_Client, Target, float], Awaitable[T]]
+        self,
+        service: Service,
+        timeout: float,
+        call: Callable[[_Client, Target, float], Awaitable[T]],
+        operation: str = "infer",
     ) -> T:
         """``call`` on one replica, chosen by ``ReplicaSet.pick``. A fast failure (unreachable,
         model not ready) is sent once more, to another replica, if there is one and time is left;
@@ -355,7 +363,7 @@ class TritonGateway:
         replicas.budget.deposit()
         delay = replicas.hedge_delay(service.hedge or self._hedge)
         if delay is not None and delay < timeout:
-            return await self._hedged(service, replicas, timeout, delay, call)
+            return await self._hedged(service, replicas, timeout, delay, call, operation)
         started = time.monotonic()
         tried: list[Replica] = []
         while True:
@@ -363,8 +371,12 @@ class TritonGateway:
             tried.append(replica)
             replica.outstanding += 1
             sent = time.monotonic()
+            budget = timeout - (sent - started)
             try:
-                result = await call(self._client(replica.target), replica.target, timeout - (sent - started))
+                if tracing.ENABLED:
+                    result = await self._traced(service, replica, operation, len(tried), False, call, budget)
+                else:
+                    result = await call(self._client(replica.target), replica.target, budget)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -378,6 +390,29 @@ class TritonGateway:
                 return result
             finally:
                 replica.outstanding -= 1
+
+    def _traced(
+        self,
+        service: Service,
+        replica: Replica,
+        operation: str,
+        attempt: int,
+        hedge: bool,
+        call: Callable[[_Client, Target, float], Awaitable[T]],
+        budget: float,
+    ) -> Awaitable[T]:
+        """``call`` on ``replica`` in a span of its own (tracing on)."""
+        target = replica.target
+        return tracing.triton_call(
+            lambda: call(self._client(target), target, budget),
+            operation,
+            service.name,
+            target.model,
+            target.url,
+            target.protocol,
+            attempt,
+            hedge,
+        )
 
     def _retry(
         self, service: Service, replicas: ReplicaSet, replica: Replica, error: UpstreamError,
@@ -400,6 +435,7 @@ class TritonGateway:
         timeout: float,
         delay: float,
         call: Callable[[_Client, Target, float], Awaitable[T]],
+        operation: str = "infer",
     ) -> T:
         """``call`` on one replica and, if it has not answered after ``delay``, on another one
         too: the first answer wins and the other call is cancelled. No hedge when the budget is
@@ -415,7 +451,13 @@ class TritonGateway:
             tried.append(replica)
             replica.outstanding += 1
             now = time.monotonic()
-            task = asyncio.ensure_future(call(self._client(replica.target), replica.target, deadline - now))
+            if tracing.ENABLED:
+                started_call = self._traced(
+                    service, replica, operation, len(tried), hedge, call, deadline - now
+                )
+            else:
+                started_call = call(self._client(replica.target), replica.target, deadline - now)
+            task = asyncio.ensure_future(started_call)
             pending[task] = (replica, now, hedge)
 
         send(replicas.pick(), False)
@@ -535,7 +577,7 @@ class TritonGateway:
         async def classify(client: _Client, target: Target, budget: float) -> dict[str, Any]:
             return await client.infer(target, tensors, "", budget, (plan.output_name,), class_count=count)
 
-        result = await self._on_a_replica(service, timeout, classify)
+        result = await self._on_a_replica(service, timeout, classify, "classify")
         labels = {}
         for entry in np.asarray(result[plan.output_name]).reshape(-1):
             text = entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -799,7 +841,7 @@ class TritonGateway:
                 "config": await client.model_config(target, budget),
             }
 
-        return await self._on_a_replica(service, timeout, describe)
+        return await self._on_a_replica(service, timeout, describe, "metadata")
 
     async def aclose(self) -> int:
         """Close every client; how many there were."""

@@ -291,14 +291,20 @@ class LeanChannel:
         self._closing = [f for f in self._closing if not f.done()] + [lost]
         return connection
 
-    async def unary(self, path: str, message: bytes, timeout: float) -> bytes:
-        """The answer's message to ``message`` sent to ``path``; ``CallError`` otherwise
-        (DEADLINE_EXCEEDED after ``timeout`` seconds)."""
+    async def unary(
+        self, path: str, message: bytes, timeout: float, metadata: dict[str, str] | None = None
+    ) -> bytes:
+        """The answer's message to ``message`` sent to ``path``, with ``metadata`` (such as
+        ``traceparent``) as literal headers; ``CallError`` otherwise (DEADLINE_EXCEEDED after
+        ``timeout`` seconds)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         connection = await self._open(timeout)
         future: asyncio.Future[bytes] = loop.create_future()
-        stream = connection.start(self._block(path, timeout), message, future)
+        block = self._block(path, timeout)
+        if metadata:
+            block += b"".join(literal(k.lower().encode(), v.encode()) for k, v in metadata.items())
+        stream = connection.start(block, message, future)
         timer = loop.call_at(deadline, _expire, future)
         try:
             return await future

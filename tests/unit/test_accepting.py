@@ -103,9 +103,14 @@ def test_every_accepted_connection_is_served_and_close_stops_accepting() -> None
     assert refused
 
 
-def test_a_listening_socket_given_to_it_is_served() -> None:
-    """uvicorn's path with several workers: the socket is bound once and passed to each."""
-    listener = socket.create_server(("127.0.0.1", 0))
+@pytest.mark.parametrize("listening", [False, True], ids=["bound", "listening"])
+def test_a_socket_given_to_it_is_served(listening: bool) -> None:
+    """uvicorn's path with several workers: the socket is bound once, in the parent, and passed
+    to each worker not yet listening (``uvicorn.Config.bind_socket``); a listening one works too."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    if listening:
+        listener.listen()
 
     async def main(loop: Loop) -> bytes:
         server = await loop.create_server(_Echo, sock=listener)

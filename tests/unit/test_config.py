@@ -80,3 +80,25 @@ def test_every_setting_is_in_the_readmes_configuration() -> None:
         f"PROXY_{name.upper()}" for name in Settings.model_fields if f"`PROXY_{name.upper()}`" not in table
     ]
     assert not missing, f"README's Configuration table lacks {missing}"
+
+
+def test_several_workers_are_refused_while_metrics_are_on() -> None:
+    """Each worker would answer a scrape with its own figures: the combination stops the start."""
+    from client_proxy.config import check_settings
+
+    with pytest.raises(ConfigError, match=r"PROXY_WORKERS=2: /metrics would show one worker's figures"):
+        check_settings(load_settings(workers=2))
+    check_settings(load_settings(workers=2, metrics=False))  # no /metrics: nothing to get wrong
+    check_settings(load_settings(workers=1))
+
+
+def test_python_m_client_proxy_refuses_several_workers_with_metrics_in_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PROXY_WORKERS": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "client_proxy"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "client_proxy: error: PROXY_WORKERS=3: /metrics would show one worker's figures; run one worker "
+        "per container (more replicas for more throughput), or set PROXY_METRICS=false"
+    ]

@@ -13,7 +13,7 @@ from client_proxy.api.inputs import N_FEATURES, SAMPLE_ROW
 from client_proxy.api.schemas import Health, HealthAll, Live, Metadata, Ready
 from client_proxy.api.state import JSON, State
 from client_proxy.core.services import Service, Target
-from client_proxy.errors import UpstreamError
+from client_proxy.errors import NotFound, UpstreamError
 
 router = APIRouter(tags=["operations"])
 
@@ -195,7 +195,9 @@ async def metadata(state: State) -> JSON:
 async def metrics(state: State) -> Response:
     """The proxy's Prometheus metrics (Triton's own are on its port 8002). The readiness gauges
     are measured now, as ``/health/ready`` would answer (each model asked with the service
-    timeout)."""
+    timeout). 404 with ``PROXY_METRICS=false``."""
+    if not state.settings.metrics:
+        raise NotFound("/metrics is off (PROXY_METRICS=false)")
     readiness = await _default_readiness(state)
     for service, result in readiness:
         state.metrics.service_ready.labels(service.name).set(1 if result["ready"] else 0)
