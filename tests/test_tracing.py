@@ -279,3 +279,53 @@ def test_a_tracing_setting_the_proxy_cannot_honour_stops_the_start(tmp_path: Pat
         "client_proxy: error: OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not supported: the proxy (like Triton) "
         "exports over http/protobuf; point it at the collector's OTLP/HTTP port (4318)"
     ]
+
+
+def _compose_trace_flags(environ: dict[str, str]) -> list[str]:
+    """docker-compose.yml's Triton ``--trace-config`` flags, ``${VAR:-default}`` as compose reads them."""
+    import re
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    flags = [a for a in compose["services"]["triton"]["command"] if a.startswith("--trace-config")]
+
+    def value(match: re.Match[str]) -> str:
+        return environ.get(match[1]) or match[2]
+
+    return [re.sub(r"\$\{(\w+):-([^}]*)\}", value, flag) for flag in flags]
+
+
+@pytest.mark.parametrize("level", ["TIMESTAMPS", "OFF"])
+def test_composes_triton_trace_flags_trace_when_asked_and_not_otherwise(
+    level: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The compose file's flags on the embedded Triton (the release the image runs): with
+    ``TRITON_TRACE_LEVEL=TIMESTAMPS`` a request that carries a context is traced to the endpoint;
+    with the default (OFF), Triton serves and traces nothing."""
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+    if level != "OFF":
+        environ["TRITON_TRACE_LEVEL"] = level
+    flags = _compose_trace_flags(environ)
+    assert f"--trace-config=opentelemetry,url={receiver.url}/v1/traces" in flags
+    trace_id = f"{CLIENT_TRACE[:-4]}{'6' if level == 'OFF' else '7'}000"
+    repository = iris_repository(tmp_path)
+    with TritonServer(
+        model_repository=repository, http_port=0, grpc_port=0, metrics_port=0, extra_args=flags
+    ) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        tensor = grpcclient.InferInput("input", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))
+        for i in range(5):  # several: Triton misses a context now and then (trace_args)
+            client.infer("setosa", [tensor], headers={"traceparent": _traceparent(trace_id, f"{i + 1:016x}")})
+        client.close()
+        if level == "OFF":
+            time.sleep(6)  # longer than Triton's default export period (5 s)
+        else:
+            receiver.wait_for(lambda _: bool(receiver.trace(trace_id)))
+    spans = receiver.trace(trace_id)
+    if level == "OFF":
+        assert spans == []
+    else:
+        assert {s.name for s in spans} >= {"InferRequest", "setosa"}
+        assert all(s.service == TRITON for s in spans)
