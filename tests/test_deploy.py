@@ -369,6 +369,13 @@ def test_k8s_proxy_image_is_the_compose_image(
 def test_deployment_files_use_only_known_settings() -> None:
     # An unknown PROXY_ variable would be silently ignored by the proxy: refuse typos here.
     known = {f"PROXY_{name.upper()}" for name in Settings.model_fields}
+    # The OpenTelemetry SDK's variables (tracing), as the SDK names them.
+    from opentelemetry import environment_variables as api_variables
+    from opentelemetry.sdk import environment_variables
+
+    known |= {
+        v for m in (environment_variables, api_variables) for k, v in vars(m).items() if k.startswith("OTEL_")
+    }
     compose_env = _environment(yaml.safe_load(COMPOSE.read_text())["services"]["proxy"]["environment"])
     k8s_env = dict(
         line.split("=", 1)
