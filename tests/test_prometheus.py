@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from client_proxy import Service
 from local_triton import TritonServer, free_ports
 from local_triton.server import terminate
 
@@ -96,5 +98,100 @@ def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tm
             inferences = _query(url, 'nv_inference_request_success{model="setosa"}')
             assert inferences and float(inferences[0]["value"][1]) >= 5
         finally:
+            terminate(process)
+            log.close()
+
+
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "proxy.json"
+
+
+def _dashboard_expressions() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_compose_provisions_grafana_with_the_committed_dashboard_and_prometheus() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    grafana = compose["services"]["grafana"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    (source,) = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert compose["services"]["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning/dashboards/dashboards.yml").read_text())[
+        "providers"
+    ]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(
+    triton: TritonServer, tmp_path: Path
+) -> None:
+    """The committed dashboard's PromQL, each expression asked of Debian's Prometheus running the
+    committed configuration against a real proxy and Triton under traffic: every one returns at
+    least one series with a number (a misspelt metric or label returns nothing and fails here).
+    A fourth service whose model Triton does not have makes the partial answers, the failed
+    calls and a replica's ejection that some panels show."""
+    services = [*services_on(triton, "grpc"), Service("ghost", "grpc", triton.grpc_url, "no_such_model")]
+    with running_proxy(settings(), services) as proxy_url:
+        text = CONFIG.read_text()
+        text = text.replace("proxy:9000", urllib.parse.urlsplit(proxy_url).netloc)
+        text = text.replace("triton:8002", urllib.parse.urlsplit(triton.metrics_url).netloc)
+        config = tmp_path / "prometheus.yml"
+        config.write_text(text)
+        (port,) = free_ports(1)
+        url = f"http://127.0.0.1:{port}"
+        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with httpx.Client(base_url=proxy_url, timeout=10) as client:
+                while not stop.is_set():
+                    client.post("/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]] * 3})
+                    time.sleep(0.02)
+
+        load = threading.Thread(target=traffic, daemon=True)
+        load.start()
+        try:
+            expressions = _dashboard_expressions()
+            assert len(expressions) >= 12
+            empty: list[str] = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                empty = []
+                for title, expression in expressions:
+                    try:
+                        result = _query(url, expression)
+                    except httpx.HTTPError:
+                        result = []
+                    numbers = [r for r in result if r["value"][1] not in ("NaN", "+Inf", "-Inf")]
+                    if not numbers:
+                        empty.append(f"{title}: {expression}")
+                if not empty:
+                    break
+                time.sleep(2)
+            assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+        finally:
+            stop.set()
+            load.join(15)
             terminate(process)
             log.close()
