@@ -339,7 +339,9 @@ class RequestContextMiddleware:
             await send(message)
 
         traced = (
-            tracing.start_request(scope["method"], scope["path"], scope["headers"], request_id)
+            tracing.start_request(
+                scope["method"], scope["path"], tracing.asgi_carrier(scope["headers"]), request_id
+            )
             if tracing.ENABLED and not scope["path"].startswith(_UNTRACED)
             else None
         )

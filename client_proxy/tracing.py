@@ -40,6 +40,8 @@ ENABLED = False
 _tracer: trace.Tracer = trace.NoOpTracer()
 _provider: Any = None
 T = TypeVar("T")
+#: What ``otel_context.attach`` gives and ``detach`` takes back.
+Token = contextvars.Token[Context]
 
 #: The service name spans carry when neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES says.
 DEFAULT_SERVICE_NAME = "client-proxy"
@@ -144,37 +146,46 @@ def use_provider(provider: Any) -> None:
 # -- requests ----------------------------------------------------------------------------------
 
 
-def _header_getter(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+def asgi_carrier(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """The propagation headers among ASGI's raw ones, as the propagator reads them."""
     fields = propagate.get_global_textmap().fields
-    return {
-        key.decode("latin-1"): value.decode("latin-1")
-        for key, value in headers
-        if key.decode("latin-1") in fields
-    }
+    carrier = {}
+    for key, value in headers:
+        name = key.decode("latin-1")
+        if name in fields:
+            carrier[name] = value.decode("latin-1")
+    return carrier
 
 
-def start_request(
-    method: str, path: str, headers: Sequence[tuple[bytes, bytes]], request_id: str, door: str = "http"
-) -> tuple[Span, object]:
-    """The request's span, current until ``end_request``; its parent the client's ``traceparent``."""
-    parent = propagate.extract(_header_getter(headers))
-    span = _tracer.start_span(
-        f"{method} {path}",
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes={
-            "http.request.method": method,
-            "url.path": path,
-            "proxy.request_id": request_id,
-            "proxy.door": door,
-        },
-    )
+def _start_current(
+    name: str,
+    parent: Context | None,
+    kind: SpanKind,
+    attributes: Mapping[str, Any],
+    links: Sequence[Link] = (),
+) -> tuple[Span, Token]:
+    """A span beneath ``parent`` (the current context when None), made current: it and the
+    token that ``otel_context.detach`` takes back."""
+    span = _tracer.start_span(name, context=parent, kind=kind, attributes=attributes, links=links)
     return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
 
-def end_request(span: Span, token: object, method: str, route: str, status: int) -> None:
-    otel_context.detach(token)  # type: ignore[arg-type]
+def start_request(
+    method: str, path: str, carrier: Mapping[str, str], request_id: str, door: str = "http"
+) -> tuple[Span, Token]:
+    """The request's span, current until ``end_request``; its parent the client's ``traceparent``
+    in ``carrier`` (the request's headers, or gRPC metadata)."""
+    attributes = {
+        "http.request.method": method,
+        "url.path": path,
+        "proxy.request_id": request_id,
+        "proxy.door": door,
+    }
+    return _start_current(f"{method} {path}", propagate.extract(carrier), SpanKind.SERVER, attributes)
+
+
+def end_request(span: Span, token: Token, method: str, route: str, status: int) -> None:
+    otel_context.detach(token)
     span.update_name(f"{method} {route}")
     span.set_attribute("http.route", route)
     span.set_attribute("http.response.status_code", status)
@@ -183,9 +194,9 @@ def end_request(span: Span, token: object, method: str, route: str, status: int)
     span.end()
 
 
-def end_grpc_request(span: Span, token: object, model: str, status: str) -> None:
+def end_grpc_request(span: Span, token: Token, model: str, status: str) -> None:
     """``end_request`` for the gRPC door: ``status`` is the gRPC status code's name."""
-    otel_context.detach(token)  # type: ignore[arg-type]
+    otel_context.detach(token)
     span.update_name(f"grpc ModelInfer {model}")
     span.set_attribute("rpc.system", "grpc")
     span.set_attribute("rpc.method", "ModelInfer")
@@ -293,10 +304,11 @@ async def triton_call(
 ) -> T:
     """``make()``'s call to Triton in a ``CLIENT`` span, current while it runs (its headers then
     carry this span's context: ``outgoing_headers``)."""
-    span = _tracer.start_span(
+    span, token = _start_current(
         f"triton {operation} {model}",
-        kind=SpanKind.CLIENT,
-        attributes={
+        None,
+        SpanKind.CLIENT,
+        {
             "proxy.operation": operation,
             "proxy.service": service,
             "proxy.model": model,
@@ -308,7 +320,6 @@ async def triton_call(
             "server.address": replica,
         },
     )
-    token = otel_context.attach(trace.set_span_in_context(span))
     try:
         result = await make()
     except BaseException as exc:
@@ -342,12 +353,12 @@ def batch(service: str, callers: Sequence[Context | None], rows: int) -> Iterato
     batch of one has no span of its own, its call is traced beneath its caller's step."""
     first = callers[0]
     if len(callers) == 1:
-        token = otel_context.attach(first) if first is not None else None
+        attached = otel_context.attach(first) if first is not None else None
         try:
             yield
         finally:
-            if token is not None:
-                otel_context.detach(token)
+            if attached is not None:
+                otel_context.detach(attached)
         return
     links = []
     for caller in callers[1:]:
@@ -355,13 +366,8 @@ def batch(service: str, callers: Sequence[Context | None], rows: int) -> Iterato
             context = trace.get_current_span(caller).get_span_context()
             if context.is_valid:
                 links.append(Link(context))
-    span = _tracer.start_span(
-        f"batch {service}",
-        context=first,
-        links=links,
-        attributes={"proxy.service": service, "proxy.batch.rows": rows, "proxy.batch.requests": len(callers)},
-    )
-    token = otel_context.attach(trace.set_span_in_context(span, first))
+    attributes = {"proxy.service": service, "proxy.batch.rows": rows, "proxy.batch.requests": len(callers)}
+    span, token = _start_current(f"batch {service}", first, SpanKind.INTERNAL, attributes, links)
     try:
         yield
     finally:

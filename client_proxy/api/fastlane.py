@@ -120,38 +120,10 @@ class FastLane:
             await self._refusals.send(scope, send)
             return
         try:
-            if tracing.ENABLED:
-                await self._traced(handler, template, path_params, scope, receive, send)
-            else:
-                await self._answer(handler, template, path_params, scope, receive, send)
+            await self._answer(handler, template, path_params, scope, receive, send)
         finally:
             if counted:
                 admission.leave()
-
-    async def _traced(
-        self,
-        handler: Handler,
-        template: str,
-        path_params: dict[str, str],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        """``_answer`` within the request's span (tracing on)."""
-        status = 500
-
-        async def send_traced(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        request_id = request_id_of(scope)
-        span, token = tracing.start_request(scope["method"], scope["path"], scope["headers"], request_id)
-        try:
-            await self._answer(handler, template, path_params, scope, receive, send_traced, request_id)
-        finally:
-            tracing.end_request(span, token, scope["method"], template, status)
 
     async def _answer(
         self,
@@ -161,11 +133,16 @@ class FastLane:
         scope: Scope,
         receive: Receive,
         send: Send,
-        request_id: str | None = None,
     ) -> None:
         started = time.monotonic()
-        if request_id is None:
-            request_id = request_id_of(scope)
+        request_id = request_id_of(scope)
+        traced = (
+            tracing.start_request(
+                scope["method"], scope["path"], tracing.asgi_carrier(scope["headers"]), request_id
+            )
+            if tracing.ENABLED
+            else None
+        )
         scope["path_params"] = path_params
         scope["state"] = {"request_id": request_id, "started": started}
         id_header = (b"x-request-id", request_id.encode())
@@ -198,3 +175,5 @@ class FastLane:
                 await send({"type": "http.response.body", "body": response.body})
         finally:
             self._metrics.observe_request(template, scope["method"], status, time.monotonic() - started)
+            if traced is not None:
+                tracing.end_request(*traced, scope["method"], template, status)

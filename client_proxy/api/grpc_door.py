@@ -171,11 +171,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if not tracing.ENABLED:
             return await self._infer(request, context)
         request_id = request_id_from(request.id or None)
-        headers = [
-            (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in context.invocation_metadata() or ()
-        ]
+        carrier = {k: str(v) for k, v in context.invocation_metadata() or ()}
         path = "/inference.GRPCInferenceService/ModelInfer"
-        span, token = tracing.start_request("POST", path, headers, request_id, door="grpc")
+        span, token = tracing.start_request("POST", path, carrier, request_id, door="grpc")
         status = "OK"
         try:
             return await self._infer(request, context, request_id)
