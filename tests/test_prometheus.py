@@ -10,6 +10,8 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -53,23 +55,19 @@ def _query(url: str, expression: str) -> list[dict]:  # type: ignore[type-arg]
     return response.json()["data"]["result"]  # type: ignore[no-any-return]
 
 
-def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tmp_path: Path) -> None:
-    """The committed file, with its two targets pointed at this test's proxy and Triton: both
-    are up, and the proxy's request counter and Triton's inference counter arrive."""
-    with running_proxy(settings(), services_on(triton, "grpc")) as proxy_url:
-        for _ in range(5):
-            assert (
-                httpx.post(f"{proxy_url}/predict/label", json={"data": [[1.0, 2.0, 3.0, 4.0]]}).status_code
-                == 200
-            )
-        text = CONFIG.read_text()
-        text = text.replace("proxy:9000", urllib.parse.urlsplit(proxy_url).netloc)
-        text = text.replace("triton:8002", urllib.parse.urlsplit(triton.metrics_url).netloc)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(text)
-        (port,) = free_ports(1)
-        url = f"http://127.0.0.1:{port}"
-        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
+@contextmanager
+def _prometheus(
+    proxy_url: str, triton: TritonServer, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Debian's Prometheus on the committed configuration, its two targets pointed at this test's
+    proxy and Triton: its URL and process, stopped afterwards."""
+    text = CONFIG.read_text()
+    text = text.replace("proxy:9000", urllib.parse.urlsplit(proxy_url).netloc)
+    text = text.replace("triton:8002", urllib.parse.urlsplit(triton.metrics_url).netloc)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    (port,) = free_ports(1)
+    with open(tmp_path / "prometheus.log", "w") as log:
         process = subprocess.Popen(
             [
                 "prometheus",
@@ -81,6 +79,21 @@ def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tm
             stderr=subprocess.STDOUT,
         )
         try:
+            yield f"http://127.0.0.1:{port}", process
+        finally:
+            terminate(process)
+
+
+def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tmp_path: Path) -> None:
+    """The committed file, with its two targets pointed at this test's proxy and Triton: both
+    are up, and the proxy's request counter and Triton's inference counter arrive."""
+    with running_proxy(settings(), services_on(triton, "grpc")) as proxy_url:
+        for _ in range(5):
+            assert (
+                httpx.post(f"{proxy_url}/predict/label", json={"data": [[1.0, 2.0, 3.0, 4.0]]}).status_code
+                == 200
+            )
+        with _prometheus(proxy_url, triton, tmp_path) as (url, process):
             deadline = time.monotonic() + 60
             up: dict[str, str] = {}
             while time.monotonic() < deadline:
@@ -97,9 +110,6 @@ def test_a_real_prometheus_scrapes_the_proxy_and_triton(triton: TritonServer, tm
             assert requests and float(requests[0]["value"][1]) >= 5
             inferences = _query(url, 'nv_inference_request_success{model="setosa"}')
             assert inferences and float(inferences[0]["value"][1]) >= 5
-        finally:
-            terminate(process)
-            log.close()
 
 
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -142,24 +152,6 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     calls and a replica's ejection that some panels show."""
     services = [*services_on(triton, "grpc"), Service("ghost", "grpc", triton.grpc_url, "no_such_model")]
     with running_proxy(settings(), services) as proxy_url:
-        text = CONFIG.read_text()
-        text = text.replace("proxy:9000", urllib.parse.urlsplit(proxy_url).netloc)
-        text = text.replace("triton:8002", urllib.parse.urlsplit(triton.metrics_url).netloc)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(text)
-        (port,) = free_ports(1)
-        url = f"http://127.0.0.1:{port}"
-        log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
-        process = subprocess.Popen(
-            [
-                "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
         stop = threading.Event()
 
         def traffic() -> None:
@@ -171,27 +163,26 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         load = threading.Thread(target=traffic, daemon=True)
         load.start()
         try:
-            expressions = _dashboard_expressions()
-            assert len(expressions) >= 12
-            empty: list[str] = []
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-                empty = []
-                for title, expression in expressions:
-                    try:
-                        result = _query(url, expression)
-                    except httpx.HTTPError:
-                        result = []
-                    numbers = [r for r in result if r["value"][1] not in ("NaN", "+Inf", "-Inf")]
-                    if not numbers:
-                        empty.append(f"{title}: {expression}")
-                if not empty:
-                    break
-                time.sleep(2)
-            assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+            with _prometheus(proxy_url, triton, tmp_path) as (url, process):
+                expressions = _dashboard_expressions()
+                assert len(expressions) >= 12
+                empty: list[str] = []
+                deadline = time.monotonic() + 90
+                while time.monotonic() < deadline:
+                    assert process.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+                    empty = []
+                    for title, expression in expressions:
+                        try:
+                            result = _query(url, expression)
+                        except httpx.HTTPError:
+                            result = []
+                        numbers = [r for r in result if r["value"][1] not in ("NaN", "+Inf", "-Inf")]
+                        if not numbers:
+                            empty.append(f"{title}: {expression}")
+                    if not empty:
+                        break
+                    time.sleep(2)
+                assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         finally:
             stop.set()
             load.join(15)
-            terminate(process)
-            log.close()
