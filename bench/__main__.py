@@ -7,7 +7,8 @@ design rebuilt for comparison. Each at several concurrencies, repeated, medians 
 ratios to the ceiling and to the seed's design measured in the same run. Then the Open Inference
 Protocol doors (perf_analyzer), 256 connections and the memory per connection
 (``bench.connections``), a slow replica (balancing, hedging) and overload (shedding):
-``bench.resilience``.
+``bench.resilience``; rules whose webhook receivers are healthy, down, slow or failing:
+``bench.alerts``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import connections, cpu_profile, perf_analyzer, resilience
+from bench import alerts, connections, cpu_profile, perf_analyzer, resilience
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.processes import MODELS, serve, start_proxy
@@ -52,6 +53,7 @@ PROXY_HTTP = "proxy /predict/label over HTTP"
 PROXY_STREAM = "proxy /predict/stream over gRPC"
 PROXY_ENSEMBLE = "proxy /predict/label?route=ensemble over gRPC"
 PROXY_TRACED = "proxy /predict/label over gRPC, tracing on"
+PROXY_SAMPLED = "proxy /predict/label over gRPC, tracing 1% sampled"
 SEED = "seed design (FastAPI services, httpx client per request)"
 
 
@@ -286,36 +288,41 @@ def _tracing_section(
     receiver: Receiver,
     traced_requests: int,
 ) -> str:
-    """What tracing on costs the proxy: the traced proxy against the same proxy untraced, run
-    interleaved with it in the main table (medians of the same runs)."""
+    """What tracing on costs the proxy: the traced proxy (every request, then one in a hundred)
+    against the same proxy untraced, run interleaved with it in the main table (medians of the
+    same runs)."""
     lines = [
         "",
         "## Tracing on",
         "",
-        "The proxy over gRPC with OpenTelemetry tracing on (every request sampled: a request span, a",
-        "span per service and one per Triton call, 7 per request, exported over OTLP/HTTP to a",
-        "receiver in the benchmark's process) against the same proxy with tracing off, in the same",
-        "interleaved runs as the table above. Triton is not tracing here (its cost is Triton's).",
+        "The proxy over gRPC with OpenTelemetry tracing on against the same proxy with tracing off, in",
+        "the same interleaved runs as the table above: every request sampled (a request span, a span",
+        "per service and one per Triton call, exported over OTLP/HTTP to a receiver in the",
+        "benchmark's process), and one in a hundred (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`,",
+        "`OTEL_TRACES_SAMPLER_ARG=0.01`). Triton is not tracing here (its cost is Triton's).",
         "",
-        "| concurrency | req/s off | req/s on | on / off | p50 off (ms) | p50 on (ms) "
-        "| proxy CPU/request off (ms) | on (ms) | added (ms) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | sampled | req/s off | req/s on | on / off | p50 off (ms) | p50 on (ms) "
+        "| p99 off (ms) | p99 on (ms) | proxy CPU/request off (ms) | on (ms) | added (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for concurrency in levels:
         off = _median(results[(PROXY_GRPC, concurrency)])
-        on = _median(results[(PROXY_TRACED, concurrency)])
         cpu_off = off.cpu_per_request_ms().get("proxy", 0.0)
-        cpu_on = on.cpu_per_request_ms().get("proxy", 0.0)
-        ratio = on.throughput / off.throughput if off.throughput else 0.0
-        lines.append(
-            f"| {concurrency} | {off.throughput:.0f} | {on.throughput:.0f} | {ratio:.2f}x "
-            f"| {off.p50_ms:.2f} | {on.p50_ms:.2f} | {cpu_off:.3f} | {cpu_on:.3f} | {cpu_on - cpu_off:+.3f} |"
-        )
+        for name, share in ((PROXY_TRACED, "all"), (PROXY_SAMPLED, "1%")):
+            on = _median(results[(name, concurrency)])
+            cpu_on = on.cpu_per_request_ms().get("proxy", 0.0)
+            ratio = on.throughput / off.throughput if off.throughput else 0.0
+            lines.append(
+                f"| {concurrency} | {share} | {off.throughput:.0f} | {on.throughput:.0f} | {ratio:.2f}x "
+                f"| {off.p50_ms:.2f} | {on.p50_ms:.2f} | {off.p99_ms:.2f} | {on.p99_ms:.2f} "
+                f"| {cpu_off:.3f} | {cpu_on:.3f} | {cpu_on - cpu_off:+.3f} |"
+            )
     per_request = receiver.count / traced_requests if traced_requests else 0.0
     lines += [
         "",
-        f"Spans received: {receiver.count} in {receiver.posts} exports, {per_request:.1f} per traced "
-        "request measured (warm-up requests are traced too).",
+        f"Spans received: {receiver.count} in {receiver.posts} exports, {per_request:.1f} per request "
+        "measured with every request sampled (warm-up requests are traced too; the 1% proxy's spans "
+        "are among them).",
         "",
     ]
     return "\n".join(lines)
@@ -363,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         receiver = stack.enter_context(otlp_receiver(keep=False))
         traced_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "bench-proxy"}
         traced_proxy, traced_pid = start_proxy(stack, triton, "grpc", extra_env=traced_env)
+        # And as an operator would run it: a trace for one request in a hundred.
+        sampled_env = {
+            **traced_env,
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+        sampled_proxy, sampled_pid = start_proxy(stack, triton, "grpc", extra_env=sampled_env)
         ensemble_url = f"http://{triton.http_url}/v2/models/iris_ensemble/infer"
         targets = [
             Target(CEILING, lambda c, s: run_wrk(ensemble_url, ENSEMBLE_BODY, c, s), {"triton": triton_pid}),
@@ -374,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                    {"triton": triton_pid, "proxy": http_pid}),
             Target(PROXY_TRACED, lambda c, s: run_wrk(f"{traced_proxy}/predict/label", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": traced_pid}),
+            Target(PROXY_SAMPLED, lambda c, s: run_wrk(f"{sampled_proxy}/predict/label", PROXY_BODY, c, s),
+                   {"triton": triton_pid, "proxy": sampled_pid}),
             Target(PROXY_STREAM, lambda c, s: run_wrk(f"{grpc_proxy}/predict/stream", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": grpc_pid}),
             Target(PROXY_ENSEMBLE,
@@ -382,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         _check_answer(ensemble_url, ENSEMBLE_BODY, "virginica")
         _check_answer(f"{traced_proxy}/predict/label", PROXY_BODY, "virginica")
+        _check_answer(f"{sampled_proxy}/predict/label", PROXY_BODY, "virginica")
         for url in (grpc_proxy, http_proxy):
             _check_answer(f"{url}/predict/label", PROXY_BODY, "virginica")
             _check_answer(f"{url}/predict/stream", PROXY_BODY, '"final":true')
@@ -428,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         overload = resilience.overload_section(triton, 2.0 if args.smoke else 2 * args.seconds, args.repeats)
         tracing = _tracing_section(results, levels, receiver, traced_requests)
+        rules = alerts.alerts_section(triton, args.seconds, args.repeats, args.warmup)
     replicas = resilience.replicas_section(args.seconds, args.repeats, args.warmup)
 
     rows = [Row(name, concurrency, _median(ms)) for (name, concurrency), ms in results.items()]
@@ -445,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = (
         render_markdown(rows, header, verdicts, CEILING, SEED)
         + tracing
+        + rules
         + oip
         + profiles
         + conns

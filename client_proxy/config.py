@@ -31,6 +31,7 @@ from client_proxy.core.services import (
     parse_hedge,
     parse_service,
 )
+from client_proxy.signing import secret_bytes
 
 SERVICE_PREFIX = "SERVICE_"
 DEFAULT_MODELS = ("setosa", "versicolor", "virginica")
@@ -135,13 +136,42 @@ class Settings(BaseSettings):
     """After a SIGTERM, how long (ms) the proxy goes on serving while ``/health/ready`` answers
     503, so that load balancers stop sending before it stops accepting connections and drains.
     0 (the default): at once; Kubernetes gives the same pause with a ``preStop`` hook."""
+    webhook_secret: SecretStr | None = None
+    """Shared secret that signs every webhook post (Standard Webhooks: ``webhook-signature``):
+    ``whsec_<base64>`` of 16 bytes or more. Unset: posts are not signed (a warning at start when a
+    rule has a webhook)."""
+    webhook_queue: int = Field(1000, ge=1, le=1_000_000)
+    """Most alerts waiting to be posted; a new one beyond it is dropped (counted and logged)."""
+    webhook_timeout_ms: float = Field(2000.0, gt=0, le=60_000)
+    """Longest one webhook post may take, in milliseconds."""
+    webhook_retries: int = Field(3, ge=0, le=20)
+    """Further attempts after a post fails (no connection, time-out, 408, 429, 5xx)."""
+    webhook_backoff_ms: float = Field(200.0, gt=0, le=60_000)
+    """Back-off before the first retry, in milliseconds; doubled for each next one (full jitter)."""
+    webhook_workers: int = Field(4, ge=1, le=256)
+    """Webhook posts in flight at once (one receiver that is slow holds one of them per post)."""
+    webhook_flush_ms: float = Field(5000.0, ge=0, le=600_000)
+    """At shutdown, how long (ms) queued webhook posts may still be tried; the rest are abandoned."""
 
     @field_validator(
-        "pipelines_file", "compositions_file", "ensemble", "admin_token", "services_file", mode="before"
+        "pipelines_file",
+        "compositions_file",
+        "ensemble",
+        "admin_token",
+        "services_file",
+        "webhook_secret",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret_bytes(value.get_secret_value())  # a ValueError: pydantic reports it, not the secret
+        return value
 
     @field_validator("hedge")
     @classmethod
@@ -174,6 +204,10 @@ def check_settings(settings: Settings) -> None:
         )
 
 
+#: Settings whose values an error message never repeats.
+_SECRETS = frozenset({"admin_token", "webhook_secret"})
+
+
 def load_settings(**overrides: object) -> Settings:
     """``Settings()`` from the environment, with a ``ConfigError`` naming the variable on failure."""
     try:
@@ -182,7 +216,8 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
-            problems.append(f"PROXY_{field.upper()}: {error['msg']} (got {error.get('input')!r})")
+            got = "its value not shown" if field in _SECRETS else f"got {error.get('input')!r}"
+            problems.append(f"PROXY_{field.upper()}: {error['msg']} ({got})")
         raise ConfigError("invalid setting " + "; ".join(problems)) from None
 
 

@@ -252,6 +252,30 @@ class ProxyMetrics:
             "proxy_requests_in_flight", "Inference requests in flight now (HTTP and gRPC)", registry=r
         )
 
+        # Rules and their webhooks (client_proxy/alerts.py).
+        self.alerts = LoopCounter(
+            "proxy_alerts",
+            "Rows that met a rule, by source (composition/<name>, pipeline/<name>) and rule",
+            ["source", "rule"],
+            registry=r,
+        )
+        self.webhook_deliveries = LoopCounter(
+            "proxy_webhook_deliveries",
+            "Alerts posted to webhooks, by rule and outcome (delivered; failed: no attempt left or "
+            "refused; dropped: the queue was full; abandoned: left at shutdown)",
+            ["rule", "outcome"],
+            registry=r,
+        )
+        self.webhook_attempts = LoopCounter(
+            "proxy_webhook_attempts",
+            "Webhook posts tried, by rule and result (2xx, 4xx, 5xx, timeout, connection_error)",
+            ["rule", "result"],
+            registry=r,
+        )
+        self.webhook_queued = Gauge(
+            "proxy_webhook_queued", "Webhook posts waiting or being tried, measured when scraped", registry=r
+        )
+
         #: The request counter's labels by (endpoint, method, status): the status as text, once.
         self._request_labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
@@ -287,6 +311,10 @@ class ProxyMetrics:
     def watch_in_flight(self, admission: Any) -> None:
         """``proxy_requests_in_flight`` reads ``admission.in_flight`` when scraped (no hot-path cost)."""
         self.in_flight.set_function(lambda: admission.in_flight)
+
+    def watch_webhooks(self, sender: Any) -> None:
+        """``proxy_webhook_queued`` reads ``sender.queued`` when scraped."""
+        self.webhook_queued.set_function(lambda: sender.queued)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

@@ -108,6 +108,9 @@ def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
         composed = httpx.post(f"{stack.url}/compositions/wine/label", json=wine_row)
         assert composed.status_code == 200, composed.text
         assert composed.json()["prediction"]["label"] in ("class_0", "class_1", "class_2")
+        # Its Iris composition's rules flag a sure virginica (no webhook: ALERT_WEBHOOK_URL unset).
+        flagged = httpx.post(f"{stack.url}/compositions/iris/label", json=seed).json()
+        assert flagged["alerts"] == [{"rule": "virginica_sure", "severity": "critical", "rows": [0]}]
         assert stub_processes(stack.repository), "no Triton found to check the stop against"
         assert stack.stop() == 0
         stack.assert_nothing_left()

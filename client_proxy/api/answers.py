@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from client_proxy.core.compositions import CompositionAnswer
 from client_proxy.core.fanout import FanOutResult, Labels, Outcome, failure
+from client_proxy.core.rules import Alert
 
 
 def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
@@ -66,3 +68,11 @@ def label_rows(answer: CompositionAnswer) -> list[dict[str, Any]]:
             row["scores"] = dict(zip(answer.classes, aggregated.scores[i].tolist(), strict=True))
         rows.append(row)
     return rows
+
+
+def with_alerts(body: dict[str, Any], alerts: Sequence[Alert]) -> dict[str, Any]:
+    """``body`` with ``"alerts"``: each rule met, its severity and the rows that met it (none met:
+    no key, the body as it was)."""
+    if alerts:
+        body["alerts"] = [alert.describe() for alert in alerts]
+    return body

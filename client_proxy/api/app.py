@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from client_proxy import tracing
+from client_proxy.alerts import Alerter, WebhookSender, WebhookSettings
 from client_proxy.api import grpc_door
 from client_proxy.api.admission import Admission, AdmissionMiddleware
 from client_proxy.api.fastlane import FastLane
@@ -29,7 +30,7 @@ from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.config import Settings, check_settings, ensemble_service, initial_services, load_settings
-from client_proxy.core.declared import load_declared
+from client_proxy.core.declared import Declared, load_declared
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
@@ -87,8 +88,16 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     )
     metrics.watch_in_flight(state.admission)
 
+    webhooks = _webhook_sender(settings, declared, metrics)
+    state.alerts = Alerter(metrics, webhooks)
     state.served = ServedModels(
-        gateway, state.fanout, compositions, declared.pipelines, state.default_composition, state.service_map
+        gateway,
+        state.fanout,
+        compositions,
+        declared.pipelines,
+        state.default_composition,
+        state.service_map,
+        state.alerts,
     )
 
     @asynccontextmanager
@@ -99,11 +108,15 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         grpc_server = (
             await grpc_door.start(state, settings.host, settings.grpc_port) if settings.grpc_port else None
         )
+        if webhooks is not None:
+            webhooks.start()
         try:
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
+            if webhooks is not None:
+                await webhooks.aclose()  # the alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS
             await coalescer.aclose()
             await ensemble_coalescer.aclose()
             closed = await gateway.aclose()
@@ -155,6 +168,36 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         # front of it, inside Starlette's own __call__ (which sets scope["app"]).
         app.build_middleware_stack = lambda: lane.in_front_of(build_stack())  # type: ignore[method-assign]
     return app
+
+
+def _webhook_sender(settings: Settings, declared: Declared, metrics: ProxyMetrics) -> WebhookSender | None:
+    """The webhook sender, when some rule has a webhook (none otherwise: no client, no task)."""
+    rules = [
+        *((c.name, r) for c in declared.compositions.values() for r in c.rules),
+        *((p.name, r) for p in declared.pipelines.values() for r in p.rules),
+    ]
+    hooked = [f"{owner}/{rule.name}" for owner, rule in rules if rule.webhook is not None]
+    if not hooked:
+        return None
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret is not None else None
+    if secret is None:
+        logger.warning(
+            "PROXY_WEBHOOK_SECRET is not set: the webhooks of %s are not signed", ", ".join(hooked)
+        )
+    sender = WebhookSender(
+        WebhookSettings(
+            secret=secret,
+            queue_size=settings.webhook_queue,
+            timeout_s=settings.webhook_timeout_ms / 1000,
+            retries=settings.webhook_retries,
+            backoff_s=settings.webhook_backoff_ms / 1000,
+            workers=settings.webhook_workers,
+            flush_s=settings.webhook_flush_ms / 1000,
+        ),
+        metrics,
+    )
+    metrics.watch_webhooks(sender)
+    return sender
 
 
 def _drain_on_sigterm(state: ProxyState, delay_s: float) -> None:

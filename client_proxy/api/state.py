@@ -15,6 +15,7 @@ from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.declared import service_map
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.pipelines import Pipeline
+from client_proxy.core.rules import AlertSink
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
@@ -45,6 +46,8 @@ class ProxyState:
     compositions_source: str | None = None
     admission: Admission = field(default_factory=lambda: Admission(0))
     """The bound on inference requests in flight (``PROXY_MAX_IN_FLIGHT``), both doors."""
+    alerts: AlertSink | None = None
+    """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
     served: ServedModels = field(init=False)
     """The Open Inference Protocol's view of the compositions, pipelines and services (``/v2``)."""
 

@@ -31,9 +31,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
+from client_proxy.core.conditions import service_score
 from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import (
     ConfigError,
     Protocol,
@@ -48,7 +52,16 @@ from client_proxy.core.yamlfile import Node
 from client_proxy.errors import AggregationFailed, ServicesFailed
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
-_KEYS = {"description", "services", "aggregator", "classes", "timeout_policy", "deadline_ms", "min_answers"}
+_KEYS = {
+    "description",
+    "services",
+    "aggregator",
+    "classes",
+    "timeout_policy",
+    "deadline_ms",
+    "min_answers",
+    "rules",
+}
 _MEMBER_KEYS = {"target", "weight", "output", "hedge"}
 
 
@@ -73,6 +86,8 @@ class Composition:
     timeout_policy: TimeoutPolicy | None = None
     deadline_ms: float | None = None
     min_answers: int = 1
+    rules: tuple[Rule, ...] = ()
+    """Conditions on the answer that raise alerts (``rules.py``)."""
 
     @property
     def services(self) -> list[Service]:
@@ -95,6 +110,7 @@ class Composition:
             "timeout_policy": self.timeout_policy.value if self.timeout_policy else None,
             "deadline_ms": self.deadline_ms,
             "min_answers": self.min_answers,
+            "rules": [r.describe() for r in self.rules],
         }  # fmt: skip
 
 
@@ -184,6 +200,15 @@ def _composition(
             minimum, f"composition {name!r}: min_answers must be a whole number from 1 to {len(members)}"
         )
     description = fields.get("description", Node("", node.line)).value
+    rules = read_rules(
+        fields.get("rules"),
+        f"composition {name!r}",
+        [m.service.name for m in members],
+        classes,
+        str(aggregator.value),
+        fail,
+        lambda text: expand(text, environ),
+    )
     return Composition(
         name=name,
         description=str(description or ""),
@@ -193,6 +218,7 @@ def _composition(
         timeout_policy=policy,
         deadline_ms=float(deadline) if deadline is not None else None,
         min_answers=minimum.value,
+        rules=rules,
     )
 
 
@@ -209,7 +235,7 @@ def read_classes(node: Node | None, owner: str, fail: Any) -> tuple[str, ...]:
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(text: str, environ: Mapping[str, str]) -> str | None:
+def expand(text: str, environ: Mapping[str, str]) -> str | None:
     """``${VAR}`` and ``${VAR:-default}`` from the environment; None when one is unset with no default."""
     missing = False
 
@@ -242,7 +268,7 @@ def _member(
     if unknown:
         raise fail(entry, f"composition {composition!r}, service {name!r}: unknown key(s) {sorted(unknown)}")
     if "target" in fields:
-        target = _expand(str(fields["target"].value), environ)
+        target = expand(str(fields["target"].value), environ)
         if target is None:
             raise fail(
                 fields["target"], f"composition {composition!r}, service {name!r}: target "
@@ -298,6 +324,8 @@ class CompositionAnswer:
     aggregated: Aggregated | None
     """None for the ``none`` aggregator: the services' outputs are the answer."""
     classes: tuple[str, ...]
+    alerts: tuple[Alert, ...] = ()
+    """The composition's rules that some rows met."""
 
 
 async def resolve_classes(
@@ -342,15 +370,45 @@ async def run_composition(
     request_id: str,
     deadline: float,
     policy: TimeoutPolicy,
+    sink: AlertSink | None = None,
 ) -> CompositionAnswer:
-    """Fan the rows out to the composition's services and aggregate what came back in time."""
+    """Fan the rows out to the composition's services and aggregate what came back in time;
+    the alerts of its rules go to ``sink``."""
     services = composition.services
     if not gateway.fits(services, x):
         await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
     result = await fanout.run(services, x, request_id, deadline, policy)
     enough_answers(composition, result, policy)
     aggregated, classes = await aggregate(composition, result, gateway, x, deadline)
-    return CompositionAnswer(result, aggregated, classes)
+    alerts = check_rules(composition, result, aggregated, classes, request_id, sink)
+    return CompositionAnswer(result, aggregated, classes, alerts)
+
+
+def check_rules(
+    composition: Composition,
+    result: FanOutResult,
+    aggregated: Aggregated | None,
+    classes: tuple[str, ...],
+    request_id: str,
+    sink: AlertSink | None,
+) -> tuple[Alert, ...]:
+    """The alerts of the composition's rules on this answer, handed to ``sink`` (none: no rules)."""
+    if not composition.rules:
+        return ()
+    aggregator = composition.aggregator
+    n = next(len(o.probabilities) for o in result.outcomes.values() if o.probabilities is not None)
+    scores = {
+        s.name: (
+            service_score(outcome.probabilities, aggregator)
+            if (outcome := result.outcomes.get(s.name)) is not None and outcome.probabilities is not None
+            else np.full(n, np.nan)
+        )
+        for s in composition.services
+    }
+    labelled = aggregated is not None
+    answer = aggregated if aggregated is not None else Aggregated([""] * n, np.full(n, np.nan))
+    rule_result = Result(answer, classes, scores, labelled)
+    return check(composition.rules, f"composition/{composition.name}", rule_result, request_id, sink)
 
 
 def enough_answers(composition: Composition, result: FanOutResult, policy: TimeoutPolicy) -> None:

@@ -10,7 +10,7 @@ A pipeline file (YAML, ``PROXY_PIPELINES_FILE``) declares::
           - name: setosa
             services: [setosa]          # one service, or several called in parallel as one step
             input: request              # or "<earlier step>.<service>": that service's output
-            stop_if: "setosa >= 0.9"    # per row: "<operand> <op> <number>", see below
+            stop_if: "setosa >= 0.9"    # per row: a condition (core/conditions.py), see below
             on_failure: skip            # skip: go on as if the step were not there; fail: 503/504
           - name: others
             services: [versicolor, virginica]
@@ -21,7 +21,8 @@ aggregator (as in a composition) over every service that answered for it so far;
 ``one_vs_rest``, the service with the highest P(class), as in the fan-out. ``stop_if`` reads
 ``proba`` (that answer's probability), a class name (its score for that class), a service of
 the step (its P(class) for ``one_vs_rest``, else its highest probability) or ``max`` (the
-highest of those over the step's services). A step may name the ``SERVICE_*`` services and the
+highest of those over the step's services), or ``label``; clauses may be joined by ``and`` and
+``or`` (``conditions.py``). A step may name the ``SERVICE_*`` services and the
 compositions' services.
 
 Errors in the file stop the start with a ``PipelineError`` naming the file and line.
@@ -30,10 +31,9 @@ Errors in the file stop the start with a ``PipelineError`` naming the file and l
 from __future__ import annotations
 
 import logging
-import operator
-import re
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,10 +42,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy import tracing
-from client_proxy.core import yamlfile
+from client_proxy.core import conditions, yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.core.compositions import Gateway, read_classes, resolve_classes
+from client_proxy.core.compositions import Gateway, expand, read_classes, resolve_classes
+from client_proxy.core.conditions import Condition, service_score
 from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count, take_rows
 from client_proxy.core.yamlfile import Node
@@ -53,55 +55,10 @@ from client_proxy.errors import AggregationFailed, Failure, ServicesFailed
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
 logger = logging.getLogger("client_proxy.core.pipelines")
-_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
-    ">=": operator.ge,
-    ">": operator.gt,
-    "<=": operator.le,
-    "<": operator.lt,
-}
-_CONDITION = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|>|<=|<)\s*([0-9]*\.?[0-9]+)\s*$")
 
 
 class PipelineError(ValueError):
     """An invalid pipeline file; the message names the file and the line."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    operand: str
-    """``proba`` (the row's answer so far), ``max`` (the highest score of the step's services),
-    a service of the step (its score), or a class name (the answer's score for that class)."""
-    op: str
-    threshold: float
-    text: str
-
-    def rows(
-        self,
-        step_scores: Mapping[str, NDArray[np.float64]],
-        answer: Aggregated,
-        classes: Sequence[str],
-        where: str,
-    ) -> NDArray[np.bool_]:
-        """Per row of the step: does the condition hold? An operand that did not answer: no."""
-        n = len(answer.labels)
-        if self.operand == "proba":
-            values = np.asarray(answer.proba, dtype=np.float64)
-        elif self.operand == "max":
-            if not step_scores:
-                return np.zeros(n, dtype=bool)
-            values = np.max(np.stack(list(step_scores.values()), axis=1), axis=1)
-        elif self.operand in step_scores:
-            values = step_scores[self.operand]
-        elif answer.scores is not None and self.operand in classes:
-            values = answer.scores[:, list(classes).index(self.operand)]
-        elif answer.scores is None:  # one_vs_rest: a service of the step that did not answer
-            return np.zeros(n, dtype=bool)
-        else:
-            raise AggregationFailed(
-                f"{where}: stop_if {self.text!r}: {self.operand!r} is not one of the classes "
-                f"({', '.join(classes)})"
-            )
-        return np.asarray(_OPERATORS[self.op](values, self.threshold), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -134,6 +91,8 @@ class Pipeline:
     composition): after each step, over the services of that step and of the steps before it."""
     classes: tuple[str, ...] = ()
     """Empty: the models' ``class_names`` (``one_vs_rest``: the services)."""
+    rules: tuple[Rule, ...] = ()
+    """Conditions on the answer that raise alerts (``rules.py``)."""
 
     @property
     def service_names(self) -> list[str]:
@@ -146,12 +105,17 @@ class Pipeline:
             "aggregator": self.aggregator,
             "classes": list(self.classes),
             "steps": [s.describe() for s in self.steps],
+            "rules": [r.describe() for r in self.rules],
         }
 
 
 # -- loading, with line numbers -----------------------------------------------------------------
-def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pipeline]:
-    """The pipelines in ``path``; ``PipelineError`` naming the line for anything invalid."""
+def load_pipelines(
+    path: Path, services: Mapping[str, Service], environ: Mapping[str, str] | None = None
+) -> dict[str, Pipeline]:
+    """The pipelines in ``path``; ``PipelineError`` naming the line for anything invalid.
+    ``environ`` (the process's): the ``${VAR}`` of the rules' webhook URLs."""
+    environ = os.environ if environ is None else environ
     where = str(path)
     document = yamlfile.read(path, "pipeline file", PipelineError)
 
@@ -166,7 +130,7 @@ def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pip
     for name, pnode in document.value["pipelines"].value.items():
         if not isinstance(pnode.value, dict):
             raise fail(pnode, f"pipeline {name!r} must be a mapping with 'steps'")
-        unknown = set(pnode.value) - {"steps", "description", "aggregator", "classes"}
+        unknown = set(pnode.value) - {"steps", "description", "aggregator", "classes", "rules"}
         if unknown:
             raise fail(pnode, f"pipeline {name!r}: unknown key(s) {sorted(unknown)}")
         aggregator = pnode.value.get("aggregator", Node("one_vs_rest", pnode.line))
@@ -183,7 +147,18 @@ def load_pipelines(path: Path, services: Mapping[str, Service]) -> dict[str, Pip
         for snode in steps_node.value:
             steps.append(_step(snode, steps, services, fail, str(aggregator.value), classes))
         description = pnode.value.get("description", Node("", pnode.line)).value
-        pipelines[name] = Pipeline(name, str(description or ""), tuple(steps), str(aggregator.value), classes)
+        rules = read_rules(
+            pnode.value.get("rules"),
+            f"pipeline {name!r}",
+            list(dict.fromkeys(s for step in steps for s in step.services)),
+            classes,
+            str(aggregator.value),
+            fail,
+            lambda text: expand(text, environ),
+        )
+        pipelines[name] = Pipeline(
+            name, str(description or ""), tuple(steps), str(aggregator.value), classes, rules
+        )
     return pipelines
 
 
@@ -235,23 +210,18 @@ def _step(
             )
     condition = None
     if "stop_if" in fields:
-        text = str(fields["stop_if"].value)
-        match = _CONDITION.match(text)
-        if match is None:
-            raise fail(
-                fields["stop_if"],
-                f"stop_if {text!r}: expected '<operand> <op> <number>', the operand 'proba', 'max', "
-                "a service of the step or a class, op one of >= > <= <",
-            )
+        try:
+            condition = conditions.parse(str(fields["stop_if"].value))
+        except conditions.ConditionSyntaxError as exc:
+            raise fail(fields["stop_if"], f"stop_if {exc}") from None
         # A class name is checked here when the classes are declared, else against the models'
         # class names when the step runs (one_vs_rest: the classes are the services).
-        known_class = match[1] in classes or (aggregator != "one_vs_rest" and not classes)
-        if match[1] not in ("proba", "max") and match[1] not in service_names and not known_class:
+        operand = conditions.check_operands(condition, service_names, classes, aggregator)
+        if operand is not None:
             raise fail(
-                fields["stop_if"], f"stop_if {text!r}: {match[1]!r} is not a service of step "
-                f"{name.value!r}, one of the classes, 'proba' or 'max'"
+                fields["stop_if"], f"stop_if {condition.text!r}: {operand!r} is not a service of "
+                f"step {name.value!r}, one of the classes, 'proba', 'max' or 'label'"
             )  # fmt: skip
-        condition = Condition(match[1], match[2], float(match[3]), text.strip())
     on_failure = fields.get("on_failure", Node("fail", node.line))
     if on_failure.value not in ("skip", "fail"):
         raise fail(on_failure, f"on_failure must be 'skip' or 'fail', not {on_failure.value!r}")
@@ -300,13 +270,8 @@ class PipelineResult:
     scores: NDArray[np.float64] | None = None
     """Per row and class, when the aggregator gives scores (not ``one_vs_rest``)."""
     classes: tuple[str, ...] = ()
-
-
-def _score(output: NDArray[Any], aggregator: str) -> NDArray[np.float64]:
-    """A service's score per row: its P(class) (``one_vs_rest``), else its highest probability."""
-    if aggregator == "one_vs_rest":
-        return np.asarray(output[:, 0], dtype=np.float64)
-    return np.asarray(output.max(axis=1), dtype=np.float64)
+    alerts: tuple[Alert, ...] = ()
+    """The pipeline's rules that some rows met."""
 
 
 async def run_pipeline(
@@ -317,9 +282,11 @@ async def run_pipeline(
     gateway: Gateway,
     request_id: str,
     deadline: float,
+    sink: AlertSink | None = None,
 ) -> PipelineResult:
     """Run the steps in order on the rows still open; each row's answer is the pipeline's
-    aggregator over every service that answered for it, up to the step that stopped it."""
+    aggregator over every service that answered for it, up to the step that stopped it. The
+    alerts of its rules (on the final answers) go to ``sink``."""
     where = f"pipeline {pipeline.name!r}"
     first = [services[name] for step in pipeline.steps if step.input == "request" for name in step.services]
     if not gateway.fits(first, x):
@@ -334,6 +301,7 @@ async def run_pipeline(
     outputs: dict[str, NDArray[Any]] = {}  # "<step>.<service>" -> full size
     answered: dict[str, NDArray[Any]] = {}  # service -> its latest output, full size
     sent: dict[str, Inputs] = {}  # service -> one row of what it was sent
+    service_scores: dict[str, NDArray[np.float64]] = {}  # service -> its latest score per row, NaN: none
     path: list[StepReport] = []
     calls = 0
     for step in pipeline.steps:
@@ -359,7 +327,8 @@ async def run_pipeline(
             path.append(StepReport(step.name, "skipped", int(rows.size), 0, _ms(started), exc.failures))
             continue
         calls += len(step.services)
-        step_scores: dict[str, NDArray[np.float64]] = {}
+        # A service of the step that did not answer: NaN, which meets no clause.
+        step_scores = {name: np.full(rows.size, np.nan) for name in step.services}
         for name in result.answered:
             output = result.outcomes[name].probabilities
             assert output is not None
@@ -367,7 +336,8 @@ async def run_pipeline(
             full[rows] = output
             outputs[f"{step.name}.{name}"] = answered[name] = full
             sent[name] = take_rows(source, rows[:1])  # what the service takes, should its labels be read
-            step_scores[name] = _score(output, pipeline.aggregator)
+            step_scores[name] = service_score(output, pipeline.aggregator)
+            service_scores.setdefault(name, np.full(n, np.nan))[rows] = step_scores[name]
         # Every service in ``answered`` answered for every row still open (rows only ever leave).
         classes = await resolve_classes(
             where,
@@ -408,8 +378,15 @@ async def run_pipeline(
             {r.step: Failure(r.status, ", ".join(r.missing)) for r in path if r.status == "skipped"},
             timed_out=False,
         )
+    alerts: tuple[Alert, ...] = ()
+    if pipeline.rules:
+        for name in pipeline.service_names:
+            service_scores.setdefault(name, np.full(n, np.nan))
+        answer = Aggregated(labels, proba, scores)
+        result_of_rules = Result(answer, classes, service_scores)
+        alerts = check(pipeline.rules, f"pipeline/{pipeline.name}", result_of_rules, request_id, sink)
     return PipelineResult(
-        labels, proba, stopped_at, path, calls, scores, classes if scores is not None else ()
+        labels, proba, stopped_at, path, calls, scores, classes if scores is not None else (), alerts
     )
 
 
@@ -461,4 +438,5 @@ def report_body(pipeline: Pipeline, result: PipelineResult, one_row: bool) -> di
             for r in result.path
         ],
         "triton_calls": result.calls,
+        **({"alerts": [alert.describe() for alert in result.alerts]} if result.alerts else {}),
     }

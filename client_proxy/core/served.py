@@ -32,6 +32,7 @@ from client_proxy.core.compositions import Composition, run_composition
 from client_proxy.core.contracts import Contract, ContractMismatch
 from client_proxy.core.fanout import FanOut, Outcome
 from client_proxy.core.pipelines import Pipeline, run_pipeline
+from client_proxy.core.rules import Alert, AlertSink
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import Failure, InvalidInput, ProxyError, UpstreamError
@@ -240,6 +241,16 @@ def _missing_parameters(missing: Mapping[str, Failure]) -> dict[str, Any]:
     return parameters
 
 
+def _alert_parameters(alerts: Sequence[Alert]) -> dict[str, Any]:
+    """The rules met, in the protocol's parameters (scalars only): their names, and each one's rows."""
+    if not alerts:
+        return {}
+    parameters: dict[str, Any] = {"alerts": ",".join(a.rule.name for a in alerts)}
+    for alert in alerts:
+        parameters[f"alert.{alert.rule.name}"] = ",".join(map(str, alert.rows))
+    return parameters
+
+
 class ServedModels:
     """The v2 door's models, looked up by name at request time (the admin endpoints may change
     the services), and run by the same core as the proxy's own routes."""
@@ -252,14 +263,17 @@ class ServedModels:
         pipelines: Mapping[str, Pipeline],
         default: Any,
         services: Any,
+        sink: AlertSink | None = None,
     ) -> None:
-        """``default()``: the default composition now; ``services()``: every service by name now."""
+        """``default()``: the default composition now; ``services()``: every service by name now;
+        ``sink``: where the rules' alerts go."""
         self._gateway = gateway
         self._fanout = fanout
         self._compositions = compositions
         self._pipelines = pipelines
         self._default = default
         self._services = services
+        self._sink = sink
         self._described: dict[str, tuple[Any, Served]] = {}
 
     def find(self, name: str) -> tuple[Kind, Composition | Pipeline | Service]:
@@ -392,10 +406,10 @@ class ServedModels:
         self, composition: Composition, x: Inputs, request_id: str, deadline: float, policy: TimeoutPolicy
     ) -> Answer:
         answer = await run_composition(
-            composition, x, self._gateway, self._fanout, request_id, deadline, policy
+            composition, x, self._gateway, self._fanout, request_id, deadline, policy, self._sink
         )
         result = answer.result
-        parameters = _missing_parameters(result.missing)
+        parameters = _missing_parameters(result.missing) | _alert_parameters(answer.alerts)
         if answer.aggregated is None:
             outputs = {n: o.probabilities for n, o in result.outcomes.items() if o.probabilities is not None}
             return Answer(outputs, parameters, list(result.outcomes.values()))
@@ -428,7 +442,7 @@ class ServedModels:
 
     async def _pipeline(self, pipeline: Pipeline, x: Inputs, request_id: str, deadline: float) -> Answer:
         result = await run_pipeline(
-            pipeline, x, self._services(), self._fanout, self._gateway, request_id, deadline
+            pipeline, x, self._services(), self._fanout, self._gateway, request_id, deadline, self._sink
         )
         outputs: dict[str, NDArray[Any]] = {
             "class_name": _names(result.labels),
@@ -438,4 +452,4 @@ class ServedModels:
         skipped = {
             r.step: Failure("skipped", ", ".join(r.missing)) for r in result.path if r.status == "skipped"
         }
-        return Answer(outputs, _missing_parameters(skipped))
+        return Answer(outputs, _missing_parameters(skipped) | _alert_parameters(result.alerts))

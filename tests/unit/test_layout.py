@@ -7,7 +7,18 @@ import sys
 
 from ..conftest import ROOT
 
-CORE = ["aggregators", "compositions", "contracts", "declared", "fanout", "pipelines", "services", "tensors"]
+CORE = [
+    "aggregators",
+    "compositions",
+    "conditions",
+    "contracts",
+    "declared",
+    "fanout",
+    "pipelines",
+    "rules",
+    "services",
+    "tensors",
+]
 TRANSPORTS = ("fastapi", "starlette", "uvicorn", "tritonclient", "grpc", "aiohttp", "httpx")
 
 

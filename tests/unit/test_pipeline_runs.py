@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client_proxy.core import conditions
 from client_proxy.core.fanout import FanOut
-from client_proxy.core.pipelines import Condition, Pipeline, PipelineResult, Step, run_pipeline
+from client_proxy.core.pipelines import Pipeline, PipelineResult, Step, run_pipeline
 from client_proxy.core.services import Service
 from client_proxy.errors import AggregationFailed, UpstreamUnavailable
 
@@ -50,10 +51,7 @@ class FakeGateway:
 
 
 def _pipeline(stop_if: str | None, aggregator: str = "mean", on_failure: str = "fail") -> Pipeline:
-    condition = None
-    if stop_if:
-        operand, op, threshold = stop_if.split()
-        condition = Condition(operand, op, float(threshold), stop_if)
+    condition = conditions.parse(stop_if) if stop_if else None
     return Pipeline(
         "p",
         "",

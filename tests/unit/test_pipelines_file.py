@@ -37,7 +37,11 @@ GOOD_HEAD = "pipelines:\n  p:\n    steps:\n"
         ("      - name: a\n        services: [setosa]\n        on_failure: retry\n", 6, "on_failure"),
         ("      - name: a\n        services: [setosa]\n        colour: blue\n", 4, "unknown key"),
         ("      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n", 6,
-         "'class_1' is not a service of step 'a', one of the classes, 'proba' or 'max'"),
+         "'class_1' is not a service of step 'a', one of the classes, 'proba', 'max' or 'label'"),
+        ("      - name: a\n        services: [setosa]\n        stop_if: setosa > 0.9 or class_1 > 0.9\n", 6,
+         "'class_1' is not a service"),
+        ("      - name: a\n        services: [setosa]\n        stop_if: label >= 0.9\n", 6,
+         "label takes == or != and a name"),
     ],
 )  # fmt: skip
 def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: int, text: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
-from client_proxy.api.answers import label_rows, line, predictions_body, service_line
+from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
 from client_proxy.api.inputs import check_content_type, parse_inputs, read_body
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
 from client_proxy.api.options import CallOptions, call_options
@@ -23,6 +23,7 @@ from client_proxy.core.compositions import (
     Composition,
     CompositionAnswer,
     aggregate,
+    check_rules,
     enough_answers,
     run_composition,
 )
@@ -69,7 +70,14 @@ async def _run(
 ) -> tuple[Composition, CompositionAnswer, bool]:
     composition, options, rows = await _read(state, name, request)
     answer = await run_composition(
-        composition, rows, state.gateway, state.fanout, options.request_id, options.deadline, options.policy
+        composition,
+        rows,
+        state.gateway,
+        state.fanout,
+        options.request_id,
+        options.deadline,
+        options.policy,
+        state.alerts,
     )
     log_request(options.request_id, endpoint, list(answer.result.outcomes.values()))
     if answer.result.partial:
@@ -88,7 +96,7 @@ async def predict(name: str, request: Request) -> JSON:
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
     _, answer, one_row = await _run(state, name, request, "/compositions/{name}/predict")
-    return JSON(predictions_body(answer.result, one_row))
+    return JSON(with_alerts(predictions_body(answer.result, one_row), answer.alerts))
 
 
 @router.post(
@@ -112,7 +120,7 @@ async def label(name: str, request: Request) -> JSON:
     if answer.result.partial:
         body["partial"] = True
         body["missing"] = answer.result.missing
-    return JSON(body)
+    return JSON(with_alerts(body, answer.alerts))
 
 
 @router.post(
@@ -158,6 +166,8 @@ async def stream(name: str, request: Request) -> StreamingResponse:
             if aggregated is not None:
                 labelled = label_rows(CompositionAnswer(result, aggregated, classes))
                 final["prediction"] = labelled[0] if one_row else labelled
+            alerts = check_rules(composition, result, aggregated, classes, options.request_id, state.alerts)
+            with_alerts(final, alerts)
         if result.partial:
             final["partial"] = True
             final["missing"] = result.missing

@@ -57,7 +57,14 @@ async def run(name: str, request: Request) -> JSON:
     options = call_options(request, state.settings)
     rows = await read_inputs(request, state.settings, options)
     result = await run_pipeline(
-        pipeline, rows, state.service_map(), state.fanout, state.gateway, options.request_id, options.deadline
+        pipeline,
+        rows,
+        state.service_map(),
+        state.fanout,
+        state.gateway,
+        options.request_id,
+        options.deadline,
+        state.alerts,
     )
     if logger.isEnabledFor(logging.INFO):
         steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in result.path)

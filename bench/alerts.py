@@ -1,0 +1,147 @@
+"""What rules and their webhooks cost the requests: ``make bench``'s "Rules and webhooks" section.
+
+The same composition of the three Iris models, served by one proxy each: with no rules, and with
+a rule every row meets (an alert per request: the most webhooks the proxy can be asked to post)
+whose webhook is a receiver that answers at once, one that is down (connection refused), one
+that answers after a second, and one that answers 500. wrk at c=16 on each, interleaved.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.loadgen import CpuMeter, Measurement, run_wrk
+from bench.processes import MODELS, serve
+from bench.webhook_receiver import WebhookReceiver
+from local_triton import TritonServer, free_ports
+
+BODY = b'{"data": [[1.0, 2.0, 3.0, 4.0]]}'
+CONCURRENCY = 16
+SECRET = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQtMzItYnl0ZXMhIQ=="
+NO_RULES = "no rules"
+
+
+def _file(folder: Path, triton: TritonServer, webhook: str | None) -> Path:
+    services = "".join(f"      {m}: {{target: 'grpc://{triton.grpc_url}/{m}'}}\n" for m in MODELS)
+    text = f"compositions:\n  iris:\n    services:\n{services}    aggregator: one_vs_rest\n"
+    if webhook is not None:
+        text += f"    rules:\n      - {{name: every_row, when: 'max >= 0', webhook: '{webhook}'}}\n"
+    path = folder / f"compositions-{len(list(folder.iterdir()))}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _proxy(stack: ExitStack, compositions: Path) -> tuple[str, int]:
+    port, grpc_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+    env.update(
+        PROXY_HOST="127.0.0.1",
+        PROXY_PORT=str(port),
+        PROXY_GRPC_PORT=str(grpc_port),
+        PROXY_COMPOSITIONS_FILE=str(compositions),
+        PROXY_WEBHOOK_SECRET=SECRET,
+        PROXY_LOG_LEVEL="ERROR",  # a dropped alert is a warning: thousands of lines otherwise
+    )
+    process = stack.enter_context(
+        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+    )
+    return f"http://127.0.0.1:{port}", process.pid
+
+
+def _deliveries(url: str) -> dict[str, float]:
+    """``proxy_webhook_deliveries_total`` by outcome, and ``proxy_alerts_total``, from /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("proxy_webhook_deliveries_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("proxy_alerts_total{"):
+            found["alerts"] = found.get("alerts", 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def alerts_section(triton: TritonServer, seconds: float, repeats: int, warmup: float) -> str:
+    with ExitStack() as stack:
+        receivers = {
+            "receiver answers at once": WebhookReceiver(SECRET, 204),
+            "receiver slow (answers after 1 s)": WebhookReceiver(SECRET, 204, delay_s=1.0),
+            "receiver answers 500": WebhookReceiver(SECRET, 500),
+        }
+        for receiver in receivers.values():
+            receiver.start()
+            stack.callback(receiver.stop)
+        (closed,) = free_ports(1)
+        hooks: dict[str, str | None] = {NO_RULES: None}
+        hooks["receiver answers at once"] = receivers["receiver answers at once"].url
+        hooks["receiver down (connection refused)"] = f"http://127.0.0.1:{closed}/alerts"
+        hooks["receiver slow (answers after 1 s)"] = receivers["receiver slow (answers after 1 s)"].url
+        hooks["receiver answers 500"] = receivers["receiver answers 500"].url
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-alerts-")))
+        proxies = {name: _proxy(stack, _file(folder, triton, hook)) for name, hook in hooks.items()}
+        measured: dict[str, list[Measurement]] = {}
+        for url, _ in proxies.values():
+            run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, warmup)
+        for repeat in range(repeats):
+            for name, (url, pid) in proxies.items():
+                meter = CpuMeter({"proxy": pid, "triton": triton.pid or 0})
+                meter.start()
+                m = run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, seconds)
+                m.cpu_s = meter.stop()
+                measured.setdefault(name, []).append(m)
+                print(
+                    f"c={CONCURRENCY:<3} run {repeat + 1}/{repeats} rules, {name:<38} "
+                    f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+                    f"errors {m.errors}",
+                    flush=True,
+                )
+        outcomes = {name: _deliveries(url) for name, (url, _) in proxies.items()}
+        got = {name: len(r.received) for name, r in receivers.items()}
+
+    def med(name: str, value: str) -> float:
+        ms = measured[name]
+        if value == "cpu":
+            return statistics.median(m.cpu_per_request_ms().get("proxy", 0.0) for m in ms)
+        return float(statistics.median(getattr(m, value) for m in ms))
+
+    base = med(NO_RULES, "throughput")
+    lines = [
+        "",
+        "## Rules and webhooks",
+        "",
+        "`bench.alerts`: `/compositions/iris/label` (the three Iris models, one_vs_rest), one proxy per "
+        "row: with no rules, and with a rule every row meets (`max >= 0`: an alert per request, the "
+        "most webhooks the proxy can be asked to post) posting to a receiver in the benchmark's process "
+        "(`bench/webhook_receiver.py`, which checks each signature). Webhook settings at their "
+        f"defaults (4 workers, a queue of 1,000, 3 retries). wrk at c={CONCURRENCY}, {repeats} "
+        f"interleaved run(s) of {seconds:g} s, medians; the delivery counts are the proxy's, over the "
+        "whole section (warm-up included).",
+        "",
+        "| webhook | req/s | vs no rules | p50 ms | p99 ms | proxy CPU/request ms | errors | alerts "
+        "| delivered | failed | dropped |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in proxies:
+        found = outcomes[name]
+        errors = sum(m.errors for m in measured[name])
+        lines.append(
+            f"| {name} | {med(name, 'throughput'):,.0f} | {med(name, 'throughput') / base:.2f}x "
+            f"| {med(name, 'p50_ms'):.2f} | {med(name, 'p99_ms'):.2f} | {med(name, 'cpu'):.3f} | {errors} "
+            f"| {found.get('alerts', 0):,.0f} | {found.get('delivered', 0):,.0f} "
+            f"| {found.get('failed', 0):,.0f} | {found.get('dropped', 0):,.0f} |"
+        )
+    lines += [
+        "",
+        "Posts the receivers got (retries included): "
+        + ", ".join(f"{name}: {count:,}" for name, count in got.items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
