@@ -36,6 +36,8 @@ from client_proxy.signing import secret_bytes, signature
 
 logger = logging.getLogger("client_proxy.alerts")
 USER_AGENT = "iris-triton-proxy-webhooks/0.1"
+#: A full queue's drops are logged at most this often per rule, with their count.
+DROP_LOG_EVERY_S = 10.0
 #: Statuses worth another attempt: the receiver may answer later (others are the payload's fault).
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -71,6 +73,8 @@ class WebhookSender:
         self._workers: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._busy = 0
+        self._drops: dict[str, tuple[float, int]] = {}
+        """Per rule: when a drop was last logged, and the drops since."""
         """Deliveries a worker holds (being tried, or waiting to be tried again)."""
 
     @property
@@ -88,22 +92,38 @@ class WebhookSender:
             asyncio.create_task(self._work(), name=f"webhook-{i}") for i in range(self._settings.workers)
         ]
 
+    @property
+    def full(self) -> bool:
+        """No room for another alert: the next one would be dropped (so need not be built)."""
+        return self._queue.full()
+
     def submit(self, url: str, rule: str, payload: dict[str, Any]) -> bool:
-        """Queue one post; False (counted and logged as dropped) when the queue is full."""
-        delivery = _Delivery(url, rule, f"msg_{uuid.uuid4().hex}", orjson.dumps(payload))
-        try:
-            self._queue.put_nowait(delivery)
-        except asyncio.QueueFull:
-            self._metrics.webhook_deliveries.inc((rule, "dropped"))
-            logger.warning(
-                "webhook queue full (%d): dropped the alert of rule %s for %s",
-                self._settings.queue_size,
-                rule,
-                url,
-                extra={"rule": rule, "webhook_id": delivery.message_id},
-            )
+        """Queue one post; False (counted as dropped) when the queue is full."""
+        if self._queue.full():
+            self.drop(url, rule)
             return False
+        self._queue.put_nowait(_Delivery(url, rule, f"msg_{uuid.uuid4().hex}", orjson.dumps(payload)))
         return True
+
+    def drop(self, url: str, rule: str) -> None:
+        """One alert dropped for a full queue: counted, and logged at most once per rule every
+        ``DROP_LOG_EVERY_S`` with how many (a receiver that is down must not flood the log)."""
+        self._metrics.webhook_deliveries.inc((rule, "dropped"))
+        now = time.monotonic()
+        logged_at, count = self._drops.get(rule, (float("-inf"), 0))
+        count += 1
+        if now - logged_at < DROP_LOG_EVERY_S:
+            self._drops[rule] = (logged_at, count)
+            return
+        self._drops[rule] = (now, 0)
+        logger.warning(
+            "webhook queue full (%d): dropped %d alert(s) of rule %s for %s since the last such line",
+            self._settings.queue_size,
+            count,
+            rule,
+            url,
+            extra={"rule": rule, "dropped": count},
+        )
 
     async def aclose(self) -> None:
         """Flush what is queued (for at most the flush bound), then stop; the rest is abandoned."""
@@ -189,7 +209,7 @@ class Alerter:
         self._webhooks = webhooks
 
     def raised(self, source: str, alerts: Sequence[Alert], request_id: str, result: Result) -> None:
-        now = datetime.now(UTC).isoformat()
+        now = ""
         for alert in alerts:
             rule = alert.rule
             self._metrics.alerts.inc((source, rule.name), len(alert.rows))
@@ -209,6 +229,10 @@ class Alerter:
                 },
             )
             if rule.webhook is not None and self._webhooks is not None:
+                if self._webhooks.full:  # dropped: the payload need not be built
+                    self._webhooks.drop(rule.webhook, rule.name)
+                    continue
+                now = now or datetime.now(UTC).isoformat()
                 payload = {
                     "type": "alert",
                     "rule": rule.name,

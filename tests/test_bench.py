@@ -44,8 +44,9 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     # The proxy's profiles: each a table, or the reason it could not be taken (py-spy needs ptrace).
     assert "## Where the proxy's CPU goes (py-spy)" in report
     assert "## Rules and webhooks" in report
-    for row in ("no rules", "receiver answers at once", "receiver down (connection refused)",
-                "receiver slow (answers after 1 s)", "receiver answers 500"):  # fmt: skip
+    for row in ("no rules", "rule, no webhook", "receiver answers at once",
+                "receiver down (connection refused)", "receiver slow (answers after 1 s)",
+                "receiver answers 500"):  # fmt: skip
         assert f"| {row} |" in report, row
     for title in (
         "`/predict/label` over gRPC, wrk c=16 (now)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -170,6 +171,20 @@ def test_a_full_queue_drops_the_new_alert_at_once_and_counts_it() -> None:
     assert accepted == [True, True, True, False, False, False]
     assert metrics.webhook_deliveries.value(("r", "dropped")) == 3
     assert metrics.webhook_deliveries.value(("r", "delivered")) == 3  # flushed at close
+
+
+def test_drops_are_logged_once_in_a_while_with_their_count(caplog: pytest.LogCaptureFixture) -> None:
+    with webhook_receiver(delay_s=0.5) as receiver:
+
+        async def body(sender: WebhookSender) -> None:
+            with caplog.at_level(logging.WARNING, logger="client_proxy.alerts"):
+                for i in range(50):
+                    sender.submit(receiver.url, "r", {"n": i})
+
+        metrics = _run(_settings(queue_size=1, workers=1, flush_s=0.1), body)
+    lines = [r for r in caplog.records if "queue full" in r.getMessage()]
+    assert metrics.webhook_deliveries.value(("r", "dropped")) == 49
+    assert len(lines) == 1 and "dropped 1 alert(s) of rule r" in lines[0].getMessage()
 
 
 def test_shutdown_flushes_what_is_queued_within_its_bound_and_abandons_the_rest() -> None:
