@@ -36,10 +36,12 @@ install: $(VENV)/.installed-test
 
 # From Debian's packages (as root; otherwise install them yourself): wrk, the benchmark's load
 # generator, chromium, the headless browser the /docs test renders the page in, and prometheus
-# (with promtool), which the tests run on deploy/prometheus/prometheus.yml.
-TOOLS := wrk chromium prometheus
-# Libraries (Debian packages) the tools need: perf_analyzer links against libb64.
-LIBRARIES := libb64-0d
+# (with promtool), which the tests run on deploy/prometheus/prometheus.yml, and redis-server and
+# PostgreSQL, the feature stores the tests of requests by key start on spare ports.
+TOOLS := wrk chromium prometheus redis-server
+# Debian packages checked by name: libb64, which perf_analyzer links against, and PostgreSQL's
+# server (its programs are off PATH).
+LIBRARIES := libb64-0d postgresql
 tools:
 	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	for library in $(LIBRARIES); do dpkg -s $$library >/dev/null 2>&1 || missing="$$missing $$library"; done; \

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from client_proxy.core.features import FEATURE_SET
 from client_proxy.core.services import (
     ConfigError,
     Hedge,
@@ -32,6 +33,7 @@ from client_proxy.core.services import (
     parse_service,
 )
 from client_proxy.signing import secret_bytes
+from client_proxy.stores import check_url
 
 SERVICE_PREFIX = "SERVICE_"
 DEFAULT_MODELS = ("setosa", "versicolor", "virginica")
@@ -136,6 +138,13 @@ class Settings(BaseSettings):
     """After a SIGTERM, how long (ms) the proxy goes on serving while ``/health/ready`` answers
     503, so that load balancers stop sending before it stops accepting connections and drains.
     0 (the default): at once; Kubernetes gives the same pause with a ``preStop`` hook."""
+    feature_store: str | None = None
+    """The feature store requests by key read: ``sqlite:///path.db``, ``redis://host:6379/0`` or
+    ``postgresql://user@host:5432/db``; unset: requests by key are refused (400)."""
+    feature_set: str = "iris"
+    """The feature set of the seed's routes, and of compositions and pipelines that name none."""
+    feature_store_pool: int = Field(4, ge=1, le=256)
+    """Connections to the feature store (SQLite: reader threads)."""
     webhook_secret: SecretStr | None = None
     """Shared secret that signs every webhook post (Standard Webhooks: ``webhook-signature``):
     ``whsec_<base64>`` of 16 bytes or more. Unset: posts are not signed (a warning at start when a
@@ -160,6 +169,7 @@ class Settings(BaseSettings):
         "admin_token",
         "services_file",
         "webhook_secret",
+        "feature_store",
         mode="before",
     )
     @classmethod
@@ -171,6 +181,18 @@ class Settings(BaseSettings):
     def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             secret_bytes(value.get_secret_value())  # a ValueError: pydantic reports it, not the secret
+        return value
+
+    @field_validator("feature_store")
+    @classmethod
+    def _feature_store(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None
+
+    @field_validator("feature_set")
+    @classmethod
+    def _feature_set(cls, value: str) -> str:
+        if not FEATURE_SET.match(value):
+            raise ValueError("must be lower-case letters, digits and '_'")
         return value
 
     @field_validator("hedge")
@@ -205,7 +227,7 @@ def check_settings(settings: Settings) -> None:
 
 
 #: Settings whose values an error message never repeats.
-_SECRETS = frozenset({"admin_token", "webhook_secret"})
+_SECRETS = frozenset({"admin_token", "webhook_secret", "feature_store"})  # a URL may hold a password
 
 
 def load_settings(**overrides: object) -> Settings:

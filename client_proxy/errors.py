@@ -89,6 +89,30 @@ class UnknownComposition(ProxyError):
     code = "unknown_composition"
 
 
+class UnknownKeys(ProxyError):
+    """Entity keys the feature store does not hold (the ``keys`` field names them)."""
+
+    status_code = 404
+    code = "unknown_keys"
+
+
+class NoFeatureStore(BadRequest):
+    code = "no_feature_store"
+
+
+# -- the feature store --------------------------------------------------------------------------
+class FeatureStoreError(ProxyError):
+    """The feature store could not be read: down, refusing, or answering with what is not features."""
+
+    status_code = 503
+    code = "feature_store_unavailable"
+
+
+class FeatureStoreTimeout(FeatureStoreError):
+    status_code = 504
+    code = "feature_store_timeout"
+
+
 # -- upstream (Triton) ------------------------------------------------------------------------
 class UpstreamError(ProxyError):
     """A service did not answer. ``reason`` is what the response and the metrics call it."""

@@ -252,6 +252,27 @@ class ProxyMetrics:
             "proxy_requests_in_flight", "Inference requests in flight now (HTTP and gRPC)", registry=r
         )
 
+        # Requests by key (client_proxy/api/reading.py).
+        self.feature_lookups = LoopCounter(
+            "proxy_feature_lookups",
+            "Feature store lookups, by store (sqlite, redis, postgresql) and outcome "
+            "(ok, unavailable, timeout)",
+            ["store", "outcome"],
+            registry=r,
+        )
+        self.feature_latency = LoopHistogram(
+            "proxy_feature_lookup_duration_seconds",
+            "Time for one feature store lookup (all of a request's keys), by store",
+            ["store"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feature_keys = LoopCounter(
+            "proxy_feature_keys",
+            "Distinct keys asked of the feature store, by outcome (found, missing)",
+            ["outcome"],
+            registry=r,
+        )
         # Rules and their webhooks (client_proxy/alerts.py).
         self.alerts = LoopCounter(
             "proxy_alerts",

@@ -15,6 +15,7 @@ both and leaves no process behind.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from client_proxy import tracing
+from client_proxy.feature_loader import load, read_csv
 from local_triton.server import (
     DEFAULT_REPOSITORY,
     LaunchError,
@@ -40,6 +42,17 @@ from local_triton.server import (
 
 SERVICES = ("setosa", "versicolor", "virginica")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FEATURES = Path(__file__).resolve().parent.parent / "features"
+#: make run's feature store (requests by key), loaded afresh from features/*.csv at each start.
+FEATURES_DB = Path(__file__).resolve().parent.parent / ".cache" / "features.db"
+
+
+def shipped_feature_store(path: Path = FEATURES_DB) -> str:
+    """A SQLite feature store holding the shipped feature sets (Iris, wine); its URL."""
+    url = f"sqlite://{path.resolve()}"
+    for csv in sorted(FEATURES.glob("*.csv")):
+        asyncio.run(load(url, csv.stem, read_csv(csv)))
+    return url
 
 
 def log(message: str) -> None:
@@ -73,6 +86,7 @@ class Stack:
 
     def __init__(self, args: argparse.Namespace, stopping: threading.Event) -> None:
         self.args = args
+        self.feature_store: str | None = None
         self.stopping = stopping
         self.server: TritonServer | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
@@ -114,6 +128,10 @@ class Stack:
         env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLES / "compositions.yaml"))
         env.setdefault("PROXY_PIPELINES_FILE", str(EXAMPLES / "pipelines.yaml"))
         env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{self.server.grpc_port}")
+        if "PROXY_FEATURE_STORE" not in env:
+            if self.feature_store is None:
+                self.feature_store = shipped_feature_store()
+            env["PROXY_FEATURE_STORE"] = self.feature_store
         for name in SERVICES:
             env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
         self.proxy = subprocess.Popen(

@@ -50,6 +50,10 @@ def assert_reproduces_committed(retrained: Path, x: np.ndarray) -> None:
         p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt")
     )
     assert (retrained / REPORT_NAME).read_text() == (MODEL_REPOSITORY / REPORT_NAME).read_text()
+    shipped = sorted((MODEL_REPOSITORY.parent / "features").glob("*.csv"))
+    assert [p.name for p in shipped] == ["iris.csv", "wine.csv"]
+    for csv in shipped:  # the feature sets of requests by key, written beside the repository
+        assert (retrained.parent / "features" / csv.name).read_text() == csv.read_text(), csv.name
     committed, fresh = _class_probabilities(MODEL_REPOSITORY, x), _class_probabilities(retrained, x)
     assert committed.argmax(axis=1).tolist() == fresh.argmax(axis=1).tolist()
     np.testing.assert_allclose(committed, fresh, rtol=0, atol=REPRODUCIBLE_WITHIN)

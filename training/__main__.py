@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 
-from training import data, export, models, repository, wine
+from training import data, export, features, models, repository, wine
 from training.data import CLASS_NAMES
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_REPOSITORY,
         help="model repository to write (default: %(default)s)",
     )
+    parser.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        help="where the feature sets' CSV files go (default: features/ beside the model repository)",
+    )
     parser.add_argument("--seed", type=int, default=models.DEFAULT_SEED, help="split and solver seed")
     args = parser.parse_args(argv)
 
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: max |ONNX - scikit-learn| on every row = {diff:.1e}")
     written = [*CLASS_NAMES, repository.AGGREGATE, repository.ENSEMBLE, *(m.name for m in wine.MODELS)]
     print(f"wrote {', '.join(written)} to {out}")
+    csvs = features.write_csvs(args.features or out.resolve().parent / "features")
+    print(f"wrote {', '.join(str(p) for p in csvs)} (the feature sets of requests by key)")
     return 0
 
 

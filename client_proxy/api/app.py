@@ -36,6 +36,7 @@ from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
 from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
+from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
 
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     )
     metrics.watch_in_flight(state.admission)
 
+    if settings.feature_store is not None:
+        state.features = open_store(settings.feature_store, settings.feature_store_pool)
     webhooks = _webhook_sender(settings, declared, metrics)
     state.alerts = Alerter(metrics, webhooks)
     state.served = ServedModels(
@@ -117,6 +120,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
             if webhooks is not None:
                 await webhooks.aclose()  # the alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS
+            if state.features is not None:
+                await state.features.aclose()
             await coalescer.aclose()
             await ensemble_coalescer.aclose()
             closed = await gateway.aclose()

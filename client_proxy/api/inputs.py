@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.core.features import KEY
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import (
     BadRequest,
@@ -173,6 +174,29 @@ def parse_inputs(body: bytes, max_rows: int) -> Inputs:
     if set(document) != {"inputs"}:
         raise InvalidInput('body must be {"data": [[...], ...]} or {"inputs": [...]}, not both')
     return parse_tensors(document["inputs"], max_rows)
+
+
+def parse_keys(body: bytes, max_rows: int) -> list[str] | None:
+    """``{"keys": ["flower-17", ...]}`` -> the keys; None when the body is not a request by key
+    (rows or tensors then); ``ProxyError`` (4xx) naming the problem."""
+    if b'"keys"' not in body:
+        return None
+    document = _document(body, max_rows, '{"keys": ["key", ...]}')
+    if not isinstance(document, dict) or "keys" not in document:
+        return None  # "keys" was a value, not the key
+    if set(document) != {"keys"}:
+        raise InvalidInput('body must be {"data": [...]}, {"inputs": [...]} or {"keys": [...]}, not both')
+    keys = document["keys"]
+    if not isinstance(keys, list) or not keys:
+        raise InvalidInput("keys: must be a non-empty list of keys")
+    if len(keys) > max_rows:
+        raise InvalidInput(
+            f"keys: {len(keys)} keys, more than the {max_rows} allowed per request", max_rows=max_rows
+        )
+    for key in keys:
+        if not isinstance(key, str) or not KEY.match(key):
+            raise InvalidInput(f"keys: {str(key)[:40]!r} is not a key (1 to 128 of A-Z a-z 0-9 . _ : @ / -)")
+    return keys
 
 
 _TENSOR_KEYS = {"name", "shape", "datatype", "data"}

@@ -1,19 +1,16 @@
-"""What a request asks for besides its body: its timeout policy and deadline (query or headers),
-and reading its body within that deadline into rows or named tensors."""
+"""What a request asks for besides its body: its timeout policy and deadline (query or headers).
+(Its body is read within that deadline by ``reading.py``.)"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-import numpy as np
-from numpy.typing import NDArray
 from starlette.requests import Request
 
-from client_proxy.api.inputs import check_content_type, header, parse_inputs, parse_rows, read_body
+from client_proxy.api.inputs import header
 from client_proxy.config import Settings
 from client_proxy.core.services import TimeoutPolicy
-from client_proxy.core.tensors import Inputs
 from client_proxy.errors import InvalidInput
 
 
@@ -76,16 +73,3 @@ def call_options(
     scope_state = request.scope.get("state", {})
     started: float = scope_state.get("started", time.monotonic())
     return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
-
-
-async def read_rows(request: Request, settings: Settings, options: CallOptions) -> NDArray[np.float32]:
-    check_content_type(request)
-    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    return parse_rows(body, settings.max_rows)
-
-
-async def read_inputs(request: Request, settings: Settings, options: CallOptions) -> Inputs:
-    """Rows of any width and type, or named tensors, for models the services' contracts describe."""
-    check_content_type(request)
-    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    return parse_inputs(body, settings.max_rows)

@@ -72,9 +72,16 @@ class ServiceHealth(_Open):
     ready: bool
 
 
+class FeatureStoreHealth(BaseModel):
+    url: str
+    kind: str
+    ready: bool
+
+
 class HealthAll(BaseModel):
     status: Literal["ok", "degraded"]
     services: dict[str, ServiceHealth]
+    feature_store: FeatureStoreHealth | None = None
 
 
 class Metadata(_Open):

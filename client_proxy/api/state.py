@@ -14,6 +14,7 @@ from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.declared import service_map
 from client_proxy.core.fanout import FanOut
+from client_proxy.core.features import FeatureStore
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.rules import AlertSink
 from client_proxy.core.served import ServedModels
@@ -46,6 +47,8 @@ class ProxyState:
     compositions_source: str | None = None
     admission: Admission = field(default_factory=lambda: Admission(0))
     """The bound on inference requests in flight (``PROXY_MAX_IN_FLIGHT``), both doors."""
+    features: FeatureStore | None = None
+    """The feature store requests by key read (``PROXY_FEATURE_STORE``); None: none."""
     alerts: AlertSink | None = None
     """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
     served: ServedModels = field(init=False)

@@ -37,6 +37,7 @@ from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.core.conditions import service_score
 from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.features import FEATURE_SET
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import (
     ConfigError,
@@ -61,6 +62,7 @@ _KEYS = {
     "deadline_ms",
     "min_answers",
     "rules",
+    "features",
 }
 _MEMBER_KEYS = {"target", "weight", "output", "hedge"}
 
@@ -88,6 +90,8 @@ class Composition:
     min_answers: int = 1
     rules: tuple[Rule, ...] = ()
     """Conditions on the answer that raise alerts (``rules.py``)."""
+    features: str | None = None
+    """The feature set a request by key reads (``features.py``); None: ``PROXY_FEATURE_SET``."""
 
     @property
     def services(self) -> list[Service]:
@@ -111,6 +115,7 @@ class Composition:
             "deadline_ms": self.deadline_ms,
             "min_answers": self.min_answers,
             "rules": [r.describe() for r in self.rules],
+            "features": self.features,
         }  # fmt: skip
 
 
@@ -219,7 +224,17 @@ def _composition(
         deadline_ms=float(deadline) if deadline is not None else None,
         min_answers=minimum.value,
         rules=rules,
+        features=read_feature_set(fields.get("features"), f"composition {name!r}", fail),
     )
+
+
+def read_feature_set(node: Node | None, owner: str, fail: Any) -> str | None:
+    """A ``features`` entry: the name of a feature set; None when there is none."""
+    if node is None:
+        return None
+    if not isinstance(node.value, str) or not FEATURE_SET.match(node.value):
+        raise fail(node, f"{owner}: features must name a feature set (lower-case letters, digits and '_')")
+    return node.value
 
 
 def read_classes(node: Node | None, owner: str, fail: Any) -> tuple[str, ...]:

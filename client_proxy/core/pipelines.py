@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 from client_proxy import tracing
 from client_proxy.core import conditions, yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.core.compositions import Gateway, expand, read_classes, resolve_classes
+from client_proxy.core.compositions import Gateway, expand, read_classes, read_feature_set, resolve_classes
 from client_proxy.core.conditions import Condition, service_score
 from client_proxy.core.fanout import FanOut, FanOutResult
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
@@ -93,6 +93,8 @@ class Pipeline:
     """Empty: the models' ``class_names`` (``one_vs_rest``: the services)."""
     rules: tuple[Rule, ...] = ()
     """Conditions on the answer that raise alerts (``rules.py``)."""
+    features: str | None = None
+    """The feature set a request by key reads; None: ``PROXY_FEATURE_SET``."""
 
     @property
     def service_names(self) -> list[str]:
@@ -106,6 +108,7 @@ class Pipeline:
             "classes": list(self.classes),
             "steps": [s.describe() for s in self.steps],
             "rules": [r.describe() for r in self.rules],
+            "features": self.features,
         }
 
 
@@ -130,7 +133,7 @@ def load_pipelines(
     for name, pnode in document.value["pipelines"].value.items():
         if not isinstance(pnode.value, dict):
             raise fail(pnode, f"pipeline {name!r} must be a mapping with 'steps'")
-        unknown = set(pnode.value) - {"steps", "description", "aggregator", "classes", "rules"}
+        unknown = set(pnode.value) - {"steps", "description", "aggregator", "classes", "rules", "features"}
         if unknown:
             raise fail(pnode, f"pipeline {name!r}: unknown key(s) {sorted(unknown)}")
         aggregator = pnode.value.get("aggregator", Node("one_vs_rest", pnode.line))
@@ -156,8 +159,9 @@ def load_pipelines(
             fail,
             lambda text: expand(text, environ),
         )
+        features = read_feature_set(pnode.value.get("features"), f"pipeline {name!r}", fail)
         pipelines[name] = Pipeline(
-            name, str(description or ""), tuple(steps), str(aggregator.value), classes, rules
+            name, str(description or ""), tuple(steps), str(aggregator.value), classes, rules, features
         )
     return pipelines
 

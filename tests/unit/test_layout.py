@@ -14,6 +14,7 @@ CORE = [
     "contracts",
     "declared",
     "fanout",
+    "features",
     "pipelines",
     "rules",
     "services",

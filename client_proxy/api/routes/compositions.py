@@ -15,9 +15,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
 from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
-from client_proxy.api.inputs import check_content_type, parse_inputs, read_body
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
 from client_proxy.api.options import CallOptions, call_options
+from client_proxy.api.reading import read_inputs, with_keys
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.compositions import (
     Composition,
@@ -28,6 +28,7 @@ from client_proxy.core.compositions import (
     run_composition,
 )
 from client_proxy.core.fanout import FanOutResult, Outcome, failure
+from client_proxy.core.features import Fetched
 from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
 from client_proxy.observability import log_request
@@ -55,20 +56,21 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def _read(state: ProxyState, name: str, request: Request) -> tuple[Composition, CallOptions, Inputs]:
-    """The composition, the request's policy and deadline (within the composition's), its input."""
+async def _read(
+    state: ProxyState, name: str, request: Request
+) -> tuple[Composition, CallOptions, Inputs, Fetched | None]:
+    """The composition, the request's policy and deadline (within the composition's), its input
+    (and, by key, what the store gave)."""
     composition = _composition(state, name)
-    settings = state.settings
-    options = call_options(request, settings, composition.timeout_policy, composition.deadline_ms)
-    check_content_type(request)
-    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
-    return composition, options, parse_inputs(body, settings.max_rows)
+    options = call_options(request, state.settings, composition.timeout_policy, composition.deadline_ms)
+    rows, fetched = await read_inputs(request, state, options, composition.features)
+    return composition, options, rows, fetched
 
 
 async def _run(
     state: ProxyState, name: str, request: Request, endpoint: str
-) -> tuple[Composition, CompositionAnswer, bool]:
-    composition, options, rows = await _read(state, name, request)
+) -> tuple[Composition, CompositionAnswer, bool, Fetched | None]:
+    composition, options, rows, fetched = await _read(state, name, request)
     answer = await run_composition(
         composition,
         rows,
@@ -82,7 +84,7 @@ async def _run(
     log_request(options.request_id, endpoint, list(answer.result.outcomes.values()))
     if answer.result.partial:
         state.metrics.partial_answers.labels(endpoint).inc()
-    return composition, answer, row_count(rows) == 1
+    return composition, answer, row_count(rows) == 1, fetched
 
 
 @router.post(
@@ -95,8 +97,8 @@ async def predict(name: str, request: Request) -> JSON:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
-    _, answer, one_row = await _run(state, name, request, "/compositions/{name}/predict")
-    return JSON(with_alerts(predictions_body(answer.result, one_row), answer.alerts))
+    _, answer, one_row, fetched = await _run(state, name, request, "/compositions/{name}/predict")
+    return JSON(with_keys(with_alerts(predictions_body(answer.result, one_row), answer.alerts), fetched))
 
 
 @router.post(
@@ -114,13 +116,13 @@ async def label(name: str, request: Request) -> JSON:
         raise InvalidInput(
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
-    _, answer, one_row = await _run(state, name, request, "/compositions/{name}/label")
+    _, answer, one_row, fetched = await _run(state, name, request, "/compositions/{name}/label")
     rows = label_rows(answer)
     body: dict[str, Any] = {"prediction": rows[0] if one_row else rows}
     if answer.result.partial:
         body["partial"] = True
         body["missing"] = answer.result.missing
-    return JSON(with_alerts(body, answer.alerts))
+    return JSON(with_keys(with_alerts(body, answer.alerts), fetched))
 
 
 @router.post(
@@ -138,7 +140,7 @@ async def stream(name: str, request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers, then a final
     line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
     state: ProxyState = request.app.state.proxy
-    composition, options, rows = await _read(state, name, request)
+    composition, options, rows, fetched = await _read(state, name, request)
     one_row = row_count(rows) == 1
     services = composition.services
     await state.gateway.ensure_fit(services, rows, max(options.deadline - time.monotonic(), 0.001))
@@ -172,6 +174,6 @@ async def stream(name: str, request: Request) -> StreamingResponse:
             final["partial"] = True
             final["missing"] = result.missing
             state.metrics.partial_answers.labels("/compositions/{name}/stream").inc()
-        yield line(final)
+        yield line(with_keys(final, fetched))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

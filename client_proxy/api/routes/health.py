@@ -122,7 +122,18 @@ async def health_all(state: State) -> JSON:
     results = await asyncio.gather(*(_readiness(state, s) for s in services))
     by_name = {s.name: r for s, r in zip(services, results, strict=True)}
     status = "ok" if all(r["ready"] for r in results) else "degraded"
-    return JSON({"status": status, "services": by_name})
+    body: dict[str, Any] = {"status": status, "services": by_name}
+    store = state.features
+    if store is not None:
+        try:
+            async with asyncio.timeout(state.settings.service_timeout_ms / 1000):
+                store_ready = await store.ready()
+        except TimeoutError:
+            store_ready = False
+        body["feature_store"] = {"url": store.url, "kind": store.kind, "ready": store_ready}
+        if not store_ready:
+            body["status"] = "degraded"
+    return JSON(body)
 
 
 def _tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ import logging
 from fastapi import APIRouter, Request
 
 from client_proxy.api.openapi import WITH_BODY
-from client_proxy.api.options import call_options, read_inputs
+from client_proxy.api.options import call_options
+from client_proxy.api.reading import read_inputs, with_keys
 from client_proxy.api.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.pipelines import report_body, run_pipeline
@@ -55,7 +56,7 @@ async def run(name: str, request: Request) -> JSON:
         known = ", ".join(sorted(state.pipelines)) or "none"
         raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
     options = call_options(request, state.settings)
-    rows = await read_inputs(request, state.settings, options)
+    rows, fetched = await read_inputs(request, state, options, pipeline.features)
     result = await run_pipeline(
         pipeline,
         rows,
@@ -71,4 +72,4 @@ async def run(name: str, request: Request) -> JSON:
         logger.info(
             "request_id=%s endpoint=/pipelines/%s %s calls=%d", options.request_id, name, steps, result.calls
         )
-    return JSON(report_body(pipeline, result, one_row=row_count(rows) == 1))
+    return JSON(with_keys(report_body(pipeline, result, one_row=row_count(rows) == 1), fetched))

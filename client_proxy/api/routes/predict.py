@@ -14,7 +14,8 @@ from numpy.typing import NDArray
 from client_proxy.api.answers import label_body, line, predictions_body, service_line
 from client_proxy.api.inputs import SAMPLE_ROW, header
 from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY
-from client_proxy.api.options import CallOptions, call_options, read_rows
+from client_proxy.api.options import CallOptions, call_options
+from client_proxy.api.reading import read_rows, with_keys
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.fanout import FanOutResult, Labels, Outcome, aggregate, failure
 from client_proxy.core.services import TimeoutPolicy
@@ -61,9 +62,9 @@ async def predict(request: Request) -> JSON:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
-    rows = await read_rows(request, state.settings, options)
+    rows, fetched = await read_rows(request, state, options)
     result = await _fan_out(state, rows, options, "/predict")
-    return JSON(predictions_body(result, one_row=rows.shape[0] == 1))
+    return JSON(with_keys(predictions_body(result, one_row=rows.shape[0] == 1), fetched))
 
 
 @router.post("/predict/label", response_class=JSON, openapi_extra=LABEL, responses=LABELS)
@@ -79,12 +80,13 @@ async def predict_label(request: Request) -> JSON:
     route = route or header(request, "x-route") or state.settings.label_route
     if route not in ("fanout", "ensemble"):
         raise InvalidInput(f"route: must be 'fanout' or 'ensemble', not {route[:40]!r}")
-    rows = await read_rows(request, state.settings, options)
+    rows, fetched = await read_rows(request, state, options)
     if route == "ensemble":
-        return JSON(label_body(await _ensemble(state, rows, options), rows.shape[0] == 1, None))
+        labelled = await _ensemble(state, rows, options)
+        return JSON(with_keys(label_body(labelled, rows.shape[0] == 1, None), fetched))
     result = await _fan_out(state, rows, options, "/predict/label")
     labels = aggregate({name: result.outcomes[name].probabilities for name in result.answered})  # type: ignore[misc]
-    return JSON(label_body(labels, rows.shape[0] == 1, result))
+    return JSON(with_keys(label_body(labels, rows.shape[0] == 1, result), fetched))
 
 
 @router.get("/predict/get/test", response_class=JSON, openapi_extra=PARAMETERS, responses=PREDICTIONS)
@@ -120,7 +122,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
     order), then a final line ``{"final": true, "prediction": ...}`` with the aggregated label."""
     state: ProxyState = request.app.state.proxy
     options = call_options(request, state.settings)
-    rows = await read_rows(request, state.settings, options)
+    rows, fetched = await read_rows(request, state, options)
     one_row = rows.shape[0] == 1
     await ensure_fit(state, rows, options)
 
@@ -132,7 +134,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
             if not outcome.ok and options.policy is TimeoutPolicy.ALL_OR_NOTHING:
                 break
         log_request(options.request_id, "/predict/stream", arrived)
-        yield line(_final_line(state, arrived, one_row, options.policy))
+        yield line(with_keys(_final_line(state, arrived, one_row, options.policy), fetched))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
