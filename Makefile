@@ -17,7 +17,7 @@ help:
 	@echo "make test-unit  the core's unit tests only (no Triton; seconds)"
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
-	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 15 minutes)"
+	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 25 minutes)"
 	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
 	@echo "make lock     rewrite requirements/*.txt from pyproject.toml (UPGRADE=1: newest indirect deps)"
