@@ -35,7 +35,7 @@ async def lookup(state: ProxyState, feature_set: str, keys: list[str], options: 
         raise
     except UnknownKeys as exc:
         metrics.feature_lookups.inc((store.kind, "ok"))
-        metrics.feature_keys.inc(("missing",), len(exc.details.get("keys", ())))
+        metrics.feature_keys.inc(("missing",), exc.details.get("count", 0))
         raise
     metrics.feature_lookups.inc((store.kind, "ok"))
     metrics.feature_latency.observe((store.kind,), fetched.seconds)

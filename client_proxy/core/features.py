@@ -38,8 +38,9 @@ from client_proxy.errors import FeatureStoreError, FeatureStoreTimeout, UnknownK
 KEY = re.compile(r"^[A-Za-z0-9._:@/\-]{1,128}$")
 #: A feature set's name (a table's rows, a Redis hash's suffix).
 FEATURE_SET = re.compile(r"^[a-z0-9_]{1,64}$")
-#: Most keys named in an error message.
+#: Most keys named in an error message, and listed in its ``keys`` (``count`` has them all).
 _NAMED = 10
+_LISTED = 100
 
 
 class FeatureStore(typing.Protocol):
@@ -133,7 +134,9 @@ async def fetch_rows(
     missing = [k for k in distinct if k not in found]
     if len(missing) == len(distinct):
         raise UnknownKeys(
-            f"feature set {feature_set!r} holds none of the keys: {_named(missing)}", keys=missing[:100]
+            f"feature set {feature_set!r} holds none of the keys: {_named(missing)}",
+            keys=missing[:_LISTED],
+            count=len(missing),
         )
     if missing and policy is TimeoutPolicy.ALL_OR_NOTHING:
         raise UnknownKeys(

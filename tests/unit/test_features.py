@@ -12,7 +12,7 @@ import pytest
 
 from client_proxy.core.features import fetch_rows
 from client_proxy.core.services import TimeoutPolicy
-from client_proxy.errors import FeatureStoreError, FeatureStoreTimeout
+from client_proxy.errors import FeatureStoreError, FeatureStoreTimeout, UnknownKeys
 from client_proxy.feature_loader import read_csv
 from client_proxy.stores import check_url
 
@@ -133,3 +133,10 @@ def test_the_loader_names_each_set_after_its_file_and_refuses_one_name_for_sever
     assert main(["--store", url, str(tmp_path / "Bad-Name.csv")]) == 2
     assert "name it with --set" in capsys.readouterr().err
     assert main(["--store", "mysql://db/x", str(tmp_path / "flowers.csv")]) == 2
+
+
+def test_an_error_lists_a_hundred_unknown_keys_and_counts_them_all() -> None:
+    with pytest.raises(UnknownKeys) as error:
+        _fetch(DictStore({}), [f"k{i}" for i in range(150)])
+    assert len(error.value.details["keys"]) == 100 and error.value.details["count"] == 150
+    assert "'k9' and 140 more" in error.value.message
