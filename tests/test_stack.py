@@ -108,6 +108,10 @@ def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
         composed = httpx.post(f"{stack.url}/compositions/wine/label", json=wine_row)
         assert composed.status_code == 200, composed.text
         assert composed.json()["prediction"]["label"] in ("class_0", "class_1", "class_2")
+        # Requests by key read make run's SQLite store; the wine composition its own feature set.
+        by_key = httpx.post(f"{stack.url}/compositions/wine/label", json={"keys": ["wine-0"]})
+        assert by_key.status_code == 200 and by_key.json()["keys"] == ["wine-0"], by_key.text
+        assert by_key.json()["prediction"]["label"] == "class_0"
         # Its Iris composition's rules flag a sure virginica (no webhook: ALERT_WEBHOOK_URL unset).
         flagged = httpx.post(f"{stack.url}/compositions/iris/label", json=seed).json()
         assert flagged["alerts"] == [{"rule": "virginica_sure", "severity": "critical", "rows": [0]}]
