@@ -5,6 +5,7 @@ in the answer."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,13 +50,8 @@ async def read_rows(
     request: Request, state: ProxyState, options: CallOptions
 ) -> tuple[NDArray[np.float32], Fetched | None]:
     """The seed's rows (``[N, 4]`` float32) from the body, or from the store for ``{"keys"}``."""
-    body = await _body(request, state, options)
-    settings = state.settings
-    keys = parse_keys(body, settings.max_rows)
-    if keys is None:
-        return parse_rows(body, settings.max_rows), None
-    fetched = await lookup(state, settings.feature_set, keys, options)
-    return fetched.rows.astype(np.float32), fetched
+    rows, fetched = await _rows_or_keys(request, state, options, None, parse_rows)
+    return (rows, None) if fetched is None else (fetched.rows.astype(np.float32), fetched)
 
 
 async def read_inputs(
@@ -63,19 +59,26 @@ async def read_inputs(
 ) -> tuple[Inputs, Fetched | None]:
     """Rows or named tensors from the body, or rows from the store (``feature_set``, else
     ``PROXY_FEATURE_SET``) for ``{"keys"}``."""
-    body = await _body(request, state, options)
+    return await _rows_or_keys(request, state, options, feature_set, parse_inputs)
+
+
+async def _rows_or_keys(
+    request: Request,
+    state: ProxyState,
+    options: CallOptions,
+    feature_set: str | None,
+    parse: Callable[[bytes, int], Any],
+) -> tuple[Any, Fetched | None]:
+    """The body read within the deadline and given to ``parse``, or for ``{"keys"}`` the rows the
+    store holds for them."""
+    check_content_type(request)
     settings = state.settings
+    body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
     keys = parse_keys(body, settings.max_rows)
     if keys is None:
-        return parse_inputs(body, settings.max_rows), None
+        return parse(body, settings.max_rows), None
     fetched = await lookup(state, feature_set or settings.feature_set, keys, options)
     return fetched.rows, fetched
-
-
-async def _body(request: Request, state: ProxyState, options: CallOptions) -> bytes:
-    check_content_type(request)
-    budget = max(options.deadline - time.monotonic(), 0.001)
-    return await read_body(request, state.settings.max_body_bytes, budget)
 
 
 def with_keys(body: dict[str, Any], fetched: Fetched | None) -> dict[str, Any]:

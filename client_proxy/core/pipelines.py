@@ -341,7 +341,8 @@ async def run_pipeline(
             outputs[f"{step.name}.{name}"] = answered[name] = full
             sent[name] = take_rows(source, rows[:1])  # what the service takes, should its labels be read
             step_scores[name] = service_score(output, pipeline.aggregator)
-            service_scores.setdefault(name, np.full(n, np.nan))[rows] = step_scores[name]
+            if pipeline.rules:  # only rules read them after the last step
+                service_scores.setdefault(name, np.full(n, np.nan))[rows] = step_scores[name]
         # Every service in ``answered`` answered for every row still open (rows only ever leave).
         classes = await resolve_classes(
             where,
