@@ -129,6 +129,15 @@ class UpstreamUnavailable(UpstreamError):
     reason = "unavailable"
 
 
+class UpstreamRejected(UpstreamError):
+    """The model refused the input (Triton's ``INVALID_ARG``: gRPC ``INVALID_ARGUMENT``, HTTP
+    400), e.g. a key its feature store does not hold: the client's to mend, not the server's."""
+
+    status_code = 422
+    code = "input_rejected"
+    reason = "rejected"
+
+
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
@@ -156,7 +165,7 @@ class Failure:
     """Why one service (or pipeline step) did not answer; in a response, ``{"reason", "message"}``."""
 
     reason: str
-    """``timeout``, ``unavailable``, ``error`` or ``cancelled`` (a step: ``skipped``)."""
+    """``timeout``, ``unavailable``, ``rejected``, ``error`` or ``cancelled`` (a step: ``skipped``)."""
     message: str
 
     @classmethod
@@ -166,12 +175,16 @@ class Failure:
 
 class ServicesFailed(ProxyError):
     """A request could not be answered because of the named services (``failures``); a 504 when
-    one of them was late, else a 503."""
+    one of them was late, a 422 when every one refused the input, else a 503."""
 
     def __init__(self, message: str, failures: Mapping[str, Failure], timed_out: bool | None = None) -> None:
         super().__init__(message, services=dict(failures))
         self.failures = dict(failures)
         if timed_out is None:
             timed_out = any(f.reason == "timeout" for f in failures.values())
-        self.status_code = 504 if timed_out else 503
-        self.code = "upstream_timeout" if timed_out else "upstream_unavailable"
+        if timed_out:
+            self.status_code, self.code = 504, "upstream_timeout"
+        elif failures and all(f.reason == UpstreamRejected.reason for f in failures.values()):
+            self.status_code, self.code = 422, UpstreamRejected.code
+        else:
+            self.status_code, self.code = 503, "upstream_unavailable"

@@ -16,6 +16,7 @@ from types import FrameType
 
 from client_proxy import tracing
 from local_triton.server import (
+    BY_KEY_REPOSITORY,
     DEFAULT_REPOSITORY,
     LaunchError,
     TritonServer,
@@ -42,6 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME",
         help="with explicit model control: a model to load at start (repeatable; '*' for all)",
+    )
+    parser.add_argument(
+        "--feature-store",
+        default=None,
+        metavar="URL",
+        help="also serve the models that read their own features (model_repository_by_key/) from "
+        "this feature store (sqlite:///path.db, redis://host:6379/0, postgresql://user@host/db)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo Triton's own log")
     parser.add_argument(
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         load_models=args.load_model,
         log_stream=None if args.quiet else sys.stderr,
         extra_args=trace_args(args.trace_url) if args.trace_url else (),
+        extra_repositories=[BY_KEY_REPOSITORY] if args.feature_store else [],
+        environment={"FEATURE_STORE": args.feature_store} if args.feature_store else {},
     )
     stopping = threading.Event()
 
@@ -84,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local_triton: error: {exc}", file=sys.stderr)
         return 1
     try:
-        print(format_ready_line(server, models_in(server.model_repository)), flush=True)
+        models = models_in(server.model_repository)
+        if args.feature_store:
+            models += models_in(BY_KEY_REPOSITORY)
+        print(format_ready_line(server, models), flush=True)
         while not stopping.wait(0.5):
             if not server.is_running():
                 print("local_triton: error: Triton exited unexpectedly; see its log above", file=sys.stderr)

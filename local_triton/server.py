@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +39,13 @@ TRITON_SERVER_VERSION = "2.51.0"
 PYTRITON_VERSION = "0.7.0"
 MIN_GLIBC = (2, 35)
 BACKEND_MODEL = Path(__file__).resolve().parent / "onnxruntime_backend" / "model.py"
+#: The project's root: the ``by_key`` backend imports ``client_proxy`` from it.
+PROJECT = Path(__file__).resolve().parent.parent
+#: The Python-based backend of the models that read their own features (``backend: "by_key"``).
+BY_KEY_BACKEND = PROJECT / "backends" / "by_key" / "model.py"
+#: The models that take keys and read their features from the store themselves; served beside
+#: ``model_repository/`` (whose models they call) when Triton is given a feature store.
+BY_KEY_REPOSITORY = PROJECT / "model_repository_by_key"
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 ModelControlMode = Literal["none", "explicit"]
@@ -191,6 +198,11 @@ class TritonServer:
     #: Where the server's own log lines go as they arrive (None: only kept for error messages).
     log_stream: IO[str] | None = None
     extra_args: Sequence[str] = ()
+    #: More repositories served beside ``model_repository`` (``--model-repository`` each).
+    extra_repositories: Sequence[Path] = ()
+    #: Variables added to the server's environment (its Python models see them):
+    #: ``FEATURE_STORE`` for the ``by_key`` models.
+    environment: Mapping[str, str] = field(default_factory=dict)
     #: Set from another thread (a signal handler) to abandon a start that is still waiting.
     cancel: threading.Event | None = None
     _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
@@ -235,6 +247,7 @@ class TritonServer:
         args = [
             str(layout.binary),
             f"--model-repository={self.model_repository}",
+            *(f"--model-repository={Path(r).resolve()}" for r in self.extra_repositories),
             f"--backend-directory={backend_dir}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
@@ -317,6 +330,9 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_path)
         # The stub finds numpy and onnxruntime through the python first on PATH: make it ours.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # The by_key backend reads the feature store with the proxy's own code.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH", "")) if p)
+        env.update(self.environment)
         return env
 
     def _check_stub_links(self, layout: WheelLayout, env: dict[str, str]) -> None:
@@ -432,8 +448,9 @@ def remove_stale_backend_dirs(parent: Path) -> list[Path]:
 
 
 def assemble_backend_dir(layout: WheelLayout, into: Path | None = None) -> Path:
-    """``<dir>/python/`` (the wheel's python backend and this Python's stub) and
-    ``<dir>/onnxruntime/model.py`` (the Python-based ONNX Runtime backend).
+    """``<dir>/python/`` (the wheel's python backend and this Python's stub),
+    ``<dir>/onnxruntime/model.py`` (the Python-based ONNX Runtime backend) and
+    ``<dir>/by_key/model.py`` (the models that read their own features).
 
     Copies, not symlinks: Triton resolves a backend library's real path and refuses one that
     "escapes" the backend directory.
@@ -448,6 +465,7 @@ def assemble_backend_dir(layout: WheelLayout, into: Path | None = None) -> Path:
         python / "triton_python_backend_utils.py": layout.python_backend / "triton_python_backend_utils.py",
         python / "triton_python_backend_stub": layout.stub,
         root / "onnxruntime" / "model.py": BACKEND_MODEL,
+        root / "by_key" / "model.py": BY_KEY_BACKEND,
     }
     for copy, source in files.items():
         copy.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from types import FrameType
 from client_proxy import tracing
 from client_proxy.feature_loader import load, read_csv
 from local_triton.server import (
+    BY_KEY_REPOSITORY,
     DEFAULT_REPOSITORY,
     LaunchError,
     TritonServer,
@@ -102,8 +103,15 @@ class Stack:
         )
 
     # -- the two processes -------------------------------------------------------------------
+    def store(self) -> str:
+        """The feature store: ``PROXY_FEATURE_STORE``, else make run's SQLite file, filled once."""
+        if self.feature_store is None:
+            self.feature_store = os.environ.get("PROXY_FEATURE_STORE") or shipped_feature_store()
+        return self.feature_store
+
     def start_triton(self) -> None:
-        """Start Triton on the configured ports; raises ``LaunchError``."""
+        """Start Triton on the configured ports; raises ``LaunchError``. The models that read their
+        own features (``model_repository_by_key/``) read the proxy's feature store."""
         self.server = TritonServer(
             model_repository=self.args.model_repository,
             http_port=self.args.http_port,
@@ -111,12 +119,16 @@ class Stack:
             metrics_port=self.args.metrics_port,
             log_stream=sys.stderr if self.args.triton_log else None,
             cancel=self.stopping,
+            extra_repositories=[BY_KEY_REPOSITORY],
+            environment={"FEATURE_STORE": self.store()},
             # Where the proxy traces (OTEL_* variables), Triton traces the same requests.
             extra_args=trace_args(tracing.traces_url(os.environ)) if tracing.enabled_by(os.environ) else (),
         )
         self.server.start()
         self.triton_started = time.monotonic()
-        ready = format_ready_line(self.server, models_in(self.server.model_repository))
+        ready = format_ready_line(
+            self.server, models_in(self.server.model_repository) + models_in(BY_KEY_REPOSITORY)
+        )
         print(f"{ready} (pid {self.server.pid})", flush=True)
 
     def start_proxy(self) -> None:
@@ -128,10 +140,7 @@ class Stack:
         env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLES / "compositions.yaml"))
         env.setdefault("PROXY_PIPELINES_FILE", str(EXAMPLES / "pipelines.yaml"))
         env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{self.server.grpc_port}")
-        if "PROXY_FEATURE_STORE" not in env:
-            if self.feature_store is None:
-                self.feature_store = shipped_feature_store()
-            env["PROXY_FEATURE_STORE"] = self.feature_store
+        env["PROXY_FEATURE_STORE"] = self.store()
         for name in SERVICES:
             env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
         self.proxy = subprocess.Popen(

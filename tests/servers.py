@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,6 +17,10 @@ from pathlib import Path
 
 from local_triton import free_ports
 from local_triton.server import terminate
+
+ROOT = Path(__file__).resolve().parent.parent
+IRIS_CSV = ROOT / "features" / "iris.csv"
+WINE_CSV = ROOT / "features" / "wine.csv"
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -117,3 +122,32 @@ def _wait_accepting(binaries: Path, port: int, timeout: float = 30) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"postgres on {port} did not accept connections within {timeout:g} s")
+
+
+def load_features(url: str) -> None:
+    """Both shipped feature sets into the store at ``url``, each named after its file, as a user
+    loads them (``python -m client_proxy.feature_loader``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "client_proxy.feature_loader",
+        "--store",
+        url,
+        str(IRIS_CSV),
+        str(WINE_CSV),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def loaded_store(kind: str, folder: Path) -> Iterator[str]:
+    """A feature store of ``kind`` (``sqlite``, ``redis``, ``postgresql``) holding the shipped
+    feature sets; yields its URL."""
+    if kind == "sqlite":
+        url = f"sqlite://{folder / 'features.db'}"
+        load_features(url)
+        yield url
+        return
+    with redis_server(folder) if kind == "redis" else postgres_server() as url:
+        load_features(url)
+        yield url

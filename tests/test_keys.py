@@ -18,36 +18,12 @@ from local_triton import TritonServer, free_ports
 
 from .conftest import ROOT
 from .helpers import metric, running_proxy, services_on, settings
-from .servers import postgres_server, redis_server
-
-IRIS_CSV = ROOT / "features" / "iris.csv"
-WINE_CSV = ROOT / "features" / "wine.csv"
-
-
-def _load(url: str) -> None:
-    """Both shipped feature sets, each named after its file."""
-    command = [
-        sys.executable,
-        "-m",
-        "client_proxy.feature_loader",
-        "--store",
-        url,
-        str(IRIS_CSV),
-        str(WINE_CSV),
-    ]
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
+from .servers import IRIS_CSV, WINE_CSV, load_features, loaded_store, redis_server
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "sqlite":
-        url = f"sqlite://{folder / 'features.db'}"
-        _load(url)
-        yield url
-        return
-    with redis_server(folder) if request.param == "redis" else postgres_server() as url:
-        _load(url)
+    with loaded_store(request.param, tmp_path_factory.mktemp(request.param)) as url:
         yield url
 
 
@@ -141,7 +117,7 @@ def test_a_store_that_is_down_is_a_503_and_rows_in_the_body_still_answer(
     triton: TritonServer, tmp_path: Path
 ) -> None:
     with redis_server(tmp_path / "redis") as url:
-        _load(url)
+        load_features(url)
         with running_proxy(settings(feature_store=url), services_on(triton, "grpc")) as proxy:
             assert httpx.post(f"{proxy}/predict/label", json={"keys": ["flower-5"]}).status_code == 200
             ready_before = httpx.get(f"{proxy}/health/all").json()["feature_store"]
@@ -158,7 +134,7 @@ def test_a_store_that_is_down_is_a_503_and_rows_in_the_body_still_answer(
 
 def test_a_slow_store_is_a_504_within_the_deadline(triton: TritonServer, tmp_path: Path) -> None:
     with redis_server(tmp_path / "redis") as url:
-        _load(url)
+        load_features(url)
         with running_proxy(
             settings(feature_store=url, deadline_ms=500), services_on(triton, "grpc")
         ) as proxy:

@@ -112,6 +112,10 @@ def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
         by_key = httpx.post(f"{stack.url}/compositions/wine/label", json={"keys": ["wine-0"]})
         assert by_key.status_code == 200 and by_key.json()["keys"] == ["wine-0"], by_key.text
         assert by_key.json()["prediction"]["label"] == "class_0"
+        # The models that read their own features (model_repository_by_key/) get the keys as sent.
+        forwarded = httpx.post(f"{stack.url}/compositions/iris_by_key/label", json={"keys": ["flower-100"]})
+        assert forwarded.status_code == 200, forwarded.text
+        assert forwarded.json()["prediction"]["label"] == "virginica"
         # Its Iris composition's rules flag a sure virginica (no webhook: ALERT_WEBHOOK_URL unset).
         flagged = httpx.post(f"{stack.url}/compositions/iris/label", json=seed).json()
         assert flagged["alerts"] == [{"rule": "virginica_sure", "severity": "critical", "rows": [0]}]

@@ -55,10 +55,13 @@ async def read_rows(
 
 
 async def read_inputs(
-    request: Request, state: ProxyState, options: CallOptions, feature_set: str | None
+    request: Request, state: ProxyState, options: CallOptions, feature_set: str | None, forward: bool = False
 ) -> tuple[Inputs, Fetched | None]:
-    """Rows or named tensors from the body, or rows from the store (``feature_set``, else
-    ``PROXY_FEATURE_SET``) for ``{"keys"}``."""
+    """Rows or named tensors from the body, or for ``{"keys"}`` rows from the store
+    (``feature_set``, else ``PROXY_FEATURE_SET``) or, ``forward``, the keys themselves as rows of
+    one string each, for services that read their own features."""
+    if forward:
+        return await _rows_or_keys(request, state, options, None, parse_inputs, forward=True)
     return await _rows_or_keys(request, state, options, feature_set, parse_inputs)
 
 
@@ -68,15 +71,20 @@ async def _rows_or_keys(
     options: CallOptions,
     feature_set: str | None,
     parse: Callable[[bytes, int], Any],
+    forward: bool = False,
 ) -> tuple[Any, Fetched | None]:
     """The body read within the deadline and given to ``parse``, or for ``{"keys"}`` the rows the
-    store holds for them."""
+    store holds for them (``forward``: the keys as rows, ``[N, 1]`` strings)."""
     check_content_type(request)
     settings = state.settings
     body = await read_body(request, settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001))
     keys = parse_keys(body, settings.max_rows)
     if keys is None:
         return parse(body, settings.max_rows), None
+    if forward:
+        rows = np.empty((len(keys), 1), dtype=np.object_)
+        rows[:, 0] = keys
+        return rows, Fetched(np.empty((0, 0)), keys)
     fetched = await lookup(state, feature_set or settings.feature_set, keys, options)
     return fetched.rows, fetched
 

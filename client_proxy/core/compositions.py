@@ -63,7 +63,12 @@ _KEYS = {
     "min_answers",
     "rules",
     "features",
+    "keys",
 }
+#: What a composition does with a request's keys: the proxy reads their rows from the feature
+#: store once (``fetch``), or sends the keys themselves to its services, models that read their
+#: own features (``forward``).
+KEY_MODES = ("fetch", "forward")
 _MEMBER_KEYS = {"target", "weight", "output", "hedge"}
 
 
@@ -92,6 +97,9 @@ class Composition:
     """Conditions on the answer that raise alerts (``rules.py``)."""
     features: str | None = None
     """The feature set a request by key reads (``features.py``); None: ``PROXY_FEATURE_SET``."""
+    keys: str = "fetch"
+    """``fetch``: the proxy reads a request's keys' rows; ``forward``: the services get the keys
+    (a ``BYTES`` tensor ``[N, 1]``) and read the rows themselves."""
 
     @property
     def services(self) -> list[Service]:
@@ -116,6 +124,7 @@ class Composition:
             "min_answers": self.min_answers,
             "rules": [r.describe() for r in self.rules],
             "features": self.features,
+            "keys": self.keys,
         }  # fmt: skip
 
 
@@ -225,7 +234,17 @@ def _composition(
         min_answers=minimum.value,
         rules=rules,
         features=read_feature_set(fields.get("features"), f"composition {name!r}", fail),
+        keys=_read_key_mode(fields.get("keys"), name, fail),
     )
+
+
+def _read_key_mode(node: Node | None, name: str, fail: Any) -> str:
+    if node is None:
+        return "fetch"
+    if node.value not in KEY_MODES:
+        raise fail(node, f"composition {name!r}: keys must be fetch (the proxy reads the feature store) "
+                         "or forward (the services get the keys)")  # fmt: skip
+    return str(node.value)
 
 
 def read_feature_set(node: Node | None, owner: str, fail: Any) -> str | None:

@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from client_proxy import tracing
 from client_proxy.core.services import Service
 from client_proxy.core.tensors import Inputs, concatenate, row_count, signature
-from client_proxy.errors import UpstreamError
+from client_proxy.errors import UpstreamError, UpstreamRejected
 
 InferFn = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 
@@ -213,6 +213,13 @@ class Coalescer:
                         output = await call
                 else:
                     output = await call
+            except UpstreamRejected as exc:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                else:  # one caller's input may be at fault (a key the store lacks): the others are not
+                    await asyncio.gather(*(self._alone(service, w, started) for w in batch))
+                return
             except UpstreamError as exc:
                 for waiter in batch:
                     if not waiter.future.done():
@@ -240,6 +247,20 @@ class Coalescer:
                     break
             lane.came_back(started, time.monotonic())
             self._next_batch(service, lane)
+
+    async def _alone(self, service: Service, waiter: _Waiter, started: float) -> None:
+        """``waiter``'s input in a call of its own, within what is left of its time."""
+        if waiter.future.done():
+            return
+        left = max(waiter.timeout - (time.monotonic() - started), 0.001)
+        try:
+            output = await self._infer(service, waiter.x, waiter.request_id, left)
+        except UpstreamError as exc:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+        else:
+            if not waiter.future.done():
+                waiter.future.set_result(output)
 
     async def aclose(self) -> None:
         """Cancel the batched calls still in flight (at shutdown)."""

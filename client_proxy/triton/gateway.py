@@ -35,7 +35,14 @@ from client_proxy.config import Settings
 from client_proxy.core.contracts import NUMPY_DTYPES, Contract, ContractMismatch
 from client_proxy.core.services import Service, Target
 from client_proxy.core.tensors import Inputs, row_count, signature, take_rows
-from client_proxy.errors import CallCancelled, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from client_proxy.errors import (
+    CallCancelled,
+    ProxyError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from client_proxy.triton.grpc_lean import CallError, LeanChannel
 from client_proxy.triton.replicas import Listener, Replica, ReplicaSet
 
@@ -59,6 +66,8 @@ _RAW_DATATYPES = frozenset(
     ("BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "FP16", "FP32", "FP64")
 )
 
+#: The model refused the input (Triton's INVALID_ARG): over gRPC, and over HTTP.
+_REJECTED = {"StatusCode.INVALID_ARGUMENT", "400"}
 _UNAVAILABLE_GRPC = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED"}
 _UNAVAILABLE_TEXT = (
     "unknown model",
@@ -266,6 +275,10 @@ def translate(exc: BaseException, service: Service) -> UpstreamError:
         lowered = message.lower()
         if status == "StatusCode.DEADLINE_EXCEEDED":
             return UpstreamTimeout(f"{service.name}: no answer from {where} in time", service=service.name)
+        if status in _REJECTED:
+            return UpstreamRejected(
+                f"{service.name}: the model refused the input: {message}", service=service.name
+            )
         if status in _UNAVAILABLE_GRPC or any(text in lowered for text in _UNAVAILABLE_TEXT):
             if "unknown model" in lowered or "is not ready" in lowered:
                 detail = f"model '{service.model}' is not available on {where}"
@@ -419,6 +432,9 @@ class TritonGateway:
         tried: list[Replica], left: float,
     ) -> bool:  # fmt: skip
         """Record a failed call; True when it is to be sent once more, to another replica."""
+        if isinstance(error, UpstreamRejected):  # the replica answered: the input was at fault
+            replicas.succeeded(replica, error.reason)
+            return False
         fatal = isinstance(error, UpstreamUnavailable)
         replicas.failed(replica, error.reason, fatal, error.message)
         if fatal and len(tried) < min(len(replicas), 2) and left > MIN_RETRY_S:

@@ -219,14 +219,15 @@ class ReplicaSet:
             "budget": self.budget.ratio,
         }
 
-    def succeeded(self, replica: Replica) -> None:
+    def succeeded(self, replica: Replica, outcome: str = "ok") -> None:
+        """A call to ``replica`` was answered: ``ok``, or ``rejected`` (the input was at fault)."""
         replica.failures = 0
         if replica.ejected:
             replica.ejected = False
             replica.ejections = 0
             logger.info("replica %s of %s returns: its probe succeeded", replica.name, self.service)
             self._state(replica, "healthy")
-        self._call(replica, "ok")
+        self._call(replica, outcome)
 
     def failed(self, replica: Replica, reason: str, fatal: bool, message: str) -> None:
         """A call to ``replica`` failed: ``fatal`` (unreachable, not ready) ejects it at once,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client_proxy.core.services import Service
-from client_proxy.errors import UpstreamUnavailable
+from client_proxy.errors import UpstreamRejected, UpstreamUnavailable
 from client_proxy.triton import coalesce
 from client_proxy.triton.coalesce import Coalescer
 
@@ -291,3 +291,30 @@ def test_on_batch_hears_every_call_with_its_rows_and_requests() -> None:
     asyncio.run(main())
     assert heard == [("s", 2, 1), ("s", 12, 4)]
     assert [n for n in fake.calls] == [2, 12]
+
+
+class Picky(FakeTriton):
+    """Refuses (422, as Triton's INVALID_ARG) any call whose rows include a negative id."""
+
+    async def infer(self, service: Service, x: np.ndarray, request_id: str, timeout: float) -> np.ndarray:
+        if (x[:, 0] < 0).any():
+            self.calls.append(x.shape[0])
+            await asyncio.sleep(self.pause)
+            raise UpstreamRejected("s: the model refused the input", service="s")
+        return await super().infer(service, x, request_id, timeout)
+
+
+def test_a_refused_batch_is_sent_again_caller_by_caller_so_only_the_faulty_one_fails() -> None:
+    fake = Picky()
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=1)
+
+    async def main() -> list[object]:
+        callers = [coalescer.infer(SERVICE, rows(-1 if i == 7 else i), "r", 1.0) for i in range(20)]
+        return await asyncio.gather(*callers, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[7], UpstreamRejected)
+    for i, result in enumerate(results):
+        if i != 7:
+            assert isinstance(result, np.ndarray) and result.tolist() == [[i, -i]]
+    assert max(fake.calls) > 1  # they were batched before being sent alone

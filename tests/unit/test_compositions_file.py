@@ -167,3 +167,12 @@ def test_class_names_that_differ_are_refused_naming_both() -> None:
     with pytest.raises(AggregationFailed, match=r"class names differ \(x, y; y, x\)"):
         classes(Models(a="x,y", b="y,x"))
     assert classes(Models(a="x,y", b="y,x"), declared=("p", "q")) == ("p", "q")
+
+
+def test_keys_say_who_reads_the_features(tmp_path: Path) -> None:
+    text = 'compositions:\n  c:\n    KEYS\n    services:\n      m: {target: "t:1/m"}\n    aggregator: none\n'
+    assert _load(tmp_path, text.replace("KEYS", "description: x"))["c"].keys == "fetch"
+    forwarded = _load(tmp_path, text.replace("KEYS", "keys: forward"))["c"]
+    assert forwarded.keys == "forward" and forwarded.describe()["keys"] == "forward"
+    with pytest.raises(CompositionError, match=r"line 3: composition 'c': keys must be fetch .* or forward"):
+        _load(tmp_path, text.replace("KEYS", "keys: models"))

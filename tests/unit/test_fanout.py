@@ -10,7 +10,7 @@ import pytest
 
 from client_proxy.core.fanout import FanOut, aggregate
 from client_proxy.core.services import Service, TimeoutPolicy
-from client_proxy.errors import ServicesFailed, UpstreamUnavailable
+from client_proxy.errors import Failure, ServicesFailed, UpstreamUnavailable
 from client_proxy.triton.coalesce import Coalescer
 
 
@@ -195,3 +195,12 @@ def test_a_bug_in_a_call_is_raised_not_turned_into_an_outcome() -> None:
 
     with pytest.raises(KeyError):
         asyncio.run(main())
+
+
+def test_services_that_all_refused_the_input_are_a_422_and_any_other_failure_a_503() -> None:
+    rejected = Failure("rejected", "m: the model refused the input")
+    assert ServicesFailed("x", {"a": rejected, "b": rejected}).status_code == 422
+    assert ServicesFailed("x", {"a": rejected}).code == "input_rejected"
+    mixed = ServicesFailed("x", {"a": rejected, "b": Failure("unavailable", "b: down")})
+    assert (mixed.status_code, mixed.code) == (503, "upstream_unavailable")
+    assert ServicesFailed("x", {"a": rejected, "b": Failure("timeout", "b: late")}).status_code == 504

@@ -63,7 +63,9 @@ async def _read(
     (and, by key, what the store gave)."""
     composition = _composition(state, name)
     options = call_options(request, state.settings, composition.timeout_policy, composition.deadline_ms)
-    rows, fetched = await read_inputs(request, state, options, composition.features)
+    rows, fetched = await read_inputs(
+        request, state, options, composition.features, forward=composition.keys == "forward"
+    )
     return composition, options, rows, fetched
 
 

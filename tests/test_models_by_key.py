@@ -1,0 +1,188 @@
+"""The seed's other way of getting the input: Triton models that take keys and read their
+features from the store themselves (``backends/by_key``, ``model_repository_by_key/``), composed
+by the proxy like any other service (``keys: forward``). Real Triton, real proxy, real stores
+(SQLite, Redis, PostgreSQL): both variants must give the same answers on the same data."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client_proxy.feature_loader import read_csv
+from local_triton import TritonServer, free_ports
+from local_triton.server import BY_KEY_REPOSITORY, LaunchError
+
+from .helpers import running_proxy, services_on, settings
+from .servers import IRIS_CSV, loaded_store
+
+CLASSES = ("setosa", "versicolor", "virginica")
+KEYS = [f"flower-{i}" for i in range(150)]
+
+COMPOSITIONS = """
+compositions:
+  by_model:
+    keys: forward
+    services:
+      setosa: {target: "grpc://TRITON/setosa_by_key"}
+      versicolor: {target: "grpc://TRITON/versicolor_by_key"}
+      virginica: {target: "grpc://TRITON/virginica_by_key"}
+    aggregator: one_vs_rest
+  by_proxy:
+    services:
+      setosa: {target: "grpc://TRITON/setosa"}
+      versicolor: {target: "grpc://TRITON/versicolor"}
+      virginica: {target: "grpc://TRITON/virginica"}
+    aggregator: one_vs_rest
+"""
+
+
+def _triton(store: str) -> TritonServer:
+    return TritonServer(
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        extra_repositories=[BY_KEY_REPOSITORY],
+        environment={"FEATURE_STORE": store},
+    )
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis", "postgresql"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TritonServer, str]]:
+    """Triton serving the by-key models beside the Iris ones, reading a store of each kind, and
+    a proxy composing either; yields both."""
+    folder = tmp_path_factory.mktemp(request.param)
+    with loaded_store(request.param, folder) as store, _triton(store) as triton:
+        path = folder / "compositions.yaml"
+        path.write_text(COMPOSITIONS.replace("TRITON", triton.grpc_url))
+        proxy_settings = settings(feature_store=store, compositions_file=path)
+        with running_proxy(proxy_settings, services_on(triton, "grpc")) as url:
+            yield triton, url
+
+
+def _keys_tensor(keys: list[str]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("keys", [len(keys), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[k] for k in keys], dtype=np.object_))
+    return tensor
+
+
+def test_a_by_key_model_answers_as_its_model_does_on_the_stored_rows(
+    served: tuple[TritonServer, str],
+) -> None:
+    triton, _ = served
+    iris = read_csv(IRIS_CSV)
+    rows = np.array([iris[k] for k in KEYS], dtype=np.float32)
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        for name in CLASSES:
+            by_key = client.infer(f"{name}_by_key", [_keys_tensor(KEYS)]).as_numpy("probabilities")
+            direct_input = grpcclient.InferInput("input", list(rows.shape), "FP32")
+            direct_input.set_data_from_numpy(rows)
+            direct = client.infer(name, [direct_input]).as_numpy("probabilities")
+            assert by_key.shape == (150, 2)
+            np.testing.assert_allclose(by_key, direct, rtol=1e-6, atol=1e-7)
+    finally:
+        client.close()
+
+
+def test_both_variants_give_the_same_answers_through_the_proxy(served: tuple[TritonServer, str]) -> None:
+    _, url = served
+    for keys in (KEYS, ["flower-17"], ["flower-42", "flower-42", "flower-120"]):
+        by_model = httpx.post(f"{url}/compositions/by_model/label", json={"keys": keys}, timeout=30)
+        by_proxy = httpx.post(f"{url}/compositions/by_proxy/label", json={"keys": keys}, timeout=30)
+        assert by_model.status_code == 200, by_model.text
+        assert by_proxy.status_code == 200, by_proxy.text
+        model_body, proxy_body = by_model.json(), by_proxy.json()
+        assert model_body["keys"] == proxy_body["keys"] == keys
+        if len(keys) == 1:
+            model_body["prediction"], proxy_body["prediction"] = (
+                [model_body["prediction"]],
+                [proxy_body["prediction"]],
+            )
+        assert [p["label"] for p in model_body["prediction"]] == [
+            p["label"] for p in proxy_body["prediction"]
+        ]
+        assert [p["proba"] for p in model_body["prediction"]] == pytest.approx(
+            [p["proba"] for p in proxy_body["prediction"]], rel=1e-6
+        )
+
+
+def test_an_unknown_key_is_a_422_naming_it_and_the_models_keep_serving(
+    served: tuple[TritonServer, str],
+) -> None:
+    _, url = served
+    refused = httpx.post(
+        f"{url}/compositions/by_model/label", json={"keys": ["flower-1", "nope"]}, timeout=30
+    )
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "input_rejected"
+    assert set(error["services"]) == set(CLASSES)
+    assert all(s["reason"] == "rejected" and "'nope'" in s["message"] for s in error["services"].values())
+    # The replicas answered: none is ejected, the next request is served.
+    for _ in range(5):
+        again = httpx.post(f"{url}/compositions/by_model/label", json={"keys": ["flower-1"]}, timeout=30)
+        assert again.status_code == 200, again.text
+    health = httpx.get(f"{url}/health/all", timeout=30).json()
+    assert "ejected" not in str(health)
+
+
+def test_a_bad_key_in_a_coalesced_batch_fails_only_its_own_request(served: tuple[TritonServer, str]) -> None:
+    """Concurrent requests share Triton calls (the coalescer): the one naming an unknown key is
+    refused, the others are answered."""
+    _, url = served
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            bodies = [{"keys": [f"flower-{i}"]} for i in range(40)]
+            bodies[17] = {"keys": ["flower-3", "missing-17"]}
+            return await asyncio.gather(
+                *(client.post("/compositions/by_model/label", json=b) for b in bodies)
+            )
+
+    for _ in range(3):
+        answers = asyncio.run(burst())
+        assert answers[17].status_code == 422 and "'missing-17'" in answers[17].text
+        assert [a.status_code for i, a in enumerate(answers) if i != 17] == [200] * 39
+
+
+def test_a_store_that_is_down_is_a_503_and_the_other_models_keep_serving(tmp_path: Path) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    with _triton(f"redis://127.0.0.1:{port}/0") as triton:
+        path = tmp_path / "compositions.yaml"
+        path.write_text(COMPOSITIONS.replace("TRITON", triton.grpc_url))
+        with running_proxy(settings(compositions_file=path), services_on(triton, "grpc")) as url:
+            down = httpx.post(f"{url}/compositions/by_model/label", json={"keys": ["flower-1"]}, timeout=30)
+            assert down.status_code == 503, down.text
+            failures = down.json()["error"]["services"]
+            assert all(f"feature store redis://127.0.0.1:{port}/0" in f["message"] for f in failures.values())
+            rows = httpx.post(f"{url}/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30)
+            assert rows.status_code == 200 and rows.json()["prediction"]["label"] == "setosa"
+
+
+def test_the_by_key_models_refuse_to_load_without_a_store() -> None:
+    with pytest.raises(LaunchError, match="FEATURE_STORE"):
+        TritonServer(http_port=0, grpc_port=0, metrics_port=0, extra_repositories=[BY_KEY_REPOSITORY]).start()
+
+
+def test_a_by_key_model_names_an_unknown_key_as_invalid_argument(served: tuple[TritonServer, str]) -> None:
+    """The keys are sent as they are ([N, 1] BYTES): a key with every character a key may have."""
+    triton, _ = served
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        with pytest.raises(
+            InferenceServerException, match=re.escape("holds none of the keys: 'a.b_c:d@e/f-1'")
+        ) as raised:
+            client.infer("setosa_by_key", [_keys_tensor(["a.b_c:d@e/f-1"])])
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    finally:
+        client.close()
