@@ -8,7 +8,8 @@ ratios to the ceiling and to the seed's design measured in the same run. Then th
 Protocol doors (perf_analyzer), 256 connections and the memory per connection
 (``bench.connections``), a slow replica (balancing, hedging) and overload (shedding):
 ``bench.resilience``; rules whose webhook receivers are healthy, down, slow or failing:
-``bench.alerts``.
+``bench.alerts``; inputs by key, read by the proxy or by the models, from each store:
+``bench.by_key``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import alerts, connections, cpu_profile, perf_analyzer, resilience
+from bench import alerts, by_key, connections, cpu_profile, perf_analyzer, resilience
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.processes import MODELS, serve, start_proxy
@@ -447,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         tracing = _tracing_section(results, levels, receiver, traced_requests)
         rules = alerts.alerts_section(triton, args.seconds, args.repeats, args.warmup)
     replicas = resilience.replicas_section(args.seconds, args.repeats, args.warmup)
+    keys = by_key.by_key_section(args.seconds, args.repeats, args.warmup)
 
     rows = [Row(name, concurrency, _median(ms)) for (name, concurrency), ms in results.items()]
     header = {
@@ -464,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         render_markdown(rows, header, verdicts, CEILING, SEED)
         + tracing
         + rules
+        + keys
         + oip
         + profiles
         + conns

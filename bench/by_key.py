@@ -1,0 +1,229 @@
+"""What inputs fetched by key cost: ``make bench``'s "Inputs by key" section (also
+``python -m bench.by_key``).
+
+The seed's two ways of getting the input, on the same data (the Iris rows, ``features/iris.csv``),
+against each store (SQLite, Redis, PostgreSQL, each a real server on this machine):
+
+- rows in the body: the reference, no store;
+- keys fetched by the proxy: one batched lookup per request, then the fan-out of the rows;
+- keys fetched by the models: the proxy forwards the keys (``keys: forward``), and each of the
+  three ``<class>_by_key`` models reads the store itself and has its ONNX model score the rows
+  (BLS): three lookups per request.
+
+One Triton per store (its ``FEATURE_STORE`` is the store), one proxy composing all three ways
+(``/compositions/<way>/label``, one_vs_rest, one key per request), wrk at c=16, interleaved.
+Where the time goes: the proxy's mean lookup (``proxy_feature_lookup_duration_seconds``), and
+Triton's own mean compute time per execution of a by-key model and of the ONNX model it calls
+(``nv_inference_compute_infer_duration_us`` / ``nv_inference_exec_count``, over the measured runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.loadgen import CpuMeter, Measurement, run_wrk
+from bench.processes import MODELS, serve
+from client_proxy.feature_loader import read_csv
+from local_triton import TritonServer, free_ports
+from local_triton.server import BY_KEY_REPOSITORY
+from tests.servers import IRIS_CSV, loaded_store
+
+CONCURRENCY = 16
+KEY = "flower-17"
+WAYS = {
+    "rows in the body": "rows",
+    "keys fetched by the proxy": "by_proxy",
+    "keys fetched by the models": "by_model",
+}
+STORES = ("sqlite", "redis", "postgresql")
+
+
+def _compositions(folder: Path, triton: TritonServer) -> Path:
+    def services(suffix: str) -> str:
+        return "".join(f"      {m}: {{target: 'grpc://{triton.grpc_url}/{m}{suffix}'}}\n" for m in MODELS)
+
+    text = "compositions:\n"
+    for name, suffix, extra in (
+        ("rows", "", ""),
+        ("by_proxy", "", ""),
+        ("by_model", "_by_key", "keys: forward"),
+    ):
+        text += f"  {name}:\n" + (f"    {extra}\n" if extra else "")
+        text += f"    services:\n{services(suffix)}    aggregator: one_vs_rest\n"
+    path = folder / "compositions.yaml"
+    path.write_text(text)
+    return path
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """The counters of ``url`` (Prometheus text) by full series name."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            try:
+                found[series] = float(value)
+            except ValueError:
+                continue
+    return found
+
+
+def _per_execution(before: dict[str, float], after: dict[str, float], model: str) -> tuple[float, float]:
+    """Triton's compute time (us) over the executions of ``model`` between two scrapes, and their count."""
+
+    def delta(metric: str) -> float:
+        series = f'{metric}{{model="{model}",version="1"}}'
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    executions = delta("nv_inference_exec_count")
+    return (delta("nv_inference_compute_infer_duration_us") / executions if executions else 0.0), executions
+
+
+def _lookup_ms(metrics: dict[str, float], kind: str) -> float:
+    total = metrics.get(f'proxy_feature_lookup_duration_seconds_sum{{store="{kind}"}}', 0.0)
+    count = metrics.get(f'proxy_feature_lookup_duration_seconds_count{{store="{kind}"}}', 0.0)
+    return 1000 * total / count if count else 0.0
+
+
+def _one_store(kind: str, folder: Path, seconds: float, repeats: int, warmup: float) -> dict[str, object]:
+    folder.mkdir(parents=True, exist_ok=True)
+    row = [float(v) for v in read_csv(IRIS_CSV)[KEY]]
+    by_key = f'{{"keys": ["{KEY}"]}}'.encode()
+    bodies = {
+        way: (name, by_key if name != "rows" else f'{{"data": [{row}]}}'.encode())
+        for way, name in WAYS.items()
+    }
+    with ExitStack() as stack:
+        store = stack.enter_context(loaded_store(kind, folder))
+        triton = stack.enter_context(
+            TritonServer(
+                http_port=0,
+                grpc_port=0,
+                metrics_port=0,
+                extra_repositories=[BY_KEY_REPOSITORY],
+                environment={"FEATURE_STORE": store},
+            )
+        )
+        port, grpc_port = free_ports(2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+        env.update(
+            PROXY_HOST="127.0.0.1",
+            PROXY_PORT=str(port),
+            PROXY_GRPC_PORT=str(grpc_port),
+            PROXY_COMPOSITIONS_FILE=str(_compositions(folder, triton)),
+            PROXY_FEATURE_STORE=store,
+        )
+        proxy = stack.enter_context(
+            serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+        )
+        url = f"http://127.0.0.1:{port}"
+        for way, (name, body) in bodies.items():
+            answer = urllib.request.urlopen(
+                urllib.request.Request(
+                    f"{url}/compositions/{name}/label", body, {"Content-Type": "application/json"}
+                ),
+                timeout=30,
+            ).read()
+            if b'"label":"setosa"' not in answer:
+                raise RuntimeError(f"{kind}, {way}: unexpected answer {answer[:200]!r}")
+            run_wrk(f"{url}/compositions/{name}/label", body, CONCURRENCY, warmup)
+        measured: dict[str, list[Measurement]] = {}
+        model_us: dict[str, list[float]] = {}
+        for repeat in range(repeats):
+            for way, (name, body) in bodies.items():
+                before = _metrics(triton.metrics_url)
+                meter = CpuMeter({"proxy": proxy.pid, "triton": triton.pid or 0})
+                meter.start()
+                m = run_wrk(f"{url}/compositions/{name}/label", body, CONCURRENCY, seconds)
+                m.cpu_s = meter.stop()
+                measured.setdefault(way, []).append(m)
+                if name == "by_model":
+                    after = _metrics(triton.metrics_url)
+                    for model in ("setosa_by_key", "setosa"):
+                        model_us.setdefault(model, []).append(_per_execution(before, after, model)[0])
+                print(
+                    f"c={CONCURRENCY:<3} run {repeat + 1}/{repeats} {kind:<10} {way:<28} "
+                    f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+                    f"errors {m.errors}",
+                    flush=True,
+                )
+        lookup = _lookup_ms(_metrics(f"{url}/metrics"), kind)
+    return {"measured": measured, "model_us": model_us, "lookup_ms": lookup}
+
+
+def by_key_section(seconds: float, repeats: int, warmup: float) -> str:
+    results: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-by-key-") as folder:
+        for kind in STORES:
+            results[kind] = _one_store(kind, Path(folder) / kind, seconds, repeats, warmup)
+
+    lines = [
+        "",
+        "## Inputs by key",
+        "",
+        "`bench.by_key`: one key (or its row) per request to a composition of the three Iris models "
+        "(one_vs_rest), the three ways: the row in the body; the key, its row read by the proxy "
+        "(one lookup per request); the key forwarded to the `<class>_by_key` models, each reading "
+        "the store itself and calling its ONNX model by BLS (three lookups per request). One Triton "
+        "and one proxy per store, the store a real server on the same two cores (its own CPU is "
+        f"not counted). wrk at c={CONCURRENCY}, {repeats} interleaved run(s) of {seconds:g} s, medians.",
+        "",
+        "| store | way | req/s | vs rows | p50 ms | p99 ms | proxy CPU/request ms "
+        "| Triton CPU/request ms | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    notes = []
+    for kind, found in results.items():
+        measured = found["measured"]
+        assert isinstance(measured, dict)
+
+        def med(
+            way: str, value: Callable[[Measurement], float], ms: dict[str, list[Measurement]] = measured
+        ) -> float:
+            return float(statistics.median(value(m) for m in ms[way]))
+
+        base = med("rows in the body", lambda m: m.throughput)
+        for way in WAYS:
+            throughput = med(way, lambda m: m.throughput)
+            errors = sum(m.errors for m in measured[way])
+            lines.append(
+                f"| {kind} | {way} | {throughput:,.0f} | {throughput / base:.2f}x "
+                f"| {med(way, lambda m: m.p50_ms):.2f} | {med(way, lambda m: m.p99_ms):.2f} "
+                f"| {med(way, lambda m: m.cpu_per_request_ms().get('proxy', 0.0)):.3f} "
+                f"| {med(way, lambda m: m.cpu_per_request_ms().get('triton', 0.0)):.3f} | {errors} |"
+            )
+        model_us = found["model_us"]
+        assert isinstance(model_us, dict)
+        by_key_us = statistics.median(model_us["setosa_by_key"])
+        scorer_us = statistics.median(model_us["setosa"])
+        notes.append(
+            f"{kind}: the proxy's lookup {found['lookup_ms']:.3f} ms on average; in Triton, an "
+            f"execution of setosa_by_key {by_key_us / 1000:.3f} ms, of which the BLS call's model "
+            f"(setosa) computes {scorer_us / 1000:.3f} ms"
+        )
+    lines += ["", "Where the time goes (means over the measured runs): " + "; ".join(notes) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.by_key", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    print(by_key_section(args.seconds, args.repeats, args.warmup))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
