@@ -250,6 +250,10 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
         assert path in spec["paths"], path
     body = spec["paths"]["/predict/label"]["post"]["requestBody"]["content"]["application/json"]
     assert body["examples"]["seed"]["value"] == {"data": SEED_ROW}
+    # Rows by key are documented beside rows in the body.
+    assert body["examples"]["by_key"]["value"] == {"keys": ["flower-17", "flower-120"]}
+    assert [s["required"] for s in body["schema"]["oneOf"]] == [["data"], ["keys"]]
+    assert "404" in spec["paths"]["/predict/label"]["post"]["responses"]
     assert client.get("/docs").status_code == 200
 
 

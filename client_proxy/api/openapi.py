@@ -9,6 +9,7 @@ from typing import Any
 
 from client_proxy.api.inputs import SAMPLE_ROW, PredictRequest
 from client_proxy.api.schemas import LabelAnswer, Predictions, errors
+from client_proxy.core.features import KEY
 from client_proxy.core.services import TimeoutPolicy
 
 PARAMETERS: dict[str, Any] = {
@@ -52,16 +53,36 @@ PARAMETERS: dict[str, Any] = {
 }
 
 
+#: ``{"keys": [...]}``: entities whose rows the feature store holds (``PROXY_FEATURE_STORE``).
+KEYS: dict[str, Any] = {
+    "type": "object",
+    "title": "Keys (rows read from the feature store)",
+    "required": ["keys"],
+    "additionalProperties": False,
+    "properties": {
+        "keys": {
+            "type": "array",
+            "minItems": 1,
+            "description": "Entity keys: the proxy reads their rows from PROXY_FEATURE_STORE (the feature "
+            "set PROXY_FEATURE_SET, or the composition's or pipeline's features) in one lookup; a "
+            "composition with keys: forward sends them to its services instead",
+            "items": {"type": "string", "pattern": KEY.pattern},
+        }
+    },
+}
+_BY_KEY_EXAMPLE = {"summary": "Rows by key", "value": {"keys": ["flower-17", "flower-120"]}}
+
 WITH_BODY: dict[str, Any] = {
     **PARAMETERS,
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {
-                "schema": PredictRequest.model_json_schema(),
+                "schema": {"oneOf": [PredictRequest.model_json_schema(), KEYS]},
                 "examples": {
                     "seed": {"summary": "The seed's request", "value": {"data": [[1.0, 2.0, 3.0, 4.0]]}},
                     "batch": {"summary": "Two rows", "value": {"data": [SAMPLE_ROW, [6.3, 3.3, 6.0, 2.5]]}},
+                    "by_key": _BY_KEY_EXAMPLE,
                 },
             }
         },
@@ -71,13 +92,14 @@ WITH_BODY: dict[str, Any] = {
 
 ERRORS = errors(
     {
-        400: "Body is not JSON",
+        400: "Body is not JSON; keys sent to a proxy without a feature store",
+        404: "None of the keys is in the feature store (all_or_nothing: one is not); the keys are named",
         408: "Body still arriving at the deadline",
         413: "Body over PROXY_MAX_BODY_BYTES",
         415: "Not application/json, or compressed",
         422: "Rows missing, of the wrong length or type, not finite, or too many; a bad parameter",
-        503: "No service answered (all_or_nothing: one did not); the services are named",
-        504: "Deadline missed (all_or_nothing: a service was late); the services are named",
+        503: "No service answered (all_or_nothing: one did not), or the feature store is down; named",
+        504: "Deadline missed (all_or_nothing: a service was late), or the feature store was; named",
     }
 )
 
@@ -155,16 +177,18 @@ COMPOSITION_BODY = {
                                 }
                             },
                         },
+                        KEYS,
                     ]
                 },
                 "examples": {
+                    "by_key": _BY_KEY_EXAMPLE,
                     "wine": {
                         "value": {
                             "data": [
                                 [13.2, 1.78, 2.14, 11.2, 100, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050]
                             ]
                         }
-                    }
+                    },
                 },
             }
         },
@@ -174,14 +198,15 @@ COMPOSITION_BODY = {
 
 COMPOSITION_ERRORS = errors(
     {
-        400: "Body is not JSON",
-        404: "No such composition",
+        400: "Body is not JSON; keys sent to a proxy without a feature store",
+        404: "No such composition; none of the keys is in the feature store (named)",
         413: "Body too large",
         415: "Not application/json",
-        422: "Rows that do not fit a service's model (named), or invalid parameters",
+        422: "Rows that do not fit a service's model (named), invalid parameters, or input every "
+        "service's model refused (input_rejected: a forwarded key its store lacks)",
         502: "The services answered but their answers cannot be combined as declared",
-        503: "Too few services answered (named, with reasons)",
-        504: "Too few services answered in time",
+        503: "Too few services answered (named, with reasons), or the feature store is down",
+        504: "Too few services answered in time, or the feature store did not",
     }
 )
 

@@ -25,7 +25,7 @@ class ErrorBody(BaseModel):
 
 
 class Failure(BaseModel):
-    reason: Literal["timeout", "unavailable", "error"]
+    reason: Literal["timeout", "unavailable", "rejected", "error", "cancelled"]
     message: str
 
 

@@ -35,13 +35,14 @@ _ERRORS = {
     200: {"model": PipelineAnswer, "description": "The label per row, the path and each step's latency"},
     **errors(
         {
-            400: "Body is not JSON",
-            404: "No such pipeline",
+            400: "Body is not JSON; keys sent to a proxy without a feature store",
+            404: "No such pipeline; none of the keys is in the feature store (named)",
             413: "Body too large",
             415: "Not application/json",
             422: "Invalid rows or parameters",
-            503: "A step with on_failure: fail did not answer (named), or no step answered",
-            504: "A step with on_failure: fail was late (named)",
+            503: "A step with on_failure: fail did not answer (named), no step answered, or the "
+            "feature store is down",
+            504: "A step with on_failure: fail was late (named), or the feature store was",
         }
     ),
 }
