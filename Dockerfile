@@ -1,6 +1,6 @@
-# The proxy's image: client_proxy/, its locked dependencies (requirements/proxy.txt) and the
-# example compositions and pipelines (examples/), nothing else. Triton runs from NVIDIA's own image (docker-compose.yml). For a build that is the same
-# tomorrow, pin the base images by digest too: FROM python:3.11-slim-bookworm@sha256:<digest>
+# The proxy's image: client_proxy/, its locked dependencies (requirements/proxy.txt), the
+# example compositions and pipelines (examples/) and the feature rows (features/), nothing else.
+# Triton runs from NVIDIA's own image (docker-compose.yml). For a build that is the same tomorrow, pin the base images by digest too: FROM python:3.11-slim-bookworm@sha256:<digest>
 # (docker buildx imagetools inspect python:3.11-slim-bookworm prints it).
 
 FROM python:3.11-slim-bookworm AS build
@@ -17,6 +17,8 @@ WORKDIR /app
 COPY client_proxy ./client_proxy
 # The example compositions and pipelines (the wine models), which compose and k8s point the proxy at.
 COPY examples ./examples
+# The Iris and wine rows by key (features/*.csv), which k8s's features Job loads into the store.
+COPY features ./features
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
     PROXY_HOST=0.0.0.0 \

@@ -298,7 +298,7 @@ def _compose_healthcheck_command(port: int) -> list[str]:
 def test_every_rendered_manifest_validates(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == sorted(
-        ["Namespace", "ConfigMap"]
+        ["Namespace", "ConfigMap", "Deployment", "Service", "Job"]  # Redis and its loader
         + ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] * 2
     )
     for doc in rendered:
@@ -486,3 +486,31 @@ def test_the_init_container_fills_a_repository_that_triton_serves(
     with TritonServer(model_repository=volume, http_port=0, grpc_port=0, metrics_port=0) as server:
         url = f"http://{server.http_url}/v2/models/iris_ensemble/ready"
         assert httpx.get(url, timeout=5).status_code == 200
+
+
+def test_k8s_loads_the_feature_store_the_proxy_reads(
+    rendered: list[dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    """Redis (compose's release) behind a Service, loaded by a Job that runs the image's own
+    loader on the CSVs the Dockerfile copies, at the URL the proxy's ConfigMap names."""
+    store = _proxy_config(rendered)["data"]["PROXY_FEATURE_STORE"]
+    redis = _pod_specs(rendered)["redis"]["containers"][0]
+    assert redis["image"] == compose["services"]["redis"]["image"]
+    service = _kind(rendered, "Service", "redis")["spec"]
+    host, port = store.removeprefix("redis://").split("/")[0].split(":")
+    assert (host, int(port)) == ("redis", service["ports"][0]["port"])
+    assert service["selector"] == _kind(rendered, "Deployment", "redis")["spec"]["selector"]["matchLabels"]
+    job = _kind(rendered, "Job", "features")["spec"]["template"]["spec"]
+    (loader,) = job["containers"]
+    assert loader["image"] == _pod_specs(rendered)["proxy"]["containers"][0]["image"]
+    command = loader["command"]
+    assert command[:3] == ["python", "-m", "client_proxy.feature_loader"]
+    assert command[command.index("--store") + 1] == store
+    assert "COPY features ./features" in _final_stage(DOCKERFILE.read_text())
+    for csv in command[command.index("--store") + 2 :]:
+        assert (ROOT / csv.removeprefix("/app/")).is_file(), csv  # the image's WORKDIR is /app
+    # The Job's pod meets the namespace's restricted standard as the Deployments' do.
+    assert job["securityContext"]["runAsNonRoot"] is True and job["securityContext"]["runAsUser"] != 0
+    assert job["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert loader["securityContext"]["allowPrivilegeEscalation"] is False
+    assert loader["securityContext"]["capabilities"]["drop"] == ["ALL"]
