@@ -11,7 +11,8 @@ against each store (SQLite, Redis, PostgreSQL, each a real server on this machin
   (BLS): three lookups per request.
 
 One Triton per store (its ``FEATURE_STORE`` is the store), one proxy composing all three ways
-(``/compositions/<way>/label``, one_vs_rest, one key per request), wrk at c=16, interleaved.
+(``/compositions/<way>/label``, one_vs_rest, one key per request), wrk at c=1 (what a request
+costs, without queueing) and c=16, interleaved.
 Where the time goes: the proxy's mean lookup (``proxy_feature_lookup_duration_seconds``), and
 Triton's own mean compute time per execution of a by-key model and of the ONNX model it calls
 (``nv_inference_compute_infer_duration_us`` / ``nv_inference_exec_count``, over the measured runs).
@@ -20,6 +21,7 @@ Triton's own mean compute time per execution of a by-key model and of the ONNX m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -37,6 +39,7 @@ from local_triton.server import BY_KEY_REPOSITORY
 from tests.servers import IRIS_CSV, loaded_store
 
 CONCURRENCY = 16
+LEVELS = (1, CONCURRENCY)
 KEY = "flower-17"
 WAYS = {
     "rows in the body": "rows",
@@ -89,13 +92,20 @@ def _per_execution(before: dict[str, float], after: dict[str, float], model: str
     return (delta("nv_inference_compute_infer_duration_us") / executions if executions else 0.0), executions
 
 
-def _lookup_ms(metrics: dict[str, float], kind: str) -> float:
-    total = metrics.get(f'proxy_feature_lookup_duration_seconds_sum{{store="{kind}"}}', 0.0)
-    count = metrics.get(f'proxy_feature_lookup_duration_seconds_count{{store="{kind}"}}', 0.0)
-    return 1000 * total / count if count else 0.0
+def _lookup_ms(before: dict[str, float], after: dict[str, float], kind: str) -> float:
+    """The proxy's mean lookup (ms) between two scrapes of its /metrics."""
+
+    def delta(metric: str) -> float:
+        series = f'{metric}{{store="{kind}"}}'
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    count = delta("proxy_feature_lookup_duration_seconds_count")
+    return 1000 * delta("proxy_feature_lookup_duration_seconds_sum") / count if count else 0.0
 
 
-def _one_store(kind: str, folder: Path, seconds: float, repeats: int, warmup: float) -> dict[str, object]:
+def _one_store(
+    kind: str, folder: Path, seconds: float, repeats: int, warmup: float
+) -> tuple[dict[tuple[str, int], list[Measurement]], dict[tuple[str, int], list[float]]]:
     folder.mkdir(parents=True, exist_ok=True)
     row = [float(v) for v in read_csv(IRIS_CSV)[KEY]]
     by_key = f'{{"keys": ["{KEY}"]}}'.encode()
@@ -137,32 +147,50 @@ def _one_store(kind: str, folder: Path, seconds: float, repeats: int, warmup: fl
             if b'"label":"setosa"' not in answer:
                 raise RuntimeError(f"{kind}, {way}: unexpected answer {answer[:200]!r}")
             run_wrk(f"{url}/compositions/{name}/label", body, CONCURRENCY, warmup)
-        measured: dict[str, list[Measurement]] = {}
-        model_us: dict[str, list[float]] = {}
+        measured: dict[tuple[str, int], list[Measurement]] = {}
+        #: (what, concurrency) -> per-run means, ms: the proxy's lookup, a by-key model's
+        #: execution and its ONNX model's, from the metrics scraped around each run.
+        spent: dict[tuple[str, int], list[float]] = {}
         for repeat in range(repeats):
-            for way, (name, body) in bodies.items():
-                before = _metrics(triton.metrics_url)
-                meter = CpuMeter({"proxy": proxy.pid, "triton": triton.pid or 0})
-                meter.start()
-                m = run_wrk(f"{url}/compositions/{name}/label", body, CONCURRENCY, seconds)
-                m.cpu_s = meter.stop()
-                measured.setdefault(way, []).append(m)
-                if name == "by_model":
-                    after = _metrics(triton.metrics_url)
-                    for model in ("setosa_by_key", "setosa"):
-                        model_us.setdefault(model, []).append(_per_execution(before, after, model)[0])
-                print(
-                    f"c={CONCURRENCY:<3} run {repeat + 1}/{repeats} {kind:<10} {way:<28} "
-                    f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
-                    f"errors {m.errors}",
-                    flush=True,
-                )
-        lookup = _lookup_ms(_metrics(f"{url}/metrics"), kind)
-    return {"measured": measured, "model_us": model_us, "lookup_ms": lookup}
+            for level in LEVELS:
+                for way, (name, body) in bodies.items():
+                    before = _metrics(triton.metrics_url) | _metrics(f"{url}/metrics")
+                    meter = CpuMeter({"proxy": proxy.pid, "triton": triton.pid or 0})
+                    meter.start()
+                    m = run_wrk(f"{url}/compositions/{name}/label", body, level, seconds)
+                    m.cpu_s = meter.stop()
+                    after = _metrics(triton.metrics_url) | _metrics(f"{url}/metrics")
+                    measured.setdefault((way, level), []).append(m)
+                    if name == "by_proxy":
+                        spent.setdefault(("lookup", level), []).append(_lookup_ms(before, after, kind))
+                    if name == "by_model":
+                        for model in ("setosa_by_key", "setosa"):
+                            us = _per_execution(before, after, model)[0]
+                            spent.setdefault((model, level), []).append(us / 1000)
+                    print(
+                        f"c={level:<3} run {repeat + 1}/{repeats} {kind:<10} {way:<28} "
+                        f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+                        f"errors {m.errors}",
+                        flush=True,
+                    )
+    return measured, spent
+
+
+def _median(
+    measured: dict[tuple[str, int], list[Measurement]],
+    way: str,
+    level: int,
+    value: Callable[[Measurement], float],
+) -> float:
+    return float(statistics.median(value(m) for m in measured[(way, level)]))
+
+
+def _median_ms(spent: dict[tuple[str, int], list[float]], what: str, level: int) -> float:
+    return float(statistics.median(spent[(what, level)]))
 
 
 def by_key_section(seconds: float, repeats: int, warmup: float) -> str:
-    results: dict[str, dict[str, object]] = {}
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bench-by-key-") as folder:
         for kind in STORES:
             results[kind] = _one_store(kind, Path(folder) / kind, seconds, repeats, warmup)
@@ -176,42 +204,42 @@ def by_key_section(seconds: float, repeats: int, warmup: float) -> str:
         "(one lookup per request); the key forwarded to the `<class>_by_key` models, each reading "
         "the store itself and calling its ONNX model by BLS (three lookups per request). One Triton "
         "and one proxy per store, the store a real server on the same two cores (its own CPU is "
-        f"not counted). wrk at c={CONCURRENCY}, {repeats} interleaved run(s) of {seconds:g} s, medians.",
+        f"not counted; SQLite's is the reader's). wrk at c=1 and c={CONCURRENCY}, {repeats} "
+        f"interleaved run(s) of {seconds:g} s, medians.",
         "",
-        "| store | way | req/s | vs rows | p50 ms | p99 ms | proxy CPU/request ms "
-        "| Triton CPU/request ms | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| store | way | c=1 p50 ms | added | c={CONCURRENCY} req/s | vs rows | c={CONCURRENCY} p99 ms "
+        "| proxy CPU/request ms | Triton CPU/request ms | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
-    for kind, found in results.items():
-        measured = found["measured"]
-        assert isinstance(measured, dict)
-
-        def med(
-            way: str, value: Callable[[Measurement], float], ms: dict[str, list[Measurement]] = measured
-        ) -> float:
-            return float(statistics.median(value(m) for m in ms[way]))
-
-        base = med("rows in the body", lambda m: m.throughput)
+    for kind, (measured, spent) in results.items():
+        med = functools.partial(_median, measured)
+        base = med("rows in the body", CONCURRENCY, lambda m: m.throughput)
+        base_p50 = med("rows in the body", 1, lambda m: m.p50_ms)
         for way in WAYS:
-            throughput = med(way, lambda m: m.throughput)
-            errors = sum(m.errors for m in measured[way])
+            throughput = med(way, CONCURRENCY, lambda m: m.throughput)
+            p50 = med(way, 1, lambda m: m.p50_ms)
+            errors = sum(m.errors for level in LEVELS for m in measured[(way, level)])
             lines.append(
-                f"| {kind} | {way} | {throughput:,.0f} | {throughput / base:.2f}x "
-                f"| {med(way, lambda m: m.p50_ms):.2f} | {med(way, lambda m: m.p99_ms):.2f} "
-                f"| {med(way, lambda m: m.cpu_per_request_ms().get('proxy', 0.0)):.3f} "
-                f"| {med(way, lambda m: m.cpu_per_request_ms().get('triton', 0.0)):.3f} | {errors} |"
+                f"| {kind} | {way} | {p50:.2f} | {p50 - base_p50:+.2f} | {throughput:,.0f} "
+                f"| {throughput / base:.2f}x | {med(way, CONCURRENCY, lambda m: m.p99_ms):.2f} "
+                f"| {med(way, CONCURRENCY, lambda m: m.cpu_per_request_ms().get('proxy', 0.0)):.3f} "
+                f"| {med(way, CONCURRENCY, lambda m: m.cpu_per_request_ms().get('triton', 0.0)):.3f} "
+                f"| {errors} |"
             )
-        model_us = found["model_us"]
-        assert isinstance(model_us, dict)
-        by_key_us = statistics.median(model_us["setosa_by_key"])
-        scorer_us = statistics.median(model_us["setosa"])
+        ms = functools.partial(_median_ms, spent)
         notes.append(
-            f"{kind}: the proxy's lookup {found['lookup_ms']:.3f} ms on average; in Triton, an "
-            f"execution of setosa_by_key {by_key_us / 1000:.3f} ms, of which the BLS call's model "
-            f"(setosa) computes {scorer_us / 1000:.3f} ms"
+            f"{kind}: the proxy's lookup {ms('lookup', 1):.2f} ms at c=1, {ms('lookup', CONCURRENCY):.2f} ms "
+            f"at c={CONCURRENCY}; an execution of setosa_by_key (its lookup and its BLS call) "
+            f"{ms('setosa_by_key', 1):.2f} / {ms('setosa_by_key', CONCURRENCY):.2f} ms, of which the ONNX "
+            f"model computes {ms('setosa', 1):.2f} / {ms('setosa', CONCURRENCY):.2f} ms"
         )
-    lines += ["", "Where the time goes (means over the measured runs): " + "; ".join(notes) + ".", ""]
+    lines += [
+        "",
+        "Where the time goes (Triton's and the proxy's own metrics around each run, medians of the "
+        "runs' means): " + "; ".join(notes) + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -161,7 +161,7 @@ class ProxyMetrics:
         )
         self.service_calls = LoopCounter(
             "proxy_service_calls",
-            "Calls to a service, by outcome (ok, timeout, unavailable, error, cancelled)",
+            "Calls to a service, by outcome (ok, timeout, unavailable, rejected, error, cancelled)",
             ["service", "outcome"],
             registry=r,
         )
@@ -194,7 +194,7 @@ class ProxyMetrics:
 
         self.replica_calls = LoopCounter(
             "proxy_replica_calls",
-            "Calls to one replica of a service, by outcome (ok, timeout, unavailable, error; "
+            "Calls to one replica of a service, by outcome (ok, timeout, unavailable, rejected, error; "
             "cancelled: it lost to a hedge)",
             ["service", "replica", "outcome"],
             registry=r,
