@@ -60,9 +60,7 @@ async def read_inputs(
     """Rows or named tensors from the body, or for ``{"keys"}`` rows from the store
     (``feature_set``, else ``PROXY_FEATURE_SET``) or, ``forward``, the keys themselves as rows of
     one string each, for services that read their own features."""
-    if forward:
-        return await _rows_or_keys(request, state, options, None, parse_inputs, forward=True)
-    return await _rows_or_keys(request, state, options, feature_set, parse_inputs)
+    return await _rows_or_keys(request, state, options, feature_set, parse_inputs, forward)
 
 
 async def _rows_or_keys(
