@@ -9,16 +9,14 @@ one that answers after a second, and one that answers 500. wrk at c=16 on each, 
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import tempfile
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_wrk
-from bench.processes import MODELS, serve
+from bench.processes import MODELS, compositions_proxy
 from bench.webhook_receiver import WebhookReceiver
 from local_triton import TritonServer, free_ports
 
@@ -39,22 +37,6 @@ def _file(folder: Path, triton: TritonServer, webhook: str | None) -> Path:
     path = folder / f"compositions-{len(list(folder.iterdir()))}.yaml"
     path.write_text(text)
     return path
-
-
-def _proxy(stack: ExitStack, compositions: Path) -> tuple[str, int]:
-    port, grpc_port = free_ports(2)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
-    env.update(
-        PROXY_HOST="127.0.0.1",
-        PROXY_PORT=str(port),
-        PROXY_GRPC_PORT=str(grpc_port),
-        PROXY_COMPOSITIONS_FILE=str(compositions),
-        PROXY_WEBHOOK_SECRET=SECRET,
-    )
-    process = stack.enter_context(
-        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
-    )
-    return f"http://127.0.0.1:{port}", process.pid
 
 
 def _deliveries(url: str) -> dict[str, float]:
@@ -88,7 +70,10 @@ def alerts_section(triton: TritonServer, seconds: float, repeats: int, warmup: f
         hooks["receiver slow (answers after 1 s)"] = receivers["receiver slow (answers after 1 s)"].url
         hooks["receiver answers 500"] = receivers["receiver answers 500"].url
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-alerts-")))
-        proxies = {name: _proxy(stack, _file(folder, triton, hook)) for name, hook in hooks.items()}
+        proxies = {
+            name: compositions_proxy(stack, _file(folder, triton, hook), PROXY_WEBHOOK_SECRET=SECRET)
+            for name, hook in hooks.items()
+        }
         measured: dict[str, list[Measurement]] = {}
         for url, _ in proxies.values():
             run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, warmup)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 import sys
 import tempfile
@@ -32,9 +31,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_wrk
-from bench.processes import MODELS, serve
+from bench.processes import MODELS, compositions_proxy
 from client_proxy.feature_loader import read_csv
-from local_triton import TritonServer, free_ports
+from local_triton import TritonServer
 from local_triton.server import BY_KEY_REPOSITORY
 from tests.servers import IRIS_CSV, loaded_store
 
@@ -124,19 +123,7 @@ def _one_store(
                 environment={"FEATURE_STORE": store},
             )
         )
-        port, grpc_port = free_ports(2)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
-        env.update(
-            PROXY_HOST="127.0.0.1",
-            PROXY_PORT=str(port),
-            PROXY_GRPC_PORT=str(grpc_port),
-            PROXY_COMPOSITIONS_FILE=str(_compositions(folder, triton)),
-            PROXY_FEATURE_STORE=store,
-        )
-        proxy = stack.enter_context(
-            serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
-        )
-        url = f"http://127.0.0.1:{port}"
+        url, proxy = compositions_proxy(stack, _compositions(folder, triton), PROXY_FEATURE_STORE=store)
         for way, (name, body) in bodies.items():
             answer = urllib.request.urlopen(
                 urllib.request.Request(
@@ -155,7 +142,7 @@ def _one_store(
             for level in LEVELS:
                 for way, (name, body) in bodies.items():
                     before = _metrics(triton.metrics_url) | _metrics(f"{url}/metrics")
-                    meter = CpuMeter({"proxy": proxy.pid, "triton": triton.pid or 0})
+                    meter = CpuMeter({"proxy": proxy, "triton": triton.pid or 0})
                     meter.start()
                     m = run_wrk(f"{url}/compositions/{name}/label", body, level, seconds)
                     m.cpu_s = meter.stop()

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from local_triton import TritonServer, free_ports
 from local_triton.server import terminate
@@ -54,6 +55,19 @@ def start_proxy(
     env.update({f"SERVICE_{m.upper()}": f"{protocol}://{url}/{m}" for m in MODELS})
     env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_GRPC_PORT=str(grpc_port))
     env.update(PROXY_PROTOCOL=protocol, **(extra_env or {}))
+    process = stack.enter_context(
+        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+    )
+    return f"http://127.0.0.1:{port}", process.pid
+
+
+def compositions_proxy(stack: ExitStack, compositions: Path, **extra_env: str) -> tuple[str, int]:
+    """``python -m client_proxy`` on free ports serving the compositions file ``compositions``
+    (no ``SERVICE_`` variable: its services are the file's); its URL and pid."""
+    port, grpc_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))}
+    env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_GRPC_PORT=str(grpc_port))
+    env.update(PROXY_COMPOSITIONS_FILE=str(compositions), **extra_env)
     process = stack.enter_context(
         serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
     )
