@@ -48,6 +48,11 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
                 "receiver down (connection refused)", "receiver slow (answers after 1 s)",
                 "receiver answers 500"):  # fmt: skip
         assert f"| {row} |" in report, row
+    # Inputs by key: the three ways on each store, and where the time goes.
+    assert "## Inputs by key" in report and "Where the time goes" in report
+    for store in ("sqlite", "redis", "postgresql"):
+        for way in ("rows in the body", "keys fetched by the proxy", "keys fetched by the models"):
+            assert f"| {store} | {way} |" in report, (store, way)
     for title in (
         "`/predict/label` over gRPC, wrk c=16 (now)",
         "`/predict/label` over gRPC, wrk c=16 (before: grpcio's server and client)",
