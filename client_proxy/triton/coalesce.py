@@ -20,6 +20,7 @@ own id. A caller that gives up (deadline, cancellation) simply does not take its
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -196,57 +197,63 @@ class Coalescer:
         lane.went_out(now)
         if self._on_batch is not None:
             self._on_batch(service.name, rows, len(batch))
-        task = asyncio.get_running_loop().create_task(self._send(service, lane, batch, now))
+        task = asyncio.get_running_loop().create_task(self._send(service, batch, now))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # The lane's books are kept by a done-callback, not by the task's own ``finally``: a task
+        # cancelled before its first step (every caller gave up at once) never runs its body, and
+        # a slot it did not give back would close the lane for good.
+        task.add_done_callback(functools.partial(self._sent, service, lane, batch, now))
         lane.batches.append((task, batch))
         if later:
             self._look_again(service, lane, now)
 
-    async def _send(self, service: Service, lane: _Lane, batch: list[_Waiter], started: float) -> None:
+    async def _send(self, service: Service, batch: list[_Waiter], started: float) -> None:
+        x = concatenate([w.x for w in batch])
         try:
-            x = concatenate([w.x for w in batch])
-            try:
-                call = self._infer(service, x, batch[0].request_id, max(w.timeout for w in batch))
-                if batch[0].trace is not None:
-                    with tracing.batch(service.name, [w.trace for w in batch], row_count(x)):
-                        output = await call
-                else:
+            call = self._infer(service, x, batch[0].request_id, max(w.timeout for w in batch))
+            if batch[0].trace is not None:
+                with tracing.batch(service.name, [w.trace for w in batch], row_count(x)):
                     output = await call
-            except UpstreamRejected as exc:
-                if len(batch) == 1:
-                    if not batch[0].future.done():
-                        batch[0].future.set_exception(exc)
-                else:  # one caller's input may be at fault (a key the store lacks): the others are not
-                    await asyncio.gather(*(self._alone(service, w, started) for w in batch))
-                return
-            except UpstreamError as exc:
-                for waiter in batch:
-                    if not waiter.future.done():
-                        waiter.future.set_exception(exc)
-                return
-            except asyncio.CancelledError:
-                for waiter in batch:
-                    waiter.future.cancel()
-                raise
-            except Exception as exc:  # a bug: every caller's request fails with it (a 500, logged)
-                for waiter in batch:
-                    if not waiter.future.done():
-                        waiter.future.set_exception(exc)
-                return
-            offset = 0
+            else:
+                output = await call
+        except UpstreamRejected as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+            else:  # one caller's input may be at fault (a key the store lacks): the others are not
+                await asyncio.gather(*(self._alone(service, w, started) for w in batch))
+            return
+        except UpstreamError as exc:
             for waiter in batch:
-                size = row_count(waiter.x)
                 if not waiter.future.done():
-                    waiter.future.set_result(output[offset : offset + size])
-                offset += size
-        finally:
-            for i, (_, sent) in enumerate(lane.batches):
-                if sent is batch:
-                    del lane.batches[i]
-                    break
-            lane.came_back(started, time.monotonic())
-            self._next_batch(service, lane)
+                    waiter.future.set_exception(exc)
+            return
+        offset = 0
+        for waiter in batch:
+            size = row_count(waiter.x)
+            if not waiter.future.done():
+                waiter.future.set_result(output[offset : offset + size])
+            offset += size
+
+    def _sent(
+        self, service: Service, lane: _Lane, batch: list[_Waiter], started: float, task: asyncio.Task[None]
+    ) -> None:
+        """A batched call ended, however it ended (answered, failed, or cancelled, even before it
+        started): its slot is given back, its callers hear of it, and what waits may go out."""
+        self._tasks.discard(task)
+        for i, (_, sent) in enumerate(lane.batches):
+            if sent is batch:
+                del lane.batches[i]
+                break
+        if task.cancelled():
+            for waiter in batch:
+                waiter.future.cancel()
+        elif (bug := task.exception()) is not None:  # every caller's request fails with it (a 500, logged)
+            for waiter in batch:
+                if not waiter.future.done():
+                    waiter.future.set_exception(bug)
+        lane.came_back(started, time.monotonic())
+        self._next_batch(service, lane)
 
     async def _alone(self, service: Service, waiter: _Waiter, started: float) -> None:
         """``waiter``'s input in a call of its own, within what is left of its time."""

@@ -318,3 +318,27 @@ def test_a_refused_batch_is_sent_again_caller_by_caller_so_only_the_faulty_one_f
         if i != 7:
             assert isinstance(result, np.ndarray) and result.tolist() == [[i, -i]]
     assert max(fake.calls) > 1  # they were batched before being sent alone
+
+
+def test_a_batch_cancelled_before_its_first_step_gives_its_slot_back() -> None:
+    """The rapid-reset wedge: a caller that gives up in the same turn of the event loop in which
+    its call went out cancels a task that never ran. Its slot in the lane must come back all the
+    same, or after ``max_in_flight`` such calls the service never sends again."""
+    fake = FakeTriton(pause=0.001)
+    coalescer = Coalescer(fake.infer, max_rows=1024, max_in_flight=2)
+
+    async def main() -> None:
+        for _ in range(50):
+            future = coalescer.submit(SERVICE, rows(1), "r", 1.0)
+            (task,) = [t for t in coalescer._tasks if not t.done()]
+            coalescer.give_up(SERVICE, future)  # before the task's first step
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert task.cancelled()
+        lane = coalescer._lanes[SERVICE]
+        assert lane.in_flight == 0 and not lane.started and not lane.batches and not coalescer._tasks
+        out = await asyncio.wait_for(coalescer.submit(SERVICE, rows(7), "r", 1.0), 1.0)
+        assert out.tolist() == [[7, -7]]
+
+    asyncio.run(main())
+    assert fake.calls == [1]  # the cancelled calls never reached Triton; the last one did
