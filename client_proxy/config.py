@@ -55,6 +55,28 @@ class Settings(BaseSettings):
     grpc_server: Literal["lean", "grpcio"] = "lean"
     """What serves the gRPC door: ``lean`` (the proxy's own HTTP/2 server for unary calls, on its
     event loop; about a seventh of grpcio's CPU per call) or ``grpcio`` (grpcio's asyncio server)."""
+    grpc_max_connections: int = Field(1024, ge=1, le=1_000_000)
+    """Most connections the gRPC door keeps open; one more is answered with GOAWAY
+    (ENHANCE_YOUR_CALM) and closed. The lean server only."""
+    grpc_handshake_timeout_ms: float = Field(10_000.0, gt=0, le=600_000)
+    """Longest wait, in milliseconds, for a new gRPC connection's preface and SETTINGS; then it is
+    closed. The lean server only."""
+    grpc_idle_timeout_ms: float = Field(300_000.0, gt=0, le=86_400_000)
+    """A gRPC connection on which no call started or ended for this long, with none running, is
+    closed with GOAWAY (NO_ERROR; clients reconnect when they need to): after one to two such
+    periods. The lean server only."""
+    grpc_max_control_frames: int = Field(1000, ge=10, le=1_000_000)
+    """Frames that carry no call (PING, SETTINGS, WINDOW_UPDATE, PRIORITY, empty DATA, unknown
+    types, ...) one gRPC connection may send in a burst; the budget refills by a tenth a second and
+    by one per call answered. Spent: GOAWAY ENHANCE_YOUR_CALM. The lean server only."""
+    grpc_max_resets: int = Field(1000, ge=10, le=1_000_000)
+    """Calls one gRPC connection may reset before their answer in a burst (the rapid reset of
+    CVE-2023-44487); refilled like ``grpc_max_control_frames``. Spent: GOAWAY ENHANCE_YOUR_CALM.
+    The lean server only."""
+    grpc_connection_window: int = Field(4 * 1024 * 1024, ge=65_535, le=2**31 - 1)
+    """Request bytes one gRPC connection may have sent and the proxy not yet consumed (its HTTP/2
+    receive window, given back as requests are handed on): what a connection's unfinished requests
+    may hold in memory. Raised to twice ``max_body_bytes`` where that is larger. The lean server only."""
     grpc_client: Literal["lean", "grpcio"] = "lean"
     """What makes the inference calls to Triton over gRPC: ``lean`` (the proxy's own HTTP/2 client
     for unary calls, on its event loop; a third of grpcio's CPU per call) or ``grpcio``

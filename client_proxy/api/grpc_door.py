@@ -31,6 +31,7 @@ from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
+from client_proxy.http2 import Limits
 from client_proxy.observability import log_request, request_id_from
 
 logger = logging.getLogger("client_proxy.grpc")
@@ -267,7 +268,8 @@ async def start(state: ProxyState, host: str, port: int) -> Door:
     ``PROXY_GRPC_SERVER`` names."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     service = InferenceService(state)
-    if state.settings.grpc_server == "grpcio":
+    settings = state.settings
+    if settings.grpc_server == "grpcio":
         door: Door = await _start_grpcio(service, state, address)
     else:
         lean = grpc_wire.LeanGrpcServer(
@@ -277,7 +279,15 @@ async def start(state: ProxyState, host: str, port: int) -> Door:
                 )
                 for name, request_type in _METHODS.items()
             },
-            max_message_bytes=state.settings.max_body_bytes,
+            max_message_bytes=settings.max_body_bytes,
+            limits=Limits(
+                control_frames=settings.grpc_max_control_frames,
+                resets=settings.grpc_max_resets,
+                handshake_timeout=settings.grpc_handshake_timeout_ms / 1000,
+                idle_timeout=settings.grpc_idle_timeout_ms / 1000,
+                connection_window=settings.grpc_connection_window,
+            ),
+            max_connections=settings.grpc_max_connections,
         )
         try:
             # Every uvicorn worker starts its own door: with several, they share the port.

@@ -19,6 +19,7 @@ both ways, with a graceful stop. Not served: streaming calls, TLS, HTTP/1.1, ans
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import zlib
@@ -32,6 +33,7 @@ from google.protobuf.message import DecodeError
 from client_proxy.http2 import (
     END_HEADERS,
     END_STREAM,
+    ENHANCE_YOUR_CALM,
     GOAWAY,
     GOAWAY_HEAD,
     HEADERS,
@@ -41,9 +43,11 @@ from client_proxy.http2 import (
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS_MAX_CONCURRENT_STREAMS,
+    STREAM_CLOSED,
     U32,
     Connection,
     ConnectionFailure,
+    Limits,
     Stream,
     frame,
     literal,
@@ -81,6 +85,35 @@ def status_block(code: grpc.StatusCode, details: str) -> bytes:
 
 #: The W3C trace context headers, kept for the handler (``Context.invocation_metadata``).
 _TRACE_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
+
+
+#: Header fields that are HTTP/1.1's connection-specific ones, malformed in HTTP/2 (RFC 9113 8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
+)
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
+
+
+def _malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str:
+    """Why a request's header list (or its trailers) is malformed (RFC 9113 8.2, 8.3), or ``""``."""
+    regular = False
+    seen: set[bytes] = set()
+    for name, value in headers:
+        if name[:1] == b":":
+            if trailers or regular:
+                return f"pseudo-header {name!r} {'in trailers' if trailers else 'after a regular field'}"
+            if name not in _REQUEST_PSEUDO or name in seen:
+                return f"pseudo-header {name!r} unknown or repeated"
+            seen.add(name)
+            continue
+        regular = True
+        if not name or name != name.lower():
+            return f"field name {name!r} not in lowercase"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            return f"connection-specific field {name!r}"
+    if not trailers and not (b":method" in seen and b":scheme" in seen and b":path" in seen):
+        return "a request without :method, :scheme or :path"
+    return ""
 
 
 def _grpc_timeout(value: bytes) -> float:
@@ -137,8 +170,8 @@ class Method:
 class _Call(Stream):
     __slots__ = ("body", "deadline", "encoding", "metadata", "method", "task")
 
-    def __init__(self, stream_id: int, method: Method | None, send_window: int) -> None:
-        super().__init__(stream_id, send_window)
+    def __init__(self, stream_id: int, method: Method | None) -> None:
+        super().__init__(stream_id)
         self.method = method
         self.deadline: float | None = None
         self.encoding = b"identity"
@@ -150,10 +183,25 @@ class _Call(Stream):
 class LeanGrpcServer:
     """Serves ``methods`` (keyed by path, ``/package.Service/Method``) on ``host:port``."""
 
-    def __init__(self, methods: dict[str, Method], max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        max_message_bytes: int,
+        limits: Limits | None = None,
+        max_connections: int = 1024,
+    ) -> None:
         self.methods = {path.encode(): method for path, method in methods.items()}
         self.max_message_bytes = max_message_bytes
+        limits = limits or Limits()
+        # A whole message must fit the connection's receive window, which comes back only when
+        # the message is consumed.
+        window = max(limits.connection_window, 2 * (max_message_bytes + MESSAGE.size) + 65_536)
+        self.limits = dataclasses.replace(limits, connection_window=min(window, 2**31 - 1))
+        self.max_connections = max_connections
         self.connections: set[_ServerConnection] = set()
+        #: Connections refused for the limit, and connections ended for a spent budget or a
+        #: timeout, by reason (for tests and logs).
+        self.refused = 0
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
@@ -186,24 +234,64 @@ class _ServerConnection(Connection):
     server = True
 
     def __init__(self, server: LeanGrpcServer) -> None:
-        super().__init__()
+        super().__init__(server.limits)
         self._server = server
         self._loop = asyncio.get_running_loop()
         self.streams: dict[int, _Call] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        #: Calls started or answered: the idle timer's measure of progress.
+        self._progress = 0
 
     def settings(self) -> list[tuple[int, int]]:
         return [(SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS), *super().settings()]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._server.connections.add(self)
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            server.refused += 1
+            logger.warning(
+                "gRPC door: a connection refused, %d open already (PROXY_GRPC_MAX_CONNECTIONS)",
+                len(server.connections),
+            )
+            self.fail(ENHANCE_YOUR_CALM, "too many connections")
+            return
+        server.connections.add(self)
+        self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired)  # type: ignore[union-attr]
 
     def on_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
         self.streams.clear()
+
+    # -- timeouts -------------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        self.fail(PROTOCOL_ERROR, "no connection preface and SETTINGS in time")
+
+    def on_settled(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.limits.idle_timeout, self._idle, self._progress)  # type: ignore[union-attr]
+
+    def _idle(self, progress: int) -> None:
+        """A whole period has passed: if no call started or was answered, and none is running,
+        the connection ends (the client reconnects when it needs one)."""
+        self._timer = None
+        if self.closed:
+            return
+        if progress == self._progress and not any(s.task is not None for s in self.streams.values()):
+            logger.info("gRPC door: an idle connection closed")
+            self.go_away()
+            self.close()
+            return
+        self._timer = self._loop.call_later(self.limits.idle_timeout, self._idle, self._progress)  # type: ignore[union-attr]
 
     # -- frames in ------------------------------------------------------------------------------
 
@@ -211,8 +299,11 @@ class _ServerConnection(Connection):
         if stream_id > self.last_stream:
             raise ConnectionFailure(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
         stream = self.streams.pop(stream_id, None)
-        if stream is not None and stream.task is not None:
-            stream.task.cancel()
+        if stream is not None:
+            if stream.task is not None:
+                stream.task.cancel()
+            if stream.held:
+                self.give_back(stream.held)
         self.close_if_done()
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
@@ -223,7 +314,9 @@ class _ServerConnection(Connection):
     def on_headers(self, stream_id: int, end_stream: bool, headers: list[tuple[bytes, bytes]]) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client: they end its request
-            if not end_stream:
+            if stream.ended:  # the request had ended: nothing may follow (RFC 9113 5.1)
+                self.reset(stream, STREAM_CLOSED)
+            elif not end_stream or _malformed(headers, trailers=True):
                 self.reset(stream, PROTOCOL_ERROR)
             else:
                 stream.ended = True
@@ -233,7 +326,13 @@ class _ServerConnection(Connection):
             raise ConnectionFailure(PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order")
         self.last_stream = stream_id
         if self.going_away or len(self.streams) >= MAX_STREAMS:
+            self.idle_frame()  # refused at once: a stream that cost nothing, and did nothing
             self.out.append(frame(RST_STREAM, 0, stream_id, U32.pack(REFUSED_STREAM)))
+            return
+        reason = _malformed(headers, trailers=False)
+        if reason:
+            self.idle_frame()
+            self.refuse(stream_id, PROTOCOL_ERROR, reason)
             return
         method = path = content_type = timeout = None
         encoding: bytes = b"identity"
@@ -251,7 +350,7 @@ class _ServerConnection(Connection):
                 encoding = value
             elif name in _TRACE_HEADERS:
                 metadata.append((name.decode("latin-1"), value.decode("latin-1")))
-        stream = _Call(stream_id, self._server.methods.get(path or b""), self.peer_window)
+        stream = _Call(stream_id, self._server.methods.get(path or b""))
         if metadata:
             stream.metadata = tuple(metadata)
         stream.ended = end_stream
@@ -293,6 +392,10 @@ class _ServerConnection(Connection):
         """The whole request is in: decode its one message and start the handler."""
         method = stream.method
         assert method is not None
+        self._progress += 1
+        if stream.held:
+            self.give_back(stream.held)  # consumed: the client may send as much again
+            stream.held = 0
         body = stream.body
         if len(body) < MESSAGE.size:
             self._answer_status(stream, grpc.StatusCode.INTERNAL, "a unary call without its request message")
@@ -379,6 +482,10 @@ class _ServerConnection(Connection):
 
     def sent(self, stream: Any) -> None:
         del self.streams[stream.id]
+        self._progress += 1
+        self.answered()
+        if stream.held:
+            self.give_back(stream.held)
         if not stream.ended:
             # Answered before the whole request came: the client is asked to stop sending it.
             self.out.append(frame(RST_STREAM, 0, stream.id, U32.pack(NO_ERROR)))

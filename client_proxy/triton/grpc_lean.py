@@ -73,8 +73,8 @@ class CallError(Exception):
 class _Call(Stream):
     __slots__ = ("data", "future", "headers", "status")
 
-    def __init__(self, stream_id: int, send_window: int, future: asyncio.Future[bytes]) -> None:
-        super().__init__(stream_id, send_window)
+    def __init__(self, stream_id: int, future: asyncio.Future[bytes]) -> None:
+        super().__init__(stream_id)
         self.future = future
         self.data = bytearray()
         self.headers: dict[bytes, bytes] = {}
@@ -98,7 +98,7 @@ class _ClientConnection(Connection):
         return [(SETTINGS_ENABLE_PUSH, 0), *super().settings()]
 
     def start(self, block: bytes, message: bytes, future: asyncio.Future[bytes]) -> _Call:
-        stream = _Call(self.next_id, self.peer_window, future)
+        stream = _Call(self.next_id, future)
         self.next_id += 2
         self.last_stream = stream.id
         self.streams[stream.id] = stream
