@@ -71,6 +71,8 @@ MAX_HEADER_LIST = 16 * 1024
 #: The largest frame accepted (HTTP/2's default, not raised).
 MAX_FRAME = 16_384
 MAX_WINDOW = 2**31 - 1
+#: After a connection error's GOAWAY, how long the peer's last frames are read and dropped.
+LINGER_S = 0.5
 DEFAULT_WINDOW = 65_535
 
 
@@ -246,6 +248,7 @@ class Connection(asyncio.Protocol):
         self.going_away = False  # a GOAWAY went one way or the other: no new stream
         self._backlog = False  # frames left in the buffer for the next turn (reading paused)
         self._writing_paused = False
+        self._linger: asyncio.TimerHandle | None = None
         if limits is not None:
             self._control = _Bucket(limits.control_frames)
             self._resets = _Bucket(limits.resets)
@@ -293,6 +296,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._blocked.clear()
         self._parked.clear()
         self.on_lost(exc)
@@ -695,10 +701,22 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def fail(self, code: int, message: str) -> None:
-        """A connection error: GOAWAY naming it, and the connection closed."""
+        """A connection error: GOAWAY naming it, and the connection closed. What the peer still
+        sends meanwhile is read and dropped for up to ``LINGER_S`` (its socket then closes when
+        the peer's does, at the latest then), so that the GOAWAY is read rather than lost to a
+        TCP reset."""
         logger.info("HTTP/2 connection closed: %s", message)
         self.out.append(
             frame(GOAWAY, 0, 0, GOAWAY_HEAD.pack(self.last_stream, code) + message.encode()[:256])
         )
         self.flush()
-        self.close()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.closed = True  # nothing more is handled, or sent
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.close)

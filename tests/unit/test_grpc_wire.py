@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import hpack
 import pytest
 from tritonclient.grpc import service_pb2
 
 from client_proxy import http2 as wire
 from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method
-from client_proxy.http2 import frame
+from client_proxy.http2 import Limits, frame
+from tests.rawh2 import Raw
+from tests.rawh2 import message as _message
 
 Request, Response = service_pb2.ModelInferRequest, service_pb2.ModelInferResponse
 MAX_MESSAGE = 8 * 1024 * 1024
@@ -67,9 +68,14 @@ class Handlers:
 
 
 class Running:
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None, max_connections: int = 1024) -> None:
         self.handlers = Handlers()
-        self.server = LeanGrpcServer(self.handlers.methods(), max_message_bytes=MAX_MESSAGE)
+        self.server = LeanGrpcServer(
+            self.handlers.methods(),
+            max_message_bytes=MAX_MESSAGE,
+            limits=limits,
+            max_connections=max_connections,
+        )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -193,73 +199,6 @@ def test_a_call_the_client_gives_up_on_is_cancelled_in_the_server(
 
 
 # -- raw frames -----------------------------------------------------------------------------------
-
-
-class Raw:
-    """A client speaking HTTP/2 frame by frame."""
-
-    def __init__(self, port: int, preface: bytes = wire.PREFACE, settings: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
-        self.buffer = b""
-        self.sock.sendall(preface + frame(wire.SETTINGS, 0, 0, settings))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, *frames: bytes) -> None:
-        self.sock.sendall(b"".join(frames))
-
-    def block(self, path: str = "/test.T/Echo", content_type: str = "application/grpc") -> bytes:
-        return bytes(
-            self.encoder.encode(
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", path),
-                    (":authority", "test"),
-                    ("content-type", content_type),
-                    ("te", "trailers"),
-                ]
-            )
-        )
-
-    def next_frame(self) -> tuple[int, int, int, bytes] | None:
-        while True:
-            if len(self.buffer) >= 9:
-                length = int.from_bytes(self.buffer[:3], "big")
-                if len(self.buffer) >= 9 + length:
-                    kind, flags = self.buffer[3], self.buffer[4]
-                    stream = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
-                    payload, self.buffer = self.buffer[9 : 9 + length], self.buffer[9 + length :]
-                    return kind, flags, stream, payload
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            self.buffer += chunk
-
-    def answer(self, stream: int) -> tuple[dict[bytes, bytes], bytes, int | None]:
-        """Headers (with trailers), data, and the RST_STREAM code of ``stream``, to its end."""
-        headers: dict[bytes, bytes] = {}
-        data = b""
-        while (got := self.next_frame()) is not None:
-            kind, flags, sid, payload = got
-            if sid != stream:
-                continue
-            if kind == wire.HEADERS:
-                headers.update(dict(self.decoder.decode(payload, raw=True)))
-            elif kind == wire.DATA:
-                data += payload
-            elif kind == wire.RST_STREAM:
-                return headers, data, int.from_bytes(payload, "big")
-            if flags & wire.END_STREAM:
-                return headers, data, None
-        raise AssertionError("the connection ended first")
-
-
-def _message(request: Any) -> bytes:
-    body = request.SerializeToString()
-    return b"\x00" + len(body).to_bytes(4, "big") + body
 
 
 @pytest.fixture
@@ -397,3 +336,239 @@ def test_a_header_block_of_table_references_means_what_the_table_says_now(raw: R
     aborted = call(9, references)
     assert aborted[b"grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0]).encode()
     assert aborted[b"grpc-message"] == b"call 9"
+
+
+# -- RFC 9113's rules, and what one client may cost (issue 30) -----------------------------------
+
+
+def test_a_second_headers_on_a_call_whose_request_ended_resets_it_and_cancels_its_handler(
+    running: Running, raw: Raw
+) -> None:
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 1, raw.block("/test.T/Slow")),
+        frame(wire.DATA, wire.END_STREAM, 1, _message(Request(id="slow"))),
+    )
+    assert running.handlers.started.wait(5)
+    trailers = bytes(raw.encoder.encode([("x-late", "1")]))
+    raw.send(frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, 1, trailers))
+    _, _, reset = raw.answer(1)
+    assert reset == wire.STREAM_CLOSED
+    assert running.handlers.cancelled.wait(5)
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 3, raw.block()),
+        frame(wire.DATA, wire.END_STREAM, 3, _message(Request(id="next"))),
+    )
+    headers, _, _ = raw.answer(3)
+    assert headers[b"grpc-status"] == b"0"  # the connection serves on
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [("X-Upper", "1")],
+        [("connection", "keep-alive")],
+        [("transfer-encoding", "chunked")],
+        [("te", "gzip")],
+        [("upgrade", "h2c")],
+    ],
+    ids=["uppercase", "connection", "transfer-encoding", "te-not-trailers", "upgrade"],
+)
+def test_a_malformed_request_is_reset_with_protocol_error(raw: Raw, extra: list[tuple[str, str]]) -> None:
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 1, raw.block(extra=extra)),
+        frame(wire.DATA, wire.END_STREAM, 1, _message(Request())),
+    )
+    _, _, reset = raw.answer(1)
+    assert reset == wire.PROTOCOL_ERROR
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 3, raw.block()),
+        frame(wire.DATA, wire.END_STREAM, 3, _message(Request())),
+    )
+    headers, _, _ = raw.answer(3)
+    assert headers[b"grpc-status"] == b"0"
+
+
+def test_a_pseudo_header_after_a_regular_field_is_malformed(raw: Raw) -> None:
+    block = bytes(
+        raw.encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                ("content-type", "application/grpc"),
+                (":path", "/test.T/Echo"),
+            ]
+        )
+    )
+    raw.send(frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, 1, block))
+    assert raw.answer(1)[2] == wire.PROTOCOL_ERROR
+
+
+def test_a_stream_that_depends_on_itself_is_reset(raw: Raw) -> None:
+    raw.send(frame(wire.PRIORITY, 0, 1, (1).to_bytes(4, "big") + b"\x10"))
+    assert raw.answer(1)[2] == wire.PROTOCOL_ERROR
+    priority = (3).to_bytes(4, "big") + b"\x10"
+    raw.send(frame(wire.HEADERS, wire.END_HEADERS | wire.PRIORITY_FLAG, 3, priority + raw.block()))
+    assert raw.answer(3)[2] == wire.PROTOCOL_ERROR
+    raw.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 5, raw.block()),
+        frame(wire.DATA, wire.END_STREAM, 5, _message(Request())),
+    )
+    assert raw.answer(5)[0][b"grpc-status"] == b"0"  # and the HPACK table followed the refused block
+
+
+def test_enable_push_other_than_0_or_1_is_a_connection_error(running: Running) -> None:
+    client = Raw(running.port, settings=wire.SETTING.pack(wire.SETTINGS_ENABLE_PUSH, 2))
+    try:
+        assert client.goaway()[0] == wire.PROTOCOL_ERROR
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        frame(wire.PING, 0, 0, b"12345678"),
+        frame(wire.SETTINGS, 0, 0),
+        frame(wire.PRIORITY, 0, 9, (7).to_bytes(4, "big") + b"\x10"),
+        frame(0x42, 0, 0, b"unknown"),
+        frame(wire.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
+        frame(wire.RST_STREAM, 0, 1, (8).to_bytes(4, "big")),
+    ],
+    ids=["ping", "settings", "priority", "unknown-type", "window-update", "reset-of-a-closed-stream"],
+)
+def test_a_flood_of_frames_that_carry_no_call_ends_with_enhance_your_calm(
+    running: Running, flood: bytes
+) -> None:
+    client = Raw(running.port)
+    try:
+        client.send(
+            frame(wire.HEADERS, wire.END_HEADERS, 1, client.block()),
+            frame(wire.DATA, wire.END_STREAM, 1, _message(Request())),
+        )
+        assert client.answer(1)[0][b"grpc-status"] == b"0"
+        client.send(flood * (running.server.limits.control_frames + 50))
+        code, debug = client.goaway()
+        assert code == wire.ENHANCE_YOUR_CALM, debug
+    finally:
+        client.close()
+
+
+def test_empty_data_frames_and_continuations_are_budgeted(running: Running) -> None:
+    client = Raw(running.port)
+    try:
+        client.send(frame(wire.HEADERS, wire.END_HEADERS, 1, client.block()))
+        client.send(frame(wire.DATA, 0, 1) * 1100)
+        assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+    client = Raw(running.port)
+    try:
+        block = client.block()
+        client.send(
+            frame(wire.HEADERS, 0, 1, block[:1]), *(frame(wire.CONTINUATION, 0, 1, b"") for _ in range(40))
+        )
+        assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+
+
+def test_rapid_resets_beyond_the_budget_end_the_connection() -> None:
+    server = Running(limits=Limits(resets=100))
+    try:
+        client = Raw(server.port)
+        frames = []
+        for i in range(200):
+            stream = 1 + 2 * i
+            frames += [
+                frame(wire.HEADERS, wire.END_HEADERS, stream, client.block("/test.T/Slow")),
+                frame(wire.RST_STREAM, 0, stream, (8).to_bytes(4, "big")),
+            ]
+        client.send(*frames)
+        assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_connection_holds_no_more_unconsumed_request_bytes_than_its_window() -> None:
+    """Requests never finished do not get their window back: a client that sends past it has
+    broken flow control (FLOW_CONTROL_ERROR), so what the server holds is bounded."""
+    window = 2 * (MAX_MESSAGE + 5) + 65_536
+    server = Running(limits=Limits(connection_window=window))
+    try:
+        client = Raw(server.port, settings=wire.SETTING.pack(wire.SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20))
+        chunk = b"\0" * 16_384
+        frames = []
+        for i in range(window // (16_384 * 64) + 2):
+            stream = 1 + 2 * i
+            frames.append(frame(wire.HEADERS, wire.END_HEADERS, stream, client.block()))
+            frames += [frame(wire.DATA, 0, stream, chunk)] * 64  # 1 MiB each, never ended
+        client.send(*frames)
+        assert client.goaway()[0] == wire.FLOW_CONTROL_ERROR
+        client.close()
+        # A request that ends gives its bytes back: many more than the window, one after another.
+        client = Raw(server.port)
+        body = _message(Request(model_name="x" * 1_000_000))  # not echoed: the answer is small
+        for i in range(3 * window // len(body)):
+            stream = 1 + 2 * i
+            pieces = [body[k : k + 16_384] for k in range(0, len(body), 16_384)]
+            client.send(
+                frame(wire.HEADERS, wire.END_HEADERS, stream, client.block()),
+                *(frame(wire.DATA, 0, stream, p) for p in pieces[:-1]),
+                frame(wire.DATA, wire.END_STREAM, stream, pieces[-1]),
+            )
+            assert client.answer(stream)[0][b"grpc-status"] == b"0"
+        client.close()
+    finally:
+        server.close()
+
+
+def test_a_silent_connection_is_closed_at_the_handshake_timeout_and_an_idle_one_at_the_idle_timeout() -> None:
+    server = Running(limits=Limits(handshake_timeout=0.3, idle_timeout=0.3))
+    try:
+        silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        data = b""
+        while chunk := silent.recv(65536):  # SETTINGS, then GOAWAY, then the end
+            data += chunk
+        kinds, position = [], 0
+        while position < len(data):  # the frames it was sent: SETTINGS, WINDOW_UPDATE, GOAWAY
+            length, kind = int.from_bytes(data[position : position + 3], "big"), data[position + 3]
+            kinds.append(kind)
+            payload, position = data[position + 9 : position + 9 + length], position + 9 + length
+        assert kinds[-1] == wire.GOAWAY and int.from_bytes(payload[4:8], "big") == wire.PROTOCOL_ERROR
+        assert payload[8:] == b"no connection preface and SETTINGS in time"
+        silent.close()
+        idle = Raw(server.port)
+        idle.send(
+            frame(wire.HEADERS, wire.END_HEADERS, 1, idle.block()),
+            frame(wire.DATA, wire.END_STREAM, 1, _message(Request())),
+        )
+        assert idle.answer(1)[0][b"grpc-status"] == b"0"
+        assert idle.goaway()[0] == wire.NO_ERROR
+        idle.close()
+    finally:
+        server.close()
+
+
+def test_connections_beyond_the_limit_are_told_so_and_closed() -> None:
+    server = Running(max_connections=2)
+    try:
+        kept = [Raw(server.port), Raw(server.port)]
+        for client in kept:
+            client.send(frame(wire.PING, 0, 0, b"pingpong"))
+            assert client.next_frame() is not None
+        extra = Raw(server.port)
+        assert extra.goaway()[0] == wire.ENHANCE_YOUR_CALM
+        extra.close()
+        kept[0].close()
+        time.sleep(0.2)
+        again = Raw(server.port)
+        again.send(
+            frame(wire.HEADERS, wire.END_HEADERS, 1, again.block()),
+            frame(wire.DATA, wire.END_STREAM, 1, _message(Request())),
+        )
+        assert again.answer(1)[0][b"grpc-status"] == b"0"
+        again.close()
+        kept[1].close()
+    finally:
+        server.close()
