@@ -83,6 +83,15 @@ def proxy_environment(settings: Settings, services: list[Service], port: int) ->
 @contextmanager
 def running_proxy(settings: Settings, services: list[Service], log: IO[str] | None = None) -> Iterator[str]:
     """``python -m client_proxy`` (as the Dockerfile runs it) on a free port; yields its base URL."""
+    with proxy_process(settings, services, log) as (url, _):
+        yield url
+
+
+@contextmanager
+def proxy_process(
+    settings: Settings, services: list[Service], log: IO[str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``running_proxy``, yielding its process too."""
     (port,) = free_ports(1)
     own_log = None
     if log is None and os.environ.get("PROXY_TEST_LOG_DIR"):
@@ -98,7 +107,7 @@ def running_proxy(settings: Settings, services: list[Service], log: IO[str] | No
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
-        yield url
+        yield url, process
     finally:
         terminate(process)
         if own_log is not None:

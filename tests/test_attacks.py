@@ -1,0 +1,428 @@
+"""Hostile and careless clients against the proxy as ``make run`` starts it (``python -m
+client_proxy`` in front of the real embedded Triton): one client must never break or starve the
+proxy for the others.
+
+Each attack is a bounded loop of raw HTTP/2 frames on 127.0.0.1 (``tests/rawh2.py``) while a
+probe beside it calls ``ModelInfer iris_fanout`` on the gRPC door and ``POST /predict/label`` on
+the HTTP port. Each test asserts what the README's Security section promises: the probe is
+answered throughout, its p99 under 100 ms or twice its p99 with no attack (whichever is larger),
+the attacker's connection ends with the right GOAWAY within a second of spending its budget, and
+the proxy's memory grows by less than 64 MB per attacking connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from client_proxy import http2 as wire
+from client_proxy.http2 import frame
+from local_triton import TritonServer, free_ports
+from tests.helpers import proxy_process, services_on, settings
+from tests.rawh2 import Raw, message
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+#: How long each flood runs beside the probe.
+ATTACK_S = 2.0
+MB = 1024 * 1024
+
+
+@dataclass
+class Door:
+    url: str
+    grpc_port: int
+    pid: int
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+def _door(triton: TritonServer, server: str) -> Iterator[Door]:
+    (grpc_port,) = free_ports(1)
+    chosen = settings(
+        grpc_port=grpc_port,
+        grpc_server=server,
+        grpc_handshake_timeout_ms=1000,
+        grpc_max_connections=300,
+    )
+    with proxy_process(chosen, services_on(triton, "grpc")) as (url, process):
+        yield Door(url, grpc_port, process.pid)
+        assert process.poll() is None, "the proxy died during the attacks"
+
+
+@pytest.fixture(scope="module")
+def lean(triton: TritonServer) -> Iterator[Door]:
+    yield from _door(triton, "lean")
+
+
+@pytest.fixture(scope="module")
+def grpcio_door(triton: TritonServer) -> Iterator[Door]:
+    yield from _door(triton, "grpcio")
+
+
+def _infer_request() -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="iris_fanout")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32).tobytes())
+    return request
+
+
+@dataclass
+class Probe:
+    """A well-behaved client of both doors, calling every 20 ms in a thread of its own."""
+
+    door: Door
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def call_once(self, channel: grpc.Channel, client: httpx.Client) -> None:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        started = time.perf_counter()
+        try:
+            stub.ModelInfer(_infer_request(), timeout=5)
+            self.latencies.append(time.perf_counter() - started)
+        except grpc.RpcError as exc:
+            self.failures.append(f"gRPC {exc.code()}: {exc.details()}")
+        started = time.perf_counter()
+        try:
+            answer = client.post("/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]})
+            if answer.status_code == 200:
+                self.latencies.append(time.perf_counter() - started)
+            else:
+                self.failures.append(f"HTTP {answer.status_code}: {answer.text}")
+        except httpx.HTTPError as exc:
+            self.failures.append(f"HTTP {exc!r}")
+
+    def run(self) -> None:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{self.door.grpc_port}") as channel,
+            httpx.Client(base_url=self.door.url, timeout=5) as client,
+        ):
+            while not self._stop.is_set():
+                self.call_once(channel, client)
+                time.sleep(0.02)
+
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies, 99))
+
+
+def _idle_p99(door: Door) -> float:
+    probe = Probe(door)
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{door.grpc_port}") as channel,
+        httpx.Client(base_url=door.url, timeout=5) as client,
+    ):
+        for _ in range(60):
+            probe.call_once(channel, client)
+    assert not probe.failures, probe.failures
+    return probe.p99()
+
+
+def _beside_a_probe(door: Door, attack: Callable[[], None]) -> Probe:
+    """Runs ``attack`` (until it returns) with the probe beside it; the probe's record."""
+    idle = _idle_p99(door)
+    probe = Probe(door)
+    thread = threading.Thread(target=probe.run, daemon=True)
+    thread.start()
+    while not (probe.latencies or probe.failures):  # connected before the attack starts
+        time.sleep(0.01)
+    try:
+        attack()
+    finally:
+        probe._stop.set()
+        thread.join(10)
+    assert not probe.failures, probe.failures[:5]
+    assert len(probe.latencies) >= 10, "the probe was starved"
+    bound = max(0.1, 2 * idle)
+    assert probe.p99() < bound, (
+        f"probe p99 {probe.p99() * 1000:.1f} ms under attack, bound {bound * 1000:.1f} ms"
+    )
+    return probe
+
+
+def _settled(client: Raw) -> None:
+    """A normal call first, so that the connection is known to work before it misbehaves."""
+    client.send(
+        frame(wire.HEADERS, wire.END_HEADERS, 1, client.block(INFER)),
+        frame(wire.DATA, wire.END_STREAM, 1, message(_infer_request())),
+    )
+    headers, _, reset = client.answer(1)
+    assert reset is None and headers[b"grpc-status"] == b"0", headers
+
+
+def _until_goaway(door: Door, flood: bytes, opened: bool = False) -> float:
+    """One attacking connection: ``flood`` sent at once (with ``opened``, after a call on stream 3
+    has started), then the GOAWAY read: the seconds from the end of the sending to it."""
+    client = Raw(door.grpc_port)
+    try:
+        _settled(client)
+        if opened:
+            client.send(frame(wire.HEADERS, wire.END_HEADERS, 3, client.block(INFER)))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.sock.sendall(flood)
+        sent = time.monotonic()
+        code, debug = client.goaway()
+        assert code == wire.ENHANCE_YOUR_CALM, debug
+        return time.monotonic() - sent
+    finally:
+        client.close()
+
+
+def _repeatedly(door: Door, flood: bytes, opened: bool = False) -> Callable[[], None]:
+    def attack() -> None:
+        end = time.monotonic() + ATTACK_S
+        while time.monotonic() < end:
+            took = _until_goaway(door, flood, opened)
+            assert took < 1.0, f"the attacker's connection was closed {took:.2f} s after its flood"
+
+    return attack
+
+
+BUDGET = 1000  # PROXY_GRPC_MAX_CONTROL_FRAMES and PROXY_GRPC_MAX_RESETS, the defaults
+
+FLOODS = {
+    "ping": frame(wire.PING, 0, 0, b"12345678"),
+    "settings": frame(wire.SETTINGS, 0, 0),
+    "empty-data": frame(wire.DATA, 0, 3, b""),  # on a call whose request goes on
+    "priority": frame(wire.PRIORITY, 0, 9, (7).to_bytes(4, "big") + b"\x10"),
+    "unknown-type": frame(0x42, 0, 0, b"x"),
+    "window-update": frame(wire.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
+    "reset-closed-stream": frame(wire.RST_STREAM, 0, 1, (8).to_bytes(4, "big")),
+}
+
+
+@pytest.mark.parametrize("kind", FLOODS)
+def test_a_frame_flood_is_cut_off_and_starves_no_one(lean: Door, kind: str) -> None:
+    before = lean.rss()
+    _beside_a_probe(lean, _repeatedly(lean, FLOODS[kind] * (BUDGET * 2), opened=kind == "empty-data"))
+    assert lean.rss() - before < 64 * MB
+
+
+def test_a_continuation_flood_is_cut_off(lean: Door) -> None:
+    def attack() -> None:
+        end = time.monotonic() + ATTACK_S
+        while time.monotonic() < end:
+            client = Raw(lean.grpc_port)
+            try:
+                _settled(client)
+                block = client.block(INFER)
+                flood = frame(wire.HEADERS, 0, 3, block[:1]) + frame(wire.CONTINUATION, 0, 3, b"") * 5000
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    client.sock.sendall(flood)
+                assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+            finally:
+                client.close()
+
+    _beside_a_probe(lean, attack)
+
+
+def _rapid_reset(door: Door, count: int, pause: float | None = 0.003) -> int:
+    """``count`` ModelInfer calls to iris_fanout, each reset ``pause`` seconds after it is sent (in
+    rounds of 100: by then the calls wait in the coalescer, the wedge's condition) or, with None,
+    in the same write (CVE-2023-44487's rapid reset), over as many connections as the server's
+    reset budget takes: how many."""
+    body = message(_infer_request())
+    left = count
+    connections = 0
+    client: Raw | None = None
+    stream = 1
+    try:
+        while left > 0:
+            if client is None:
+                client, stream = Raw(door.grpc_port), 1
+                connections += 1
+                client.sock.settimeout(1.0)
+            calls, resets = [], []
+            for _ in range(min(left, 100)):
+                calls += [
+                    frame(wire.HEADERS, wire.END_HEADERS, stream, client.block(INFER)),
+                    frame(wire.DATA, wire.END_STREAM, stream, body),
+                ]
+                resets.append(frame(wire.RST_STREAM, 0, stream, (wire.CANCEL).to_bytes(4, "big")))
+                stream += 2
+            left -= len(resets)
+            try:
+                if pause is None:
+                    client.sock.sendall(
+                        b"".join(h + d + r for h, d, r in zip(calls[::2], calls[1::2], resets, strict=True))
+                    )
+                else:
+                    client.sock.sendall(b"".join(calls))
+                    time.sleep(pause)
+                    client.sock.sendall(b"".join(resets))
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                client.close()  # the budget was spent: GOAWAY, and a new connection
+                client = None
+        if client is not None:  # what the server still says, to the GOAWAY (the budget) or the end
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                while client.next_frame() is not None:
+                    pass
+    finally:
+        if client is not None:
+            client.close()
+    return connections
+
+
+def _answers_at_once(door: Door) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{door.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(_infer_request(), timeout=2)
+        assert response.model_name == "iris_fanout"
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}
+    answer = httpx.post(f"{door.url}/v2/models/iris_fanout/infer", json=body, timeout=2)
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("server", ["lean", "grpcio"])
+def test_rapid_resets_leave_the_fan_out_answering(server: str, request: pytest.FixtureRequest) -> None:
+    """The wedge of issue 30: bursts of 1,500-5,000 calls reset right after they are sent left
+    iris_fanout answering DEADLINE_EXCEEDED for good. Ten bursts; after each, both doors answer."""
+    door: Door = request.getfixturevalue("lean" if server == "lean" else "grpcio_door")
+    before = door.rss()
+    rng = random.Random(30)
+    connections = 0
+    for _ in range(10):
+        connections += _rapid_reset(door, rng.randint(1500, 5000))
+        _answers_at_once(door)
+    assert door.rss() - before < 64 * MB * connections
+
+
+def test_rapid_resets_starve_no_one(lean: Door) -> None:
+    def attack() -> None:
+        end = time.monotonic() + ATTACK_S
+        while time.monotonic() < end:
+            _rapid_reset(lean, 1500, pause=None)
+
+    _beside_a_probe(lean, attack)
+
+
+def _parked_streams(door: Door, streams: int) -> Raw:
+    """A connection whose window for answers is 0, with ``streams`` answered calls held back by it."""
+    client = Raw(door.grpc_port, settings=wire.SETTING.pack(wire.SETTINGS_INITIAL_WINDOW_SIZE, 0))
+    live = "/inference.GRPCInferenceService/ServerLive"
+    body = message(service_pb2.ServerLiveRequest())
+    frames = []
+    for i in range(streams):
+        stream = 1 + 2 * i
+        frames += [
+            frame(wire.HEADERS, wire.END_HEADERS, stream, client.block(live)),
+            frame(wire.DATA, wire.END_STREAM, stream, body),
+        ]
+    client.send(*frames)
+    time.sleep(0.3)  # answered, and every answer waiting for a window
+    return client
+
+
+def test_window_games_on_many_held_streams_cost_what_they_send(lean: Door) -> None:
+    """SETTINGS frames of 2,730 window entries, and WINDOW_UPDATEs of one byte on 1,024 streams
+    whose answers wait: work in proportion to what is sent, charged to the budget."""
+
+    def settings_game() -> None:
+        end = time.monotonic() + ATTACK_S
+        while time.monotonic() < end:
+            client = _parked_streams(lean, 1000)
+            try:
+                entries = b"".join(
+                    wire.SETTING.pack(wire.SETTINGS_INITIAL_WINDOW_SIZE, v % 2) for v in range(2730)
+                )
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    client.sock.sendall(frame(wire.SETTINGS, 0, 0, entries) * 40)
+                assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+            finally:
+                client.close()
+
+    def window_game() -> None:
+        end = time.monotonic() + ATTACK_S
+        while time.monotonic() < end:
+            client = _parked_streams(lean, 1000)
+            try:
+                updates = b"".join(
+                    frame(wire.WINDOW_UPDATE, 0, 1 + 2 * i, (1).to_bytes(4, "big")) for i in range(1000)
+                )
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    client.sock.sendall(updates * 3)
+                assert client.goaway()[0] == wire.ENHANCE_YOUR_CALM
+            finally:
+                client.close()
+
+    _beside_a_probe(lean, settings_game)
+    _beside_a_probe(lean, window_game)
+
+
+def test_unfinished_request_bodies_hold_a_bounded_amount_of_memory(lean: Door) -> None:
+    """Two connections each start 1,024 calls whose 1 MB bodies never end: each connection may
+    make the proxy hold its window (PROXY_GRPC_CONNECTION_WINDOW), not a gigabyte."""
+    before = lean.rss()
+    attackers = []
+    chunk = frame(wire.DATA, 0, 0, b"\0" * 16_384)[:5]  # a frame head, stream patched below
+    try:
+        for _ in range(2):
+            client = Raw(lean.grpc_port)
+            client.sock.settimeout(0.5)
+            attackers.append(client)
+
+        def fill(client: Raw) -> None:
+            for i in range(1024):
+                stream = 1 + 2 * i
+                frames = [frame(wire.HEADERS, wire.END_HEADERS, stream, client.block(INFER))]
+                head = chunk + stream.to_bytes(4, "big")
+                frames += [head + b"\0" * 16_384] * 64
+                try:
+                    client.sock.sendall(b"".join(frames))
+                except (TimeoutError, BrokenPipeError, ConnectionResetError):
+                    return  # the server stopped reading or closed: the window is spent
+
+        def attack() -> None:
+            for client in attackers:
+                fill(client)
+
+        _beside_a_probe(lean, attack)
+        grown = lean.rss() - before
+        assert grown < 64 * MB * len(attackers), f"{grown / MB:.0f} MB held"
+    finally:
+        for client in attackers:
+            client.close()
+
+
+def test_idle_and_silent_connections_are_bounded_and_closed(lean: Door) -> None:
+    """400 connections that never send a preface: those beyond PROXY_GRPC_MAX_CONNECTIONS (300 in
+    this test) are refused at once, the others closed at the handshake timeout (1 s here)."""
+
+    def attack() -> None:
+        sockets = [socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=5) for _ in range(400)]
+        try:
+            ended = 0
+            deadline = time.monotonic() + 5
+            for sock in sockets:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                data = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                except (TimeoutError, ConnectionResetError):
+                    continue
+                ended += b"too many connections" in data or b"no connection preface" in data
+            assert ended == len(sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    _beside_a_probe(lean, attack)
