@@ -5,7 +5,9 @@ Invalid settings stop the start with one line naming the variable (exit code 2).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import sys
 
 import uvicorn
@@ -34,6 +36,7 @@ def main() -> int:
     except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2
+    _raise_descriptor_limit()
     uvicorn.run(
         "client_proxy.asgi:app",
         host=settings.host,
@@ -54,6 +57,16 @@ def main() -> int:
         server_header=False,
     )
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """The soft limit on open descriptors raised to the hard one (as Go's runtime does): every
+    connection is one, and 1,024, a common soft default, is too few for the connection limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):  # else kept as it was
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 if __name__ == "__main__":

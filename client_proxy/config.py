@@ -55,6 +55,16 @@ class Settings(BaseSettings):
     grpc_server: Literal["lean", "grpcio"] = "lean"
     """What serves the gRPC door: ``lean`` (the proxy's own HTTP/2 server for unary calls, on its
     event loop; about a seventh of grpcio's CPU per call) or ``grpcio`` (grpcio's asyncio server)."""
+    http_header_timeout_ms: float = Field(10_000.0, gt=0, le=600_000)
+    """Longest time, in milliseconds, a request's head (request line and headers) may take to
+    arrive from its first byte, and a new connection's first request from the connection: then
+    408 (or, when nothing came, the connection closed)."""
+    http_max_header_bytes: int = Field(32 * 1024, ge=1024, le=16 * 1024 * 1024)
+    """Largest request head (request line and headers), in bytes; a larger one is answered 431."""
+    http_max_headers: int = Field(100, ge=8, le=100_000)
+    """Most header fields one request may have; more are answered 431."""
+    http_max_connections: int = Field(4096, ge=1, le=1_000_000)
+    """Most HTTP connections open at once in one process; one more is answered 503 and closed."""
     grpc_max_connections: int = Field(1024, ge=1, le=1_000_000)
     """Most connections the gRPC door keeps open; one more is answered with GOAWAY
     (ENHANCE_YOUR_CALM) and closed. The lean server only."""

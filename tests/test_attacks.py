@@ -13,12 +13,13 @@ the proxy's memory grows by less than 64 MB per attacking connection.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
@@ -61,6 +62,8 @@ def _door(triton: TritonServer, server: str) -> Iterator[Door]:
         grpc_server=server,
         grpc_handshake_timeout_ms=1000,
         grpc_max_connections=300,
+        http_header_timeout_ms=1000,
+        http_max_connections=300,
     )
     with proxy_process(chosen, services_on(triton, "grpc")) as (url, process):
         yield Door(url, grpc_port, process.pid)
@@ -84,54 +87,75 @@ def _infer_request() -> service_pb2.ModelInferRequest:
     return request
 
 
-@dataclass
-class Probe:
-    """A well-behaved client of both doors, calling every 20 ms in a thread of its own."""
-
-    door: Door
-    latencies: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def call_once(self, channel: grpc.Channel, client: httpx.Client) -> None:
+def _probe_calls(url: str, grpc_port: int, stop: Any, results: Any, count: int = 0) -> None:
+    """A well-behaved client of both doors, calling every 20 ms (``count`` rounds, or until
+    ``stop`` is set): run in a process of its own, so that the attacker's Python (which holds
+    this process's GIL) is not what it measures. Sends (latencies, failures) to ``results``."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    body = {"data": [[5.1, 3.5, 1.4, 0.2]]}
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+        httpx.Client(base_url=url, timeout=5) as client,
+    ):
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        started = time.perf_counter()
-        try:
-            stub.ModelInfer(_infer_request(), timeout=5)
-            self.latencies.append(time.perf_counter() - started)
-        except grpc.RpcError as exc:
-            self.failures.append(f"gRPC {exc.code()}: {exc.details()}")
-        started = time.perf_counter()
-        try:
-            answer = client.post("/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]})
-            if answer.status_code == 200:
-                self.latencies.append(time.perf_counter() - started)
-            else:
-                self.failures.append(f"HTTP {answer.status_code}: {answer.text}")
-        except httpx.HTTPError as exc:
-            self.failures.append(f"HTTP {exc!r}")
+        rounds = 0
+        while not stop.is_set() and (count == 0 or rounds < count):
+            rounds += 1
+            started = time.perf_counter()
+            try:
+                stub.ModelInfer(_infer_request(), timeout=5)
+                latencies.append(time.perf_counter() - started)
+            except grpc.RpcError as exc:
+                failures.append(f"gRPC {exc.code()}: {exc.details()}")
+            started = time.perf_counter()
+            try:
+                answer = client.post("/predict/label", json=body)
+                if answer.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failures.append(f"HTTP {answer.status_code}: {answer.text}")
+            except httpx.HTTPError as exc:
+                failures.append(f"HTTP {exc!r}")
+            if rounds == 1:
+                results.put(("ready", None))  # connected: the attack may start
+            time.sleep(0.02)
+    results.put((latencies, failures))
 
-    def run(self) -> None:
-        with (
-            grpc.insecure_channel(f"127.0.0.1:{self.door.grpc_port}") as channel,
-            httpx.Client(base_url=self.door.url, timeout=5) as client,
-        ):
-            while not self._stop.is_set():
-                self.call_once(channel, client)
-                time.sleep(0.02)
+
+class Probe:
+    """``_probe_calls`` in a process of its own (spawned: the test process runs grpc's threads)."""
+
+    def __init__(self, door: Door, count: int = 0) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(
+            target=_probe_calls,
+            args=(door.url, door.grpc_port, self._stop, self._results, count),
+            daemon=True,
+        )
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+
+    def __enter__(self) -> Probe:
+        self._process.start()
+        first = self._results.get(timeout=60)
+        assert first == ("ready", None), first
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.latencies, self.failures = self._results.get(timeout=60)
+        self._process.join(10)
 
     def p99(self) -> float:
         return float(np.percentile(self.latencies, 99))
 
 
 def _idle_p99(door: Door) -> float:
-    probe = Probe(door)
-    with (
-        grpc.insecure_channel(f"127.0.0.1:{door.grpc_port}") as channel,
-        httpx.Client(base_url=door.url, timeout=5) as client,
-    ):
-        for _ in range(60):
-            probe.call_once(channel, client)
+    with Probe(door, count=30) as probe:
+        pass
     assert not probe.failures, probe.failures
     return probe.p99()
 
@@ -139,18 +163,11 @@ def _idle_p99(door: Door) -> float:
 def _beside_a_probe(door: Door, attack: Callable[[], None]) -> Probe:
     """Runs ``attack`` (until it returns) with the probe beside it; the probe's record."""
     idle = _idle_p99(door)
-    probe = Probe(door)
-    thread = threading.Thread(target=probe.run, daemon=True)
-    thread.start()
-    while not (probe.latencies or probe.failures):  # connected before the attack starts
-        time.sleep(0.01)
-    try:
+    with Probe(door) as probe:
         attack()
-    finally:
-        probe._stop.set()
-        thread.join(10)
+        time.sleep(0.5)  # and after it
     assert not probe.failures, probe.failures[:5]
-    assert len(probe.latencies) >= 10, "the probe was starved"
+    assert len(probe.latencies) >= 6, "the probe was starved"
     bound = max(0.1, 2 * idle)
     assert probe.p99() < bound, (
         f"probe p99 {probe.p99() * 1000:.1f} ms under attack, bound {bound * 1000:.1f} ms"
@@ -426,3 +443,165 @@ def test_idle_and_silent_connections_are_bounded_and_closed(lean: Door) -> None:
                 sock.close()
 
     _beside_a_probe(lean, attack)
+
+
+# -- HTTP/1.1 (uvicorn with the proxy's guards, client_proxy/api/lingering.py) ---------------------
+
+BODY = b'{"data": [[5.1, 3.5, 1.4, 0.2]]}'
+REQUEST = (
+    b"POST /predict/label HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY
+)
+
+
+def _connect(door: Door, count: int) -> list[socket.socket]:
+    port = int(door.url.rsplit(":", 1)[1])
+    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+
+
+def _read_to_end(sock: socket.socket, within: float) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and when that was."""
+    sock.settimeout(within)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic()
+
+
+def test_slow_heads_are_answered_408_at_the_header_timeout_and_starve_no_one(lean: Door) -> None:
+    """Slowloris: 200 connections send a request's head a byte every 100 ms; each is answered
+    408 and closed about a second (PROXY_HTTP_HEADER_TIMEOUT_MS here) after it began."""
+
+    def attack() -> None:
+        sockets = _connect(lean, 200)
+        started = time.monotonic()
+        try:
+            for sock in sockets:
+                sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: x\r\n")
+            while time.monotonic() - started < 2.5:
+                for sock in sockets:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"X")
+                time.sleep(0.1)
+            for sock in sockets:
+                data, ended = _read_to_end(sock, 2.0)
+                assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+                assert ended - started < 3.0
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    _beside_a_probe(lean, attack)
+
+
+def test_silent_connections_are_closed_at_the_header_timeout(lean: Door) -> None:
+    def attack() -> None:
+        sockets = _connect(lean, 200)
+        started = time.monotonic()
+        try:
+            for sock in sockets:
+                data, ended = _read_to_end(sock, 3.0)
+                assert data == b"" and ended - started < 2.5  # nothing began: closed without a word
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    _beside_a_probe(lean, attack)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"".join(b"X-H%d: v\r\n" % i for i in range(200_000)),
+        b"X-Big: " + b"v" * (1 << 20) + b"\r\n",
+    ],
+    ids=["200000-fields", "one-1MB-field"],
+)
+def test_oversized_heads_are_answered_431(lean: Door, head: bytes) -> None:
+    before = lean.rss()
+    (sock,) = _connect(lean, 1)
+    try:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: x\r\n" + head)
+        data, _ = _read_to_end(sock, 5.0)
+        assert data.startswith(b"HTTP/1.1 431 "), data[:100]
+        assert b"headers_too_large" in data
+    finally:
+        sock.close()
+    assert lean.rss() - before < 64 * MB
+    assert httpx.post(f"{lean.url}/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+
+
+def test_connections_beyond_the_limit_are_answered_503(lean: Door) -> None:
+    """PROXY_HTTP_MAX_CONNECTIONS (300 here): 400 connections at once, the last ones refused at
+    once with 503; the probe, whose connection was open before, is served throughout."""
+
+    def attack() -> None:
+        sockets = _connect(lean, 400)
+        try:
+            refused = 0
+            for sock in sockets[-50:]:
+                data, _ = _read_to_end(sock, 0.5)
+                refused += data.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in data
+            assert refused == 50
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    _beside_a_probe(lean, attack)
+
+
+def test_pipelined_requests_are_all_answered_and_starve_no_one(lean: Door) -> None:
+    def attack() -> None:
+        (sock,) = _connect(lean, 1)
+        try:
+            sock.sendall(REQUEST * 2000)
+            sock.settimeout(30)
+            data = b""
+            while data.count(b"HTTP/1.1 200 ") < 2000:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"closed after {data.count(b'HTTP/1.1 ')} answers"
+                data += chunk
+            assert data.count(b"HTTP/1.1 ") == 2000
+        finally:
+            sock.close()
+
+    _beside_a_probe(lean, attack)
+
+
+def test_slow_bodies_are_answered_408_at_the_deadline(lean: Door) -> None:
+    """A body that trickles in is the request's deadline's business (PROXY_DEADLINE_MS, 2 s)."""
+
+    def attack() -> None:
+        sockets = _connect(lean, 100)
+        started = time.monotonic()
+        try:
+            for sock in sockets:
+                sock.sendall(REQUEST[: -len(BODY) + 3])
+            for sock in sockets:
+                sock.settimeout(5)
+                data = sock.recv(65536)
+                assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+            assert time.monotonic() - started < 4.5
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    _beside_a_probe(lean, attack)
+
+
+def test_idle_keep_alive_connections_are_closed(lean: Door) -> None:
+    """200 connections each make a request and then say nothing: uvicorn's keep-alive timeout
+    (5 s) closes them."""
+    sockets = _connect(lean, 200)
+    try:
+        for sock in sockets:
+            sock.sendall(REQUEST)
+        started = time.monotonic()
+        for sock in sockets:
+            data, ended = _read_to_end(sock, 10.0)
+            assert data.startswith(b"HTTP/1.1 200 ") and ended - started < 8.0
+    finally:
+        for sock in sockets:
+            sock.close()

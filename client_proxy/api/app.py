@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from client_proxy import tracing
 from client_proxy.alerts import Alerter, WebhookSender, WebhookSettings
-from client_proxy.api import grpc_door
+from client_proxy.api import grpc_door, lingering
 from client_proxy.api.admission import Admission, AdmissionMiddleware
 from client_proxy.api.fastlane import FastLane
 from client_proxy.api.routes import admin, health, predict, v2
@@ -49,6 +49,14 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     services = services if services is not None else initial_services(os.environ, settings)
     check_settings(settings)
     configure_logging(settings.log_level, settings.log_format)
+    lingering.configure(
+        lingering.HttpLimits(
+            header_timeout=settings.http_header_timeout_ms / 1000,
+            max_header_bytes=settings.http_max_header_bytes,
+            max_headers=settings.http_max_headers,
+            max_connections=settings.http_max_connections,
+        )
+    )
     tracing.configure(os.environ)  # off unless the OTEL_* variables switch it on
     ensemble = ensemble_service(settings, services)
     declared = load_declared(settings, services)

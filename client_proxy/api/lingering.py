@@ -17,11 +17,23 @@ The same protocol slows down a client that ignores a shed request's ``Retry-Afte
 connection waits in the socket until the pause ends and is then served (or refused) as usual.
 Without it, clients that resend at once (wrk, naive retry loops) turn every refusal into
 another request, and the flood of refusals starves the requests the proxy admitted.
+
+And it guards the HTTP port against careless and hostile clients, where uvicorn does not
+(``HttpLimits``, from the settings by ``configure``): a request's head (request line and
+headers) must arrive within ``header_timeout`` of its first byte, and a new connection's first
+request within it of the connection (slowloris; 408, or a silent close when nothing came); a
+head may hold at most ``max_header_bytes`` and ``max_headers`` fields (431); connections beyond
+``max_connections`` are answered 503 and closed. A slow body is the request's deadline's
+business (408, ``client_proxy.api.inputs``); idle keep-alive connections uvicorn's
+``timeout_keep_alive`` closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.config import Config
@@ -29,6 +41,35 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from client_proxy.api.admission import SHED_MARK, SHED_PAUSE_S
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one HTTP/1.1 client may cost (``PROXY_HTTP_*``)."""
+
+    header_timeout: float = 10.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_connections: int = 4096
+
+
+_limits = HttpLimits()
+
+
+def configure(limits: HttpLimits) -> None:
+    """The limits every connection of this process is held to from now on."""
+    global _limits
+    _limits = limits
+
+
+def _refusal(status: bytes, code: str, message: str) -> bytes:
+    """A whole response closing the connection, with the proxy's JSON error body."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
 
 #: nginx's lingering_time is 30 s; a refused body needs far less on any link worth serving.
 LINGER_SECONDS = 5.0
@@ -114,10 +155,93 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
         self._lingered = 0
         self._linger_timer: asyncio.TimerHandle | None = None
         self._shed_timer: asyncio.TimerHandle | None = None
+        self._limits = _limits
+        #: The head being read: since when (None between requests), its bytes and fields so far.
+        self._head_since: float | None = None
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._begun = False  # a request's first byte came, its head not yet whole
+        self._heads = 0  # heads read whole
+        self._head_raw = 0  # bytes of chunks wholly within the head being read
+        self._refused: bytes | None = None  # a refusal to send instead of uvicorn's 400
+        self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
         super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
+        limits = self._limits
+        if len(self.connections) > limits.max_connections:
+            message = f"more than {limits.max_connections} connections open (PROXY_HTTP_MAX_CONNECTIONS)"
+            transport.write(_refusal(b"503 Service Unavailable", "too_many_connections", message))
+            transport.close()
+            return
+        self._head_since = self.loop.time()  # the first request's head is due from now
+        self._watch = self.loop.call_later(limits.header_timeout, self._watchdog)
+
+    def _watchdog(self) -> None:
+        """A head that has taken longer than the header timeout ends the connection."""
+        self._watch = None
+        transport = self._raw_transport
+        if transport.is_closing() or self.lingering:
+            return
+        timeout = self._limits.header_timeout
+        since = self._head_since
+        if since is not None:
+            late = self.loop.time() - since - timeout
+            if late >= 0:
+                if self._begun:  # a request began: it is told why it ends
+                    message = f"the request's head did not arrive within {timeout * 1000:.0f} ms"
+                    transport.write(_refusal(b"408 Request Timeout", "request_timeout", message))
+                transport.close()
+                return
+            timeout = -late
+        self._watch = self.loop.call_later(timeout, self._watchdog)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_since is None:  # a later request on the connection: its head is due from now
+            self._head_since = self.loop.time()
+        self._head_bytes = self._head_fields = 0
+        self._begun = True
+
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._refuse_head("the request line is")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        self._head_fields += 1
+        limits = self._limits
+        if self._head_bytes > limits.max_header_bytes:
+            self._refuse_head("the request's head is")
+        if self._head_fields > limits.max_headers:
+            message = f"more than {limits.max_headers} header fields (PROXY_HTTP_MAX_HEADERS)"
+            self._refused = _refusal(b"431 Request Header Fields Too Large", "headers_too_large", message)
+            raise ValueError(message)  # httptools stops parsing; uvicorn calls send_400_response
+        super().on_header(name, value)
+
+    def _refuse_head(self, what: str) -> None:
+        """431 for a head over the size limit: raised in a parser callback (httptools stops, and
+        uvicorn calls ``send_400_response``), sent at once elsewhere."""
+        limit = self._limits.max_header_bytes
+        message = f"{what} larger than {limit} bytes (PROXY_HTTP_MAX_HEADER_BYTES)"
+        self._refused = _refusal(b"431 Request Header Fields Too Large", "headers_too_large", message)
+        raise ValueError(message)
+
+    def on_headers_complete(self) -> None:
+        self._head_since = None
+        self._begun = False
+        self._heads += 1
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused is None:
+            super().send_400_response(msg)
+            return
+        self.transport.write(self._refused)
+        self.transport.close()
 
     def linger(self) -> None:
         """Answer sent: half-close, then read and discard until the client stops or a bound is hit."""
@@ -152,13 +276,29 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
             if self._lingered > LINGER_BYTES:
                 self._raw_transport.close()
             return
+        heads = self._heads
         super().data_received(data)
+        if self._head_since is None or self._raw_transport.is_closing():
+            return
+        # httptools keeps a field's value until the next field begins, unbounded: a chunk in which
+        # no head was completed and after which one is still awaited is the head's, all of it.
+        if heads != self._heads:
+            self._head_raw = 0  # a head ended in this chunk: the next one began within it
+            return
+        self._head_raw += len(data)
+        if self._head_raw > self._limits.max_header_bytes:
+            with contextlib.suppress(ValueError):
+                self._refuse_head("the request's head is")
+            self.send_400_response("")
 
     def eof_received(self) -> None:
         if self.lingering:
             self._raw_transport.close()  # the client has sent everything: nothing left to reset
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
