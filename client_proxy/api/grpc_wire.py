@@ -241,6 +241,8 @@ class _ServerConnection(Connection):
         self._timer: asyncio.TimerHandle | None = None
         #: Calls started or answered: the idle timer's measure of progress.
         self._progress = 0
+        #: The last request header list found well-formed (held, so its identity stays its own).
+        self._checked: list[tuple[bytes, bytes]] | None = None
 
     def settings(self) -> list[tuple[int, int]]:
         return [(SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS), *super().settings()]
@@ -329,11 +331,13 @@ class _ServerConnection(Connection):
             self.idle_frame()  # refused at once: a stream that cost nothing, and did nothing
             self.out.append(frame(RST_STREAM, 0, stream_id, U32.pack(REFUSED_STREAM)))
             return
-        reason = _malformed(headers, trailers=False)
-        if reason:
-            self.idle_frame()
-            self.refuse(stream_id, PROTOCOL_ERROR, reason)
-            return
+        if headers is not self._checked:  # a repeated block decodes to the same list, checked once
+            reason = _malformed(headers, trailers=False)
+            if reason:
+                self.idle_frame()
+                self.refuse(stream_id, PROTOCOL_ERROR, reason)
+                return
+            self._checked = headers
         method = path = content_type = timeout = None
         encoding: bytes = b"identity"
         metadata: list[tuple[str, str]] = []
