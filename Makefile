@@ -9,7 +9,7 @@ export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools perf-analyzer train models run triton test test-unit bench soak lint lock clean
+.PHONY: help install tools perf-analyzer proxy-wheels train models run triton test test-unit bench soak lint lock clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -67,8 +67,18 @@ triton: $(VENV)/.installed-run models
 run: $(VENV)/.installed-run models
 	$(BIN)/python -m local_triton.stack
 
-test: $(VENV)/.installed-test models tools perf-analyzer
+test: $(VENV)/.installed-test models tools perf-analyzer proxy-wheels
 	$(BIN)/python -m pytest
+
+# The wheels of requirements/proxy.txt (hash-checked), fetched before the tests, so that the test
+# that installs the proxy's image set alone needs no network (tests/test_deploy.py).
+PROXY_WHEELS := $(VENV)/proxy-wheels
+proxy-wheels: $(PROXY_WHEELS)/.done
+$(PROXY_WHEELS)/.done: requirements/proxy.txt | $(VENV)/.installed-test
+	rm -rf $(PROXY_WHEELS)
+	$(BIN)/python -m pip download --quiet --require-hashes --only-binary=:all: \
+		-r requirements/proxy.txt -d $(PROXY_WHEELS)
+	touch $@
 
 # perf_analyzer, unpacked from the wheels requirements/perf-analyzer.txt names (downloaded with
 # their hashes checked, not installed): it measures Triton and the proxy in make bench and tests.

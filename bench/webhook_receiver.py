@@ -13,7 +13,7 @@ import argparse
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,11 +43,14 @@ class Received:
 
 class WebhookReceiver:
     """Every post it got (``received``), on ``url``; ``status`` and ``delay_s`` say how it answers
-    (both may be changed while it runs)."""
+    (both may be changed while it runs), after the statuses of ``first``, one per post."""
 
-    def __init__(self, secret: str | None = None, status: int = 204, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, secret: str | None = None, status: int = 204, delay_s: float = 0.0, first: Sequence[int] = ()
+    ) -> None:
         self.secret = secret
         self.status = status
+        self.first = list(first)
         self.delay_s = delay_s
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -71,7 +74,9 @@ class WebhookReceiver:
                 receiver._keep(headers, body)
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
-                self.send_response(receiver.status)
+                with receiver._lock:
+                    status = receiver.first.pop(0) if receiver.first else receiver.status
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -110,9 +115,9 @@ class WebhookReceiver:
 
 @contextmanager
 def webhook_receiver(
-    secret: str | None = None, status: int = 204, delay_s: float = 0.0
+    secret: str | None = None, status: int = 204, delay_s: float = 0.0, first: Sequence[int] = ()
 ) -> Iterator[WebhookReceiver]:
-    receiver = WebhookReceiver(secret, status, delay_s)
+    receiver = WebhookReceiver(secret, status, delay_s, first)
     receiver.start()
     try:
         yield receiver

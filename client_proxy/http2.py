@@ -696,9 +696,9 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # a connection lingering after its GOAWAY too
 
     def fail(self, code: int, message: str) -> None:
         """A connection error: GOAWAY naming it, and the connection closed. What the peer still

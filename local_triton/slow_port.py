@@ -28,11 +28,14 @@ import argparse
 import asyncio
 import contextlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from local_triton.server import die_with_parent, free_ports, terminate
 
@@ -46,6 +49,7 @@ class Pauses:
         self, pause_s: float, every_s: float, seed: int = 0, delay_fraction: float = 0.0, delay_s: float = 0.0
     ) -> None:
         self.pause_s = pause_s
+        self.held = 0  # chunks held back so far
         self.every_s = every_s
         self._random = random.Random(seed)
         self._start = time.monotonic() - self._random.uniform(0, every_s)
@@ -66,7 +70,11 @@ class Pauses:
 
 
 async def _pump(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pauses: Pauses | None, gate: asyncio.Event
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    pauses: Pauses | None,
+    gate: asyncio.Event,
+    count: Path | None = None,
 ) -> None:
     try:
         while data := await reader.read(CHUNK):
@@ -76,6 +84,9 @@ async def _pump(
                 # overtakes them.
                 wait = pauses.release_at(time.monotonic()) - time.monotonic()
                 if wait > 0:
+                    pauses.held += 1
+                    if count is not None:  # for tests: proof that the relay held calls
+                        count.write_text(str(pauses.held))
                     await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
@@ -86,7 +97,9 @@ async def _pump(
             writer.close()
 
 
-async def relay(listen: int, upstream_host: str, upstream_port: int, pauses: Pauses) -> None:
+async def relay(
+    listen: int, upstream_host: str, upstream_port: int, pauses: Pauses, count: Path | None = None
+) -> None:
     gate = asyncio.Event()
     gate.set()
 
@@ -98,7 +111,7 @@ async def relay(listen: int, upstream_host: str, upstream_port: int, pauses: Pau
             return
         with contextlib.suppress(asyncio.CancelledError):  # the relay is stopping
             await asyncio.gather(
-                _pump(client_reader, server_writer, pauses, gate),
+                _pump(client_reader, server_writer, pauses, gate, count),
                 _pump(server_reader, client_writer, None, gate),
             )
 
@@ -117,9 +130,15 @@ async def relay(listen: int, upstream_host: str, upstream_port: int, pauses: Pau
 class Relay:
     """A running relay: its ``address`` (``host:port``), and a switch that holds every byte."""
 
-    def __init__(self, address: str, process: subprocess.Popen[str]) -> None:
+    def __init__(self, address: str, process: subprocess.Popen[str], count: Path) -> None:
         self.address = address
         self._process = process
+        self._count = count
+
+    def held(self) -> int:
+        """Chunks of bytes the relay has held back in a pause or a delay so far."""
+        text = self._count.read_text() if self._count.exists() else ""
+        return int(text) if text.strip() else 0
 
     def hold(self) -> None:
         """From now on, nothing passes (calls in flight and new ones wait) until ``release``."""
@@ -141,21 +160,24 @@ def slow_port(
 ) -> Iterator[Relay]:
     """A relay to ``upstream`` (``host:port``) in its own process."""
     (port,) = free_ports(1)
+    folder = Path(tempfile.mkdtemp(prefix="slow-port-"))
+    count = folder / "held"
     args = [
         sys.executable, "-m", "local_triton.slow_port", "--listen", str(port), "--upstream", upstream,
         "--pause-ms", str(pause_ms), "--every-ms", str(every_ms), "--seed", str(seed),
-        "--delay-fraction", str(delay_fraction), "--delay-ms", str(delay_ms),
+        "--delay-fraction", str(delay_fraction), "--delay-ms", str(delay_ms), "--count-file", str(count),
     ]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         if not process.stdout.readline().startswith("relaying"):
             raise RuntimeError(f"the relay to {upstream} did not start")
-        yield Relay(f"127.0.0.1:{port}", process)
+        yield Relay(f"127.0.0.1:{port}", process, count)
     finally:
         terminate(process, timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="draws the phase of the pauses and the delays")
     parser.add_argument("--delay-fraction", type=float, default=0.0, help="chance a chunk is delayed")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="how long a delayed chunk waits")
+    parser.add_argument("--count-file", type=Path, help="a file kept holding how many chunks were held")
     args = parser.parse_args(argv)
     if args.pause_ms and not 0 < args.pause_ms < args.every_ms:
         parser.error("--pause-ms must be shorter than --every-ms")
@@ -186,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.delay_fraction,
                 args.delay_ms / 1000,
             ),
+            args.count_file,
         )
     )
     return 0

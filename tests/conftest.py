@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,27 +24,26 @@ _SESSION_SERVERS: list[TritonServer] = []
 def _session_tritons_stay_alive() -> Iterator[None]:
     """The session's Triton servers, checked around every test.
 
-    Triton 2.51 (the embedded binary) has been seen to die, rarely, between two tests (its python
-    backend stubs then log "Non-graceful termination detected"); every later test then failed
-    with 503s that said nothing of why. Now a server that died is reported with the end of
-    Triton's log (a crash prints its backtrace there), and one found dead is reported
-    on stderr (naming the test it died in) and started again on its ports before the next test,
-    so that one crash of the binary does not fail the rest of the run.
+    A server that dies during a test fails that test, with the end of Triton's log (a crash
+    prints its backtrace there): a crash the proxy causes (the gRPC-cancel segfault of Triton
+    24.10, say) must not pass unnoticed. It is started again on its ports before the next test,
+    so that the tests after it still run against a live server.
     """
     for server in _SESSION_SERVERS:
-        if not server.is_running():
-            sys.__stderr__.write(
-                f"\n*** the session's Triton serving {server.model_repository} had died; restarting it. "
-                f"Its last log lines:\n{_log_tail(server)}\n"
-            )
+        if not server.is_running():  # died in an earlier test, which failed for it
             server.stop()
             server.start()
     yield
-    for server in _SESSION_SERVERS:
-        if not server.is_running():
-            sys.__stderr__.write(
-                f"\n*** the session's Triton serving {server.model_repository} died during this test\n"
-            )
+    dead = [server for server in _SESSION_SERVERS if not server.is_running()]
+    if dead:
+        pytest.fail(
+            "".join(
+                f"the session's Triton serving {server.model_repository} died during this test. "
+                f"Its last log lines:\n{_log_tail(server)}\n"
+                for server in dead
+            ),
+            pytrace=False,
+        )
 
 
 def _log_tail(server: TritonServer, lines: int = 40) -> str:

@@ -4,6 +4,7 @@ gRPC client never sends (tests/unit/test_grpc_wire.py, tests/test_attacks.py).""
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import hpack
@@ -19,6 +20,7 @@ class Raw:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
         self.buffer = b""
+        self.goaway_at = 0.0  # when the server's GOAWAY was read (time.monotonic())
         self.sock.sendall(preface + frame(wire.SETTINGS, 0, 0, settings))
 
     def close(self) -> None:
@@ -52,6 +54,7 @@ class Raw:
         while (got := self.next_frame()) is not None:
             kind, _, _, payload = got
             if kind == wire.GOAWAY:
+                self.goaway_at = time.monotonic()
                 code = int.from_bytes(payload[4:8], "big")
                 try:
                     while self.next_frame() is not None:  # the server closes the connection after it

@@ -123,6 +123,8 @@ def test_alerts_reach_the_webhook_for_the_rows_that_meet_the_rule_and_only_those
     unsure = np.flatnonzero(best < 0.6).tolist()
     assert sure and unsure and len(sure) < len(x)
 
+    with httpx.Client(base_url=url) as client:
+        before = _drained(client)  # what earlier tests' alerts left in the counters, settled
     response = httpx.post(
         f"{url}/compositions/iris/label",
         json={"data": x.tolist()},
@@ -144,11 +146,17 @@ def test_alerts_reach_the_webhook_for_the_rows_that_meet_the_rule_and_only_those
     signed = [p.signed for p in receiver.received if p.payload["request_id"] == "alerts-all-rows"]
     assert signed == [True]
 
-    metrics = httpx.get(f"{url}/metrics").text
-    assert metric(metrics, "proxy_alerts_total", source="composition/iris", rule="virginica_sure") >= len(
-        sure
-    )
-    assert metric(metrics, "proxy_webhook_deliveries_total", rule="virginica_sure", outcome="delivered") >= 1
+    with httpx.Client(base_url=url) as client:
+        metrics = _drained(client)
+    assert metric(metrics, "proxy_alerts_total", source="composition/iris", rule="virginica_sure") - metric(
+        before, "proxy_alerts_total", source="composition/iris", rule="virginica_sure"
+    ) == len(sure)
+    delivered = {"rule": "virginica_sure", "outcome": "delivered"}
+    assert (
+        metric(metrics, "proxy_webhook_deliveries_total", **delivered)
+        - metric(before, "proxy_webhook_deliveries_total", **delivered)
+        == 1
+    )  # one post for the request, its rows in it
 
 
 def test_rows_that_meet_no_rule_raise_nothing(
@@ -257,7 +265,9 @@ def test_a_receiver_that_is_down_slow_or_failing_costs_the_requests_nothing(
         running_proxy(proxy_settings, services_on(triton, "grpc")) as url,
         httpx.Client(base_url=url) as client,
     ):
+        text = client.get("/metrics").text
         for name, result in expected.items():
+            before = text
             for i in range(requests):
                 # The slow receiver sits 5 s on each post, past the 2-s deadline: a request that
                 # waited for its webhook would be a 504.
@@ -266,7 +276,15 @@ def test_a_receiver_that_is_down_slow_or_failing_costs_the_requests_nothing(
                 assert response.json()["alerts"][0]["rule"] == "every_row"
             # One receiver at a time: the queue is the proxy's, shared by every webhook.
             text = _drained(client)
-            assert metric(text, "proxy_webhook_attempts_total", result=result) > 0, name
+            # Each delivery that failed here was tried 1 + webhook_retries times, each time with
+            # this receiver's result.
+            failed_here = metric(
+                text, "proxy_webhook_deliveries_total", rule="every_row", outcome="failed"
+            ) - metric(before, "proxy_webhook_deliveries_total", rule="every_row", outcome="failed")
+            tried = metric(text, "proxy_webhook_attempts_total", result=result) - metric(
+                before, "proxy_webhook_attempts_total", result=result
+            )
+            assert failed_here > 0 and tried == 3 * failed_here, (name, failed_here, tried)
             assert (
                 metric(text, "proxy_alerts_total", source=f"composition/{name}", rule="every_row") == requests
             )

@@ -198,11 +198,14 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
 def test_the_proxy_lock_alone_serves(tmp_path: Path, triton: TritonServer) -> None:
     """What the image holds, without Docker: a fresh venv with requirements/proxy.txt only (hash
     checked) and a copy of client_proxy/, started as the Dockerfile's CMD starts it."""
+    wheels = Path(sys.prefix) / "proxy-wheels"  # fetched by `make test` (its proxy-wheels step)
+    assert (wheels / ".done").exists(), f"{wheels} is missing: run the tests with make test"
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--require-hashes",
-         "--only-binary=:all:", "-r", str(ROOT / "requirements" / "proxy.txt")],
+         "--only-binary=:all:", "--no-index", "--find-links", str(wheels),
+         "-r", str(ROOT / "requirements" / "proxy.txt")],
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -106,23 +107,28 @@ def test_bad_keys_are_a_422_naming_the_problem(keyed: str, body: dict, says: str
 
 
 def test_the_lookup_is_counted(keyed: str, store: str) -> None:
-    httpx.post(f"{keyed}/predict/label", json={"keys": ["flower-3"]})
-    text = httpx.get(f"{keyed}/metrics").text
     kind = store.split(":", 1)[0]
-    assert metric(text, "proxy_feature_lookups_total", store=kind, outcome="ok") >= 1
-    assert metric(text, "proxy_feature_keys_total", outcome="found") >= 1
+    before = httpx.get(f"{keyed}/metrics").text
+    httpx.post(f"{keyed}/predict/label", json={"keys": ["flower-3", "flower-4"]})
+    after = httpx.get(f"{keyed}/metrics").text
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("proxy_feature_lookups_total", store=kind, outcome="ok") == 1  # one lookup, two keys
+    assert grew("proxy_feature_keys_total", outcome="found") == 2
 
 
 def test_a_store_that_is_down_is_a_503_and_rows_in_the_body_still_answer(
     triton: TritonServer, tmp_path: Path
 ) -> None:
-    with redis_server(tmp_path / "redis") as url:
+    store = contextlib.ExitStack()
+    url = store.enter_context(redis_server(tmp_path / "redis"))
+    with store, running_proxy(settings(feature_store=url), services_on(triton, "grpc")) as proxy:
         load_features(url)
-        with running_proxy(settings(feature_store=url), services_on(triton, "grpc")) as proxy:
-            assert httpx.post(f"{proxy}/predict/label", json={"keys": ["flower-5"]}).status_code == 200
-            ready_before = httpx.get(f"{proxy}/health/all").json()["feature_store"]
-            # The store goes away while the proxy runs.
-    with running_proxy(settings(feature_store=url), services_on(triton, "grpc")) as proxy:
+        assert httpx.post(f"{proxy}/predict/label", json={"keys": ["flower-5"]}).status_code == 200
+        ready_before = httpx.get(f"{proxy}/health/all").json()["feature_store"]
+        store.close()  # the store goes away while the proxy runs (its pooled connections too)
         down = httpx.post(f"{proxy}/predict/label", json={"keys": ["flower-5"]})
         assert down.status_code == 503 and down.json()["error"]["code"] == "feature_store_unavailable"
         assert "redis://127.0.0.1" in down.json()["error"]["message"]

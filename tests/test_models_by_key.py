@@ -20,7 +20,7 @@ from client_proxy.feature_loader import read_csv
 from local_triton import TritonServer, free_ports
 from local_triton.server import BY_KEY_REPOSITORY, LaunchError
 
-from .helpers import running_proxy, services_on, settings
+from .helpers import metric, running_proxy, services_on, settings
 from .servers import IRIS_CSV, loaded_store
 
 CLASSES = ("setosa", "versicolor", "virginica")
@@ -120,6 +120,7 @@ def test_an_unknown_key_is_a_422_naming_it_and_the_models_keep_serving(
     served: tuple[TritonServer, str],
 ) -> None:
     _, url = served
+    before = httpx.get(f"{url}/metrics", timeout=30).text
     refused = httpx.post(
         f"{url}/compositions/by_model/label", json={"keys": ["flower-1", "nope"]}, timeout=30
     )
@@ -128,12 +129,23 @@ def test_an_unknown_key_is_a_422_naming_it_and_the_models_keep_serving(
     assert error["code"] == "input_rejected"
     assert set(error["services"]) == set(CLASSES)
     assert all(s["reason"] == "rejected" and "'nope'" in s["message"] for s in error["services"].values())
-    # The replicas answered: none is ejected, the next request is served.
+    # The replicas answered: each call is counted rejected (not failed), none is ejected, and the
+    # next requests are served.
     for _ in range(5):
         again = httpx.post(f"{url}/compositions/by_model/label", json={"keys": ["flower-1"]}, timeout=30)
         assert again.status_code == 200, again.text
-    health = httpx.get(f"{url}/health/all", timeout=30).json()
-    assert "ejected" not in str(health)
+    after = httpx.get(f"{url}/metrics", timeout=30).text
+    for service in error["services"]:
+        calls = "proxy_replica_calls_total"
+        rejected = metric(after, calls, service=service, outcome="rejected")
+        assert rejected - metric(before, calls, service=service, outcome="rejected") == 1, service
+        assert (
+            metric(after, calls, service=service, outcome="ok")
+            - metric(before, calls, service=service, outcome="ok")
+            == 5
+        )
+        assert metric(after, "proxy_replica_ejections_total", service=service) == 0, service
+        assert metric(after, "proxy_replica_state", service=service, state="healthy") == 1, service
 
 
 def test_a_bad_key_in_a_coalesced_batch_fails_only_its_own_request(served: tuple[TritonServer, str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from local_triton import TritonServer
 
-from .helpers import running_proxy, services_on, settings
+from .helpers import metric, running_proxy, services_on, settings
 
 COMPOSITIONS = """
 compositions:
@@ -166,8 +166,17 @@ def test_concurrent_named_tensor_requests_each_get_their_own_rows(proxy: str) ->
         async with httpx.AsyncClient(timeout=30) as client:
             return await asyncio.gather(*(one(client, seed) for seed in range(64)))
 
+    before = httpx.get(f"{proxy}/metrics").text
     for got, expected in asyncio.run(many()):
         np.testing.assert_allclose(np.atleast_2d(got), expected, atol=1e-6)
+    after = httpx.get(f"{proxy}/metrics").text
+
+    def grew(name: str) -> float:
+        return metric(after, name, service="two_inputs") - metric(before, name, service="two_inputs")
+
+    # The 64 requests went to Triton in fewer calls: some shared one (named tensors joined).
+    assert grew("proxy_coalesced_batch_requests_sum") == 64
+    assert grew("proxy_coalesced_batch_requests_count") < 64
 
 
 def test_the_example_body_in_the_readme_is_a_valid_request(proxy: str, tmp_path: Path) -> None:

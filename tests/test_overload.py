@@ -81,6 +81,8 @@ async def _overload(
         deadline = time.monotonic() + 20
         while sum(t.done() for t in tasks) < n - LIMIT and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        # The refusals came back while Triton held every call: they waited for nothing.
+        assert sum(t.done() for t in tasks) == n - LIMIT, "the refusals were not answered at once"
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -158,13 +160,29 @@ def test_liveness_metrics_and_metadata_answer_during_overload(proxy: Overloadabl
                 load = [asyncio.ensure_future(send()) for _ in range(BURST)]
                 await asyncio.sleep(0.2)  # the bound is reached, and held
                 # (Not readiness: it asks Triton, which is held here.)
-                for path in ("/health/live", "/metrics", "/v2", "/v2/health/live", "/openapi.json"):
+                paths = (
+                    "/health/live",
+                    "/metrics",
+                    "/metadata",
+                    "/v2",
+                    "/v2/health/live",
+                    "/v2/models/iris_fanout",
+                    "/openapi.json",
+                )
+                for path in paths:
                     checks.append((await client.get(path)).status_code)
+                grpc_client = grpcaio.InferenceServerClient(f"127.0.0.1:{proxy.grpc_port}")
+                try:  # and the gRPC door's own
+                    checks.append(200 if await grpc_client.is_server_live() else 0)
+                    metadata = await grpc_client.get_model_metadata("iris_fanout")
+                    checks.append(200 if metadata.name == "iris_fanout" else 0)
+                finally:
+                    await grpc_client.close()
             return _statuses(list(await asyncio.gather(*load))), checks
 
     statuses, checks = asyncio.run(run())
     assert 503 in statuses
-    assert checks == [200] * 5
+    assert checks == [200] * 9
 
 
 def test_a_client_that_ignores_retry_after_waits_for_its_next_answer_and_gets_it(proxy: Overloadable) -> None:

@@ -341,9 +341,15 @@ def test_several_workers_serve_with_metrics_off(triton: TritonServer) -> None:
     (door,) = free_ports(1)
     two = settings(workers=2, metrics=False, grpc_port=door)
     with running_proxy(two, services_on(triton, "grpc")) as url:
-        for _ in range(10):
+        # A request id begins with its process's own random prefix: both workers must answer.
+        workers = set()
+        for _ in range(200):
             response = httpx.post(f"{url}/predict/label", json={"data": SAMPLE_ROW}, timeout=10)
             assert response.status_code == 200 and response.json()["prediction"]["label"] == "setosa"
+            workers.add(response.headers["x-request-id"][:16])
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, "one worker answered 200 new connections alone"
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{door}")
         tensor = grpcclient.InferInput("input", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.array(SAMPLE_ROW, dtype=np.float32))

@@ -267,8 +267,10 @@ def test_triton_down_gives_503_within_the_deadline_and_recovery_needs_no_restart
                 started = time.perf_counter()
                 response = client.post("/predict/label", json=ROW, params={"policy": policy})
                 elapsed = time.perf_counter() - started
+                # 503 (not the deadline's 504) says the proxy saw Triton gone rather than waiting;
+                # the bound only catches a request left hanging, far from both (1 s, 10 s).
                 assert response.status_code == 503, response.text
-                assert elapsed < 1.2, elapsed
+                assert elapsed < 4.0, elapsed
                 message = response.json()["error"]["message"]
                 assert re.search(r"unavailable|unreachable", message), message
                 assert "Traceback" not in response.text

@@ -72,11 +72,12 @@ def test_triton_killed_under_load_every_request_answered_in_time_then_recovery(t
             statuses = {s for s, _ in results}
             assert statuses <= {200, 503, 504}, statuses  # never a 500, never a dropped connection
             assert 200 in statuses and statuses & {503, 504}
-            # Every answer within the 1 s deadline, measured by this Python client, which shares two
+            # Every answer near the 1 s deadline, measured by this Python client, which shares two
             # cores with the proxy and a Triton being killed: it was seen at 2.3 s once, on a machine
             # running a second test session. What this guards against is a request left hanging
-            # (gRPC's reconnect, the client's 30 s timeout), so the bound sits 2 s above the deadline.
-            assert max(t for _, t in results) < 3.0
+            # (gRPC's reconnect, the client's 30 s timeout), so the bound sits 5 s above the deadline
+            # and 25 s below the hang.
+            assert max(t for _, t in results) < 6.0
 
             server.stop()  # reap what the kill left
             server.start()  # Triton back on the same ports
@@ -275,7 +276,7 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(proxy_port: i
         ('{"dätä": [[1, 2, 3, 4]]}'.encode(), 422, "dätä"),
         ('{"data": [[1, 2, 3, 4]], "\U0001f600": 1}'.encode(), 422, "Extra inputs"),
         (b'{"data": [[1e308, -1e308, 0, 4]]}', 422, "less than or equal"),
-        (b'{"data": [[' + b"9" * 5000 + b", 1, 2, 3]]}", 4, ""),
+        (b'{"data": [[' + b"9" * 5000 + b", 1, 2, 3]]}", 400, "number is infinity"),
     ],
 )
 def test_hostile_bodies_get_a_clear_4xx(proxy_port: int, body: bytes, status: int, text: str) -> None:
@@ -284,10 +285,7 @@ def test_hostile_bodies_get_a_clear_4xx(proxy_port: int, body: bytes, status: in
         content=body,
         headers={"Content-Type": "application/json"},
     )
-    if status == 4:
-        assert 400 <= response.status_code < 500
-    else:
-        assert response.status_code == status, response.text
+    assert response.status_code == status, response.text
     assert text in response.json()["error"]["message"]
     assert "Traceback" not in response.text
     assert httpx.post(f"http://127.0.0.1:{proxy_port}/predict/label", json=ROW).status_code == 200

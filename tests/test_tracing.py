@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -76,18 +76,6 @@ def _traceparent(trace_id: str = CLIENT_TRACE, span_id: str = CLIENT_SPAN) -> st
     return f"00-{trace_id}-{span_id}-01"
 
 
-def _complete(trace_id: str, triton_models: int) -> Callable[[list[ReceivedSpan]], bool]:
-    """Predicate: the trace holds the proxy's request span and Triton's span for each model."""
-
-    def done(spans: list[ReceivedSpan]) -> bool:
-        mine = [s for s in spans if s.trace_id == trace_id]
-        request = any(s.service == "client-proxy" and s.attributes.get("proxy.request_id") for s in mine)
-        models = {s.name for s in mine if s.service == TRITON and s.name in MODELS}
-        return request and len(models) >= triton_models
-
-    return done
-
-
 def _assert_tree(spans: list[ReceivedSpan], root_parent: str) -> None:
     """Every span's parent is another span of the trace, but for one root whose parent is the
     client's span: a tree, no orphans, no cycles."""
@@ -109,27 +97,44 @@ def _children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedS
     return [s for s in spans if s.parent_span_id == parent.span_id]
 
 
-#: Requests per test: Triton 2.51 misses the trace context of a few percent of the requests that
-#: carry one (``local_triton.server.trace_args``), so each test sends several; the proxy's spans
-#: must be whole for every one, Triton's beneath them for every model in at least one.
-REQUESTS = 5
+#: Requests per test: Triton 2.51 misses the trace context of 4 to 10% of the requests that carry
+#: one (``local_triton.server.trace_args``), so each test sends several; the proxy's spans must be
+#: whole for every one, and Triton's beneath at least ``REACHED`` of the proxy's calls to it (at a
+#: 10% miss rate, 60 calls fall below 80% about once in 200 runs; a proxy that did not pass the
+#: context on would reach none).
+REQUESTS = 20
+REACHED = 0.8
 
 
-def _complete_ones(receiver: Receiver, trace_ids: list[str]) -> list[str]:
-    """The traces in which Triton's span of every model arrived."""
-    return [t for t in trace_ids if _complete(t, len(MODELS))(receiver.trace(t))]
+def _calls_reaching_triton(receiver: Receiver, trace_ids: list[str]) -> tuple[int, int]:
+    """Of the proxy's calls to Triton in these traces, how many have Triton's request span beneath
+    them, and how many there are."""
+    reached = calls = 0
+    for trace_id in trace_ids:
+        spans = receiver.trace(trace_id)
+        for call in (s for s in spans if s.service == "client-proxy" and s.name.startswith("triton infer ")):
+            calls += 1
+            reached += any(s.service == TRITON for s in _children(spans, call))
+    return reached, calls
 
 
 def _wait_for_traces(receiver: Receiver, trace_ids: list[str]) -> None:
-    """Until every request's span arrived and one trace is complete, then a second more (ten of
-    Triton's export periods) for the others."""
+    """Until every request's span arrived and enough calls reached into Triton, then a second more
+    (ten of Triton's export periods) for the others."""
 
     def arrived(_: list[ReceivedSpan]) -> bool:
         requests = all(any(s.parent_span_id == CLIENT_SPAN for s in receiver.trace(t)) for t in trace_ids)
-        return requests and bool(_complete_ones(receiver, trace_ids))
+        reached, _calls = _calls_reaching_triton(receiver, trace_ids)
+        return requests and reached >= REACHED * len(trace_ids) * len(MODELS)
 
     receiver.wait_for(arrived)
     time.sleep(1.0)
+
+
+def _assert_reached(receiver: Receiver, trace_ids: list[str]) -> None:
+    reached, calls = _calls_reaching_triton(receiver, trace_ids)
+    assert calls == len(trace_ids) * len(MODELS)
+    assert reached >= REACHED * calls, f"only {reached} of {calls} calls reached into Triton's spans"
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -147,8 +152,7 @@ def test_one_trace_from_the_client_through_the_proxy_into_each_triton_model(
             )
             assert response.status_code == 200, response.text
         _wait_for_traces(receiver, trace_ids)
-    complete = _complete_ones(receiver, trace_ids)
-    assert complete, "no request's trace reached into Triton for every model"
+    _assert_reached(receiver, trace_ids)
     for i, trace_id in enumerate(trace_ids):
         spans = receiver.trace(trace_id)
         _assert_tree(spans, CLIENT_SPAN)
@@ -171,8 +175,8 @@ def test_one_trace_from_the_client_through_the_proxy_into_each_triton_model(
             assert call.attributes["proxy.attempt"] == 1 and call.attributes["proxy.hedge"] is False
             # Triton's own spans beneath the proxy's call: its request span, then the model's.
             beneath = _children(spans, call)
-            if trace_id not in complete and not beneath:
-                continue  # one of the calls whose context Triton missed
+            if not beneath:
+                continue  # one of the few calls whose context Triton missed (counted above)
             (triton_request,) = beneath
             assert triton_request.service == TRITON and triton_request.name == "InferRequest"
             assert model in {s.name for s in _children(spans, triton_request)}
@@ -195,7 +199,7 @@ def test_the_grpc_door_honours_the_client_trace_context(
             assert result.as_numpy("label") is not None
         client.close()
         _wait_for_traces(receiver, trace_ids)
-    assert _complete_ones(receiver, trace_ids), "no request's trace reached into Triton for every model"
+    _assert_reached(receiver, trace_ids)
     for trace_id in trace_ids:
         spans = receiver.trace(trace_id)
         _assert_tree(spans, CLIENT_SPAN)

@@ -171,8 +171,11 @@ def test_the_clients_deadline_is_the_requests_and_partial_answers_say_so(
 ) -> None:
     (port,) = free_ports(1)
     models = {"setosa": "setosa", "versicolor": "versicolor", "very_slow": "very_slow"}
+    # The service timeout (10 s) is not what cuts very_slow (3 s) here: the client's deadline is,
+    # and Triton's ``timeout`` parameter.
     with running_proxy(
-        settings(grpc_port=port, deadline_ms=5000), services_on(explicit_triton, "grpc", models)
+        settings(grpc_port=port, deadline_ms=5000, service_timeout_ms=10_000),
+        services_on(explicit_triton, "grpc", models),
     ):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         try:
@@ -191,8 +194,11 @@ def test_the_clients_deadline_is_the_requests_and_partial_answers_say_so(
                     parameters={"timeout_policy": "all_or_nothing"},
                 )
             assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-            quick = client.infer("iris_fanout", [_row()], timeout=300_000)  # Triton's timeout parameter, µs
+            # Triton's timeout parameter (µs): without it very_slow would answer, 3 s on (within 5 s).
+            quick = client.infer("iris_fanout", [_row()], timeout=300_000)
             assert quick.get_response().parameters["missing"].string_param == "very_slow"
+            whole = client.infer("iris_fanout", [_row()])
+            assert "missing" not in whole.get_response().parameters  # the same request, no parameter
         finally:
             client.close()
 

@@ -218,18 +218,26 @@ def test_malformed_requests_are_4xx_never_a_500(
 
 def test_a_partial_answer_says_so_in_the_parameters(explicit_triton: TritonServer, tmp_path: Path) -> None:
     models = {"setosa": "setosa", "versicolor": "versicolor", "very_slow": "very_slow"}
-    with running_proxy(settings(deadline_ms=600), services_on(explicit_triton, "grpc", models)) as url:
+    # Neither the deadline nor the service timeout (10 s each) cuts very_slow (3 s) unless asked:
+    # the first requests ask with X-Deadline-Ms, the last with Triton's ``timeout`` parameter.
+    bounds = settings(deadline_ms=10_000, service_timeout_ms=10_000)
+    short = {"X-Deadline-Ms": "600"}
+    with running_proxy(bounds, services_on(explicit_triton, "grpc", models)) as url:
         body = {
             "id": "r1",
             "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}],
         }
-        partial = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=body, timeout=10).json()
+        partial = httpx.post(
+            f"{url}/v2/models/iris_fanout/infer", json=body, headers=short, timeout=20
+        ).json()
         assert partial["id"] == "r1"
         assert partial["parameters"]["partial"] is True and partial["parameters"]["missing"] == "very_slow"
         assert partial["parameters"]["missing.very_slow"].startswith("timeout: ")
         strict = {**body, "parameters": {"timeout_policy": "all_or_nothing"}}
-        late = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=strict, timeout=10)
+        late = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=strict, headers=short, timeout=20)
         assert late.status_code == 504 and "very_slow" in late.json()["error"]
         quick = {**body, "parameters": {"timeout": 100_000}}  # 100 ms, in microseconds
-        response = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=quick, timeout=10).json()
+        response = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=quick, timeout=20).json()
         assert response["parameters"]["missing"] == "very_slow"
+        whole = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=body, timeout=20).json()
+        assert "missing" not in whole.get("parameters", {})  # the same request, no parameter: all three

@@ -266,7 +266,9 @@ class LeanChannel:
             return connection
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
-            self._connecting.add_done_callback(_retrieved)  # a failure no caller waited for
+            # Forgotten however it ends (cancelled before its first step too), and a failure no
+            # caller waited for retrieved.
+            self._connecting.add_done_callback(self._connected)
         connecting = self._connecting
         try:
             return await asyncio.wait_for(asyncio.shield(connecting), min(timeout, CONNECT_TIMEOUT_S))
@@ -283,13 +285,16 @@ class LeanChannel:
             )
         except (OSError, TimeoutError) as exc:
             raise CallError(grpc.StatusCode.UNAVAILABLE, f"failed to connect to the server: {exc}") from None
-        finally:
-            self._connecting = None
         old, self._connection = self._connection, connection
         if old is not None and not old.closed and not old.streams:
             old.close()
         self._closing = [f for f in self._closing if not f.done()] + [lost]
         return connection
+
+    def _connected(self, connecting: asyncio.Future[_ClientConnection]) -> None:
+        if self._connecting is connecting:
+            self._connecting = None
+        _retrieved(connecting)
 
     async def unary(
         self, path: str, message: bytes, timeout: float, metadata: dict[str, str] | None = None

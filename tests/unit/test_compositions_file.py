@@ -176,3 +176,25 @@ def test_keys_say_who_reads_the_features(tmp_path: Path) -> None:
     assert forwarded.keys == "forward" and forwarded.describe()["keys"] == "forward"
     with pytest.raises(CompositionError, match=r"line 3: composition 'c': keys must be fetch .* or forward"):
         _load(tmp_path, text.replace("KEYS", "keys: models"))
+
+
+def test_a_service_may_hedge_on_its_own_terms(tmp_path: Path) -> None:
+    """``hedge:`` per service, as README's iris_replicated shows; one without it keeps PROXY_HEDGE
+    (None here: the setting decides)."""
+    text = """
+compositions:
+  iris_replicated:
+    services:
+      setosa: {target: "triton-a:8001/setosa,triton-b:8001/setosa", hedge: p95}
+      versicolor: {target: "triton-a:8001/versicolor,triton-b:8001/versicolor", hedge: 20ms}
+      virginica: {target: "triton-a:8001/virginica,triton-b:8001/virginica"}
+    aggregator: one_vs_rest
+"""
+    (replicated,) = _load(tmp_path, text).values()
+    hedges = {s.name: s.hedge for s in replicated.services}
+    assert hedges["setosa"] is not None and hedges["setosa"].describe() == "p95"
+    assert hedges["versicolor"] is not None and hedges["versicolor"].describe() == "20ms"
+    assert hedges["virginica"] is None
+    assert [len(s.targets) for s in replicated.services] == [2, 2, 2]
+    with pytest.raises(CompositionError, match=r"line 5: .*service 'setosa': hedge"):
+        _load(tmp_path, text.replace("hedge: p95", "hedge: sometimes"))

@@ -210,3 +210,22 @@ def test_a_server_gone_silent_is_left_after_a_ping_goes_unanswered(monkeypatch: 
             await server.wait_closed()
 
     asyncio.run(run())
+
+
+def test_a_connect_cancelled_before_its_first_step_is_forgotten() -> None:
+    """The connect a channel shares among its callers, cancelled before it ran (as at a close in
+    the same turn): the next call connects afresh instead of waiting on the cancelled one."""
+
+    async def body(peer: Peer, channel: LeanChannel) -> None:
+        call = asyncio.ensure_future(_call(channel, "Echo", Request(id="first")))
+        await asyncio.sleep(0)  # the call has started the connect, which has not run yet
+        connecting = channel._connecting
+        assert connecting is not None and not connecting.done()
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0)
+        assert channel._connecting is None
+        assert (await _call(channel, "Echo", Request(id="again"), timeout=2.0)).id == "again"
+
+    scenario(body)

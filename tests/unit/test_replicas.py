@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import types
 
 import pytest
 
@@ -105,20 +106,23 @@ def test_with_every_replica_ejected_the_one_back_soonest_is_still_called() -> No
     assert replicas.pick() is replicas.replicas[1]
 
 
-def test_the_ejection_settings_reach_every_replica_set() -> None:
+def test_the_ejection_settings_reach_every_replica_set(monkeypatch: pytest.MonkeyPatch) -> None:
     from client_proxy.config import load_settings
     from client_proxy.core.services import Service
+    from client_proxy.triton import replicas as replicas_module
     from client_proxy.triton.gateway import TritonGateway
 
+    now = 1000.0  # an injected clock: the ejection's length is read exactly
+    monkeypatch.setattr(replicas_module, "time", types.SimpleNamespace(monotonic=lambda: now))
     gateway = TritonGateway(load_settings(ejection_failures=2, ejection_base_ms=50, ejection_max_ms=80))
     replicas = gateway.replicas(Service("s", "grpc", "a:8001", "m", more=(B,)))
     replica = replicas.replicas[0]
     replicas.failed(replica, "error", False, "failed")
     assert not replica.ejected
     replicas.failed(replica, "error", False, "failed")  # the second in a row
-    assert replica.ejected and 0.03 < replica.ejected_until - time.monotonic() <= 0.05
+    assert replica.ejected_until - now == pytest.approx(0.05)
     for _ in range(3):  # failed probes: 100 ms, then the 80 ms cap
         replica.ejected_until = 0.0
         replicas.failed(replica, "unavailable", True, "down")
-    assert 0.06 < replica.ejected_until - time.monotonic() <= 0.08
+    assert replica.ejected_until - now == pytest.approx(0.08)
     assert gateway.replicas(Service("s", "grpc", "a:8001", "m", more=(B,))) is replicas  # one per target set

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -161,9 +162,9 @@ def test_a_full_queue_drops_the_new_alert_at_once_and_counts_it() -> None:
             accepted.append(sender.submit(receiver.url, "r", {"n": 0}))
             while not receiver.received:  # the worker holds the first, the receiver sits on it
                 await asyncio.sleep(0.005)
-            started = time.monotonic()
+            # Submitting never waits: it is no coroutine, and a full queue drops at once.
+            assert not inspect.iscoroutinefunction(sender.submit)
             accepted.extend(sender.submit(receiver.url, "r", {"n": i}) for i in range(1, 6))
-            assert time.monotonic() - started < 0.05  # submitting never waits
             assert sender.queued == 3  # one in the worker's hands, two queued
 
         metrics = _run(_settings(queue_size=2, workers=1), body)
@@ -199,7 +200,7 @@ def test_shutdown_flushes_what_is_queued_within_its_bound_and_abandons_the_rest(
         assert metrics.webhook_deliveries.value(("r", "delivered")) == 4
         assert time.monotonic() - started < 3
 
-    with webhook_receiver(delay_s=1.0) as receiver:
+    with webhook_receiver(delay_s=6.0) as receiver:
 
         async def body(sender: WebhookSender) -> None:
             for i in range(4):
@@ -207,8 +208,9 @@ def test_shutdown_flushes_what_is_queued_within_its_bound_and_abandons_the_rest(
             await asyncio.sleep(0.05)
 
         started = time.monotonic()
-        metrics = _run(_settings(workers=1, flush_s=0.3, timeout_s=5.0), body)
-        assert time.monotonic() - started < 1.0  # the flush bound, not the receiver, decides
+        metrics = _run(_settings(workers=1, flush_s=0.3, timeout_s=10.0), body)
+        # The flush bound (0.3 s), not the receiver (6 s), decides: a bound far from both.
+        assert time.monotonic() - started < 3.0
     assert metrics.webhook_deliveries.value(("r", "abandoned")) == 4
     assert metrics.webhook_deliveries.value(("r", "delivered")) == 0
 
@@ -227,3 +229,106 @@ def test_the_receiver_tells_a_bad_signature() -> None:
     finally:
         receiver.stop()
     assert post.signed is False
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+def test_a_status_the_receiver_may_get_over_is_tried_again(status: int) -> None:
+    with webhook_receiver(first=[status]) as receiver:
+
+        async def body(sender: WebhookSender) -> None:
+            sender.submit(receiver.url, "r", {"n": 1})
+
+        metrics = _run(_settings(retries=2), body)
+        posts = receiver.wait_for(2)
+    assert len(posts) == 2 and posts[0].webhook_id == posts[1].webhook_id  # the same message
+    assert metrics.webhook_attempts.value(("r", f"{status // 100}xx")) == 1
+    assert metrics.webhook_attempts.value(("r", "2xx")) == 1
+    assert metrics.webhook_deliveries.value(("r", "delivered")) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 410, 413, 422])
+def test_a_status_that_blames_the_payload_is_not_tried_again(status: int) -> None:
+    with webhook_receiver(status=status) as receiver:
+
+        async def body(sender: WebhookSender) -> None:
+            sender.submit(receiver.url, "r", {"n": 1})
+
+        metrics = _run(_settings(retries=3), body)
+    assert len(receiver.received) == 1
+    assert metrics.webhook_deliveries.value(("r", "failed")) == 1
+
+
+def test_the_back_off_is_exponential_with_full_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait is drawn uniformly from 0 to backoff x 2^attempt (full jitter), so that receivers
+    that failed together are not all called again at one instant."""
+    from client_proxy import alerts
+
+    draws: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        draws.append((low, high))
+        return 0.0
+
+    monkeypatch.setattr(alerts.random, "uniform", uniform)
+    with webhook_receiver(status=503) as receiver:
+
+        async def body(sender: WebhookSender) -> None:
+            sender.submit(receiver.url, "r", {"n": 1})
+
+        _run(_settings(retries=3, backoff_s=0.2), body)
+    assert len(receiver.received) == 4
+    assert draws == [(0, 0.2), (0, 0.4), (0, 0.8)]
+
+
+def test_every_alert_is_logged_with_its_rule_and_rows(caplog: pytest.LogCaptureFixture) -> None:
+    from client_proxy.alerts import Alerter
+    from client_proxy.core.conditions import parse
+    from client_proxy.core.rules import Alert, Rule
+
+    metrics = ProxyMetrics()
+    rule = Rule("sure", parse("proba >= 0.9"), "critical", None)
+    with caplog.at_level(logging.WARNING, logger="client_proxy.alerts"):
+        Alerter(metrics, None).raised("composition/iris", [Alert(rule, (0, 2))], "req-1", None)  # type: ignore[arg-type]
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert (
+        record.getMessage()
+        == "alert rule=sure severity=critical source=composition/iris request_id=req-1 rows=0,2"
+    )
+    assert record.rows == [0, 2] and record.rule == "sure"  # type: ignore[attr-defined]
+    assert metrics.alerts.value(("composition/iris", "sure")) == 2
+
+
+def test_an_invalid_secret_stops_the_start_without_being_repeated() -> None:
+    from client_proxy.config import load_settings
+    from client_proxy.core.services import ConfigError
+
+    leaked = "whsec_this-is-not*base64!!"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(webhook_secret=leaked)
+    message = str(refused.value)
+    assert "PROXY_WEBHOOK_SECRET" in message and "its value not shown" in message
+    assert "this-is-not" not in message and leaked not in message
+
+
+def test_webhooks_without_a_secret_start_with_a_warning_naming_them(caplog: pytest.LogCaptureFixture) -> None:
+    import types
+
+    from client_proxy.api.app import _webhook_sender
+    from client_proxy.config import load_settings
+    from client_proxy.core.conditions import parse
+    from client_proxy.core.rules import Rule
+
+    hooked = Rule("sure", parse("proba >= 0.9"), "critical", "http://127.0.0.1:9/alerts")
+    declared = types.SimpleNamespace(
+        compositions={"iris": types.SimpleNamespace(name="iris", rules=[hooked])}, pipelines={}
+    )
+    with caplog.at_level(logging.WARNING, logger="client_proxy"):
+        sender = _webhook_sender(load_settings(), declared, ProxyMetrics())  # type: ignore[arg-type]
+    assert sender is not None
+    (record,) = [r for r in caplog.records if "PROXY_WEBHOOK_SECRET" in r.getMessage()]
+    assert record.getMessage() == "PROXY_WEBHOOK_SECRET is not set: the webhooks of iris/sure are not signed"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="client_proxy"):
+        _webhook_sender(load_settings(webhook_secret=SECRET), declared, ProxyMetrics())  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if "PROXY_WEBHOOK_SECRET" in r.getMessage()]
