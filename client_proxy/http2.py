@@ -71,6 +71,10 @@ MAX_HEADER_LIST = 16 * 1024
 #: The largest frame accepted (HTTP/2's default, not raised).
 MAX_FRAME = 16_384
 MAX_WINDOW = 2**31 - 1
+#: WINDOW_UPDATE frames a peer may send free for each DATA frame this side sent (Envoy's
+#: max_inbound_window_update_frames_per_data_frame_sent), and the most it may save up.
+WINDOW_UPDATES_PER_DATA = 10
+WINDOW_CREDIT_CAP = 10_000
 #: After a connection error's GOAWAY, how long the peer's last frames are read and dropped.
 LINGER_S = 0.5
 DEFAULT_WINDOW = 65_535
@@ -249,6 +253,7 @@ class Connection(asyncio.Protocol):
         self._backlog = False  # frames left in the buffer for the next turn (reading paused)
         self._writing_paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self._window_credit = 0  # WINDOW_UPDATEs the peer may send free (earned by DATA sent)
         if limits is not None:
             self._control = _Bucket(limits.control_frames)
             self._resets = _Bucket(limits.resets)
@@ -434,7 +439,13 @@ class Connection(asyncio.Protocol):
         elif kind == SETTINGS:
             self._on_settings(flags, stream_id, payload)
         elif kind == WINDOW_UPDATE:
-            self.idle_frame()
+            # A peer's answer to the DATA this side sent (grpc's clients send two per call, the
+            # stream's and the connection's): up to ten per DATA frame are free, as Envoy has it;
+            # beyond that, each is charged.
+            if self._window_credit > 0:
+                self._window_credit -= 1
+            else:
+                self.idle_frame()
             self._on_window_update(stream_id, payload)
         elif kind == PING:
             if stream_id != 0:
@@ -630,6 +641,8 @@ class Connection(asyncio.Protocol):
         ):
             self.send_window -= size
             stream.credit -= size
+            if self._window_credit < WINDOW_CREDIT_CAP:
+                self._window_credit += WINDOW_UPDATES_PER_DATA
             if tail is None:
                 self.out.append(frame(DATA, END_STREAM, stream.id, data))
             else:
@@ -656,9 +669,12 @@ class Connection(asyncio.Protocol):
                 size = min(len(stream.pending), self.send_window, window, self.peer_max_frame)
                 # A frame kept tiny by the peer's windows: its work is charged.
                 tiny = size < 1024 and size < len(stream.pending)
-                if tiny and self.limits is not None and not self._control.take():
-                    self.fail(ENHANCE_YOUR_CALM, "too many frames kept tiny by flow control")
-                    return
+                if tiny:
+                    if self.limits is not None and not self._control.take():
+                        self.fail(ENHANCE_YOUR_CALM, "too many frames kept tiny by flow control")
+                        return
+                elif self._window_credit < WINDOW_CREDIT_CAP:
+                    self._window_credit += WINDOW_UPDATES_PER_DATA
                 chunk, stream.pending = stream.pending[:size], stream.pending[size:]
                 self.send_window -= size
                 stream.credit -= size

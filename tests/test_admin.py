@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
     no_pipelines.write_text("pipelines: {}\n")
     proxy_settings = settings(admin_token=TOKEN, services_file=store, pipelines_file=no_pipelines)
     services = services_on(triton, "grpc")
-    with running_proxy(proxy_settings, services) as url:
+    log_path = tmp_path / "proxy.log"
+    with open(log_path, "w") as log, running_proxy(proxy_settings, services, log=log) as url:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
             response = httpx.get(f"{url}/admin/services", headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
@@ -64,6 +66,14 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
             ("remove", "versicolor"),
         ]
         assert all(c["by"].startswith("sha256:") and TOKEN not in json.dumps(c) for c in changes)
+    # Each change is logged with the token's id, never the token.
+    by = "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    logged = [line for line in log_path.read_text().splitlines() if "admin by=" in line]
+    assert [line.split("admin ", 1)[1] for line in logged] == [
+        f"by={by} add service setosa_b {target}",
+        f"by={by} remove service versicolor ",
+    ]
+    assert TOKEN not in log_path.read_text()
 
     assert [e["name"] for e in json.loads(store.read_text())] == ["setosa", "setosa_b", "virginica"]
     # Restarted with other SERVICE_* variables: the file takes priority over them.

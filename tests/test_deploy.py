@@ -406,6 +406,9 @@ def test_every_pod_meets_the_restricted_pod_security_standard(rendered: list[dic
             assert "add" not in context["capabilities"], where
         for volume in pod.get("volumes", []):
             assert "hostPath" not in volume, name
+    # The README: "the proxy's root filesystem is read-only".
+    (proxy,) = _pod_specs(rendered)["proxy"]["containers"]
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_disruption_budgets_keep_one_pod_and_leave_room_to_drain(rendered: list[dict[str, Any]]) -> None:

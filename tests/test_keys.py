@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -59,6 +60,23 @@ def test_rows_by_key_answer_as_the_same_rows_sent_in_the_body(keyed: str) -> Non
     assert by_key.json() == {**by_body, "keys": keys}
     predicted = httpx.post(f"{keyed}/predict", json={"keys": ["flower-77"]}).json()
     assert predicted["keys"] == ["flower-77"] and len(predicted["setosa"]["prediction"]) == 2
+
+
+def test_keys_serve_the_stream_and_the_pipelines_as_rows_do(keyed: str) -> None:
+    iris = read_csv(IRIS_CSV)
+    keys = ["flower-3", "flower-120"]
+    rows = [iris[k] for k in keys]
+    by_key = httpx.post(f"{keyed}/predict/stream", json={"keys": keys})
+    by_body = httpx.post(f"{keyed}/predict/stream", json={"data": rows})
+    assert by_key.status_code == by_body.status_code == 200, by_key.text
+    final_by_key = [json.loads(line) for line in by_key.text.splitlines() if line][-1]
+    final_by_body = [json.loads(line) for line in by_body.text.splitlines() if line][-1]
+    assert final_by_key["final"] is True and final_by_key["prediction"] == final_by_body["prediction"]
+    by_key = httpx.post(f"{keyed}/pipelines/iris_cascade", json={"keys": keys})
+    by_body = httpx.post(f"{keyed}/pipelines/iris_cascade", json={"data": rows})
+    assert by_key.status_code == by_body.status_code == 200, by_key.text
+    assert by_key.json()["keys"] == keys
+    assert by_key.json()["prediction"] == by_body.json()["prediction"]
 
 
 def test_a_composition_reads_its_own_feature_set(keyed: str) -> None:

@@ -30,7 +30,7 @@ from client_proxy.core.services import Service
 from local_triton import TritonServer, free_ports
 from local_triton.slow_port import Relay, slow_port
 
-from .helpers import running_proxy, settings
+from .helpers import metric, running_proxy, settings
 
 T = TypeVar("T")
 
@@ -98,6 +98,7 @@ def _statuses(outcomes: list[httpx.Response | BaseException]) -> list[int]:
 
 def test_past_the_bound_requests_are_refused_at_once_with_503_and_retry_after(proxy: Overloadable) -> None:
     before = _shed(proxy.url, "http")
+    counted = httpx.get(f"{proxy.url}/metrics").text
 
     async def run() -> list[httpx.Response | BaseException]:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as client:
@@ -114,6 +115,15 @@ def test_past_the_bound_requests_are_refused_at_once_with_503_and_retry_after(pr
             error = response.json()["error"]
             assert error["code"] == "overloaded" and "PROXY_MAX_IN_FLIGHT" in error["message"]
     assert _shed(proxy.url, "http") - before == BURST - LIMIT  # each one counted
+    # ... as shed, and not as a request: those were answered before routing, to cost the least.
+    requests = "proxy_http_requests_total"
+    after = httpx.get(f"{proxy.url}/metrics").text
+    assert (
+        metric(after, requests, endpoint="/predict/label", status="200")
+        - metric(counted, requests, endpoint="/predict/label", status="200")
+        == LIMIT
+    )
+    assert metric(after, requests, status="503") == metric(counted, requests, status="503")
 
 
 def test_the_open_inference_protocol_gets_its_own_error_shapes_when_shed(proxy: Overloadable) -> None:

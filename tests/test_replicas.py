@@ -72,9 +72,17 @@ def test_a_replica_killed_under_load_costs_no_request_and_returns_when_it_is_bac
             Service(m, "grpc", first.grpc_url, m, more=(*Service(m, "grpc", second.grpc_url, m).targets,))
             for m in MODELS
         ]
-        with running_proxy(settings(deadline_ms=2000), services) as url:
+        log_path = tmp_path / "proxy.log"
+        with open(log_path, "w") as log, running_proxy(settings(deadline_ms=2000), services, log=log) as url:
             assert all(httpx.post(f"{url}/predict/label", json=ROW).status_code == 200 for _ in range(20))
             assert _calls(url, first.grpc_url) > 0 and _calls(url, second.grpc_url) > 0  # both take load
+            # /metadata shows each service's replicas, as /health/all does.
+            for model in MODELS:
+                shown = httpx.get(f"{url}/metadata").json()["services"][model]["replicas"]
+                assert [(r["target"], r["state"]) for r in shown] == [
+                    (f"grpc://{first.grpc_url}/{model}", "healthy"),
+                    (f"grpc://{second.grpc_url}/{model}", "healthy"),
+                ]
 
             killed_at: list[float] = []
 
@@ -115,6 +123,14 @@ def test_a_replica_killed_under_load_costs_no_request_and_returns_when_it_is_bac
             for _ in range(30):
                 assert httpx.post(f"{url}/predict/label", json=ROW).status_code == 200
             assert _calls(url, first.grpc_url) > before  # it takes calls again
+        # Each service logged the ejection and the return of the replica, by name.
+        text = log_path.read_text()
+        for model in MODELS:
+            name = f"grpc://{first.grpc_url}/{model}"
+            assert re.search(
+                rf"replica {re.escape(name)} of {model} ejected for [\d.]+ s \(ejection 1 in a row\)", text
+            )
+            assert f"replica {name} of {model} returns: its probe succeeded" in text
             print(
                 f"\nreplica killed under 16-client load: {len(results)} requests, 0 failed, 0 partial; "
                 f"{retries:.0f} calls sent again; healthy again "

@@ -250,26 +250,62 @@ def test_no_span_leaves_the_proxy_or_triton_when_tracing_is_off(
     assert receiver.spans[before:] == []
 
 
-def test_the_json_log_line_carries_the_trace_id(
-    traced_triton: TritonServer, receiver: Receiver, tracing_on: None, tmp_path: Path
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_the_request_log_line_carries_the_trace_id(
+    traced_triton: TritonServer, receiver: Receiver, tracing_on: None, tmp_path: Path, log_format: str
 ) -> None:
-    trace_id = f"{CLIENT_TRACE[:-4]}5000"
+    trace_id = f"{CLIENT_TRACE[:-4]}5{'0' if log_format == 'json' else '1'}00"
     log_path = tmp_path / "proxy.log"
     with (
         open(log_path, "w") as log,
         running_proxy(
-            settings(log_format="json", log_level="INFO"), services_on(traced_triton, "grpc"), log=log
+            settings(log_format=log_format, log_level="INFO"), services_on(traced_triton, "grpc"), log=log
         ) as url,
     ):
         response = httpx.post(
             f"{url}/predict/label",
             json={"data": [[5.1, 3.5, 1.4, 0.2]]},
-            headers={"traceparent": _traceparent(trace_id), "X-Request-ID": "json-traced"},
+            headers={"traceparent": _traceparent(trace_id), "X-Request-ID": "log-traced"},
         )
         assert response.status_code == 200
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-    (line,) = [entry for entry in lines if entry.get("request_id") == "json-traced"]
-    assert line["trace_id"] == trace_id
+    text = log_path.read_text()
+    if log_format == "json":
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        (line,) = [entry for entry in lines if entry.get("request_id") == "log-traced"]
+        assert line["trace_id"] == trace_id
+    else:
+        (line,) = [line for line in text.splitlines() if "log-traced" in line]
+        assert line.endswith(f" trace_id={trace_id}"), line
+
+
+def test_pipeline_steps_are_spans_and_probes_and_metrics_make_none(
+    traced_triton: TritonServer, receiver: Receiver, tracing_on: None
+) -> None:
+    cascade = f"{CLIENT_TRACE[:-4]}6000"
+    paths = ("/health", "/health/live", "/health/ready", "/health/all", "/metrics")
+    quiet = [f"{CLIENT_TRACE[:-4]}61{i:02d}" for i in range(len(paths))]
+    with running_proxy(settings(), services_on(traced_triton, "grpc")) as url:
+        for path, trace_id in zip(paths, quiet, strict=True):
+            assert (
+                httpx.get(f"{url}{path}", headers={"traceparent": _traceparent(trace_id)}).status_code == 200
+            )
+        response = httpx.post(
+            f"{url}/pipelines/iris_cascade",
+            json={"data": [[5.1, 3.5, 1.4, 0.2]]},
+            headers={"traceparent": _traceparent(cascade)},
+        )
+        assert response.status_code == 200 and response.json()["prediction"]["stopped_at"] == "setosa"
+        receiver.wait_for(lambda _: any(s.name.startswith("step ") for s in receiver.trace(cascade)))
+        time.sleep(1.0)  # ten export periods: what the probes might have made has arrived too
+    spans = receiver.trace(cascade)
+    (request,) = [s for s in spans if s.parent_span_id == CLIENT_SPAN]
+    assert request.name == "POST /pipelines/iris_cascade"
+    (step,) = [s for s in spans if s.name.startswith("step ")]  # the cascade stopped at its first
+    assert step.name == "step setosa" and step.parent_span_id == request.span_id
+    assert step.attributes["proxy.step"] == "setosa" and step.attributes["proxy.step.kind"] == "step"
+    assert [s.name for s in _children(spans, step)] == ["service setosa"]
+    for path, trace_id in zip(paths, quiet, strict=True):
+        assert not [s for s in receiver.trace(trace_id) if s.service == "client-proxy"], path
 
 
 def test_a_tracing_setting_the_proxy_cannot_honour_stops_the_start(tmp_path: Path) -> None:

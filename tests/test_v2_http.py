@@ -233,6 +233,9 @@ def test_a_partial_answer_says_so_in_the_parameters(explicit_triton: TritonServe
         assert partial["id"] == "r1"
         assert partial["parameters"]["partial"] is True and partial["parameters"]["missing"] == "very_slow"
         assert partial["parameters"]["missing.very_slow"].startswith("timeout: ")
+        # A missing one-vs-rest service scores 0, in the services' order (setosa, versicolor, very_slow).
+        (scores,) = [o for o in partial["outputs"] if o["name"] == "scores"]
+        assert scores["shape"] == [1, 3] and scores["data"][2] == 0 and min(scores["data"][:2]) > 0
         strict = {**body, "parameters": {"timeout_policy": "all_or_nothing"}}
         late = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=strict, headers=short, timeout=20)
         assert late.status_code == 504 and "very_slow" in late.json()["error"]

@@ -572,3 +572,26 @@ def test_connections_beyond_the_limit_are_told_so_and_closed() -> None:
         kept[1].close()
     finally:
         server.close()
+
+
+def test_a_well_behaved_client_is_never_cut_off_by_the_budgets() -> None:
+    """grpcio's client (the C core perf_analyzer and every Python client use) sends two
+    WINDOW_UPDATEs per call, and PINGs and SETTINGS of its own: with budgets of 100, a thousand
+    calls on one connection, one after another and many at once, all answered."""
+    server = Running(limits=Limits(control_frames=100, resets=100))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for i in range(500):
+                assert _call(channel, "Echo", Request(id=str(i))).id == str(i)
+            futures = [
+                channel.unary_unary(
+                    "/test.T/Echo",
+                    request_serializer=Request.SerializeToString,
+                    response_deserializer=Response.FromString,
+                ).future(Request(id=str(i)))
+                for i in range(500)
+            ]
+            assert [f.result(timeout=30).id for f in futures] == [str(i) for i in range(500)]
+        assert server.server.refused == 0
+    finally:
+        server.close()

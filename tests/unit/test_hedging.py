@@ -12,7 +12,7 @@ import pytest
 
 from client_proxy.config import load_settings
 from client_proxy.core.services import ConfigError, Hedge, Service, Target, parse_hedge
-from client_proxy.errors import UpstreamUnavailable
+from client_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from client_proxy.triton.gateway import TritonGateway
 from client_proxy.triton.replicas import HEDGE_BURST_CALLS, MIN_LATENCIES, ReplicaSet
 
@@ -220,3 +220,31 @@ def test_round_robin_takes_turns_and_least_outstanding_takes_the_idlest() -> Non
     assert {least.pick().target for _ in range(20)} == {C}
     least.replicas[2].outstanding = 1
     assert {least.pick().target for _ in range(50)} == {B, C}  # ties drawn at random
+
+
+def test_a_late_call_is_not_sent_again_but_a_fast_failure_is() -> None:
+    """Retry is for a replica that cannot take the call (unreachable, model not ready): sent once
+    more, to the other. A late call is not: a slow replica is what hedging is for."""
+
+    def scenario(error: Exception) -> tuple[str | Exception, list[str]]:
+        gateway = _gateway(Recorder(), hedge="off")  # round robin: the first call goes to a
+        tried: list[str] = []
+
+        async def call(client: Any, target: Target, budget: float) -> str:
+            host = target.url.split(":")[0]
+            tried.append(host)
+            if host == "a":
+                raise error
+            return host
+
+        async def run() -> str | Exception:
+            try:
+                return await gateway._on_a_replica(_service("off"), 2.0, call)
+            except Exception as exc:
+                return exc
+
+        return asyncio.run(run()), tried
+
+    assert scenario(UpstreamUnavailable("s: down", service="s")) == ("b", ["a", "b"])
+    late, tried = scenario(TimeoutError())
+    assert isinstance(late, UpstreamTimeout) and tried == ["a"]  # not sent to b
