@@ -69,7 +69,7 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
     # Each change is logged with the token's id, never the token.
     by = "sha256:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
     logged = [line for line in log_path.read_text().splitlines() if "admin by=" in line]
-    assert [line.split("admin ", 1)[1] for line in logged] == [
+    assert [line.split(" admin ", 1)[1] for line in logged] == [
         f"by={by} add service setosa_b {target}",
         f"by={by} remove service versicolor ",
     ]

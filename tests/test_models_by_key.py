@@ -145,7 +145,6 @@ def test_an_unknown_key_is_a_422_naming_it_and_the_models_keep_serving(
             == 5
         )
         assert metric(after, "proxy_replica_ejections_total", service=service) == 0, service
-        assert metric(after, "proxy_replica_state", service=service, state="healthy") == 1, service
 
 
 def test_a_bad_key_in_a_coalesced_batch_fails_only_its_own_request(served: tuple[TritonServer, str]) -> None:

@@ -73,7 +73,10 @@ def test_a_replica_killed_under_load_costs_no_request_and_returns_when_it_is_bac
             for m in MODELS
         ]
         log_path = tmp_path / "proxy.log"
-        with open(log_path, "w") as log, running_proxy(settings(deadline_ms=2000), services, log=log) as url:
+        with (
+            open(log_path, "w") as log,
+            running_proxy(settings(deadline_ms=2000, log_level="INFO"), services, log=log) as url,
+        ):
             assert all(httpx.post(f"{url}/predict/label", json=ROW).status_code == 200 for _ in range(20))
             assert _calls(url, first.grpc_url) > 0 and _calls(url, second.grpc_url) > 0  # both take load
             # /metadata shows each service's replicas, as /health/all does.
