@@ -161,7 +161,7 @@ class Limits:
     connection_window: int = CONNECTION_WINDOW
     #: Frames handled in one turn of the event loop before the others' turn (the rest wait in
     #: the buffer, the socket unread meanwhile).
-    frames_per_turn: int = 64
+    frames_per_turn: int = 256
     #: CONTINUATION frames one header block may take.
     continuations: int = 16
 

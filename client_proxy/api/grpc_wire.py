@@ -91,28 +91,25 @@ _TRACE_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
 _CONNECTION_SPECIFIC = frozenset(
     (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
 )
-_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
 
 
-def _malformed(headers: list[tuple[bytes, bytes]], trailers: bool) -> str:
-    """Why a request's header list (or its trailers) is malformed (RFC 9113 8.2, 8.3), or ``""``."""
-    regular = False
-    seen: set[bytes] = set()
+def _field_problem(name: bytes, value: bytes) -> str:
+    """Why a regular header field makes a request malformed (RFC 9113 8.2), or ``""``."""
+    if not name or name[:1] == b":":
+        return f"pseudo-header {name!r} unknown, repeated or out of place"
+    if name != name.lower():
+        return f"field name {name!r} not in lowercase"
+    if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+        return f"connection-specific field {name!r}"
+    return ""
+
+
+def _malformed_trailers(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a request's trailers are malformed (no pseudo-header; RFC 9113 8.1), or ``""``."""
     for name, value in headers:
-        if name[:1] == b":":
-            if trailers or regular:
-                return f"pseudo-header {name!r} {'in trailers' if trailers else 'after a regular field'}"
-            if name not in _REQUEST_PSEUDO or name in seen:
-                return f"pseudo-header {name!r} unknown or repeated"
-            seen.add(name)
-            continue
-        regular = True
-        if not name or name != name.lower():
-            return f"field name {name!r} not in lowercase"
-        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-            return f"connection-specific field {name!r}"
-    if not trailers and not (b":method" in seen and b":scheme" in seen and b":path" in seen):
-        return "a request without :method, :scheme or :path"
+        problem = _field_problem(name, value)
+        if problem:
+            return problem
     return ""
 
 
@@ -241,8 +238,6 @@ class _ServerConnection(Connection):
         self._timer: asyncio.TimerHandle | None = None
         #: Calls started or answered: the idle timer's measure of progress.
         self._progress = 0
-        #: The last request header list found well-formed (held, so its identity stays its own).
-        self._checked: list[tuple[bytes, bytes]] | None = None
 
     def settings(self) -> list[tuple[int, int]]:
         return [(SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS), *super().settings()]
@@ -318,7 +313,7 @@ class _ServerConnection(Connection):
         if stream is not None:  # trailers from the client: they end its request
             if stream.ended:  # the request had ended: nothing may follow (RFC 9113 5.1)
                 self.reset(stream, STREAM_CLOSED)
-            elif not end_stream or _malformed(headers, trailers=True):
+            elif not end_stream or _malformed_trailers(headers):
                 self.reset(stream, PROTOCOL_ERROR)
             else:
                 stream.ended = True
@@ -331,29 +326,49 @@ class _ServerConnection(Connection):
             self.idle_frame()  # refused at once: a stream that cost nothing, and did nothing
             self.out.append(frame(RST_STREAM, 0, stream_id, U32.pack(REFUSED_STREAM)))
             return
-        if headers is not self._checked:  # a repeated block decodes to the same list, checked once
-            reason = _malformed(headers, trailers=False)
-            if reason:
-                self.idle_frame()
-                self.refuse(stream_id, PROTOCOL_ERROR, reason)
-                return
-            self._checked = headers
+        # One pass reads what the call needs and checks RFC 9113's rules (8.2, 8.3): pseudo-headers
+        # first, each once, :method :scheme :path present; names in lowercase; no HTTP/1.1
+        # connection-specific field.
         method = path = content_type = timeout = None
         encoding: bytes = b"identity"
         metadata: list[tuple[str, str]] = []
+        problem = ""
+        regular = False
+        seen = 0
         for name, value in headers:
             if name == b":path":
-                path = value
+                path, bit = value, 1
             elif name == b":method":
-                method = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name in _TRACE_HEADERS:
-                metadata.append((name.decode("latin-1"), value.decode("latin-1")))
+                method, bit = value, 2
+            elif name == b":scheme":
+                bit = 4
+            elif name == b":authority":
+                bit = 8
+            else:
+                regular = True
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"te":
+                    if value != b"trailers":
+                        problem = "connection-specific field b'te' other than trailers"
+                elif name == b"grpc-timeout":
+                    timeout = value
+                elif name == b"grpc-encoding":
+                    encoding = value
+                elif name in _TRACE_HEADERS:
+                    metadata.append((name.decode("latin-1"), value.decode("latin-1")))
+                else:
+                    problem = _field_problem(name, value) or problem
+                continue
+            if regular or seen & bit:
+                problem = f"pseudo-header {name!r} repeated or after a regular field"
+            seen |= bit
+        if not problem and seen & 7 != 7:
+            problem = "a request without :method, :scheme or :path"
+        if problem:
+            self.idle_frame()
+            self.refuse(stream_id, PROTOCOL_ERROR, problem)
+            return
         stream = _Call(stream_id, self._server.methods.get(path or b""))
         if metadata:
             stream.metadata = tuple(metadata)
