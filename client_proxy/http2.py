@@ -62,7 +62,8 @@ SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAM
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 
 #: How much the peer may send on one stream, and on the connection, before a WINDOW_UPDATE
-#: (sent when half is used, or on a guarded connection half is consumed): wide, so that a
+#: (the stream's sent when half is used; the connection's when a quarter is consumed, which a
+#: guarded connection counts when a request is handed on, not when it arrives): wide, so that a
 #: message rarely waits for one.
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -208,8 +209,8 @@ class Stream:
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
-        #: The stream's send window less the peer's initial window (``Connection.window``): a
-        #: change of the initial window changes every stream's window at no cost.
+        #: The stream's send window less the peer's initial window (``Connection.peer_window``):
+        #: a change of the initial window changes every stream's window at no cost.
         self.credit = 0
         self.unacknowledged = 0  # bytes received since the stream's last WINDOW_UPDATE
         self.held = 0  # bytes received whose connection window is given back when consumed
@@ -552,6 +553,12 @@ class Connection(asyncio.Protocol):
         else:
             stream.held += size  # given back when the stream's request is consumed or dropped
         self.on_data(stream, unpadded(flags, payload), end_stream)
+
+    def release(self, stream: Stream) -> None:
+        """``stream``'s request bytes are consumed or dropped: their window is given back."""
+        if stream.held:
+            self.give_back(stream.held)
+            stream.held = 0
 
     def give_back(self, size: int) -> None:
         """``size`` bytes received were consumed: the peer may send as much again (sent in one

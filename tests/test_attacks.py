@@ -484,9 +484,18 @@ REQUEST = (
 )
 
 
-def _connect(door: Door, count: int) -> list[socket.socket]:
+@contextlib.contextmanager
+def _connections(door: Door, count: int) -> Iterator[list[socket.socket]]:
+    """``count`` connections to the HTTP port, closed afterwards."""
     port = int(door.url.rsplit(":", 1)[1])
-    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _read_to_end(sock: socket.socket, within: float) -> tuple[bytes, float]:
@@ -504,9 +513,8 @@ def test_slow_heads_are_answered_408_at_the_header_timeout_and_starve_no_one(lea
     408 and closed about a second (PROXY_HTTP_HEADER_TIMEOUT_MS here) after it began."""
 
     def attack() -> None:
-        sockets = _connect(lean, 200)
-        started = time.monotonic()
-        try:
+        with _connections(lean, 200) as sockets:
+            started = time.monotonic()
             for sock in sockets:
                 sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: x\r\n")
             while time.monotonic() - started < 2.5:
@@ -518,24 +526,17 @@ def test_slow_heads_are_answered_408_at_the_header_timeout_and_starve_no_one(lea
                 data, ended = _read_to_end(sock, 2.0)
                 assert data.startswith(b"HTTP/1.1 408 "), data[:100]
                 assert ended - started < 3.0
-        finally:
-            for sock in sockets:
-                sock.close()
 
     _beside_a_probe(lean, attack)
 
 
 def test_silent_connections_are_closed_at_the_header_timeout(lean: Door) -> None:
     def attack() -> None:
-        sockets = _connect(lean, 200)
-        started = time.monotonic()
-        try:
+        with _connections(lean, 200) as sockets:
+            started = time.monotonic()
             for sock in sockets:
                 data, ended = _read_to_end(sock, 3.0)
                 assert data == b"" and ended - started < 2.5  # nothing began: closed without a word
-        finally:
-            for sock in sockets:
-                sock.close()
 
     _beside_a_probe(lean, attack)
 
@@ -550,15 +551,12 @@ def test_silent_connections_are_closed_at_the_header_timeout(lean: Door) -> None
 )
 def test_oversized_heads_are_answered_431(lean: Door, head: bytes) -> None:
     before = lean.rss()
-    (sock,) = _connect(lean, 1)
-    try:
+    with _connections(lean, 1) as (sock,):
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: x\r\n" + head)
         data, _ = _read_to_end(sock, 5.0)
         assert data.startswith(b"HTTP/1.1 431 "), data[:100]
         assert b"headers_too_large" in data
-    finally:
-        sock.close()
     assert lean.rss() - before < 64 * MB
     assert httpx.post(f"{lean.url}/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
 
@@ -568,24 +566,19 @@ def test_connections_beyond_the_limit_are_answered_503(lean: Door) -> None:
     once with 503; the probe, whose connection was open before, is served throughout."""
 
     def attack() -> None:
-        sockets = _connect(lean, 400)
-        try:
+        with _connections(lean, 400) as sockets:
             refused = 0
             for sock in sockets[-50:]:
                 data, _ = _read_to_end(sock, 0.5)
                 refused += data.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in data
             assert refused == 50
-        finally:
-            for sock in sockets:
-                sock.close()
 
     _beside_a_probe(lean, attack)
 
 
 def test_pipelined_requests_are_all_answered_and_starve_no_one(lean: Door) -> None:
     def attack() -> None:
-        (sock,) = _connect(lean, 1)
-        try:
+        with _connections(lean, 1) as (sock,):
             sock.sendall(REQUEST * 2000)
             sock.settimeout(30)
             data = b""
@@ -594,8 +587,6 @@ def test_pipelined_requests_are_all_answered_and_starve_no_one(lean: Door) -> No
                 assert chunk, f"closed after {data.count(b'HTTP/1.1 ')} answers"
                 data += chunk
             assert data.count(b"HTTP/1.1 ") == 2000
-        finally:
-            sock.close()
 
     _beside_a_probe(lean, attack)
 
@@ -604,9 +595,8 @@ def test_slow_bodies_are_answered_408_at_the_deadline(lean: Door) -> None:
     """A body that trickles in is the request's deadline's business (PROXY_DEADLINE_MS, 2 s)."""
 
     def attack() -> None:
-        sockets = _connect(lean, 100)
-        started = time.monotonic()
-        try:
+        with _connections(lean, 100) as sockets:
+            started = time.monotonic()
             for sock in sockets:
                 sock.sendall(REQUEST[: -len(BODY) + 3])
             for sock in sockets:
@@ -614,9 +604,6 @@ def test_slow_bodies_are_answered_408_at_the_deadline(lean: Door) -> None:
                 data = sock.recv(65536)
                 assert data.startswith(b"HTTP/1.1 408 "), data[:100]
             assert time.monotonic() - started < 4.5
-        finally:
-            for sock in sockets:
-                sock.close()
 
     _beside_a_probe(lean, attack)
 
@@ -624,14 +611,10 @@ def test_slow_bodies_are_answered_408_at_the_deadline(lean: Door) -> None:
 def test_idle_keep_alive_connections_are_closed(lean: Door) -> None:
     """200 connections each make a request and then say nothing: uvicorn's keep-alive timeout
     (5 s) closes them."""
-    sockets = _connect(lean, 200)
-    try:
+    with _connections(lean, 200) as sockets:
         for sock in sockets:
             sock.sendall(REQUEST)
         started = time.monotonic()
         for sock in sockets:
             data, ended = _read_to_end(sock, 10.0)
             assert data.startswith(b"HTTP/1.1 200 ") and ended - started < 8.0
-    finally:
-        for sock in sockets:
-            sock.close()

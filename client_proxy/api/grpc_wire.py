@@ -196,8 +196,7 @@ class LeanGrpcServer:
         self.limits = dataclasses.replace(limits, connection_window=min(window, 2**31 - 1))
         self.max_connections = max_connections
         self.connections: set[_ServerConnection] = set()
-        #: Connections refused for the limit, and connections ended for a spent budget or a
-        #: timeout, by reason (for tests and logs).
+        #: Connections refused for the connection limit.
         self.refused = 0
         self._server: asyncio.AbstractServer | None = None
 
@@ -254,7 +253,7 @@ class _ServerConnection(Connection):
             self.fail(ENHANCE_YOUR_CALM, "too many connections")
             return
         server.connections.add(self)
-        self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_expired)  # type: ignore[union-attr]
+        self._timer = self._loop.call_later(self._server.limits.handshake_timeout, self._handshake_expired)
 
     def on_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
@@ -275,7 +274,7 @@ class _ServerConnection(Connection):
     def on_settled(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(self.limits.idle_timeout, self._idle, self._progress)  # type: ignore[union-attr]
+        self._timer = self._loop.call_later(self._server.limits.idle_timeout, self._idle, self._progress)
 
     def _idle(self, progress: int) -> None:
         """A whole period has passed: if no call started or was answered, and none is running,
@@ -288,7 +287,7 @@ class _ServerConnection(Connection):
             self.go_away()
             self.close()
             return
-        self._timer = self._loop.call_later(self.limits.idle_timeout, self._idle, self._progress)  # type: ignore[union-attr]
+        self._timer = self._loop.call_later(self._server.limits.idle_timeout, self._idle, self._progress)
 
     # -- frames in ------------------------------------------------------------------------------
 
@@ -299,8 +298,7 @@ class _ServerConnection(Connection):
         if stream is not None:
             if stream.task is not None:
                 stream.task.cancel()
-            if stream.held:
-                self.give_back(stream.held)
+            self.release(stream)
         self.close_if_done()
 
     def on_goaway(self, last_stream: int, code: int, debug: bytes) -> None:
@@ -350,7 +348,7 @@ class _ServerConnection(Connection):
                     content_type = value
                 elif name == b"te":
                     if value != b"trailers":
-                        problem = "connection-specific field b'te' other than trailers"
+                        problem = _field_problem(name, value)
                 elif name == b"grpc-timeout":
                     timeout = value
                 elif name == b"grpc-encoding":
@@ -412,9 +410,7 @@ class _ServerConnection(Connection):
         method = stream.method
         assert method is not None
         self._progress += 1
-        if stream.held:
-            self.give_back(stream.held)  # consumed: the client may send as much again
-            stream.held = 0
+        self.release(stream)  # consumed: the client may send as much again
         body = stream.body
         if len(body) < MESSAGE.size:
             self._answer_status(stream, grpc.StatusCode.INTERNAL, "a unary call without its request message")
@@ -503,8 +499,7 @@ class _ServerConnection(Connection):
         del self.streams[stream.id]
         self._progress += 1
         self.answered()
-        if stream.held:
-            self.give_back(stream.held)
+        self.release(stream)
         if not stream.ended:
             # Answered before the whole request came: the client is asked to stop sending it.
             self.out.append(frame(RST_STREAM, 0, stream.id, U32.pack(NO_ERROR)))

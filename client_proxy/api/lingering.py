@@ -31,7 +31,6 @@ business (408, ``client_proxy.api.inputs``); idle keep-alive connections uvicorn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -207,7 +206,7 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
         if self._head_bytes > self._limits.max_header_bytes:
-            self._refuse_head("the request line is")
+            raise self._too_large(self._over_bytes("the request line is"))
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -215,20 +214,19 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
         self._head_fields += 1
         limits = self._limits
         if self._head_bytes > limits.max_header_bytes:
-            self._refuse_head("the request's head is")
+            raise self._too_large(self._over_bytes("the request's head is"))
         if self._head_fields > limits.max_headers:
-            message = f"more than {limits.max_headers} header fields (PROXY_HTTP_MAX_HEADERS)"
-            self._refused = _refusal(b"431 Request Header Fields Too Large", "headers_too_large", message)
-            raise ValueError(message)  # httptools stops parsing; uvicorn calls send_400_response
+            raise self._too_large(f"more than {limits.max_headers} header fields (PROXY_HTTP_MAX_HEADERS)")
         super().on_header(name, value)
 
-    def _refuse_head(self, what: str) -> None:
-        """431 for a head over the size limit: raised in a parser callback (httptools stops, and
-        uvicorn calls ``send_400_response``), sent at once elsewhere."""
-        limit = self._limits.max_header_bytes
-        message = f"{what} larger than {limit} bytes (PROXY_HTTP_MAX_HEADER_BYTES)"
+    def _over_bytes(self, what: str) -> str:
+        return f"{what} larger than {self._limits.max_header_bytes} bytes (PROXY_HTTP_MAX_HEADER_BYTES)"
+
+    def _too_large(self, message: str) -> ValueError:
+        """The 431 this connection answers with (``send_400_response``), and the error that, raised
+        in a parser callback, stops httptools (uvicorn then calls ``send_400_response``)."""
         self._refused = _refusal(b"431 Request Header Fields Too Large", "headers_too_large", message)
-        raise ValueError(message)
+        return ValueError(message)
 
     def on_headers_complete(self) -> None:
         self._head_since = None
@@ -287,8 +285,7 @@ class LingeringHttpToolsProtocol(HttpToolsProtocol):
             return
         self._head_raw += len(data)
         if self._head_raw > self._limits.max_header_bytes:
-            with contextlib.suppress(ValueError):
-                self._refuse_head("the request's head is")
+            self._too_large(self._over_bytes("the request's head is"))
             self.send_400_response("")
 
     def eof_received(self) -> None:
