@@ -206,6 +206,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
             self._version(request.model_name, request.model_version)
+            state.served.find(request.model_name)  # an unknown model is NOT_FOUND whatever the inputs
             parameters = request.parameters
             if "timeout" in parameters:
                 timeout_us = parameters["timeout"].int64_param

@@ -65,9 +65,7 @@ def parse_request(body: bytes, header_length: str | None, max_rows: int) -> Infe
         document, binary = _json(body), memoryview(b"")
     if not isinstance(document, dict):
         raise InvalidInput("the request must be a JSON object with 'inputs'")
-    unknown = set(document) - {"id", "inputs", "outputs", "parameters"}
-    if unknown:
-        raise InvalidInput(f"unexpected key(s) in the request: {', '.join(sorted(unknown))}")
+    # Other keys are ignored, as Triton ignores them: KServe's SDK sends ``model_name``.
     request_id = document.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")

@@ -118,6 +118,23 @@ class OipError(BaseModel):
     error: str
 
 
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+    error: str | None = None
+    """When not ready: why."""
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+    error: str | None = None
+    """When not ready: why."""
+
+
 class ServerMetadata(BaseModel):
     name: str
     version: str

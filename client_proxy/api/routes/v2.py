@@ -23,8 +23,11 @@ from client_proxy.api.schemas import (
     InferResponse,
     ModelConfig,
     ModelMetadata,
+    ModelReady,
     OipError,
+    ServerLive,
     ServerMetadata,
+    ServerReady,
     oip_errors,
 )
 from client_proxy.api.state import ProxyState
@@ -68,16 +71,19 @@ async def server_metadata(request: Request) -> Response:
 
 
 async def server_live(request: Request) -> Response:
-    return Response(status_code=200)
+    """Live: the protocol's ``{"live": true}`` (Triton leaves the body empty; clients that read
+    it, as KServe's SDK does, get their answer)."""
+    return _json({"live": True})
 
 
 async def server_ready(request: Request) -> Response:
     """Ready while not draining and the default fan-out can answer (as ``/health/ready``)."""
     state: ProxyState = request.app.state.proxy
     if state.draining:
-        return _json({"error": "shutting down"}, 503)
-    ready = await state.served.ready("iris_fanout", _timeout(state))
-    return Response(status_code=200) if ready else _json({"error": "the default fan-out is not ready"}, 503)
+        return _json({"ready": False, "error": "shutting down"}, 503)
+    if await state.served.ready("iris_fanout", _timeout(state)):
+        return _json({"ready": True})
+    return _json({"ready": False, "error": "the default fan-out is not ready"}, 503)
 
 
 async def model_metadata(request: Request) -> Response:
@@ -108,9 +114,10 @@ async def model_ready(request: Request) -> Response:
         ready = await state.served.ready(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
+    name = request.path_params["name"]
     if not ready:
-        return _json({"error": f"model '{request.path_params['name']}' is not ready"}, 400)
-    return Response(status_code=200)
+        return _json({"name": name, "ready": False, "error": f"model '{name}' is not ready"}, 400)
+    return _json({"name": name, "ready": True})
 
 
 async def infer(request: Request) -> Response:
@@ -119,6 +126,7 @@ async def infer(request: Request) -> Response:
     name = request.path_params["name"]
     try:
         _version(request)
+        state.served.find(name)  # an unknown model is a 404 whatever the body, as in Triton
         options = call_options(request, state.settings)
         body = await read_body(
             request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
@@ -171,18 +179,19 @@ def _document() -> None:
         },
         **infer_errors,
     }
-    no_content = {"description": "yes", "content": {}}
     router.add_api_route("", server_metadata, methods=["GET"], responses={200: {"model": ServerMetadata}})
     router.add_api_route(
-        "/health/live", server_live, methods=["GET"], response_class=Response, responses={200: no_content}
-    )
+        "/health/live", server_live, methods=["GET"], response_class=Response,
+        responses={200: {"description": "live", "model": ServerLive}},
+    )  # fmt: skip
     router.add_api_route(
         "/health/ready",
         server_ready,
         methods=["GET"],
         response_class=Response,
-        responses={200: no_content, 503: {"description": "not ready", "model": OipError}},
-    )
+        responses={200: {"description": "ready", "model": ServerReady},
+                   503: {"description": "not ready", "model": ServerReady}},
+    )  # fmt: skip
     for suffix, extra in (("", V2_MODEL), ("/versions/{version}", V2_MODEL_VERSION)):
         base = f"/models/{{name}}{suffix}"
         router.add_api_route(
@@ -191,8 +200,10 @@ def _document() -> None:
         )  # fmt: skip
         router.add_api_route(
             f"{base}/ready", model_ready, methods=["GET"], openapi_extra=extra, response_class=Response,
-            responses={200: no_content, **oip_errors({400: "Not ready (or a version other than 1)",
-                                                      404: "Unknown model"})},
+            responses={200: {"description": "ready", "model": ModelReady},
+                       400: {"description": "Not ready (or a version other than 1)",
+                             "model": ModelReady | OipError},
+                       **oip_errors({404: "Unknown model"})},
         )  # fmt: skip
         router.add_api_route(
             f"{base}/config", model_config, methods=["GET"], openapi_extra=extra,
