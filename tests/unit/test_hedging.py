@@ -87,7 +87,7 @@ def test_a_slow_call_is_hedged_on_another_replica_and_the_loser_is_cancelled() -
     async def run() -> tuple[str, float]:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        answer = await gateway._on_a_replica(service, 2.0, call)
+        answer = await gateway.routing.call(service, 2.0, call)
         return answer, loop.time() - started
 
     answer, took = asyncio.run(run())
@@ -109,7 +109,7 @@ def test_a_call_that_answers_before_the_delay_is_not_hedged() -> None:
     call, cancelled = _calls({"a": 0.001, "b": 0.001})
 
     async def run() -> list[str]:
-        return [await gateway._on_a_replica(service, 2.0, call) for _ in range(10)]
+        return [await gateway.routing.call(service, 2.0, call) for _ in range(10)]
 
     assert sorted(set(asyncio.run(run()))) == ["a", "b"]
     assert recorder.hedges == [] and cancelled == []
@@ -120,7 +120,7 @@ def test_the_first_answer_wins_even_when_it_is_the_first_try() -> None:
     gateway = _gateway(recorder)
     service = _service("10ms")
     call, cancelled = _calls({"a": 0.05, "b": 5.0})  # a is late, but b is later still
-    assert asyncio.run(gateway._on_a_replica(service, 2.0, call)) == "a"
+    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "a"
     assert recorder.hedges == ["sent"] and cancelled == ["b"]
 
 
@@ -131,7 +131,7 @@ def test_hedges_stay_within_their_budget() -> None:
     call, _ = _calls({"a": 0.02, "b": 0.02})  # every call is slow: each would be hedged
 
     async def run() -> None:
-        await asyncio.gather(*(gateway._on_a_replica(service, 2.0, call) for _ in range(300)))
+        await asyncio.gather(*(gateway.routing.call(service, 2.0, call) for _ in range(300)))
 
     asyncio.run(run())
     assert recorder.hedges.count("budget") > 0
@@ -150,7 +150,7 @@ def test_no_hedge_when_the_deadline_leaves_less_than_a_typical_call() -> None:
     for _ in range(MIN_LATENCIES):
         replicas.latencies.add(0.1)  # the service usually takes 100 ms
     call, _ = _calls({"a": 0.04, "b": 0.04})
-    asyncio.run(gateway._on_a_replica(service, 0.06, call))  # 50 ms left at the hedge: too little
+    asyncio.run(gateway.routing.call(service, 0.06, call))  # 50 ms left at the hedge: too little
     assert recorder.hedges == ["deadline"]
 
 
@@ -173,7 +173,7 @@ def test_a_hedge_never_goes_to_an_ejected_replica_nor_with_one_replica() -> None
     replicas = gateway.replicas(service)
     replicas.failed(replicas.replicas[1], "unavailable", True, "down")
     call, _ = _calls({"a": 0.03, "b": 0.001})
-    assert asyncio.run(gateway._on_a_replica(service, 2.0, call)) == "a"
+    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "a"
     assert recorder.hedges == ["no_replica"]
     assert replicas.hedge_delay(Hedge(delay_ms=5)) is not None
     assert ReplicaSet("one", [A]).hedge_delay(Hedge(delay_ms=5)) is None
@@ -191,7 +191,7 @@ def test_a_fast_failure_while_the_hedge_is_out_leaves_the_hedge_to_answer() -> N
         await asyncio.sleep(0.05)
         return "b"
 
-    assert asyncio.run(gateway._on_a_replica(service, 2.0, call)) == "b"
+    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "b"
     assert recorder.hedges == ["sent", "won"]
     assert [r.outstanding for r in gateway.replicas(service).replicas] == [0, 0]
 
@@ -204,7 +204,7 @@ def test_a_request_given_up_cancels_both_calls() -> None:
     async def run() -> None:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
-                await gateway._on_a_replica(service, 2.0, call)
+                await gateway.routing.call(service, 2.0, call)
         await asyncio.sleep(0)  # the cancelled calls run their last step
 
     asyncio.run(run())
@@ -239,7 +239,7 @@ def test_a_late_call_is_not_sent_again_but_a_fast_failure_is() -> None:
 
         async def run() -> str | Exception:
             try:
-                return await gateway._on_a_replica(_service("off"), 2.0, call)
+                return await gateway.routing.call(_service("off"), 2.0, call)
             except Exception as exc:
                 return exc
 

@@ -7,19 +7,8 @@ import sys
 
 from ..conftest import ROOT
 
-CORE = [
-    "aggregators",
-    "compositions",
-    "conditions",
-    "contracts",
-    "declared",
-    "fanout",
-    "features",
-    "pipelines",
-    "rules",
-    "services",
-    "tensors",
-]
+#: Every module of the core, read from the package: a new one is covered without a word here.
+CORE = sorted(p.stem for p in (ROOT / "client_proxy" / "core").glob("*.py") if p.stem != "__init__")
 TRANSPORTS = ("fastapi", "starlette", "uvicorn", "tritonclient", "grpc", "aiohttp", "httpx")
 
 
