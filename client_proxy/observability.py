@@ -33,7 +33,10 @@ from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy import tracing
+from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.core.fanout import Outcome
+from client_proxy.core.features import Fetched
+from client_proxy.core.pipelines import PipelineResult
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
@@ -482,6 +485,40 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         proxy_logger.propagate = False
         # The request line's shortcut writes the text format only; JSON goes through logging.
         _request_handler = None if json_lines else handler
+
+
+class RequestObserver:
+    """The dataplane's ``Observer``: each answer's request log line and partial-answer count, each
+    feature-store lookup's counts, in ``metrics``."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def answered(self, request: InferenceRequest, answer: InferenceAnswer) -> None:
+        endpoint = request.endpoint
+        named = endpoint.replace("{name}", request.model) if "{" in endpoint else endpoint
+        if answer.report is not None:
+            log_steps(request.request_id, named, answer.report)
+        else:
+            log_request(request.request_id, named, answer.outcomes)
+        if answer.partial:
+            self._metrics.partial_answers.labels(endpoint).inc()
+
+    def keys_read(self, store: str, outcome: str, fetched: Fetched | None, missing: int) -> None:
+        metrics = self._metrics
+        metrics.feature_lookups.inc((store, outcome))
+        if fetched is not None:
+            metrics.feature_latency.observe((store,), fetched.seconds)
+            metrics.feature_keys.inc(("found",), len(set(fetched.keys)))
+        if missing:
+            metrics.feature_keys.inc(("missing",), missing)
+
+
+def log_steps(request_id: str, endpoint: str, report: PipelineResult) -> None:
+    """A pipeline's request line: each step's status and latency, and the Triton calls made."""
+    if logger.isEnabledFor(logging.INFO):
+        steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in report.path)
+        logger.info("request_id=%s endpoint=%s %s calls=%d", request_id, endpoint, steps, report.calls)
 
 
 def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | list[Outcome]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import orjson
 
-from client_proxy.core.compositions import CompositionAnswer
+from client_proxy.core.dataplane import InferenceAnswer
 from client_proxy.core.fanout import FanOutResult, Labels, Outcome, failure
 from client_proxy.core.rules import Alert
 
@@ -23,6 +24,13 @@ def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
         else:
             body[name] = {"prediction": None, "error": failure(outcome)}
     return body
+
+
+def seed_labels(answer: InferenceAnswer) -> Labels:
+    """The seed's labels from the default composition's (or the ensemble's) answer."""
+    aggregated = answer.aggregated
+    assert aggregated is not None
+    return Labels(names=aggregated.labels, proba=aggregated.proba.astype(np.float32))
 
 
 def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> dict[str, Any]:
@@ -56,7 +64,7 @@ def service_line(outcome: Outcome, one_row: bool) -> bytes:
     return line(content)
 
 
-def label_rows(answer: CompositionAnswer) -> list[dict[str, Any]]:
+def label_rows(answer: InferenceAnswer) -> list[dict[str, Any]]:
     """A composition's answer per row: ``{"label", "proba"}``, and ``"scores"`` per class when
     the aggregator gives them."""
     aggregated = answer.aggregated

@@ -30,12 +30,18 @@ from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.config import Settings, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.core.dataplane import DataPlane
 from client_proxy.core.declared import Declared, load_declared
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
-from client_proxy.observability import ProxyMetrics, RequestContextMiddleware, configure_logging
+from client_proxy.observability import (
+    ProxyMetrics,
+    RequestContextMiddleware,
+    RequestObserver,
+    configure_logging,
+)
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
@@ -90,7 +96,6 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         pipelines=declared.pipelines,
         pipelines_source=declared.pipelines_source,
         ensemble=ensemble,
-        ensemble_rows=ensemble_rows,
         compositions=compositions,
         compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
         admission=Admission(settings.max_in_flight, metrics.shed),
@@ -101,14 +106,16 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
         state.features = open_store(settings.feature_store, settings.feature_store_pool)
     webhooks = _webhook_sender(settings, declared, metrics)
     state.alerts = Alerter(metrics, webhooks)
-    state.served = ServedModels(
+    state.plane = DataPlane(
+        ServedModels(gateway, compositions, declared.pipelines, state.default_composition, state.service_map),
         gateway,
         state.fanout,
-        compositions,
-        declared.pipelines,
-        state.default_composition,
-        state.service_map,
+        RequestObserver(metrics),
+        settings.timeout_policy,
+        settings.feature_set,
+        state.features,
         state.alerts,
+        (ensemble, ensemble_rows),
     )
 
     @asynccontextmanager

@@ -24,15 +24,14 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from client_proxy import tracing
 from client_proxy.api import grpc_wire
-from client_proxy.api.oip import datatype_of, from_bytes, to_bytes
-from client_proxy.api.options import POLICIES
-from client_proxy.api.routes.v2 import SERVER
+from client_proxy.api.oip import SERVER, datatype_of, deadline_and_policy, from_bytes, outputs_of, to_bytes
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
 from client_proxy.http2 import Limits
-from client_proxy.observability import log_request, request_id_from
+from client_proxy.observability import request_id_from
 
 logger = logging.getLogger("client_proxy.grpc")
 
@@ -131,7 +130,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        ready = not self._state.draining and await self._state.served.ready("iris_fanout", self._timeout)
+        ready = not self._state.draining and await self._state.plane.models.ready(
+            "iris_fanout", self._timeout
+        )
         return service_pb2.ServerReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
@@ -144,7 +145,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
             self._version(request.name, request.version)
-            ready = await self._state.served.ready(request.name, self._timeout)
+            ready = await self._state.plane.models.ready(request.name, self._timeout)
         except ProxyError as exc:
             await _abort(context, exc)
         return service_pb2.ModelReadyResponse(ready=ready)
@@ -152,7 +153,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
             self._version(request.name, request.version)
-            served = await self._state.served.describe(request.name, self._timeout)
+            served = await self._state.plane.models.describe(request.name, self._timeout)
         except ProxyError as exc:
             await _abort(context, exc)
         return json_format.ParseDict(served.metadata(), service_pb2.ModelMetadataResponse())
@@ -160,7 +161,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         try:
             self._version(request.name, request.version)
-            served = await self._state.served.describe(request.name, self._timeout)
+            served = await self._state.plane.models.describe(request.name, self._timeout)
         except ProxyError as exc:
             await _abort(context, exc)
         config = json_format.ParseDict(
@@ -200,48 +201,48 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             # (partial, or the error) travels back: a tenth of it, from 10 to 100 ms.
             margin = min(max(remaining / 10, 0.01), 0.1)
             deadline = min(deadline, started + max(remaining - margin, 0.001))
-        policy = settings.timeout_policy
         admission = state.admission
         if not admission.enter("grpc"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
             self._version(request.model_name, request.model_version)
-            state.served.find(request.model_name)  # an unknown model is NOT_FOUND whatever the inputs
+            state.plane.models.find(request.model_name)  # an unknown model is NOT_FOUND whatever the inputs
             parameters = request.parameters
-            if "timeout" in parameters:
-                timeout_us = parameters["timeout"].int64_param
-                if timeout_us <= 0:
-                    raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
-                deadline = min(deadline, started + timeout_us / 1e6)
-            if "timeout_policy" in parameters:
-                asked = parameters["timeout_policy"].string_param
-                if asked not in POLICIES:
-                    raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
-                policy = POLICIES[asked]
-            tensors = _inputs(request, settings.max_rows)
+            deadline, policy = deadline_and_policy(
+                parameters["timeout"].int64_param if "timeout" in parameters else None,
+                parameters["timeout_policy"].string_param if "timeout_policy" in parameters else None,
+                started,
+                deadline,
+                None,
+            )
             outputs = [o.name for o in request.outputs] or None
             for output in request.outputs:
                 if "classification" in output.parameters:
                     raise InvalidInput(
                         f"output '{output.name}': the classification extension is not served here"
                     )
-            answer = await state.served.infer(
-                request.model_name, tensors, outputs, request_id, deadline, policy
+            inference = InferenceRequest(
+                request.model_name,
+                "grpc ModelInfer {name}",
+                request_id,
+                started,
+                deadline,
+                policy,
+                tensors=_inputs(request, settings.max_rows),
+                outputs=outputs,
             )
+            tensors, answer_parameters = outputs_of(await state.plane.infer(inference), outputs)
         except ProxyError as exc:
             await _abort(context, exc)
         finally:
             admission.leave()
-        log_request(request_id, f"grpc ModelInfer {request.model_name}", answer.outcomes)
-        if answer.parameters.get("partial"):
-            state.metrics.partial_answers.labels("grpc ModelInfer").inc()
         response = service_pb2.ModelInferResponse(
             model_name=request.model_name, model_version=VERSION, id=request.id
         )
-        for key, value in answer.parameters.items():
+        for key, value in answer_parameters.items():
             response.parameters[key].CopyFrom(_parameter(value))
         add_output, contents = response.outputs.add, response.raw_output_contents
-        for name, array in answer.outputs.items():
+        for name, array in tensors.items():
             add_output(name=name, datatype=datatype_of(array), shape=array.shape)
             contents.append(to_bytes(array))
         return response

@@ -1,4 +1,4 @@
-"""Reading a request body into an ``[N, 4]`` float32 array, with a 4xx naming every problem.
+"""Reading a request body into rows (``[N, width]``) or named tensors, with a 4xx naming every problem.
 
 The body is read by hand (not by FastAPI's body parsing) so that its size is limited while
 it arrives, a body that never finishes arriving is bounded by the request's deadline, and
@@ -32,18 +32,20 @@ from client_proxy.errors import (
 )
 
 N_FEATURES = 4
+"""The Iris example's width, as the documentation shows it: the models' contracts decide."""
 SAMPLE_ROW = [5.1, 3.5, 1.4, 0.2]
 """The seed's sample row, used by the test endpoints and as the documented default."""
 
-#: Largest feature magnitude accepted. The features are lengths in centimetres; far beyond this
-#: the models' quadratic features overflow float32 and their probabilities become NaN.
+#: Largest feature magnitude the seed's routes accept. Far beyond it float32 features overflow
+#: in the models (the Iris models' quadratic features become NaN), so the seed's API refuses it.
 MAX_ABS_FEATURE = 1e6
 Feature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_FEATURE, le=MAX_ABS_FEATURE)]
-Row = Annotated[list[Feature], Len(N_FEATURES, N_FEATURES)]
+Row = Annotated[list[Feature], Len(1, None)]
 
 
 class PredictRequest(BaseModel):
-    """Rows of Iris features: sepal length, sepal width, petal length, petal width (cm)."""
+    """Rows of features, as wide as the default composition's models take: for Iris, sepal
+    length, sepal width, petal length, petal width (cm)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -55,7 +57,8 @@ class PredictRequest(BaseModel):
         },
     )
     data: Annotated[list[Row], Len(1, None)] = Field(
-        description="N rows of 4 finite numbers; one Triton call per service for all rows."
+        description="N rows of finite numbers, each as wide as the models take (4 for Iris); "
+        "one Triton call per service for all rows."
     )
 
 
@@ -110,7 +113,8 @@ def _document(body: bytes, max_rows: int, expected: str) -> Any:
 
 
 def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
-    """``{"data": [[f, f, f, f], ...]}`` -> float32 ``[N, 4]``; ``ProxyError`` (4xx) otherwise."""
+    """``{"data": [[f, ...], ...]}`` -> float32 ``[N, width]``; ``ProxyError`` (4xx) otherwise.
+    The width is the models' to check (their contracts), not this schema's."""
     document = _document(body, max_rows, '{"data": [[f1, f2, f3, f4], ...]}')
     try:
         request = _ADAPTER.validate_python(document)
@@ -119,6 +123,11 @@ def parse_rows(body: bytes, max_rows: int) -> NDArray[np.float32]:
         problems = [_describe(e) for e in errors[:10]]
         more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
         raise InvalidInput("; ".join(problems) + more, problems=problems) from None
+    widths = {len(row) for row in request.data}
+    if len(widths) != 1:
+        raise InvalidInput(
+            f"data: rows of different widths {sorted(widths)}: every row needs the same number of values"
+        )
     # Every value is within +-MAX_ABS_FEATURE, so the float32 cast is always finite.
     return np.asarray(request.data, dtype=np.float32)
 

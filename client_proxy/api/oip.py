@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,22 @@ import orjson
 from numpy.typing import NDArray
 
 from client_proxy.api.inputs import _tensor
+from client_proxy.api.options import POLICIES
+from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import NUMPY_DTYPES
-from client_proxy.errors import BadRequest, InvalidInput, InvalidJSON
+from client_proxy.core.dataplane import InferenceAnswer
+from client_proxy.core.rules import Alert
+from client_proxy.core.services import TimeoutPolicy
+from client_proxy.errors import BadRequest, Failure, InvalidInput, InvalidJSON
 
 HEADER = "inference-header-content-length"
+
+#: The server metadata both doors answer (``GET /v2``, ``ServerMetadata``).
+SERVER = {
+    "name": "client_proxy",
+    "version": "0.1.0",
+    "extensions": ["binary_tensor_data", "model_configuration", "parameters"],
+}
 _DATATYPES = {np.dtype(dtype).str: name for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"}
 
 
@@ -217,3 +230,108 @@ def encode_response(
     if not blobs:
         return encoded, None
     return encoded + b"".join(blobs), len(encoded)
+
+
+# -- the request's parameters, and the answer as the protocol's tensors -------------------------
+def deadline_and_policy(
+    timeout_us: Any, asked_policy: Any, started: float, deadline: float, policy: TimeoutPolicy | None
+) -> tuple[float, TimeoutPolicy | None]:
+    """The deadline and policy once the request's ``timeout`` (microseconds, Triton's extension)
+    and ``timeout_policy`` parameters are applied (None: not sent)."""
+    if timeout_us is not None:
+        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
+            raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
+        deadline = min(deadline, started + timeout_us / 1e6)
+    if asked_policy is not None:
+        if asked_policy not in POLICIES:
+            raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
+        policy = POLICIES[asked_policy]
+    return deadline, policy
+
+
+def _column(values: Any, dtype: Any) -> NDArray[Any]:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def _names(values: Sequence[str]) -> NDArray[Any]:
+    return _column([v.encode() for v in values], object)
+
+
+def _missing_parameters(missing: Mapping[str, Failure]) -> dict[str, Any]:
+    """A partial answer, in the protocol's parameters (scalars only): which services, and why."""
+    if not missing:
+        return {}
+    parameters: dict[str, Any] = {"partial": True, "missing": ",".join(missing)}
+    for name, failure in missing.items():
+        parameters[f"missing.{name}"] = f"{failure.reason}: {failure.message}"
+    return parameters
+
+
+def _alert_parameters(alerts: Sequence[Alert]) -> dict[str, Any]:
+    """The rules met, in the protocol's parameters (scalars only): their names, and each one's rows."""
+    if not alerts:
+        return {}
+    parameters: dict[str, Any] = {"alerts": ",".join(a.rule.name for a in alerts)}
+    for alert in alerts:
+        parameters[f"alert.{alert.rule.name}"] = ",".join(map(str, alert.rows))
+    return parameters
+
+
+def outputs_of(
+    answer: InferenceAnswer, asked: Sequence[str] | None
+) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
+    """The answer as the protocol's output tensors (those ``asked``, all when None) and response
+    parameters: a composition's ``scores``, ``label``, ``proba``, ``class_name`` (each service's
+    output with ``aggregator: none``), a pipeline's ``class_name``, ``proba``, ``stopped_at``, a
+    service's own; a partial answer's missing services and the alerts in the parameters."""
+    if answer.outputs is not None:
+        outputs, parameters = answer.outputs, {}
+    elif answer.report is not None:
+        report = answer.report
+        outputs = {
+            "class_name": _names(report.labels),
+            "proba": _column(report.proba, np.float32),
+            "stopped_at": _names(report.stopped_at),
+        }
+        skipped = {
+            r.step: Failure("skipped", ", ".join(r.missing)) for r in report.path if r.status == "skipped"
+        }
+        parameters = _missing_parameters(skipped) | _alert_parameters(report.alerts)
+    else:
+        outputs, parameters = _composition_outputs(answer)
+    if asked is not None:
+        outputs = {o: outputs[o] for o in asked if o in outputs}
+    return outputs, parameters
+
+
+def _composition_outputs(answer: InferenceAnswer) -> tuple[dict[str, NDArray[Any]], dict[str, Any]]:
+    result, aggregated, composition = answer.result, answer.aggregated, answer.target
+    assert result is not None and isinstance(composition, Composition)
+    parameters = _missing_parameters(result.missing) | _alert_parameters(answer.alerts)
+    if aggregated is None:
+        outputs = {n: o.probabilities for n, o in result.outcomes.items() if o.probabilities is not None}
+        return outputs, parameters
+    n = answer.rows
+    if composition.aggregator == "one_vs_rest" and not composition.classes:
+        # Every service is a class, answered or not (a missing one scores 0 and is named).
+        classes = tuple(m.service.name for m in composition.members)
+        scores = np.zeros((n, len(classes)), dtype=np.float32)
+        for i, service in enumerate(classes):
+            outcome = result.outcomes[service]
+            if outcome.probabilities is not None:
+                scores[:, i] = outcome.probabilities[:, 0]
+    else:
+        classes = answer.classes
+        scores = (
+            np.asarray(aggregated.scores, dtype=np.float32)
+            if aggregated.scores is not None
+            else np.zeros((n, len(classes)), dtype=np.float32)
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    outputs = {
+        "scores": scores,
+        "label": _column([index.get(label, -1) for label in aggregated.labels], np.int64),
+        "proba": _column(aggregated.proba, np.float32),
+        "class_name": _names(aggregated.labels),
+    }
+    return outputs, parameters

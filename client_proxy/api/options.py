@@ -14,12 +14,15 @@ from client_proxy.core.services import TimeoutPolicy
 from client_proxy.errors import InvalidInput
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallOptions:
     request_id: str
-    policy: TimeoutPolicy
+    policy: TimeoutPolicy | None
+    """As the client asked; None: the model's own, else ``PROXY_TIMEOUT_POLICY`` (the dataplane's)."""
+    started: float
     deadline: float
-    """``time.monotonic()`` instant by which the answer must be sent."""
+    """``time.monotonic()`` instant by which the answer must be sent (a composition's own
+    ``deadline_ms`` may shorten it: the dataplane's)."""
 
 
 POLICIES = {p.value: p for p in TimeoutPolicy}
@@ -32,19 +35,14 @@ _NO_QUERY: dict[str, str] = {}
 MIN_DEADLINE_MS = 50.0
 
 
-def call_options(
-    request: Request,
-    settings: Settings,
-    default_policy: TimeoutPolicy | None = None,
-    deadline_ms: float | None = None,
-) -> CallOptions:
+def call_options(request: Request, settings: Settings) -> CallOptions:
     """Policy and deadline from ``?policy=`` / ``X-Timeout-Policy`` and ``?deadline_ms=`` / ``X-Deadline-Ms``.
 
     Read by hand rather than through FastAPI's dependency injection: these routes are the hot
     path, and the injection machinery cost more CPU per request than the fan-out itself.
     """
     query = request.query_params if request.scope["query_string"] else _NO_QUERY
-    policy = default_policy or settings.timeout_policy
+    policy = None
     # The query parameter wins over the header; an invalid value is refused wherever it is.
     for where, raw_policy in (
         ("X-Timeout-Policy", header(request, "x-timeout-policy")),
@@ -54,8 +52,7 @@ def call_options(
             if raw_policy not in POLICIES:
                 raise InvalidInput(f"{where}: must be 'all_or_nothing' or 'partial', not {raw_policy[:40]!r}")
             policy = POLICIES[raw_policy]
-    budget_ms = min(settings.deadline_ms, deadline_ms) if deadline_ms else settings.deadline_ms
-    ceiling_ms = budget_ms
+    budget_ms = ceiling_ms = settings.deadline_ms
     for where, raw_deadline in (
         ("X-Deadline-Ms", header(request, "x-deadline-ms")),
         ("deadline_ms", query.get("deadline_ms")),
@@ -72,4 +69,4 @@ def call_options(
             budget_ms = min(asked, ceiling_ms)
     scope_state = request.scope.get("state", {})
     started: float = scope_state.get("started", time.monotonic())
-    return CallOptions(scope_state.get("request_id", ""), policy, started + budget_ms / 1000.0)
+    return CallOptions(scope_state.get("request_id", ""), policy, started, started + budget_ms / 1000.0)

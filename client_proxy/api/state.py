@@ -12,15 +12,14 @@ from starlette.responses import JSONResponse
 from client_proxy.api.admission import Admission
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
+from client_proxy.core.dataplane import DataPlane
 from client_proxy.core.declared import service_map
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.rules import AlertSink
-from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
-from client_proxy.triton.coalesce import InferFn
 from client_proxy.triton.gateway import TritonGateway
 
 
@@ -35,9 +34,6 @@ class ProxyState:
     pipelines_source: str
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
-    ensemble_rows: InferFn
-    """How the ensemble is called: ``TritonGateway.ensemble_rows``, through its own coalescer
-    unless ``PROXY_COALESCE`` is off."""
     changes: list[dict[str, Any]] = field(default_factory=list)
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False
@@ -51,8 +47,8 @@ class ProxyState:
     """The feature store requests by key read (``PROXY_FEATURE_STORE``); None: none."""
     alerts: AlertSink | None = None
     """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
-    served: ServedModels = field(init=False)
-    """The Open Inference Protocol's view of the compositions, pipelines and services (``/v2``)."""
+    plane: DataPlane = field(init=False)
+    """Every inference request's one path (``client_proxy.core.dataplane``), whichever door."""
 
     def service_map(self) -> dict[str, Service]:
         """The services pipelines name, as they are now (the admin endpoints may change them)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -36,7 +35,7 @@ import numpy as np
 from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.core.conditions import service_score
-from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.fanout import FanOutResult
 from client_proxy.core.features import FEATURE_SET
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import (
@@ -46,6 +45,7 @@ from client_proxy.core.services import (
     TimeoutPolicy,
     parse_hedge,
     parse_service,
+    time_left,
     valid_name,
 )
 from client_proxy.core.tensors import Inputs
@@ -342,24 +342,9 @@ def _member(
 
 # -- running ------------------------------------------------------------------------------------
 class Gateway(typing.Protocol):
-    """What running a composition needs of the Triton side (``TritonGateway``), and no more."""
-
-    def fits(self, services: list[Service], x: Inputs) -> bool: ...
-
-    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None: ...
+    """What aggregating a composition's answers needs of the Triton side (``TritonGateway``)."""
 
     async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]: ...
-
-
-@dataclass(frozen=True)
-class CompositionAnswer:
-    result: FanOutResult
-    """Each service's outcome (``answered``, ``missing``)."""
-    aggregated: Aggregated | None
-    """None for the ``none`` aggregator: the services' outputs are the answer."""
-    classes: tuple[str, ...]
-    alerts: tuple[Alert, ...] = ()
-    """The composition's rules that some rows met."""
 
 
 async def resolve_classes(
@@ -380,7 +365,7 @@ async def resolve_classes(
         return declared
     if aggregator == "one_vs_rest":
         return tuple(s.name for s in answered)
-    timeout = max(deadline - time.monotonic(), 0.001)
+    timeout = time_left(deadline)
     found = [await gateway.class_names(s, input_of(s), timeout) for s in answered]
     named = {names for names in found if names}
     if len(named) > 1:
@@ -394,28 +379,6 @@ async def resolve_classes(
             "or a label file in the models' configs)"
         )
     return named.pop()
-
-
-async def run_composition(
-    composition: Composition,
-    x: Inputs,
-    gateway: Gateway,
-    fanout: FanOut,
-    request_id: str,
-    deadline: float,
-    policy: TimeoutPolicy,
-    sink: AlertSink | None = None,
-) -> CompositionAnswer:
-    """Fan the rows out to the composition's services and aggregate what came back in time;
-    the alerts of its rules go to ``sink``."""
-    services = composition.services
-    if not gateway.fits(services, x):
-        await gateway.ensure_fit(services, x, max(deadline - time.monotonic(), 0.001))
-    result = await fanout.run(services, x, request_id, deadline, policy)
-    enough_answers(composition, result, policy)
-    aggregated, classes = await aggregate(composition, result, gateway, x, deadline)
-    alerts = check_rules(composition, result, aggregated, classes, request_id, sink)
-    return CompositionAnswer(result, aggregated, classes, alerts)
 
 
 def check_rules(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -412,7 +412,7 @@ class FanOut:
 
     async def stream(
         self, services: Sequence[Service], x: Inputs, request_id: str, deadline: float
-    ) -> AsyncIterator[Outcome]:
+    ) -> AsyncGenerator[Outcome, None]:
         """Each service's outcome in completion order (late ones last, as timeouts); the caller
         may stop early, and what is still running is then cancelled."""
         steps = tracing.steps("service")

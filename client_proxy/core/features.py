@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
-from client_proxy.core.services import TimeoutPolicy
+from client_proxy.core.services import TimeoutPolicy, time_left
 from client_proxy.errors import FeatureStoreError, FeatureStoreTimeout, UnknownKeys
 
 #: A key: what fits in a URL path segment, a Redis hash field and a SQL text column alike.
@@ -124,7 +124,7 @@ async def fetch_rows(
     distinct = list(dict.fromkeys(keys))
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+        async with asyncio.timeout(time_left(deadline)):
             found = await store.fetch(feature_set, distinct)
     except TimeoutError:
         raise FeatureStoreTimeout(

@@ -290,11 +290,9 @@ async def run_pipeline(
 ) -> PipelineResult:
     """Run the steps in order on the rows still open; each row's answer is the pipeline's
     aggregator over every service that answered for it, up to the step that stopped it. The
-    alerts of its rules (on the final answers) go to ``sink``."""
+    alerts of its rules (on the final answers) go to ``sink``. The request's input has been
+    checked against its first steps' models (the dataplane's)."""
     where = f"pipeline {pipeline.name!r}"
-    first = [services[name] for step in pipeline.steps if step.input == "request" for name in step.services]
-    if not gateway.fits(first, x):
-        await gateway.ensure_fit(first, x, max(deadline - time.monotonic(), 0.001))
     n = row_count(x)
     active = np.ones(n, dtype=bool)
     labels = [""] * n

@@ -14,28 +14,25 @@ like:
 - a service: its model's own inputs and outputs, called through the proxy (deadline, request
   id, metrics).
 
-A partial answer is a normal answer whose ``parameters`` name each missing service and why.
+How an answer becomes the protocol's tensors is ``client_proxy.api.oip.outputs_of``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy.core.compositions import Composition, run_composition
+from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import Contract, ContractMismatch
-from client_proxy.core.fanout import FanOut, Outcome
-from client_proxy.core.pipelines import Pipeline, run_pipeline
-from client_proxy.core.rules import Alert, AlertSink
-from client_proxy.core.services import Service, TimeoutPolicy
-from client_proxy.core.tensors import Inputs, row_count
-from client_proxy.errors import Failure, InvalidInput, ProxyError, UpstreamError
+from client_proxy.core.pipelines import Pipeline
+from client_proxy.core.services import Service
+from client_proxy.core.tensors import Inputs
+from client_proxy.errors import InvalidInput, ProxyError, UpstreamError
 
 #: Version every served model reports (the proxy's models have one).
 VERSION = "1"
@@ -126,20 +123,23 @@ class Served:
             "parameters": {"description": {"string_value": self._description()}},
         }
 
+    def input_of(self, tensors: Mapping[str, NDArray[Any]]) -> Inputs:
+        """The protocol's named tensors as this model's input: rows for a model (or models) of one
+        input, else the named tensors; a missing input is refused as Triton refuses it."""
+        for tensor in self.inputs:
+            if tensor.name not in tensors:
+                raise InvalidInput(
+                    f"expected {len(self.inputs)} inputs but got {len(tensors)} inputs for model "
+                    f"'{self.name}': missing '{tensor.name}'"
+                )
+        if isinstance(self.target, Service) or len(self.inputs) != 1:
+            return dict(tensors)
+        return tensors[self.inputs[0].name]
+
     def _description(self) -> str:
         if isinstance(self.target, Composition | Pipeline):
             return self.target.description
         return f"the service {self.target.name}: {self.target.describe()}"
-
-
-@dataclass
-class Answer:
-    """The outputs of one v2 inference, and the response parameters (a partial answer's)."""
-
-    outputs: dict[str, NDArray[Any]]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    outcomes: list[Outcome] = field(default_factory=list)
-    """Each service call's outcome, for the request log."""
 
 
 # -- what each model looks like ------------------------------------------------------------------
@@ -223,82 +223,51 @@ _PIPELINE_OUTPUTS = (
 )
 
 
-def _column(values: Any, dtype: Any) -> NDArray[Any]:
-    return np.asarray(values, dtype=dtype).reshape(-1, 1)
-
-
-def _names(values: Sequence[str]) -> NDArray[Any]:
-    return _column([v.encode() for v in values], object)
-
-
-def _missing_parameters(missing: Mapping[str, Failure]) -> dict[str, Any]:
-    """A partial answer, in the protocol's parameters (scalars only): which services, and why."""
-    if not missing:
-        return {}
-    parameters: dict[str, Any] = {"partial": True, "missing": ",".join(missing)}
-    for name, failure in missing.items():
-        parameters[f"missing.{name}"] = f"{failure.reason}: {failure.message}"
-    return parameters
-
-
-def _alert_parameters(alerts: Sequence[Alert]) -> dict[str, Any]:
-    """The rules met, in the protocol's parameters (scalars only): their names, and each one's rows."""
-    if not alerts:
-        return {}
-    parameters: dict[str, Any] = {"alerts": ",".join(a.rule.name for a in alerts)}
-    for alert in alerts:
-        parameters[f"alert.{alert.rule.name}"] = ",".join(map(str, alert.rows))
-    return parameters
-
-
 class ServedModels:
-    """The v2 door's models, looked up by name at request time (the admin endpoints may change
-    the services), and run by the same core as the proxy's own routes."""
+    """Every model the proxy serves, looked up by name at request time (the admin endpoints may
+    change the services), and how each looks over the Open Inference Protocol."""
 
     def __init__(
         self,
         gateway: Gateway,
-        fanout: FanOut,
         compositions: Mapping[str, Composition],
         pipelines: Mapping[str, Pipeline],
-        default: Any,
-        services: Any,
-        sink: AlertSink | None = None,
+        default: Callable[[], Composition],
+        services: Callable[[], Mapping[str, Service]],
     ) -> None:
-        """``default()``: the default composition now; ``services()``: every service by name now;
-        ``sink``: where the rules' alerts go."""
+        """``default()``: the default composition now; ``services()``: every service by name now."""
         self._gateway = gateway
-        self._fanout = fanout
         self._compositions = compositions
         self._pipelines = pipelines
         self._default = default
-        self._services = services
-        self._sink = sink
+        self.services = services
         self._described: dict[str, tuple[Any, Served]] = {}
 
-    def find(self, name: str) -> tuple[Kind, Composition | Pipeline | Service]:
+    def find(self, name: str, kind: Kind | None = None) -> tuple[Kind, Composition | Pipeline | Service]:
         """The model ``name``: a composition (``iris_fanout``: the default one), a pipeline or a
-        service, in that order; ``UnknownModel`` (404) otherwise."""
-        if name in self._compositions:
-            return "composition", self._compositions[name]
-        if name in (DEFAULT_ALIAS, "default"):
-            return "composition", self._default()
-        if name in self._pipelines:
+        service, in that order, or only of ``kind``; ``UnknownModel`` (404) otherwise."""
+        if kind in (None, "composition"):
+            if name in self._compositions:
+                return "composition", self._compositions[name]
+            if name in (DEFAULT_ALIAS, "default"):
+                return "composition", self._default()
+        if kind in (None, "pipeline") and name in self._pipelines:
             return "pipeline", self._pipelines[name]
-        services = self._services()
-        if name in services:
-            return "service", services[name]
+        if kind in (None, "service"):
+            services = self.services()
+            if name in services:
+                return "service", services[name]
         raise UnknownModel(f"Request for unknown model: '{name}' is not found")
 
     def names(self) -> list[str]:
-        return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self._services()]
+        return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self.services()]
 
     def _services_of(self, target: Composition | Pipeline | Service) -> list[Service]:
         if isinstance(target, Service):
             return [target]
         if isinstance(target, Composition):
             return target.services
-        services = self._services()
+        services = self.services()
         return [services[n] for step in target.steps if step.input == "request" for n in step.services]
 
     async def describe(self, name: str, timeout: float) -> Served:
@@ -352,104 +321,3 @@ class ServedModels:
         ready = sum(await asyncio.gather(*(one(s) for s in services)))
         needed = target.min_answers if isinstance(target, Composition) else len(services)
         return ready >= max(needed, 1) if kind != "pipeline" else ready >= 1
-
-    async def infer(
-        self,
-        name: str,
-        tensors: Mapping[str, NDArray[Any]],
-        outputs: Sequence[str] | None,
-        request_id: str,
-        deadline: float,
-        policy: TimeoutPolicy,
-    ) -> Answer:
-        """One inference: the named tensors in, the outputs asked for (all when None) out."""
-        served = await self.describe(name, max(deadline - time.monotonic(), 0.001))
-        known = {t.name for t in served.outputs}
-        if outputs is not None:
-            unknown = [o for o in outputs if o not in known]
-            if unknown:
-                raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{name}'")
-        x = self._input(served, tensors)
-        target = served.target
-        if isinstance(target, Service):
-            wanted = tuple(outputs) if outputs is not None else tuple(t.name for t in served.outputs)
-
-            def call(budget: float) -> Any:
-                return self._gateway.call(target, x, request_id, budget, wanted)
-
-            if not self._gateway.fits([target], x):
-                await self._gateway.ensure_fit([target], x, max(deadline - time.monotonic(), 0.001))
-            result, outcome = await self._fanout.call_alone(target, call, deadline)
-            answer = Answer(dict(result), outcomes=[outcome])
-        elif isinstance(target, Composition):
-            answer = await self._composition(target, x, request_id, deadline, policy)
-        else:
-            answer = await self._pipeline(target, x, request_id, deadline)
-        if outputs is not None:
-            answer.outputs = {o: answer.outputs[o] for o in outputs if o in answer.outputs}
-        return answer
-
-    def _input(self, served: Served, tensors: Mapping[str, NDArray[Any]]) -> Inputs:
-        """Rows for a model (or models) of one input, else the named tensors; a missing input is
-        refused as Triton refuses it."""
-        for tensor in served.inputs:
-            if tensor.name not in tensors:
-                raise InvalidInput(
-                    f"expected {len(served.inputs)} inputs but got {len(tensors)} inputs for model "
-                    f"'{served.name}': missing '{tensor.name}'"
-                )
-        if isinstance(served.target, Service) or len(served.inputs) != 1:
-            return dict(tensors)
-        return tensors[served.inputs[0].name]
-
-    async def _composition(
-        self, composition: Composition, x: Inputs, request_id: str, deadline: float, policy: TimeoutPolicy
-    ) -> Answer:
-        answer = await run_composition(
-            composition, x, self._gateway, self._fanout, request_id, deadline, policy, self._sink
-        )
-        result = answer.result
-        parameters = _missing_parameters(result.missing) | _alert_parameters(answer.alerts)
-        if answer.aggregated is None:
-            outputs = {n: o.probabilities for n, o in result.outcomes.items() if o.probabilities is not None}
-            return Answer(outputs, parameters, list(result.outcomes.values()))
-        aggregated = answer.aggregated
-        n = row_count(x)
-        if composition.aggregator == "one_vs_rest" and not composition.classes:
-            # Every service is a class, answered or not (a missing one scores 0 and is named).
-            classes = tuple(m.service.name for m in composition.members)
-            scores = np.zeros((n, len(classes)), dtype=np.float32)
-            for i, service in enumerate(classes):
-                outcome = result.outcomes[service]
-                if outcome.probabilities is not None:
-                    scores[:, i] = outcome.probabilities[:, 0]
-        else:
-            classes = answer.classes
-            assert aggregated.scores is not None or composition.aggregator == "one_vs_rest"
-            scores = (
-                np.asarray(aggregated.scores, dtype=np.float32)
-                if aggregated.scores is not None
-                else np.zeros((n, len(classes)), dtype=np.float32)
-            )
-        index = {c: i for i, c in enumerate(classes)}
-        outputs = {
-            "scores": scores,
-            "label": _column([index.get(label, -1) for label in aggregated.labels], np.int64),
-            "proba": _column(aggregated.proba, np.float32),
-            "class_name": _names(aggregated.labels),
-        }
-        return Answer(outputs, parameters, list(result.outcomes.values()))
-
-    async def _pipeline(self, pipeline: Pipeline, x: Inputs, request_id: str, deadline: float) -> Answer:
-        result = await run_pipeline(
-            pipeline, x, self._services(), self._fanout, self._gateway, request_id, deadline, self._sink
-        )
-        outputs: dict[str, NDArray[Any]] = {
-            "class_name": _names(result.labels),
-            "proba": _column(result.proba, np.float32),
-            "stopped_at": _names(result.stopped_at),
-        }
-        skipped = {
-            r.step: Failure("skipped", ", ".join(r.missing)) for r in result.path if r.status == "skipped"
-        }
-        return Answer(outputs, _missing_parameters(skipped) | _alert_parameters(result.alerts))

@@ -6,6 +6,7 @@ in ``SERVICE_*`` variables, the compositions file and the admin endpoints.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -25,6 +26,15 @@ class TimeoutPolicy(StrEnum):
     ALL_OR_NOTHING = "all_or_nothing"
     #: Answer with the services that answered in time; the others are reported with their reason.
     PARTIAL = "partial"
+
+
+#: The least time a call is given: a deadline already passed still bounds the call by this.
+MIN_BUDGET_S = 0.001
+
+
+def time_left(deadline: float) -> float:
+    """Seconds from now to ``deadline`` (``time.monotonic()``), at least ``MIN_BUDGET_S``."""
+    return max(deadline - time.monotonic(), MIN_BUDGET_S)
 
 
 @dataclass(frozen=True, order=True)

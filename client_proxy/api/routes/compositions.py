@@ -7,7 +7,6 @@ unless the file declares its own ``default``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,28 +14,19 @@ from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
 from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
+from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
-from client_proxy.api.options import CallOptions, call_options
-from client_proxy.api.reading import read_inputs, with_keys
+from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.state import JSON, ProxyState
-from client_proxy.core.compositions import (
-    Composition,
-    CompositionAnswer,
-    aggregate,
-    check_rules,
-    enough_answers,
-    run_composition,
-)
-from client_proxy.core.fanout import FanOutResult, Outcome, failure
-from client_proxy.core.features import Fetched
-from client_proxy.core.tensors import Inputs, row_count
-from client_proxy.errors import InvalidInput, ProxyError, UnknownComposition
-from client_proxy.observability import log_request
+from client_proxy.core.compositions import Composition
+from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
+from client_proxy.errors import InvalidInput, UnknownComposition
 
 router = APIRouter(tags=["compositions"])
 
 
 def _composition(state: ProxyState, name: str) -> Composition:
+    """The composition ``name`` (looked up before the body is read); 404 naming the known ones."""
     found: Composition | None = state.compositions.get(name)
     if found is None and name == "default":
         found = state.default_composition()
@@ -44,6 +34,11 @@ def _composition(state: ProxyState, name: str) -> Composition:
         known = ", ".join(sorted({*state.compositions, "default"}))
         raise UnknownComposition(f"no composition {name!r} (known: {known})")
     return found
+
+
+async def _request(state: ProxyState, name: str, request: Request, endpoint: str) -> InferenceRequest:
+    _composition(state, name)
+    return await inference_request(request, state, name, endpoint, parse_inputs, kind="composition")
 
 
 @router.get("/compositions", response_class=JSON)
@@ -56,39 +51,6 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def _read(
-    state: ProxyState, name: str, request: Request
-) -> tuple[Composition, CallOptions, Inputs, Fetched | None]:
-    """The composition, the request's policy and deadline (within the composition's), its input
-    (and, by key, what the store gave)."""
-    composition = _composition(state, name)
-    options = call_options(request, state.settings, composition.timeout_policy, composition.deadline_ms)
-    rows, fetched = await read_inputs(
-        request, state, options, composition.features, forward=composition.keys == "forward"
-    )
-    return composition, options, rows, fetched
-
-
-async def _run(
-    state: ProxyState, name: str, request: Request, endpoint: str
-) -> tuple[Composition, CompositionAnswer, bool, Fetched | None]:
-    composition, options, rows, fetched = await _read(state, name, request)
-    answer = await run_composition(
-        composition,
-        rows,
-        state.gateway,
-        state.fanout,
-        options.request_id,
-        options.deadline,
-        options.policy,
-        state.alerts,
-    )
-    log_request(options.request_id, endpoint, list(answer.result.outcomes.values()))
-    if answer.result.partial:
-        state.metrics.partial_answers.labels(endpoint).inc()
-    return composition, answer, row_count(rows) == 1, fetched
-
-
 @router.post(
     "/compositions/{name}/predict",
     response_class=JSON,
@@ -99,8 +61,10 @@ async def predict(name: str, request: Request) -> JSON:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
-    _, answer, one_row, fetched = await _run(state, name, request, "/compositions/{name}/predict")
-    return JSON(with_keys(with_alerts(predictions_body(answer.result, one_row), answer.alerts), fetched))
+    answer = await state.plane.infer(await _request(state, name, request, "/compositions/{name}/predict"))
+    assert answer.result is not None
+    body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
+    return JSON(with_keys(body, answer.fetched))
 
 
 @router.post(
@@ -118,13 +82,17 @@ async def label(name: str, request: Request) -> JSON:
         raise InvalidInput(
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
-    _, answer, one_row, fetched = await _run(state, name, request, "/compositions/{name}/label")
+    answer = await state.plane.infer(await _request(state, name, request, "/compositions/{name}/label"))
+    return JSON(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
+
+
+def _label(answer: InferenceAnswer) -> dict[str, Any]:
     rows = label_rows(answer)
-    body: dict[str, Any] = {"prediction": rows[0] if one_row else rows}
-    if answer.result.partial:
+    body: dict[str, Any] = {"prediction": rows[0] if answer.one_row else rows}
+    if answer.partial:
         body["partial"] = True
-        body["missing"] = answer.result.missing
-    return JSON(with_keys(with_alerts(body, answer.alerts), fetched))
+        body["missing"] = answer.result.missing  # type: ignore[union-attr]
+    return body
 
 
 @router.post(
@@ -142,40 +110,22 @@ async def stream(name: str, request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers, then a final
     line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
     state: ProxyState = request.app.state.proxy
-    composition, options, rows, fetched = await _read(state, name, request)
-    one_row = row_count(rows) == 1
-    services = composition.services
-    await state.gateway.ensure_fit(services, rows, max(options.deadline - time.monotonic(), 0.001))
+    answer, outcomes = await state.plane.stream(
+        await _request(state, name, request, "/compositions/{name}/stream")
+    )
 
     async def lines() -> AsyncIterator[bytes]:
-        arrived: list[Outcome] = []
-        async for outcome in state.fanout.stream(services, rows, options.request_id, options.deadline):
-            arrived.append(outcome)
-            yield service_line(outcome, one_row)
-        log_request(options.request_id, "/compositions/{name}/stream", arrived)
-        by_name = {o.service: o for o in arrived}
-        ordered = {s.name: by_name[s.name] for s in services if s.name in by_name}
-        result = FanOutResult(
-            outcomes=ordered,
-            answered=[n for n, o in ordered.items() if o.ok],
-            missing={n: failure(o) for n, o in ordered.items() if not o.ok},
-        )
+        async for outcome in outcomes:
+            yield service_line(outcome, answer.one_row)
         final: dict[str, Any] = {"final": True}
-        try:
-            enough_answers(composition, result, options.policy)
-            aggregated, classes = await aggregate(composition, result, state.gateway, rows, options.deadline)
-        except ProxyError as exc:
-            final.update(exc.body())
-        else:
-            if aggregated is not None:
-                labelled = label_rows(CompositionAnswer(result, aggregated, classes))
-                final["prediction"] = labelled[0] if one_row else labelled
-            alerts = check_rules(composition, result, aggregated, classes, options.request_id, state.alerts)
-            with_alerts(final, alerts)
-        if result.partial:
+        if answer.error is not None:
+            final.update(answer.error.body())
+        elif answer.aggregated is not None:
+            final.update(_label(answer))
+        with_alerts(final, answer.alerts)
+        if answer.partial:
             final["partial"] = True
-            final["missing"] = result.missing
-            state.metrics.partial_answers.labels("/compositions/{name}/stream").inc()
-        yield line(with_keys(final, fetched))
+            final["missing"] = answer.result.missing  # type: ignore[union-attr]
+        yield line(with_keys(final, answer.fetched))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

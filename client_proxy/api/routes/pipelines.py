@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Request
 
+from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import WITH_BODY
-from client_proxy.api.options import call_options
-from client_proxy.api.reading import read_inputs, with_keys
+from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.api.state import JSON, ProxyState
-from client_proxy.core.pipelines import report_body, run_pipeline
-from client_proxy.core.tensors import row_count
+from client_proxy.core.pipelines import report_body
 from client_proxy.errors import UnknownPipeline
 
 router = APIRouter(tags=["pipelines"])
-logger = logging.getLogger("client_proxy")
 
 
 @router.get("/pipelines", response_class=JSON, responses={200: {"model": PipelineList}})
@@ -56,21 +52,9 @@ async def run(name: str, request: Request) -> JSON:
     if pipeline is None:
         known = ", ".join(sorted(state.pipelines)) or "none"
         raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
-    options = call_options(request, state.settings)
-    rows, fetched = await read_inputs(request, state, options, pipeline.features)
-    result = await run_pipeline(
-        pipeline,
-        rows,
-        state.service_map(),
-        state.fanout,
-        state.gateway,
-        options.request_id,
-        options.deadline,
-        state.alerts,
+    inference = await inference_request(
+        request, state, name, "/pipelines/{name}", parse_inputs, kind="pipeline"
     )
-    if logger.isEnabledFor(logging.INFO):
-        steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in result.path)
-        logger.info(
-            "request_id=%s endpoint=/pipelines/%s %s calls=%d", options.request_id, name, steps, result.calls
-        )
-    return JSON(with_keys(report_body(pipeline, result, one_row=row_count(rows) == 1), fetched))
+    answer = await state.plane.infer(inference)
+    assert answer.report is not None
+    return JSON(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))

@@ -8,7 +8,6 @@ request, 404 for an unknown model, 503 when too few services answered, 504 past 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -16,9 +15,16 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from client_proxy.api.inputs import header, read_body
-from client_proxy.api.oip import HEADER, encode_response, parse_request
+from client_proxy.api.oip import (
+    HEADER,
+    SERVER,
+    deadline_and_policy,
+    encode_response,
+    outputs_of,
+    parse_request,
+)
 from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
-from client_proxy.api.options import POLICIES, call_options
+from client_proxy.api.options import call_options
 from client_proxy.api.schemas import (
     InferResponse,
     ModelConfig,
@@ -31,17 +37,12 @@ from client_proxy.api.schemas import (
     oip_errors,
 )
 from client_proxy.api.state import ProxyState
+from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
+from client_proxy.core.services import time_left
 from client_proxy.errors import InvalidInput, ProxyError
-from client_proxy.observability import log_request
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
-
-SERVER = {
-    "name": "client_proxy",
-    "version": "0.1.0",
-    "extensions": ["binary_tensor_data", "model_configuration", "parameters"],
-}
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -81,7 +82,7 @@ async def server_ready(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     if state.draining:
         return _json({"ready": False, "error": "shutting down"}, 503)
-    if await state.served.ready("iris_fanout", _timeout(state)):
+    if await state.plane.models.ready("iris_fanout", _timeout(state)):
         return _json({"ready": True})
     return _json({"ready": False, "error": "the default fan-out is not ready"}, 503)
 
@@ -90,7 +91,7 @@ async def model_metadata(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
-        served = await state.served.describe(request.path_params["name"], _timeout(state))
+        served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
     return _json(served.metadata())
@@ -101,7 +102,7 @@ async def model_config(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
-        served = await state.served.describe(request.path_params["name"], _timeout(state))
+        served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
     return _json(served.config())
@@ -111,7 +112,7 @@ async def model_ready(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
-        ready = await state.served.ready(request.path_params["name"], _timeout(state))
+        ready = await state.plane.models.ready(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
     name = request.path_params["name"]
@@ -126,31 +127,32 @@ async def infer(request: Request) -> Response:
     name = request.path_params["name"]
     try:
         _version(request)
-        state.served.find(name)  # an unknown model is a 404 whatever the body, as in Triton
+        state.plane.models.find(name)  # an unknown model is a 404 whatever the body, as in Triton
         options = call_options(request, state.settings)
-        body = await read_body(
-            request, state.settings.max_body_bytes, max(options.deadline - time.monotonic(), 0.001)
-        )
+        body = await read_body(request, state.settings.max_body_bytes, time_left(options.deadline))
         parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
-        deadline, policy = options.deadline, options.policy
-        timeout_us = parsed.parameters.get("timeout")
-        if timeout_us is not None:
-            if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us <= 0:
-                raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
-            deadline = min(deadline, time.monotonic() + timeout_us / 1e6)
-        asked = parsed.parameters.get("timeout_policy")
-        if asked is not None:
-            if asked not in POLICIES:
-                raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
-            policy = POLICIES[asked]
-        request_id = options.request_id
-        answer = await state.served.infer(name, parsed.inputs, parsed.outputs, request_id, deadline, policy)
+        parameters = parsed.parameters
+        deadline, policy = deadline_and_policy(
+            parameters.get("timeout"),
+            parameters.get("timeout_policy"),
+            options.started,
+            options.deadline,
+            options.policy,
+        )
+        inference = InferenceRequest(
+            name,
+            "/v2/models/{name}/infer",
+            options.request_id,
+            options.started,
+            deadline,
+            policy,
+            tensors=parsed.inputs,
+            outputs=parsed.outputs,
+        )
+        outputs, parameters = outputs_of(await state.plane.infer(inference), parsed.outputs)
     except ProxyError as exc:
         return _error(exc)
-    log_request(request_id, f"/v2/models/{name}/infer", answer.outcomes)
-    if answer.parameters.get("partial"):
-        state.metrics.partial_answers.labels("/v2/models/{name}/infer").inc()
-    content, header_length = encode_response(name, VERSION, parsed, answer.outputs, answer.parameters)
+    content, header_length = encode_response(name, VERSION, parsed, outputs, parameters)
     headers = {HEADER: str(header_length)} if header_length is not None else None
     media = "application/octet-stream" if header_length is not None else "application/json"
     return Response(content, headers=headers, media_type=media)

@@ -1,0 +1,347 @@
+"""The dataplane: one path for every inference request, whichever door it came by.
+
+A door (the seed's JSON routes, ``/compositions/...``, ``/pipelines/...``, the Open Inference
+Protocol over HTTP and over gRPC) converts what it received into an ``InferenceRequest``, calls
+``DataPlane.infer`` (or ``stream``), and renders the ``InferenceAnswer`` it gets back. What
+happens in between happens here, once, for every door:
+
+1. the model is looked up by name (a composition, ``default`` and ``iris_fanout`` being the
+   ``SERVICE_*`` one, a pipeline, or a service; 404 otherwise), before any input is read;
+2. its deadline and timeout policy: the door's (the client's, within ``PROXY_DEADLINE_MS``),
+   shortened by a composition's own ``deadline_ms``; the policy the client asked for, else the
+   composition's, else ``PROXY_TIMEOUT_POLICY``;
+3. the input: rows or named tensors as sent, the protocol's named tensors mapped onto the
+   model's inputs, or keys read from the feature store (or forwarded as they are);
+4. the input checked against the models' contracts (422 before any call);
+5. the run: the fan-out and the aggregator (a composition), the steps (a pipeline), one call (a
+   service), or Triton's own ensemble (the seed's ``?route=ensemble``); the rules' alerts;
+6. the request log line and the metrics, by the ``Observer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from client_proxy.core.aggregators import Aggregated
+from client_proxy.core.compositions import (
+    Composition,
+    aggregate,
+    check_rules,
+    enough_answers,
+)
+from client_proxy.core.fanout import FanOut, FanOutResult, Outcome, failure
+from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
+from client_proxy.core.pipelines import Pipeline, PipelineResult, run_pipeline
+from client_proxy.core.rules import Alert, AlertSink
+from client_proxy.core.served import Gateway, Kind, Served, ServedModels
+from client_proxy.core.services import Service, TimeoutPolicy, time_left
+from client_proxy.core.tensors import Inputs, row_count
+from client_proxy.errors import (
+    FeatureStoreError,
+    FeatureStoreTimeout,
+    InvalidInput,
+    NoFeatureStore,
+    ProxyError,
+    UnknownKeys,
+)
+
+Target = Composition | Pipeline | Service
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """One inference request, as every door hands it to the dataplane."""
+
+    model: str
+    """A composition (``default``: the seed's routes), a pipeline or a service."""
+    endpoint: str
+    """The door's route (a template, ``/compositions/{name}/label``), as the log and metrics name it."""
+    request_id: str
+    started: float
+    """``time.monotonic()`` when the request arrived."""
+    deadline: float
+    """The door's deadline (``time.monotonic()``): ``PROXY_DEADLINE_MS``, or less as the client asked."""
+    policy: TimeoutPolicy | None = None
+    """As the client asked; None: the composition's, else ``PROXY_TIMEOUT_POLICY``."""
+    inputs: Inputs | None = None
+    """Rows, or named tensors, to send as they are."""
+    tensors: Mapping[str, NDArray[Any]] | None = None
+    """The Open Inference Protocol's named tensors, mapped onto the model's inputs here."""
+    keys: Sequence[str] | None = None
+    """Keys whose rows the feature store holds (or which go to the models, ``keys: forward``)."""
+    outputs: Sequence[str] | None = None
+    """The outputs asked for (the Open Inference Protocol's); None: all."""
+    ensemble: bool = False
+    """Answer with one call to Triton's own ensemble rather than the default composition."""
+    kind: Kind | None = None
+    """Only a model of this kind (the door's path says it: ``/pipelines/...``); None: any."""
+
+
+@dataclass
+class InferenceAnswer:
+    """What the dataplane gives back, for each door to render."""
+
+    target: Target
+    policy: TimeoutPolicy
+    rows: int
+    result: FanOutResult | None = None
+    """A composition's (or the ensemble's) service calls: each one's outcome."""
+    aggregated: Aggregated | None = None
+    """A composition's answer per row (None with ``aggregator: none``)."""
+    classes: tuple[str, ...] = ()
+    alerts: tuple[Alert, ...] = ()
+    report: PipelineResult | None = None
+    """A pipeline's answer, path and calls."""
+    outputs: dict[str, NDArray[Any]] | None = None
+    """A service's outputs, passed through."""
+    fetched: Fetched | None = None
+    """For a request by key: the keys of the rows, and those the store did not hold."""
+    served: Served | None = None
+    """For the Open Inference Protocol: the model as the protocol shows it."""
+    error: ProxyError | None = None
+    """A stream's last word when it could not be answered (``infer`` raises instead)."""
+    outcomes: list[Outcome] = field(default_factory=list)
+    """Every service call's outcome, in order."""
+
+    @property
+    def one_row(self) -> bool:
+        return self.rows == 1
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.result is not None and self.result.partial)
+
+
+class Observer(Protocol):
+    """Where the dataplane reports each request (``observability.RequestObserver``)."""
+
+    def answered(self, request: InferenceRequest, answer: InferenceAnswer) -> None:
+        """An answer given: the request log line, the partial-answer counter."""
+
+    def keys_read(self, store: str, outcome: str, fetched: Fetched | None, missing: int) -> None:
+        """A feature-store lookup: ``ok``, ``timeout`` or ``unavailable``; keys found and missing."""
+
+
+EnsembleCall = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
+
+
+class DataPlane:
+    """Runs every inference request: see the module's docstring for the steps."""
+
+    def __init__(
+        self,
+        models: ServedModels,
+        gateway: Gateway,
+        fanout: FanOut,
+        observer: Observer,
+        default_policy: TimeoutPolicy,
+        feature_set: str,
+        store: FeatureStore | None = None,
+        sink: AlertSink | None = None,
+        ensemble: tuple[Service, EnsembleCall] | None = None,
+    ) -> None:
+        """``ensemble``: Triton's own ensemble and how to call it (a row ``[label, proba]`` per row)."""
+        self.models = models
+        self._gateway = gateway
+        self._fanout = fanout
+        self._observer = observer
+        self._default_policy = default_policy
+        self._feature_set = feature_set
+        self.store = store
+        self._sink = sink
+        self._ensemble = ensemble
+
+    # -- one request -------------------------------------------------------------------------
+    async def infer(self, request: InferenceRequest) -> InferenceAnswer:
+        """The answer to ``request``; a ``ProxyError`` (4xx/5xx) when it cannot be given."""
+        target, answer, x, deadline = await self._prepare(request)
+        request_id = request.request_id
+        if request.ensemble:
+            await self._run_ensemble(answer, x, request_id, deadline)
+        elif isinstance(target, Composition):
+            result = await self._fanout.run(target.services, x, request_id, deadline, answer.policy)
+            await self._conclude(target, answer, result, x, request_id, deadline)
+        elif isinstance(target, Pipeline):
+            answer.report = await run_pipeline(
+                target,
+                x,
+                self.models.services(),
+                self._fanout,
+                self._gateway,
+                request_id,
+                deadline,
+                self._sink,
+            )
+        else:
+            await self._run_service(target, answer, x, request, deadline)
+        self._observer.answered(request, answer)
+        return answer
+
+    async def stream(self, request: InferenceRequest) -> tuple[InferenceAnswer, AsyncIterator[Outcome]]:
+        """A composition's answer, to be filled, and its services' outcomes the moment each
+        arrives; once they are all read the answer is complete (its ``error`` set when it cannot
+        be given). Under ``all_or_nothing`` the first failure ends them."""
+        target, answer, x, deadline = await self._prepare(request)
+        if not isinstance(target, Composition):
+            kind = type(target).__name__.lower()
+            raise InvalidInput(f"{request.model!r} is a {kind}: only a composition streams")
+        return answer, self._stream(request, target, answer, x, deadline)
+
+    async def _stream(
+        self,
+        request: InferenceRequest,
+        composition: Composition,
+        answer: InferenceAnswer,
+        x: Inputs,
+        deadline: float,
+    ) -> AsyncIterator[Outcome]:
+        arrived: dict[str, Outcome] = {}
+        fail_fast = answer.policy is TimeoutPolicy.ALL_OR_NOTHING
+        services = composition.services
+        async with aclosing(self._fanout.stream(services, x, request.request_id, deadline)) as outcomes:
+            async for outcome in outcomes:
+                arrived[outcome.service] = outcome
+                yield outcome
+                if fail_fast and not outcome.ok:
+                    break
+        ordered = {s.name: arrived[s.name] for s in services if s.name in arrived}
+        result = FanOutResult(
+            outcomes=ordered,
+            answered=[n for n, o in ordered.items() if o.ok],
+            missing={n: failure(o) for n, o in ordered.items() if not o.ok},
+        )
+        try:
+            await self._conclude(composition, answer, result, x, request.request_id, deadline)
+        except ProxyError as exc:
+            answer.error = exc
+        else:
+            self._observer.answered(request, answer)
+
+    # -- the steps ---------------------------------------------------------------------------
+    async def _prepare(self, request: InferenceRequest) -> tuple[Target, InferenceAnswer, Inputs, float]:
+        """The model, its answer to fill, its input (checked against its contracts) and deadline."""
+        if request.ensemble:
+            if self._ensemble is None:
+                raise InvalidInput("no ensemble is configured (PROXY_ENSEMBLE)")
+            target: Target = self._ensemble[0]
+        else:
+            target = self.models.find(request.model, request.kind)[1]
+        deadline, policy = request.deadline, request.policy
+        if isinstance(target, Composition):
+            if target.deadline_ms is not None:
+                deadline = min(deadline, request.started + target.deadline_ms / 1000)
+            policy = policy or target.timeout_policy
+        answer = InferenceAnswer(target, policy or self._default_policy, 0)
+        x = await self._input(request, target, answer, deadline)
+        answer.rows = row_count(x)
+        if not request.ensemble:
+            services = self._fitted(target)
+            if not self._gateway.fits(services, x):
+                await self._gateway.ensure_fit(services, x, time_left(deadline))
+        return target, answer, x, deadline
+
+    async def _input(
+        self, request: InferenceRequest, target: Target, answer: InferenceAnswer, deadline: float
+    ) -> Inputs:
+        if request.inputs is not None:
+            return request.inputs
+        if request.keys is not None:
+            keys = list(request.keys)
+            if isinstance(target, Composition) and target.keys == "forward":
+                rows = np.empty((len(keys), 1), dtype=np.object_)
+                rows[:, 0] = keys
+                answer.fetched = Fetched(np.empty((0, 0)), keys)
+                return rows
+            features = target.features if isinstance(target, Composition | Pipeline) else None
+            answer.fetched = await self._lookup(features or self._feature_set, keys, deadline, answer.policy)
+            return answer.fetched.rows
+        if request.tensors is None:
+            raise InvalidInput("the request has no inputs")
+        served = answer.served = await self.models.describe(request.model, time_left(deadline))
+        if request.outputs is not None:
+            known = {t.name for t in served.outputs}
+            unknown = [o for o in request.outputs if o not in known]
+            if unknown:
+                raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{request.model}'")
+        return served.input_of(request.tensors)
+
+    async def _lookup(
+        self, feature_set: str, keys: list[str], deadline: float, policy: TimeoutPolicy
+    ) -> Fetched:
+        """The rows of ``keys`` in ``feature_set``, within the deadline, reported."""
+        store = self.store
+        if store is None:
+            raise NoFeatureStore("this proxy has no feature store: set PROXY_FEATURE_STORE to send keys")
+        observer = self._observer
+        try:
+            fetched = await fetch_rows(store, feature_set, keys, deadline, policy)
+        except FeatureStoreTimeout:
+            observer.keys_read(store.kind, "timeout", None, 0)
+            raise
+        except FeatureStoreError:
+            observer.keys_read(store.kind, "unavailable", None, 0)
+            raise
+        except UnknownKeys as exc:
+            observer.keys_read(store.kind, "ok", None, exc.details.get("count", 0))
+            raise
+        observer.keys_read(store.kind, "ok", fetched, len(fetched.missing))
+        return fetched
+
+    def _fitted(self, target: Target) -> list[Service]:
+        """The services whose models the request's input goes to as it is."""
+        if isinstance(target, Service):
+            return [target]
+        if isinstance(target, Composition):
+            return target.services
+        services = self.models.services()
+        return [services[n] for step in target.steps if step.input == "request" for n in step.services]
+
+    async def _conclude(
+        self,
+        composition: Composition,
+        answer: InferenceAnswer,
+        result: FanOutResult,
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+    ) -> None:
+        """A composition's answer from its services' outcomes: enough of them, aggregated, the rules."""
+        answer.result, answer.outcomes = result, list(result.outcomes.values())
+        enough_answers(composition, result, answer.policy)
+        answer.aggregated, answer.classes = await aggregate(composition, result, self._gateway, x, deadline)
+        answer.alerts = check_rules(
+            composition, result, answer.aggregated, answer.classes, request_id, self._sink
+        )
+
+    async def _run_service(
+        self, service: Service, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        served = answer.served
+        assert served is not None  # a service is reached by its named tensors
+        wanted = (
+            tuple(request.outputs) if request.outputs is not None else tuple(t.name for t in served.outputs)
+        )
+
+        def call(budget: float) -> Awaitable[dict[str, NDArray[Any]]]:
+            return self._gateway.call(service, x, request.request_id, budget, wanted)
+
+        outputs, outcome = await self._fanout.call_alone(service, call, deadline)
+        answer.outputs, answer.outcomes = dict(outputs), [outcome]
+
+    async def _run_ensemble(
+        self, answer: InferenceAnswer, x: Inputs, request_id: str, deadline: float
+    ) -> None:
+        """Triton's own fan-out: one call to the ensemble, bounded and recorded like a service call."""
+        assert self._ensemble is not None
+        service, call = self._ensemble
+        rows, outcome = await self._fanout.call_alone(
+            service, lambda budget: call(service, x, request_id, budget), deadline
+        )
+        answer.outcomes = [outcome]
+        answer.aggregated = Aggregated(rows[:, 0].tolist(), rows[:, 1].astype(np.float64))
