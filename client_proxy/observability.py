@@ -1,8 +1,10 @@
 """Request ids, Prometheus metrics and logging.
 
-``RequestContextMiddleware`` is plain ASGI (no per-request ``BaseHTTPMiddleware`` task): it
-gives every request an id (the client's ``X-Request-ID`` when it is sane, else a new one),
-returns it in the response header, and counts and times the request by route template.
+Every request gets an id (the client's ``X-Request-ID`` when it is sane, else a new one: see
+``request_id_of``), returned in the response header, and is counted and timed by route
+template, by the front of every request (``client_proxy.api.fastlane.FastLane``). The
+dataplane reports each answer to ``RequestObserver``: the request log line, partial answers,
+feature-store lookups.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from client_proxy import tracing
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
@@ -46,7 +48,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 logger = logging.getLogger("client_proxy")
 #: Probes and scrapes: no spans (they would be most of a trace store's traces and say nothing).
-_UNTRACED = ("/health", "/metrics")
+#: Paths whose requests get no span: probes and scrapes.
+UNTRACED = ("/health", "/metrics")
 
 
 class LoopCounter(Collector):
@@ -364,51 +367,6 @@ def request_id_of(scope: Scope) -> str:
         if key == b"x-request-id":
             return request_id_from(value.decode("latin-1"))
     return request_id_from(None)
-
-
-class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ProxyMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = request_id_of(scope)
-        started = time.monotonic()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        state["started"] = started
-        status = 500
-        header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        traced = (
-            tracing.start_request(
-                scope["method"], scope["path"], tracing.asgi_carrier(scope["headers"]), request_id
-            )
-            if tracing.ENABLED and not scope["path"].startswith(_UNTRACED)
-            else None
-        )
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route: Any = scope.get("route")
-            endpoint = getattr(route, "path", None)
-            if endpoint is None:
-                # FastAPI's router records no "route" for plain Starlette routes (the hot ones);
-                # they have no path parameters, so their path is their template.
-                endpoint = scope["path"] if "endpoint" in scope else "unmatched"
-            self.metrics.observe_request(endpoint, scope["method"], status, time.monotonic() - started)
-            if traced is not None:
-                tracing.end_request(*traced, scope["method"], endpoint, status)
 
 
 class _Formatter(logging.Formatter):

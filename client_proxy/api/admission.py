@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 
 logger = logging.getLogger("client_proxy")
 
@@ -102,28 +102,3 @@ class Refusals:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-
-
-class AdmissionMiddleware:
-    """Refuses an inference request at once with 503 when ``Admission`` says so. The outermost
-    middleware, so that a refusal costs the least: it carries no request id and is counted in
-    ``proxy_shed_requests_total``, not in ``proxy_http_requests_total``. (The hot routes are
-    admitted by ``fastlane.FastLane`` in the same way, before this.)"""
-
-    def __init__(self, app: ASGIApp, admission: Admission) -> None:
-        self.app = app
-        self.admission = admission
-        self._refusals = Refusals(admission)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].startswith("/admin"):
-            await self.app(scope, receive, send)
-            return
-        admission = self.admission
-        if not admission.enter("http"):
-            await self._refusals.send(scope, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            admission.leave()

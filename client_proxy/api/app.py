@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -18,13 +18,13 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from client_proxy import tracing
 from client_proxy.alerts import Alerter, WebhookSender, WebhookSettings
 from client_proxy.api import grpc_door, lingering
-from client_proxy.api.admission import Admission, AdmissionMiddleware
-from client_proxy.api.fastlane import FastLane
+from client_proxy.api.admission import Admission
+from client_proxy.api.fastlane import FastLane, document
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -38,7 +38,6 @@ from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
 from client_proxy.observability import (
     ProxyMetrics,
-    RequestContextMiddleware,
     RequestObserver,
     configure_logging,
 )
@@ -160,34 +159,44 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     )
     app.state.proxy = state
     app.include_router(health.router)
-    app.include_router(predict.router)
     app.include_router(pipeline_routes.router)
     app.include_router(composition_routes.router)
-    app.include_router(v2.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
-    plain_routes = [*predict.FAST_ROUTES, *v2.ROUTES]
-    for path, endpoint, methods in reversed(plain_routes):
-        app.router.routes.insert(0, Route(path, endpoint, methods=methods))
+    # The inference routes, declared once: the lane serves them, FastAPI documents them.
+    lane_routes = [*predict.ROUTES, *composition_routes.ROUTES, *pipeline_routes.ROUTES, *v2.ROUTES]
+    document(app, lane_routes)
     _install_error_handlers(app)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
+    lane = FastLane(
+        lane_routes,
+        state.admission,
+        metrics,
+        render_proxy_error,
+        render_unexpected,
+        _cors(settings.cors_origins),
+    )
+    build_stack = app.build_middleware_stack
+    # Starlette builds its middleware stack once, on the first request: the lane goes in front
+    # of it, inside Starlette's own __call__ (which sets scope["app"]).
+    app.build_middleware_stack = lambda: lane.in_front_of(build_stack())  # type: ignore[method-assign]
+    return app
+
+
+def _cors(origins: list[str]) -> Callable[[ASGIApp], ASGIApp] | None:
+    """Starlette's CORS middleware for ``PROXY_CORS_ORIGINS`` around an app; None without origins."""
+    if not origins:
+        return None
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        return CORSMiddleware(
+            app,
+            allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "X-Request-ID", "X-Timeout-Policy", "X-Deadline-Ms", "X-Route"],
             expose_headers=["X-Request-ID"],
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    # Outermost: a refused request costs as little as it can (no request id, no route).
-    app.add_middleware(AdmissionMiddleware, admission=state.admission)
-    if not settings.cors_origins:  # with CORS, CORSMiddleware must see every answer
-        lane = FastLane(plain_routes, state.admission, metrics, render_proxy_error, render_unexpected)
-        build_stack = app.build_middleware_stack
-        # Starlette builds its middleware stack once, on the first request: the lane goes in
-        # front of it, inside Starlette's own __call__ (which sets scope["app"]).
-        app.build_middleware_stack = lambda: lane.in_front_of(build_stack())  # type: ignore[method-assign]
-    return app
+
+    return wrap
 
 
 def _webhook_sender(settings: Settings, declared: Declared, metrics: ProxyMetrics) -> WebhookSender | None:

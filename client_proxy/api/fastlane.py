@@ -1,94 +1,146 @@
-"""The inference routes in one ASGI layer, in front of FastAPI's stack.
+"""The front of every HTTP request, and the inference routes' one declaration.
 
 Every request through FastAPI crosses about ten ASGI layers before its route runs (uvicorn's
-proxy headers, Starlette's error and exception middlewares, FastAPI's telemetry, body limit and
-exit stack, the proxy's admission and request context, the router), and each layer wraps
-``send`` again on the way out. Profiled at concurrency 16, that was a fifth of the proxy's CPU
-per request, more than the fan-out itself. The inference routes need what those layers do, so
-``FastLane`` does it once, in order, for them alone:
+proxy headers, Starlette's error and exception middlewares, FastAPI's body limit and exit stack,
+the router), and each layer wraps ``send`` again on the way out. Profiled at concurrency 16,
+that was a fifth of the proxy's CPU per request, more than the fan-out itself. So the
+inference routes are declared once (``LaneRoute``: path, methods, handler and what the OpenAPI
+document says of them) and served here, in front of FastAPI's stack; the same declarations
+give FastAPI the routes it documents (``document``), which never serve.
 
-1. admission of a ``POST``: past ``PROXY_MAX_IN_FLIGHT``, the 503 at once (``admission.Refusals``);
+``FastLane`` is the one front for every HTTP request, the lane's and the app's alike:
+
+1. admission of a ``POST`` (not ``/admin``): past ``PROXY_MAX_IN_FLIGHT``, the 503 at once
+   (``admission.Refusals``), counted as shed and nowhere else;
 2. the request id (the client's ``X-Request-ID`` when plain, else a new one) and the start
-   time, in ``scope["state"]`` where the routes read them;
-3. the route itself (the same function FastAPI would call, with a Starlette ``Request``);
-4. a ``ProxyError`` rendered by the app's own error renderer, anything else a 500 JSON with
-   the stack trace in the log only;
-5. ``X-Request-ID`` on the answer, and ``proxy_http_requests_total`` /
-   ``proxy_http_request_duration_seconds`` as the request context middleware records them.
-
-Everything else (documentation, health, metadata, admin, methods a route does not take) goes
-through FastAPI unchanged; the FastAPI routes for the same paths stay for the OpenAPI
-documentation. With CORS configured the lane is off: ``CORSMiddleware`` must see every answer.
+   time, in ``scope["state"]`` where the routes and the error renderers read them;
+3. a lane route's handler called with a Starlette ``Request`` (a ``ProxyError`` rendered by the
+   app's error renderer, anything else a 500 JSON with the stack trace in the log only), or
+   FastAPI's stack for every other request (documentation, health, admin, a method a route
+   does not take);
+4. with ``PROXY_CORS_ORIGINS``, Starlette's ``CORSMiddleware`` around both: the lane stays on;
+5. ``X-Request-ID`` on the answer, ``proxy_http_requests_total`` and
+   ``proxy_http_request_duration_seconds`` under the route's template, and the request's span.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy import tracing
 from client_proxy.api.admission import Admission, Refusals
 from client_proxy.errors import ProxyError
-from client_proxy.observability import ProxyMetrics, request_id_of
+from client_proxy.observability import UNTRACED, ProxyMetrics, request_id_of
 
 logger = logging.getLogger("client_proxy")
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorRenderer = Callable[[ProxyError, str], Response]
+Found = tuple[Handler, str, dict[str, str]]
+
+_PARAMETER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class LaneRoute:
+    """One inference route, declared once: the lane serves it, FastAPI documents it."""
+
+    path: str
+    methods: tuple[str, ...]
+    handler: Handler
+    doc: dict[str, Any] = field(default_factory=dict)
+    """What the OpenAPI document says (``APIRouter.add_api_route``'s keyword arguments:
+    ``response_class``, ``responses``, ``openapi_extra``, ``tags``); the path's parameters are
+    added unless ``openapi_extra`` names them."""
+
+
+def route(
+    path: str,
+    method: str,
+    handler: Handler,
+    tags: Sequence[str],
+    responses: dict[int | str, dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    response_class: type[Response] = JSONResponse,
+) -> LaneRoute:
+    """A ``LaneRoute`` for one method, documented with its ``responses``, ``extra`` OpenAPI
+    (``openapi_extra``: parameters and body read by hand) and tags."""
+    doc = {
+        "tags": list(tags),
+        "responses": responses,
+        "openapi_extra": extra,
+        "response_class": response_class,
+    }
+    return LaneRoute(path, (method,), handler, doc)
+
+
+def document(app: FastAPI, routes: Sequence[LaneRoute]) -> None:
+    """The routes in ``app``'s OpenAPI document (FastAPI's routes for them never serve: the lane does)."""
+    for route in routes:
+        doc = dict(route.doc)
+        extra = dict(doc.pop("openapi_extra", None) or {})
+        named = {p.get("name") for p in extra.get("parameters", [])}
+        missing = [name for name in _PARAMETER.findall(route.path) if name not in named]
+        if missing:
+            path_parameters = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                for name in missing
+            ]
+            extra["parameters"] = [*path_parameters, *extra.get("parameters", [])]
+        app.add_api_route(
+            route.path, route.handler, methods=list(route.methods), openapi_extra=extra or None, **doc
+        )
 
 
 class FastLane:
-    """Serves ``(method, path)`` pairs of plain routes; ``match`` says whether it takes a request."""
+    """The lane's routes by ``(method, path)``; ``match`` says whether it takes a request."""
 
     def __init__(
         self,
-        routes: Sequence[tuple[str, Handler, list[str]]],
+        routes: Sequence[LaneRoute],
         admission: Admission,
         metrics: ProxyMetrics,
         render_error: ErrorRenderer,
         unexpected: Callable[[str], Response],
+        cors: Callable[[ASGIApp], ASGIApp] | None = None,
     ) -> None:
+        """``cors``: wraps an ASGI app in the CORS middleware (None: no CORS)."""
         self._exact: dict[tuple[str, str], tuple[Handler, str]] = {}
-        # Templates with parameters, as (method, prefix parts, template): only the v2 paths.
+        # Templates with parameters, as (method, prefix parts, handler, template).
         self._templates: list[tuple[str, list[str], Handler, str]] = []
-        for path, handler, methods in routes:
-            for method in methods:
-                if "{" in path:
-                    self._templates.append((method, path.strip("/").split("/"), handler, path))
+        for route in routes:
+            for method in route.methods:
+                if "{" in route.path:
+                    self._templates.append(
+                        (method, route.path.strip("/").split("/"), route.handler, route.path)
+                    )
                 else:
-                    self._exact[(method, path)] = (handler, path)
+                    self._exact[(method, route.path)] = (route.handler, route.path)
+        self._prefixes = tuple({"/" + t[1][0] + "/" for t in self._templates})
         self._admission = admission
         self._metrics = metrics
         self._render_error = render_error
         self._unexpected = unexpected
         self._refusals = Refusals(admission)
+        self._cors = cors
 
-    def in_front_of(self, app: ASGIApp) -> ASGIApp:
-        """An ASGI app: this lane's requests served here, every other one by ``app``."""
-        match, serve = self.match, self.serve
-
-        async def lane(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http":
-                found = match(scope)
-                if found is not None:
-                    await serve(found, scope, receive, send)
-                    return
-            await app(scope, receive, send)
-
-        return lane
-
-    def match(self, scope: Scope) -> tuple[Handler, str, dict[str, str]] | None:
+    def match(self, scope: Scope) -> Found | None:
         """The route for this request, its template and its path parameters; None: not the lane's."""
         method, path = scope["method"], scope["path"]
         found = self._exact.get((method, path))
         if found is not None:
             return found[0], found[1], {}
-        if not path.startswith("/v2/models/"):
+        if not path.startswith(self._prefixes):
             return None
         parts = path.strip("/").split("/")
         for route_method, template_parts, handler, template in self._templates:
@@ -106,74 +158,115 @@ class FastLane:
                 return handler, template, params
         return None
 
-    async def serve(
-        self,
-        found: tuple[Handler, str, dict[str, str]],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        handler, template, path_params = found
-        admission = self._admission
-        counted = scope["method"] == "POST"  # as AdmissionMiddleware: inference requests only
-        if counted and not admission.enter("http"):
-            await self._refusals.send(scope, send)
-            return
-        try:
-            await self._answer(handler, template, path_params, scope, receive, send)
-        finally:
-            if counted:
-                admission.leave()
+    def in_front_of(self, app: ASGIApp) -> ASGIApp:
+        """An ASGI app: every request through the front; the lane's served here, others by ``app``."""
+        match, answer, behind, admission = self.match, self._answer, self._behind, self._admission
+        refusals, metrics = self._refusals, self._metrics
+        inner: ASGIApp | None = None
+        if self._cors is not None:
+            lane = self
+
+            async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+                found = lane.match(scope)
+                if found is None:
+                    await app(scope, receive, send)
+                else:
+                    await answer(found, scope, receive, send, None)
+
+            inner = self._cors(dispatch)
+
+        async def front(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            method = scope["method"]
+            counted = method == "POST" and not scope["path"].startswith("/admin")
+            if counted and not admission.enter("http"):
+                await refusals.send(scope, send)
+                return
+            started = time.monotonic()
+            request_id = request_id_of(scope)
+            scope.setdefault("state", {}).update(request_id=request_id, started=started)
+            found = match(scope)
+            traced = (
+                tracing.start_request(
+                    method, scope["path"], tracing.asgi_carrier(scope["headers"]), request_id
+                )
+                if tracing.ENABLED and (found is not None or not scope["path"].startswith(UNTRACED))
+                else None
+            )
+            status, endpoint = 500, found[1] if found is not None else "unmatched"
+            try:
+                if found is not None and inner is None:
+                    status = await answer(found, scope, receive, send, request_id)
+                else:
+                    status = await behind(inner or app, scope, receive, send, request_id)
+                    if found is None:
+                        endpoint = _template(scope)
+            finally:
+                if counted:
+                    admission.leave()
+                metrics.observe_request(endpoint, method, status, time.monotonic() - started)
+                if traced is not None:
+                    tracing.end_request(*traced, method, endpoint, status)
+
+        return front
+
+    async def _behind(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, request_id: str) -> int:
+        """``app``'s answer, with the request id on it; its status."""
+        status = 500
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await app(scope, receive, send_with_id)
+        return status
 
     async def _answer(
-        self,
-        handler: Handler,
-        template: str,
-        path_params: dict[str, str],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        started = time.monotonic()
-        request_id = request_id_of(scope)
-        traced = (
-            tracing.start_request(
-                scope["method"], scope["path"], tracing.asgi_carrier(scope["headers"]), request_id
-            )
-            if tracing.ENABLED
-            else None
-        )
+        self, found: Found, scope: Scope, receive: Receive, send: Send, request_id: str | None
+    ) -> int:
+        """A lane route's answer (with the request id, unless ``None``: the front adds it); its status."""
+        handler, _, path_params = found
         scope["path_params"] = path_params
-        scope["state"] = {"request_id": request_id, "started": started}
-        id_header = (b"x-request-id", request_id.encode())
-        status = 500
+        if request_id is None:
+            request_id = scope["state"]["request_id"]
+            id_headers: list[tuple[bytes, bytes]] = []
+        else:
+            id_headers = [(b"x-request-id", request_id.encode())]
         try:
-            try:
-                response = await handler(Request(scope, receive))
-            except ProxyError as exc:
-                response = self._render_error(exc, request_id)
-            except Exception:
-                logger.exception("request_id=%s unexpected error", request_id)
-                response = self._unexpected(request_id)
-            status = response.status_code
-            if isinstance(response, StreamingResponse):
+            response = await handler(Request(scope, receive))
+        except ProxyError as exc:
+            response = self._render_error(exc, request_id)
+        except Exception:
+            logger.exception("request_id=%s unexpected error", request_id)
+            response = self._unexpected(request_id)
+        status = response.status_code
+        if isinstance(response, StreamingResponse):
 
-                async def send_with_id(message: Message) -> None:
-                    if message["type"] == "http.response.start":
-                        message["headers"] = [*message.get("headers", []), id_header]
-                    await send(message)
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), *id_headers]
+                await send(message)
 
-                await response(scope, receive, send_with_id)
-            else:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [*response.raw_headers, id_header],
-                    }
-                )
-                await send({"type": "http.response.body", "body": response.body})
-        finally:
-            self._metrics.observe_request(template, scope["method"], status, time.monotonic() - started)
-            if traced is not None:
-                tracing.end_request(*traced, scope["method"], template, status)
+            await response(scope, receive, send_with_id)
+        else:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [*response.raw_headers, *id_headers],
+                }
+            )
+            await send({"type": "http.response.body", "body": response.body})
+        return status
+
+
+def _template(scope: Scope) -> str:
+    """The template of the FastAPI route that answered (``unmatched`` when none did)."""
+    route: Any = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytest
 
-from client_proxy.api.admission import SHED_MARK, Admission, AdmissionMiddleware
+from client_proxy.api.admission import SHED_MARK, Admission
+from client_proxy.api.app import render_proxy_error, render_unexpected
+from client_proxy.api.fastlane import FastLane
 from client_proxy.config import load_settings
+from client_proxy.observability import ProxyMetrics
 
 
 def test_the_bound_admits_up_to_its_limit_and_counts_the_rest() -> None:
@@ -28,6 +31,11 @@ def test_the_bound_admits_up_to_its_limit_and_counts_the_rest() -> None:
 def test_the_default_bound_is_a_setting() -> None:
     assert load_settings().max_in_flight == 512
     assert load_settings(max_in_flight=0).max_in_flight == 0
+
+
+def _front(app: Any, admission: Admission) -> Any:
+    """The front of every request (with no lane route of its own) before ``app``."""
+    return FastLane([], admission, ProxyMetrics(), render_proxy_error, render_unexpected).in_front_of(app)
 
 
 class _Held:
@@ -62,7 +70,7 @@ def test_beyond_the_bound_a_post_is_refused_with_503_retry_after_and_a_json_reas
     async def run() -> None:
         held = _Held()
         admission = Admission(1)
-        app = AdmissionMiddleware(held, admission)
+        app = _front(held, admission)
         first = asyncio.ensure_future(_call(app, "POST", "/predict/label"))
         await asyncio.sleep(0)
         status, headers, body, scope = await _call(app, "POST", "/predict/label")
@@ -86,7 +94,7 @@ def test_reads_and_the_admin_endpoints_are_never_refused() -> None:
         held.release.set()
         admission = Admission(1)
         admission.enter("http")  # the bound is reached
-        app = AdmissionMiddleware(held, admission)
+        app = _front(held, admission)
         for method, path in (("GET", "/health/ready"), ("GET", "/metrics"), ("POST", "/admin/services")):
             assert (await _call(app, method, path))[0] == 200
         assert admission.shed == 0
@@ -100,12 +108,12 @@ def test_a_request_that_fails_or_is_cancelled_leaves_the_bound() -> None:
 
     async def run() -> None:
         admission = Admission(1)
-        app = AdmissionMiddleware(broken, admission)
+        app = _front(broken, admission)
         with pytest.raises(RuntimeError):
             await _call(app, "POST", "/predict")
         assert admission.in_flight == 0
         held = _Held()
-        task = asyncio.ensure_future(_call(AdmissionMiddleware(held, admission), "POST", "/predict"))
+        task = asyncio.ensure_future(_call(_front(held, admission), "POST", "/predict"))
         await asyncio.sleep(0)
         assert admission.in_flight == 1
         task.cancel()

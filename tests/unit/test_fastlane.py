@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from client_proxy.api.admission import SHED_MARK, Admission
 from client_proxy.api.app import render_proxy_error, render_unexpected
-from client_proxy.api.fastlane import FastLane
+from client_proxy.api.fastlane import FastLane, LaneRoute
 from client_proxy.errors import InvalidInput
 from client_proxy.observability import ProxyMetrics
 from tests.helpers import metric
@@ -39,11 +39,11 @@ def _lane(limit: int = 0) -> tuple[FastLane, _Handlers, Admission, ProxyMetrics]
     admission = Admission(limit)
     metrics = ProxyMetrics()
     routes = [
-        ("/predict/label", handlers.ok, ["POST"]),
-        ("/invalid", handlers.invalid, ["POST"]),
-        ("/broken", handlers.broken, ["POST"]),
-        ("/v2/models/{name}/infer", handlers.ok, ["POST"]),
-        ("/v2/models/{name}/versions/{version}/infer", handlers.ok, ["POST"]),
+        LaneRoute("/predict/label", ("POST",), handlers.ok),
+        LaneRoute("/invalid", ("POST",), handlers.invalid),
+        LaneRoute("/broken", ("POST",), handlers.broken),
+        LaneRoute("/v2/models/{name}/infer", ("POST",), handlers.ok),
+        LaneRoute("/v2/models/{name}/versions/{version}/infer", ("POST",), handlers.ok),
     ]
     return (
         FastLane(routes, admission, metrics, render_proxy_error, render_unexpected),
@@ -93,10 +93,16 @@ def test_it_takes_only_its_own_methods_and_paths() -> None:
     assert lane.match(_scope("POST", "/v2/models/a/b/infer")) is None
 
 
-def test_what_is_not_its_own_goes_to_the_app_behind() -> None:
-    lane, handlers, *_ = _lane()
-    status, _, _, behind = asyncio.run(_call(lane, _scope("GET", "/health")))
+def test_what_is_not_its_own_goes_to_the_app_behind_with_the_same_id_and_count() -> None:
+    lane, handlers, _, metrics = _lane()
+    status, headers, _, behind = asyncio.run(
+        _call(lane, _scope("GET", "/health", [(b"x-request-id", b"h-1")]))
+    )
     assert (status, behind, handlers.calls) == (204, ["/health"], [])
+    assert headers["x-request-id"] == "h-1"
+    text = generate_latest(metrics.registry).decode()
+    # No FastAPI route answered this app: the request is counted as unmatched.
+    assert metric(text, "proxy_http_requests_total", endpoint="unmatched", method="GET", status="204") == 1
 
 
 def test_an_answer_carries_the_request_id_and_is_counted_under_its_route_template() -> None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
 from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
+from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
 from client_proxy.api.reading import inference_request, with_keys
@@ -36,7 +37,8 @@ def _composition(state: ProxyState, name: str) -> Composition:
     return found
 
 
-async def _request(state: ProxyState, name: str, request: Request, endpoint: str) -> InferenceRequest:
+async def _request(state: ProxyState, request: Request, endpoint: str) -> InferenceRequest:
+    name = request.path_params["name"]
     _composition(state, name)
     return await inference_request(request, state, name, endpoint, parse_inputs, kind="composition")
 
@@ -51,38 +53,27 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-@router.post(
-    "/compositions/{name}/predict",
-    response_class=JSON,
-    openapi_extra=COMPOSITION_BODY,
-    responses=COMPOSITION_ERRORS,
-)
-async def predict(name: str, request: Request) -> JSON:
+async def predict(request: Request) -> JSON:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
-    answer = await state.plane.infer(await _request(state, name, request, "/compositions/{name}/predict"))
+    answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/predict"))
     assert answer.result is not None
     body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
     return JSON(with_keys(body, answer.fetched))
 
 
-@router.post(
-    "/compositions/{name}/label",
-    response_class=JSON,
-    openapi_extra=COMPOSITION_BODY,
-    responses=COMPOSITION_ERRORS,
-)
-async def label(name: str, request: Request) -> JSON:
+async def label(request: Request) -> JSON:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
     state: ProxyState = request.app.state.proxy
+    name = request.path_params["name"]
     composition = _composition(state, name)
     if composition.aggregator == "none":
         raise InvalidInput(
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
-    answer = await state.plane.infer(await _request(state, name, request, "/compositions/{name}/label"))
+    answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/label"))
     return JSON(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
 
 
@@ -95,24 +86,11 @@ def _label(answer: InferenceAnswer) -> dict[str, Any]:
     return body
 
 
-@router.post(
-    "/compositions/{name}/stream",
-    openapi_extra=COMPOSITION_BODY,
-    responses={
-        200: {
-            "content": {"application/x-ndjson": {}},
-            "description": "One JSON line per service, then the answer",
-        },
-        **COMPOSITION_ERRORS,
-    },
-)
-async def stream(name: str, request: Request) -> StreamingResponse:
+async def stream(request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers, then a final
     line ``{"final": true, ...}`` with the aggregated answer (or the error, when too few answered)."""
     state: ProxyState = request.app.state.proxy
-    answer, outcomes = await state.plane.stream(
-        await _request(state, name, request, "/compositions/{name}/stream")
-    )
+    answer, outcomes = await state.plane.stream(await _request(state, request, "/compositions/{name}/stream"))
 
     async def lines() -> AsyncIterator[bytes]:
         async for outcome in outcomes:
@@ -129,3 +107,22 @@ async def stream(name: str, request: Request) -> StreamingResponse:
         yield line(with_keys(final, answer.fetched))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+_TAGS = ["compositions"]
+_STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/x-ndjson": {}},
+        "description": "One JSON line per service, then the answer",
+    },
+    **COMPOSITION_ERRORS,
+}
+
+#: The compositions' inference routes, served by the fast lane and documented by FastAPI.
+ROUTES = [
+    route("/compositions/{name}/predict", "POST", predict, _TAGS, COMPOSITION_ERRORS, COMPOSITION_BODY, JSON),
+    route("/compositions/{name}/label", "POST", label, _TAGS, COMPOSITION_ERRORS, COMPOSITION_BODY, JSON),
+    route(
+        "/compositions/{name}/stream", "POST", stream, _TAGS, _STREAMED, COMPOSITION_BODY, StreamingResponse
+    ),
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import WITH_BODY
 from client_proxy.api.reading import inference_request, with_keys
@@ -44,10 +45,10 @@ _ERRORS = {
 }
 
 
-@router.post("/pipelines/{name}", response_class=JSON, openapi_extra=WITH_BODY, responses=_ERRORS)
-async def run(name: str, request: Request) -> JSON:
+async def run(request: Request) -> JSON:
     """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
     state: ProxyState = request.app.state.proxy
+    name = request.path_params["name"]
     pipeline = state.pipelines.get(name)
     if pipeline is None:
         known = ", ".join(sorted(state.pipelines)) or "none"
@@ -58,3 +59,7 @@ async def run(name: str, request: Request) -> JSON:
     answer = await state.plane.infer(inference)
     assert answer.report is not None
     return JSON(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))
+
+
+#: The pipelines' inference route, served by the fast lane and documented by FastAPI.
+ROUTES = [route("/pipelines/{name}", "POST", run, ["pipelines"], _ERRORS, WITH_BODY, JSON)]

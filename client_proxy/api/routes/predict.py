@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from client_proxy.api.answers import label_body, line, predictions_body, seed_labels, service_line
+from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import SAMPLE_ROW, header, parse_rows
 from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY
 from client_proxy.api.options import call_options
@@ -17,8 +18,6 @@ from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.errors import InvalidInput
-
-router = APIRouter(tags=["predict"])
 
 #: The seed's routes are the default composition seen through the seed's JSON.
 DEFAULT = "default"
@@ -43,7 +42,6 @@ def _predictions(answer: InferenceAnswer) -> dict[str, Any]:
     return with_keys(predictions_body(answer.result, answer.one_row), answer.fetched)
 
 
-@router.post("/predict", response_class=JSON, openapi_extra=WITH_BODY, responses=PREDICTIONS)
 async def predict(request: Request) -> JSON:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
@@ -51,7 +49,6 @@ async def predict(request: Request) -> JSON:
     return JSON(_predictions(await state.plane.infer(inference)))
 
 
-@router.post("/predict/label", response_class=JSON, openapi_extra=LABEL, responses=LABELS)
 async def predict_label(request: Request) -> JSON:
     """The label per row: the service whose P(class) is highest, and that probability.
 
@@ -70,32 +67,18 @@ async def predict_label(request: Request) -> JSON:
     return JSON(with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched))
 
 
-@router.get("/predict/get/test", response_class=JSON, openapi_extra=PARAMETERS, responses=PREDICTIONS)
 async def predict_get_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
     state: ProxyState = request.app.state.proxy
     return JSON(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/get/test"))))
 
 
-@router.post("/predict/post/test", response_class=JSON, openapi_extra=PARAMETERS, responses=PREDICTIONS)
 async def predict_post_test(request: Request) -> JSON:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
     state: ProxyState = request.app.state.proxy
     return JSON(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/post/test"))))
 
 
-@router.post(
-    "/predict/stream",
-    openapi_extra=WITH_BODY,
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {"application/x-ndjson": {}},
-            "description": "One JSON line per service, then the label",
-        },
-        **ERRORS,
-    },
-)
 async def predict_stream(request: Request) -> StreamingResponse:
     """The asynchronous variant: one NDJSON line per service the moment it answers (completion
     order), then a final line ``{"final": true, "prediction": ...}`` with the aggregated label."""
@@ -123,13 +106,20 @@ def _final_line(answer: InferenceAnswer) -> dict[str, Any]:
     return final
 
 
-#: The hot routes, served as plain Starlette routes placed in front of the FastAPI ones (which
-#: stay for the OpenAPI documentation): the handlers take only the request, so FastAPI's
-#: per-request machinery (dependency solving, parameter analysis) would be pure overhead.
-FAST_ROUTES = [
-    ("/predict", predict, ["POST"]),
-    ("/predict/label", predict_label, ["POST"]),
-    ("/predict/stream", predict_stream, ["POST"]),
-    ("/predict/get/test", predict_get_test, ["GET"]),
-    ("/predict/post/test", predict_post_test, ["POST"]),
+_TAGS = ["predict"]
+_STREAMED = {
+    200: {
+        "content": {"application/x-ndjson": {}},
+        "description": "One JSON line per service, then the label",
+    },
+    **ERRORS,
+}
+
+#: The seed's routes, served by the fast lane and documented by FastAPI.
+ROUTES = [
+    route("/predict", "POST", predict, _TAGS, PREDICTIONS, WITH_BODY, JSON),
+    route("/predict/label", "POST", predict_label, _TAGS, LABELS, LABEL, JSON),
+    route("/predict/stream", "POST", predict_stream, _TAGS, _STREAMED, WITH_BODY, StreamingResponse),
+    route("/predict/get/test", "GET", predict_get_test, _TAGS, PREDICTIONS, PARAMETERS, JSON),
+    route("/predict/post/test", "POST", predict_post_test, _TAGS, PREDICTIONS, PARAMETERS, JSON),
 ]

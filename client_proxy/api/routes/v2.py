@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from client_proxy.api.fastlane import LaneRoute, route
 from client_proxy.api.inputs import header, read_body
 from client_proxy.api.oip import (
     HEADER,
@@ -41,8 +42,6 @@ from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
 from client_proxy.core.services import time_left
 from client_proxy.errors import InvalidInput, ProxyError
-
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 
 
 def _json(content: Any, status: int = 200) -> Response:
@@ -158,10 +157,16 @@ async def infer(request: Request) -> Response:
     return Response(content, headers=headers, media_type=media)
 
 
-def _document() -> None:
-    """The FastAPI routes, for ``/docs`` and the fuzz tests only: the plain routes below answer."""
-    model_errors = oip_errors({400: "Bad request (a version other than 1)", 404: "Unknown model"})
-    infer_errors = oip_errors(
+_TAGS = ["open inference protocol (v2)"]
+_MODEL_ERRORS = oip_errors({400: "Bad request (a version other than 1)", 404: "Unknown model"})
+_INFERRED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferResponse,
+        "description": "The outputs; with binary tensors, application/octet-stream: the JSON "
+        "header (Inference-Header-Content-Length bytes) then the tensors",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **oip_errors(
         {
             400: "Bad request: its JSON, a tensor, a missing input, the binary header, a parameter",
             404: "Unknown model",
@@ -171,66 +176,46 @@ def _document() -> None:
             503: "Too few services answered (named)",
             504: "Deadline missed",
         }
-    )
-    inferred = {
-        200: {
-            "model": InferResponse,
-            "description": "The outputs; with binary tensors, application/octet-stream: the JSON "
-            "header (Inference-Header-Content-Length bytes) then the tensors",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-        },
-        **infer_errors,
-    }
-    router.add_api_route("", server_metadata, methods=["GET"], responses={200: {"model": ServerMetadata}})
-    router.add_api_route(
-        "/health/live", server_live, methods=["GET"], response_class=Response,
-        responses={200: {"description": "live", "model": ServerLive}},
-    )  # fmt: skip
-    router.add_api_route(
-        "/health/ready",
-        server_ready,
-        methods=["GET"],
-        response_class=Response,
-        responses={200: {"description": "ready", "model": ServerReady},
-                   503: {"description": "not ready", "model": ServerReady}},
-    )  # fmt: skip
+    ),
+}
+_READY: dict[int | str, dict[str, Any]] = {
+    200: {"description": "ready", "model": ModelReady},
+    400: {"description": "Not ready (or a version other than 1)", "model": ModelReady | OipError},
+    **oip_errors({404: "Unknown model"}),
+}
+
+
+def _routes() -> list[LaneRoute]:
+    """The protocol's routes, each model route also under ``/versions/{version}``; served by the
+    fast lane (the handlers read the request themselves, and the protocol's errors are not the
+    proxy's JSON errors) and documented by FastAPI."""
+    routes = [
+        route("/v2", "GET", server_metadata, _TAGS, {200: {"model": ServerMetadata}}),
+        route("/v2/health/live", "GET", server_live, _TAGS, {200: {"model": ServerLive}}),
+        route(
+            "/v2/health/ready", "GET", server_ready, _TAGS,
+            {200: {"description": "ready", "model": ServerReady},
+             503: {"description": "not ready", "model": ServerReady}},
+        ),
+    ]  # fmt: skip
     for suffix, extra in (("", V2_MODEL), ("/versions/{version}", V2_MODEL_VERSION)):
-        base = f"/models/{{name}}{suffix}"
-        router.add_api_route(
-            base, model_metadata, methods=["GET"], openapi_extra=extra,
-            responses={200: {"model": ModelMetadata}, **model_errors},
-        )  # fmt: skip
-        router.add_api_route(
-            f"{base}/ready", model_ready, methods=["GET"], openapi_extra=extra, response_class=Response,
-            responses={200: {"description": "ready", "model": ModelReady},
-                       400: {"description": "Not ready (or a version other than 1)",
-                             "model": ModelReady | OipError},
-                       **oip_errors({404: "Unknown model"})},
-        )  # fmt: skip
-        router.add_api_route(
-            f"{base}/config", model_config, methods=["GET"], openapi_extra=extra,
-            responses={200: {"model": ModelConfig}, **model_errors},
-        )  # fmt: skip
-        router.add_api_route(
-            f"{base}/infer", infer, methods=["POST"], openapi_extra={**extra, **V2_INFER_BODY},
-            responses=inferred,
-        )  # fmt: skip
+        base = f"/v2/models/{{name}}{suffix}"
+        routes += [
+            route(
+                base, "GET", model_metadata, _TAGS, {200: {"model": ModelMetadata}, **_MODEL_ERRORS}, extra
+            ),
+            route(f"{base}/ready", "GET", model_ready, _TAGS, _READY, extra),
+            route(
+                f"{base}/config",
+                "GET",
+                model_config,
+                _TAGS,
+                {200: {"model": ModelConfig}, **_MODEL_ERRORS},
+                extra,
+            ),
+            route(f"{base}/infer", "POST", infer, _TAGS, _INFERRED, {**extra, **V2_INFER_BODY}),
+        ]
+    return routes
 
 
-#: Served as plain Starlette routes (as the hot seed routes are): the handlers read the request
-#: themselves, and the protocol's errors are not the proxy's JSON errors.
-ROUTES = [
-    ("/v2", server_metadata, ["GET"]),
-    ("/v2/health/live", server_live, ["GET"]),
-    ("/v2/health/ready", server_ready, ["GET"]),
-    ("/v2/models/{name}", model_metadata, ["GET"]),
-    ("/v2/models/{name}/versions/{version}", model_metadata, ["GET"]),
-    ("/v2/models/{name}/ready", model_ready, ["GET"]),
-    ("/v2/models/{name}/versions/{version}/ready", model_ready, ["GET"]),
-    ("/v2/models/{name}/config", model_config, ["GET"]),
-    ("/v2/models/{name}/versions/{version}/config", model_config, ["GET"]),
-    ("/v2/models/{name}/infer", infer, ["POST"]),
-    ("/v2/models/{name}/versions/{version}/infer", infer, ["POST"]),
-]
-
-_document()
+ROUTES = _routes()
