@@ -20,7 +20,7 @@ from client_proxy.core.compositions import CompositionError
 from client_proxy.core.declared import load_declared
 from client_proxy.core.pipelines import PipelineError
 from client_proxy.core.services import ConfigError
-from client_proxy.observability import uvicorn_log_config
+from client_proxy.logs import uvicorn_log_config
 
 
 def main() -> int:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+from numpy.typing import NDArray
 
 from client_proxy.core.dataplane import InferenceAnswer
-from client_proxy.core.fanout import FanOutResult, Labels, Outcome, failure
+from client_proxy.core.outcomes import FanOutResult, Outcome, failure
 from client_proxy.core.rules import Alert
 
 
@@ -24,6 +26,14 @@ def predictions_body(result: FanOutResult, one_row: bool) -> dict[str, Any]:
         else:
             body[name] = {"prediction": None, "error": failure(outcome)}
     return body
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The seed's label per row: the service whose P(class) is highest, and that P (float32)."""
+
+    names: list[str]
+    proba: NDArray[np.float32]
 
 
 def seed_labels(answer: InferenceAnswer) -> Labels:

@@ -36,11 +36,8 @@ from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
-from client_proxy.observability import (
-    ProxyMetrics,
-    RequestObserver,
-    configure_logging,
-)
+from client_proxy.logs import RequestObserver, configure_logging
+from client_proxy.observability import ProxyMetrics
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway

@@ -35,8 +35,8 @@ import numpy as np
 from client_proxy.core import yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.core.conditions import service_score
-from client_proxy.core.fanout import FanOutResult
 from client_proxy.core.features import FEATURE_SET
+from client_proxy.core.outcomes import FanOutResult
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import (
     ConfigError,

@@ -35,8 +35,9 @@ from client_proxy.core.compositions import (
     check_rules,
     enough_answers,
 )
-from client_proxy.core.fanout import FanOut, FanOutResult, Outcome, failure
+from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
+from client_proxy.core.outcomes import FanOutResult, Outcome, failure
 from client_proxy.core.pipelines import Pipeline, PipelineResult, run_pipeline
 from client_proxy.core.rules import Alert, AlertSink
 from client_proxy.core.served import Gateway, Kind, Served, ServedModels

@@ -2,7 +2,8 @@
 
 ``FanOut.run`` calls every service at once and waits, within the request's deadline, as the
 timeout policy says; ``FanOut.stream`` yields each service's outcome the moment it arrives
-(the seed's asynchronous variant). ``aggregate`` turns the answers into labels.
+(the seed's asynchronous variant). The aggregators (``aggregators.py``) turn the answers into
+labels.
 
 Every call is bounded by ``min(service timeout, time left to the deadline)``, and every call
 still running when a request is done (failed fast, or the client went away) is given up: a
@@ -17,17 +18,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy import tracing
-from client_proxy.core.aggregators import one_vs_rest
+from client_proxy.core.outcomes import FanOutResult, Outcome, failure
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs
-from client_proxy.errors import CallCancelled, Failure, ServicesFailed, UpstreamError, UpstreamTimeout
+from client_proxy.errors import CallCancelled, ServicesFailed, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -44,61 +43,8 @@ class Submitter(Protocol):
     def give_up(self, service: Service, future: asyncio.Future[NDArray[Any]]) -> None: ...
 
 
-OutcomeHook = Callable[["Outcome"], None]
+OutcomeHook = Callable[[Outcome], None]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One service's part of one request."""
-
-    service: str
-    probabilities: NDArray[np.float32] | None
-    """``[N, 2]``: ``[P(class), P(other)]`` per row; None when the service did not answer."""
-    error: UpstreamError | None
-    latency_s: float
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def reason(self) -> str:
-        return "ok" if self.error is None else self.error.reason
-
-
-@dataclass(frozen=True)
-class FanOutResult:
-    outcomes: dict[str, Outcome]
-    """By service name, in the services' order."""
-    answered: list[str] = field(default_factory=list)
-    missing: dict[str, Failure] = field(default_factory=dict)
-    """Service name -> why, for each service that did not answer."""
-
-    @property
-    def partial(self) -> bool:
-        return bool(self.missing)
-
-
-@dataclass(frozen=True)
-class Labels:
-    """The aggregated answer for N rows."""
-
-    names: list[str]
-    """Per row: the service whose P(class) is highest (the first one on ties, as in the seed)."""
-    proba: NDArray[np.float32]
-    """Per row: that highest P(class)."""
-
-
-def aggregate(probabilities: dict[str, NDArray[np.float32]]) -> Labels:
-    """The seed's rule, for N rows at once: the label is the service with the highest P(class)."""
-    result = one_vs_rest(probabilities)
-    return Labels(names=result.labels, proba=result.proba.astype(np.float32))
-
-
-def failure(outcome: Outcome) -> Failure:
-    assert outcome.error is not None
-    return Failure.of(outcome.error)
 
 
 class FanOut:

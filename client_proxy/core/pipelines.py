@@ -46,7 +46,8 @@ from client_proxy.core import conditions, yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
 from client_proxy.core.compositions import Gateway, expand, read_classes, read_feature_set, resolve_classes
 from client_proxy.core.conditions import Condition, service_score
-from client_proxy.core.fanout import FanOut, FanOutResult
+from client_proxy.core.fanout import FanOut
+from client_proxy.core.outcomes import FanOutResult
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count, take_rows

@@ -8,19 +8,20 @@ import time
 import numpy as np
 import pytest
 
-from client_proxy.core.fanout import FanOut, aggregate
+from client_proxy.core.aggregators import one_vs_rest
+from client_proxy.core.fanout import FanOut
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.errors import Failure, ServicesFailed, UpstreamUnavailable
 from client_proxy.triton.coalesce import Coalescer
 
 
-def test_aggregate_is_the_seeds_rule_per_row() -> None:
+def test_one_vs_rest_is_the_seeds_rule_per_row() -> None:
     probabilities = {
         "a": np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]], dtype=np.float32),
         "b": np.array([[0.3, 0.7], [0.5, 0.5], [0.1, 0.9]], dtype=np.float32),
     }
-    labels = aggregate(probabilities)
-    assert labels.names == ["b", "a", "a"]  # a tie goes to the first service, as in the seed
+    labels = one_vs_rest(probabilities)
+    assert labels.labels == ["b", "a", "a"]  # a tie goes to the first service, as in the seed
     np.testing.assert_allclose(labels.proba, [0.3, 0.5, 0.9])
 
 

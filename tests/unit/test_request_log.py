@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from client_proxy import observability
-from client_proxy.core.fanout import Outcome
+from client_proxy import logs
+from client_proxy.core.outcomes import Outcome
 from client_proxy.errors import UpstreamTimeout
-from client_proxy.observability import configure_logging, log_request
+from client_proxy.logs import configure_logging, log_request
 
 
 @pytest.fixture
@@ -24,17 +24,17 @@ def proxy_log() -> Iterator[io.StringIO]:
         proxy_logger.handlers[:],
         proxy_logger.propagate,
         proxy_logger.level,
-        observability._request_handler,
+        logs._request_handler,
     )
     proxy_logger.handlers.clear()
     configure_logging("INFO")
-    assert observability._request_handler is not None
+    assert logs._request_handler is not None
     stream = io.StringIO()
-    observability._request_handler.setStream(stream)
+    logs._request_handler.setStream(stream)
     try:
         yield stream
     finally:
-        proxy_logger.handlers[:], proxy_logger.propagate, level, observability._request_handler = saved
+        proxy_logger.handlers[:], proxy_logger.propagate, level, logs._request_handler = saved
         proxy_logger.setLevel(level)
 
 
@@ -56,15 +56,15 @@ def test_the_direct_line_is_the_line_logging_writes(
         def not_through_logging(*args: object) -> None:
             raise AssertionError("the line went through logging")
 
-        patch.setattr(observability.logger, "log", not_through_logging)
+        patch.setattr(logs.logger, "log", not_through_logging)
         # pytest attaches its capture handlers to non-propagating loggers too: without them here.
-        patch.setattr(observability.logger, "handlers", [observability._request_handler])
+        patch.setattr(logs.logger, "handlers", [logs._request_handler])
         log_request("r-1", "/predict/label", _outcomes()[:1])
         log_request("r-2", "/predict/label", _outcomes())
     direct = proxy_log.getvalue()
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO client_proxy request_id=r-1 ", direct)
     # Through logging's own machinery (a filter that lets everything through forces it).
-    handler = observability._request_handler
+    handler = logs._request_handler
     assert handler is not None
     handler.addFilter(lambda record: True)
     proxy_log.seek(0)
