@@ -144,7 +144,7 @@ OIP = (
 
 
 #: perf_analyzer against the proxy's gRPC door over perf_analyzer against Triton's gRPC, at c=16.
-OIP_TARGET = 0.8
+OIP_TARGET = 1.0
 
 
 def _perf_analyzer(
