@@ -31,7 +31,7 @@ def main() -> int:
         check_settings(settings)
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
-        load_declared(settings, services, warn=False)  # each worker warns in its log
+        load_declared(settings, services, os.environ, warn=False)  # each worker warns in its log
         tracing.check(os.environ)
     except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)

@@ -244,3 +244,39 @@ def test_a_partial_answer_says_so_in_the_parameters(explicit_triton: TritonServe
         assert response["parameters"]["missing"] == "very_slow"
         whole = httpx.post(f"{url}/v2/models/iris_fanout/infer", json=body, timeout=20).json()
         assert "missing" not in whole.get("parameters", {})  # the same request, no parameter: all three
+
+
+def test_a_compositions_own_deadline_and_policy_hold_on_every_door(
+    explicit_triton: TritonServer, tmp_path: Path
+) -> None:
+    """One path: a composition's ``deadline_ms`` and ``timeout_policy`` bound its Open Inference
+    Protocol requests (HTTP and gRPC) as they bound its JSON routes: very_slow (3 s) is cut at
+    the composition's 600 ms though ``PROXY_DEADLINE_MS`` is 10 s."""
+    path = tmp_path / "compositions.yaml"
+    path.write_text(
+        "compositions:\n"
+        + "".join(
+            f"  {name}:\n    services:\n"
+            + "".join(
+                f'      {m}: {{target: "{explicit_triton.grpc_url}/{m}"}}\n' for m in ("setosa", "very_slow")
+            )
+            + f"    aggregator: one_vs_rest\n    deadline_ms: 600\n    timeout_policy: {policy}\n"
+            for name, policy in (("quick", "partial"), ("strict", "all_or_nothing"))
+        )
+    )
+    tensor = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}
+    with running_proxy(
+        settings(deadline_ms=10_000, service_timeout_ms=10_000, compositions_file=path), []
+    ) as url:
+        for door in ("/compositions/quick/label", "/v2/models/quick/infer"):
+            body = {"data": [tensor["data"]]} if door.startswith("/compositions") else {"inputs": [tensor]}
+            response = httpx.post(f"{url}{door}", json=body, timeout=20)
+            assert response.status_code == 200, (door, response.text)
+            assert response.elapsed.total_seconds() < 2.5, door  # far from both 0.6 s and 3 s
+            answer = response.json()
+            missing = answer["missing"] if "missing" in answer else answer["parameters"]["missing"]
+            assert "very_slow" in missing, door
+        for door in ("/compositions/strict/label", "/v2/models/strict/infer"):
+            body = {"data": [tensor["data"]]} if door.startswith("/compositions") else {"inputs": [tensor]}
+            response = httpx.post(f"{url}{door}", json=body, timeout=20)
+            assert response.status_code == 504 and "very_slow" in response.text, (door, response.text)

@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
     )
     tracing.configure(os.environ)  # off unless the OTEL_* variables switch it on
     ensemble = ensemble_service(settings, services)
-    declared = load_declared(settings, services)
+    declared = load_declared(settings, services, os.environ)
     compositions = declared.compositions
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings, listener=metrics)

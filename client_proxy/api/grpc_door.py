@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from client_proxy import tracing
-from client_proxy.api import grpc_wire
+from client_proxy.api import grpc_calls, grpc_wire
 from client_proxy.api.oip import SERVER, datatype_of, deadline_and_policy, from_bytes, outputs_of, to_bytes
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
@@ -179,7 +179,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         status = "OK"
         try:
             return await self._infer(request, context, request_id)
-        except grpc_wire.Abort as exc:
+        except grpc_calls.Abort as exc:
             status = exc.code.name
             raise
         except BaseException as exc:  # grpcio's abort raises its own exception
@@ -276,7 +276,7 @@ async def start(state: ProxyState, host: str, port: int) -> Door:
     else:
         lean = grpc_wire.LeanGrpcServer(
             {
-                f"/inference.GRPCInferenceService/{name}": grpc_wire.Method(
+                f"/inference.GRPCInferenceService/{name}": grpc_calls.Method(
                     request_type, getattr(service, name)
                 )
                 for name, request_type in _METHODS.items()

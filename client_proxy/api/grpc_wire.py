@@ -23,13 +23,21 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from client_proxy.api.grpc_calls import (
+    TRACE_HEADERS,
+    Abort,
+    Context,
+    Method,
+    field_problem,
+    grpc_timeout,
+    malformed_trailers,
+    status_block,
+)
 from client_proxy.http2 import (
     END_HEADERS,
     END_STREAM,
@@ -58,110 +66,10 @@ logger = logging.getLogger("client_proxy.grpc")
 
 #: Streams one connection may have open at once (more are refused, and the client retries them).
 MAX_STREAMS = 1024
-#: Longest grpc-message sent back (the rest is cut), so that a trailer block fits one frame.
-_MAX_DETAILS = 4096
-
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
 #: ``:status: 200`` (static table entry 8) and ``content-type: application/grpc`` (a literal with
 #: the static table's name 31).
 RESPONSE_HEADERS = b"\x88" + literal_indexed_name(31, b"application/grpc")
 OK_TRAILERS = literal(b"grpc-status", b"0")
-
-
-def _percent_encoded(text: str) -> bytes:
-    """grpc-message's encoding: printable ASCII but ``%`` as is, every other byte as ``%XX``."""
-    raw = text.encode()[:_MAX_DETAILS]
-    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
-        return raw
-    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
-
-
-def status_block(code: grpc.StatusCode, details: str) -> bytes:
-    """The trailers of a call that ends with ``code``."""
-    block = literal(b"grpc-status", str(code.value[0]).encode())
-    return block + literal(b"grpc-message", _percent_encoded(details)) if details else block
-
-
-#: The W3C trace context headers, kept for the handler (``Context.invocation_metadata``).
-_TRACE_HEADERS = frozenset((b"traceparent", b"tracestate", b"baggage"))
-
-
-#: Header fields that are HTTP/1.1's connection-specific ones, malformed in HTTP/2 (RFC 9113 8.2.2).
-_CONNECTION_SPECIFIC = frozenset(
-    (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
-)
-
-
-def _field_problem(name: bytes, value: bytes) -> str:
-    """Why a regular header field makes a request malformed (RFC 9113 8.2), or ``""``."""
-    if not name or name[:1] == b":":
-        return f"pseudo-header {name!r} unknown, repeated or out of place"
-    if name != name.lower():
-        return f"field name {name!r} not in lowercase"
-    if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-        return f"connection-specific field {name!r}"
-    return ""
-
-
-def _malformed_trailers(headers: list[tuple[bytes, bytes]]) -> str:
-    """Why a request's trailers are malformed (no pseudo-header; RFC 9113 8.1), or ``""``."""
-    for name, value in headers:
-        problem = _field_problem(name, value)
-        if problem:
-            return problem
-    return ""
-
-
-def _grpc_timeout(value: bytes) -> float:
-    """``grpc-timeout`` (up to 8 digits and a unit) in seconds."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not 1 <= len(digits) <= 8 or not digits.isdigit():
-        raise ValueError(value)
-    return int(digits) * unit
-
-
-class Abort(Exception):
-    """A call ended with a status code other than OK."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-class Context:
-    """What a handler may ask of its call, as grpcio's ``ServicerContext`` names it."""
-
-    __slots__ = ("_deadline", "_metadata")
-
-    def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self._deadline = deadline
-        self._metadata = metadata
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The client's trace context headers (``traceparent``, ``tracestate``): the only
-        metadata this server keeps."""
-        return self._metadata
-
-    def time_remaining(self) -> float | None:
-        """Seconds left before the client's deadline; None if it set none."""
-        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise Abort(code, details)
-
-
-Handler = Callable[[Any, Context], Awaitable[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Method:
-    """A unary method: the protobuf class of its request, and the handler that answers it."""
-
-    request_type: Any
-    handler: Handler
 
 
 class _Call(Stream):
@@ -311,7 +219,7 @@ class _ServerConnection(Connection):
         if stream is not None:  # trailers from the client: they end its request
             if stream.ended:  # the request had ended: nothing may follow (RFC 9113 5.1)
                 self.reset(stream, STREAM_CLOSED)
-            elif not end_stream or _malformed_trailers(headers):
+            elif not end_stream or malformed_trailers(headers):
                 self.reset(stream, PROTOCOL_ERROR)
             else:
                 stream.ended = True
@@ -348,15 +256,15 @@ class _ServerConnection(Connection):
                     content_type = value
                 elif name == b"te":
                     if value != b"trailers":
-                        problem = _field_problem(name, value)
+                        problem = field_problem(name, value)
                 elif name == b"grpc-timeout":
                     timeout = value
                 elif name == b"grpc-encoding":
                     encoding = value
-                elif name in _TRACE_HEADERS:
+                elif name in TRACE_HEADERS:
                     metadata.append((name.decode("latin-1"), value.decode("latin-1")))
                 else:
-                    problem = _field_problem(name, value) or problem
+                    problem = field_problem(name, value) or problem
                 continue
             if regular or seen & bit:
                 problem = f"pseudo-header {name!r} repeated or after a regular field"
@@ -383,7 +291,7 @@ class _ServerConnection(Connection):
             stream.encoding = encoding
             if timeout is not None:
                 try:
-                    stream.deadline = time.monotonic() + _grpc_timeout(timeout)
+                    stream.deadline = time.monotonic() + grpc_timeout(timeout)
                 except ValueError:
                     self._answer_status(
                         stream, grpc.StatusCode.INVALID_ARGUMENT, f"malformed grpc-timeout {timeout!r}"

@@ -266,3 +266,8 @@ V2_INFER_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+def streamed(description: str, errors: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of a streaming route: NDJSON lines (``description``), or ``errors``."""
+    return {200: {"content": {"application/x-ndjson": {}}, "description": description}, **errors}

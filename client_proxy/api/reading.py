@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 
 from client_proxy.api.inputs import check_content_type, parse_keys, read_body
-from client_proxy.api.options import call_options
+from client_proxy.api.options import CallOptions, call_options
 from client_proxy.api.state import ProxyState
 from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.features import Fetched
@@ -35,17 +35,14 @@ async def inference_request(
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, time_left(options.deadline))
     keys = parse_keys(body, settings.max_rows)
+    inputs = parse(body, settings.max_rows) if keys is None else None
+    return with_options(options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind)
+
+
+def with_options(options: CallOptions, model: str, endpoint: str, **fields: Any) -> InferenceRequest:
+    """The request for ``model`` with ``options``' id, start, deadline and policy, and ``fields``."""
     return InferenceRequest(
-        model,
-        endpoint,
-        options.request_id,
-        options.started,
-        options.deadline,
-        options.policy,
-        inputs=parse(body, settings.max_rows) if keys is None else None,
-        keys=keys,
-        ensemble=ensemble,
-        kind=kind,
+        model, endpoint, options.request_id, options.started, options.deadline, options.policy, **fields
     )
 
 

@@ -22,7 +22,6 @@ Errors in the file stop the start with a ``CompositionError`` naming the file an
 
 from __future__ import annotations
 
-import os
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -132,14 +131,14 @@ def load_compositions(
     path: Path,
     services: Mapping[str, Service],
     default_protocol: Protocol,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str],
 ) -> dict[str, Composition]:
     """The compositions in ``path``; ``CompositionError`` naming the line for anything invalid.
 
     A service is the one ``services`` (the ``SERVICE_*`` variables) names, or its own ``target``,
-    in which ``${VAR}`` and ``${VAR:-default}`` are read from ``environ`` (the process's).
+    in which ``${VAR}`` and ``${VAR:-default}`` are read from ``environ`` (the caller's: the
+    core reads no environment).
     """
-    environ = os.environ if environ is None else environ
     where = str(path)
     document = yamlfile.read(path, "compositions file", CompositionError)
 

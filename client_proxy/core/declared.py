@@ -6,7 +6,7 @@ again by each app worker; the pipelines may name the compositions' services.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from client_proxy.config import Settings
@@ -30,15 +30,20 @@ def service_map(services: Iterable[Service], compositions: Iterable[Composition]
     return found
 
 
-def load_declared(settings: Settings, services: list[Service], warn: bool = True) -> Declared:
-    """The compositions and pipelines files; ``CompositionError`` or ``PipelineError`` naming
-    the file and line for a mistake. ``warn``: log that the shipped pipelines are left out."""
+def load_declared(
+    settings: Settings, services: list[Service], environ: Mapping[str, str], warn: bool = True
+) -> Declared:
+    """The compositions and pipelines files, their ``${VAR}`` read from ``environ``;
+    ``CompositionError`` or ``PipelineError`` naming the file and line for a mistake. ``warn``:
+    log that the shipped pipelines are left out."""
     compositions = (
-        load_compositions(settings.compositions_file, {s.name: s for s in services}, settings.protocol)
+        load_compositions(
+            settings.compositions_file, {s.name: s for s in services}, settings.protocol, environ
+        )
         if settings.compositions_file is not None
         else {}
     )
     pipelines, source = configured_pipelines(
-        settings.pipelines_file, service_map(services, compositions.values()), warn
+        settings.pipelines_file, service_map(services, compositions.values()), environ, warn
     )
     return Declared(compositions, pipelines, source)

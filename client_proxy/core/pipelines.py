@@ -31,7 +31,6 @@ Errors in the file stop the start with a ``PipelineError`` naming the file and l
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -115,11 +114,11 @@ class Pipeline:
 
 # -- loading, with line numbers -----------------------------------------------------------------
 def load_pipelines(
-    path: Path, services: Mapping[str, Service], environ: Mapping[str, str] | None = None
+    path: Path, services: Mapping[str, Service], environ: Mapping[str, str]
 ) -> dict[str, Pipeline]:
     """The pipelines in ``path``; ``PipelineError`` naming the line for anything invalid.
-    ``environ`` (the process's): the ``${VAR}`` of the rules' webhook URLs."""
-    environ = os.environ if environ is None else environ
+    ``environ``: the variables the ``${VAR}`` of the rules' webhook URLs are read from (the
+    caller's: the core reads no environment)."""
     where = str(path)
     document = yamlfile.read(path, "pipeline file", PipelineError)
 
@@ -234,7 +233,7 @@ def _step(
 
 
 def configured_pipelines(
-    path: Path | None, services: Mapping[str, Service], warn: bool = True
+    path: Path | None, services: Mapping[str, Service], environ: Mapping[str, str], warn: bool = True
 ) -> tuple[dict[str, Pipeline], str]:
     """The pipelines to serve, and from where.
 
@@ -243,9 +242,9 @@ def configured_pipelines(
     warning, rather than stopping a proxy whose services were changed on purpose.
     """
     if path is not None:
-        return load_pipelines(path, services), str(path)
+        return load_pipelines(path, services, environ), str(path)
     try:
-        return load_pipelines(DEFAULT_FILE, services), str(DEFAULT_FILE)
+        return load_pipelines(DEFAULT_FILE, services, environ), str(DEFAULT_FILE)
     except PipelineError as exc:
         if warn:
             logger.warning("the shipped pipelines are not served: %s", exc)

@@ -31,7 +31,7 @@ compositions:
 def _load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
     path = tmp_path / "compositions.yaml"
     path.write_text(text)
-    return load_compositions(path, KNOWN, "grpc")
+    return load_compositions(path, KNOWN, "grpc", {})
 
 
 def test_a_composition_is_read_as_declared(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method
+from client_proxy.api.grpc_calls import Context, Method
+from client_proxy.api.grpc_wire import LeanGrpcServer
 from client_proxy.triton import grpc_lean
 from client_proxy.triton.grpc_lean import CallError, LeanChannel
 

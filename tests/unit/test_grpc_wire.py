@@ -17,7 +17,8 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from client_proxy import http2 as wire
-from client_proxy.api.grpc_wire import Context, LeanGrpcServer, Method
+from client_proxy.api.grpc_calls import Context, Method
+from client_proxy.api.grpc_wire import LeanGrpcServer
 from client_proxy.http2 import Limits, frame
 from tests.rawh2 import Raw
 from tests.rawh2 import message as _message

@@ -47,7 +47,7 @@ GOOD_HEAD = "pipelines:\n  p:\n    steps:\n"
 def test_invalid_pipeline_files_name_the_line(tmp_path: Path, steps: str, line: int, text: str) -> None:
     path = _write(tmp_path, GOOD_HEAD + steps)
     with pytest.raises(PipelineError) as error:
-        load_pipelines(path, IRIS)
+        load_pipelines(path, IRIS, {})
     assert f"line {line}:" in str(error.value) and text in str(error.value) and str(path) in str(error.value)
 
 
@@ -64,39 +64,42 @@ def test_a_pipelines_aggregator_and_classes_are_checked(
 ) -> None:
     steps = "      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n"
     with pytest.raises(PipelineError) as error:
-        load_pipelines(_write(tmp_path, head + steps), IRIS)
+        load_pipelines(_write(tmp_path, head + steps), IRIS, {})
     assert f"line {line}:" in str(error.value) and text in str(error.value)
 
 
 def test_a_class_operand_is_taken_when_the_classes_come_from_the_models(tmp_path: Path) -> None:
     head = "pipelines:\n  p:\n    aggregator: mean\n    steps:\n"
     steps = "      - name: a\n        services: [setosa]\n        stop_if: class_1 > 0.9\n"
-    (pipeline,) = load_pipelines(_write(tmp_path, head + steps), IRIS).values()
+    (pipeline,) = load_pipelines(_write(tmp_path, head + steps), IRIS, {}).values()
     assert pipeline.aggregator == "mean" and pipeline.steps[0].stop_if is not None
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="line 3"):
-        load_pipelines(_write(tmp_path, "pipelines:\n  p:\n\tsteps: []\n"), IRIS)
+        load_pipelines(_write(tmp_path, "pipelines:\n  p:\n\tsteps: []\n"), IRIS, {})
 
 
 def test_the_shipped_cascade_loads() -> None:
-    (cascade,) = load_pipelines(DEFAULT_FILE, IRIS).values()
+    (cascade,) = load_pipelines(DEFAULT_FILE, IRIS, {}).values()
     assert [s.services for s in cascade.steps] == [("setosa",), ("versicolor", "virginica")]
 
 
 def test_the_shipped_file_steps_aside_when_the_services_differ(tmp_path: Path) -> None:
     only_setosa = {"setosa": IRIS["setosa"]}
-    pipelines, source = configured_pipelines(None, only_setosa)
+    pipelines, source = configured_pipelines(None, only_setosa, {})
     assert pipelines == {} and "not served" in source and "versicolor" in source
-    assert set(configured_pipelines(None, IRIS)[0]) == {"iris_cascade"}
+    assert set(configured_pipelines(None, IRIS, {})[0]) == {"iris_cascade"}
     # A file the operator named is strict.
     with pytest.raises(PipelineError):
-        configured_pipelines(DEFAULT_FILE, only_setosa)
+        configured_pipelines(DEFAULT_FILE, only_setosa, {})
 
 
 def test_the_example_file_serves_the_shipped_cascade_unchanged() -> None:
     """examples/pipelines.yaml (make run, compose, k8s) repeats the shipped cascade: the same."""
     services = {**IRIS, **{n: Service(n, "grpc", "x:1", n) for n in ("wine_logreg", "wine_gbt", "wine_knn")}}
-    example = load_pipelines(ROOT / "examples" / "pipelines.yaml", services)
-    assert example["iris_cascade"].describe() == load_pipelines(DEFAULT_FILE, IRIS)["iris_cascade"].describe()
+    example = load_pipelines(ROOT / "examples" / "pipelines.yaml", services, {})
+    assert (
+        example["iris_cascade"].describe()
+        == load_pipelines(DEFAULT_FILE, IRIS, {})["iris_cascade"].describe()
+    )

@@ -158,9 +158,9 @@ def test_a_pipeline_declares_rules_too(tmp_path: Path) -> None:
     )
     path.write_text(text)
     with pytest.raises(PipelineError, match=r"line 8: pipeline 'p', rule 'late_virginica': when"):
-        load_pipelines(path, IRIS)  # virginica is no service of the pipeline
+        load_pipelines(path, IRIS, {})  # virginica is no service of the pipeline
     path.write_text(text.replace("[setosa]", "[setosa, virginica]"))
-    (pipeline,) = load_pipelines(path, IRIS).values()
+    (pipeline,) = load_pipelines(path, IRIS, {}).values()
     assert pipeline.rules[0].when.text == "virginica >= 0.9"
 
 

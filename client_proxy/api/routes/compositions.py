@@ -16,7 +16,7 @@ from starlette.responses import StreamingResponse
 from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
 from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
-from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS
+from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS, streamed
 from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.compositions import Composition
@@ -110,13 +110,7 @@ async def stream(request: Request) -> StreamingResponse:
 
 
 _TAGS = ["compositions"]
-_STREAMED: dict[int | str, dict[str, Any]] = {
-    200: {
-        "content": {"application/x-ndjson": {}},
-        "description": "One JSON line per service, then the answer",
-    },
-    **COMPOSITION_ERRORS,
-}
+_STREAMED = streamed("One JSON line per service, then the answer", COMPOSITION_ERRORS)
 
 #: The compositions' inference routes, served by the fast lane and documented by FastAPI.
 ROUTES = [

@@ -12,9 +12,9 @@ from fastapi.responses import StreamingResponse
 from client_proxy.api.answers import label_body, line, predictions_body, seed_labels, service_line
 from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import SAMPLE_ROW, header, parse_rows
-from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY
+from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY, streamed
 from client_proxy.api.options import call_options
-from client_proxy.api.reading import inference_request, with_keys
+from client_proxy.api.reading import inference_request, with_keys, with_options
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.errors import InvalidInput
@@ -25,16 +25,7 @@ _SAMPLE = np.asarray([SAMPLE_ROW], dtype=np.float32)
 
 
 def _sample_request(request: Request, state: ProxyState, endpoint: str) -> InferenceRequest:
-    options = call_options(request, state.settings)
-    return InferenceRequest(
-        DEFAULT,
-        endpoint,
-        options.request_id,
-        options.started,
-        options.deadline,
-        options.policy,
-        inputs=_SAMPLE,
-    )
+    return with_options(call_options(request, state.settings), DEFAULT, endpoint, inputs=_SAMPLE)
 
 
 def _predictions(answer: InferenceAnswer) -> dict[str, Any]:
@@ -107,13 +98,7 @@ def _final_line(answer: InferenceAnswer) -> dict[str, Any]:
 
 
 _TAGS = ["predict"]
-_STREAMED = {
-    200: {
-        "content": {"application/x-ndjson": {}},
-        "description": "One JSON line per service, then the label",
-    },
-    **ERRORS,
-}
+_STREAMED = streamed("One JSON line per service, then the label", ERRORS)
 
 #: The seed's routes, served by the fast lane and documented by FastAPI.
 ROUTES = [

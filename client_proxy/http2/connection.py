@@ -1,225 +1,63 @@
-"""HTTP/2 (RFC 9113) over cleartext TCP, as much of it as unary gRPC calls need, for both ends:
-the proxy's gRPC door (``client_proxy.api.grpc_wire``, a server) and its inference calls to
-Triton (``client_proxy.triton.grpc_lean``, a client).
-
-Why the proxy speaks HTTP/2 itself: grpcio's asyncio server and client cost a few tenths of a
-millisecond of CPU per call on the project's machine (a poller thread beside the event loop, a
-completion queue, several Cython coroutines per call), as much as everything else the proxy
-does per request. Frames parsed with ``struct`` in the event loop's protocol callbacks, and
-header blocks sent as fixed bytes, cost a fraction of that. Header blocks are decoded by the
-``hpack`` package (RFC 7541).
-
-``Connection`` holds what both ends share: the frame loop, SETTINGS, PING, flow control both ways
-(``send`` holds back what the peer's windows do not allow yet), CONTINUATION and padding, GOAWAY
-on a connection error. A subclass handles a stream's HEADERS, DATA and RST_STREAM, and the
-peer's GOAWAY.
-
-A server's connection is also guarded against its peer (``Limits``), as the hardened HTTP/2
-servers are (nghttp2, Go's x/net/http2, Envoy, grpc after CVE-2023-44487): budgets for frames
-that carry no call and for resets, answered with GOAWAY ENHANCE_YOUR_CALM when spent; a bounded
-number of frames handled per turn of the event loop; the connection's receive window given back
-as requests are consumed rather than as they arrive, so that what it buffers is bounded; and
-flow-control work in time independent of the number of streams (a stream's send window is kept
-relative to the peer's initial window, and streams that wait for their own window are set apart
-from those that wait for the connection's).
-"""
+"""One HTTP/2 connection, either end: the frame loop, SETTINGS, PING, CONTINUATION and padding,
+the peer held to its budgets, GOAWAY on a connection error (flow control: ``flow.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import hpack
 
+from client_proxy.http2.flow import FlowControl
+from client_proxy.http2.frames import (
+    ACK,
+    COMPRESSION_ERROR,
+    CONNECTION_WINDOW,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    GOAWAY_HEAD,
+    HEADERS,
+    INTERNAL_ERROR,
+    LINGER_S,
+    MAX_FRAME,
+    MAX_HEADER_LIST,
+    PING,
+    PREFACE,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_HEADER_LIST_SIZE,
+    STREAM_CLOSED,
+    STREAM_WINDOW,
+    U32,
+    WINDOW_UPDATE,
+    Bucket,
+    ConnectionFailure,
+    Limits,
+    Stream,
+    frame,
+    only_indexed,
+    unpadded,
+)
+
 logger = logging.getLogger("client_proxy.http2")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: A frame header: the 24-bit length as its high byte and low 16 bits, type, flags, stream id.
-FRAME = struct.Struct(">BHBBI")
-#: A gRPC message's prefix: compressed flag, length.
-MESSAGE = struct.Struct(">BI")
-SETTING = struct.Struct(">HI")
-U32 = struct.Struct(">I")
-GOAWAY_HEAD = struct.Struct(">II")
 
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    range(10)
-)
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
-ENHANCE_YOUR_CALM = 0xB
-
-SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
-
-#: How much the peer may send on one stream, and on the connection, before a WINDOW_UPDATE
-#: (the stream's sent when half is used; the connection's when a quarter is consumed, which a
-#: guarded connection counts when a request is handed on, not when it arrives): wide, so that a
-#: message rarely waits for one.
-STREAM_WINDOW = 4 * 1024 * 1024
-CONNECTION_WINDOW = 16 * 1024 * 1024
-#: The largest header list accepted (decoded), as grpcio's hard limit.
-MAX_HEADER_LIST = 16 * 1024
-#: The largest frame accepted (HTTP/2's default, not raised).
-MAX_FRAME = 16_384
-MAX_WINDOW = 2**31 - 1
-#: WINDOW_UPDATE frames a peer may send free for each DATA frame this side sent (Envoy's
-#: max_inbound_window_update_frames_per_data_frame_sent), and the most it may save up.
-WINDOW_UPDATES_PER_DATA = 10
-WINDOW_CREDIT_CAP = 10_000
-#: After a connection error's GOAWAY, how long the peer's last frames are read and dropped.
-LINGER_S = 0.5
-DEFAULT_WINDOW = 65_535
-
-
-def integer(value: int, prefix_bits: int, flags: int = 0) -> bytes:
-    """An HPACK integer (RFC 7541 5.1) in a ``prefix_bits`` prefix, the first byte's upper bits
-    being ``flags``."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([flags | value])
-    encoded = bytearray([flags | limit])
-    value -= limit
-    while value >= 128:
-        encoded.append((value & 0x7F) | 0x80)
-        value >>= 7
-    encoded.append(value)
-    return bytes(encoded)
-
-
-def string(value: bytes) -> bytes:
-    return integer(len(value), 7) + value
-
-
-def literal(name: bytes, value: bytes) -> bytes:
-    """A header as a literal never added to the dynamic table, so every block this side sends is
-    fixed bytes and no table has to be kept in step with the peer's decoder."""
-    return b"\x00" + string(name) + string(value)
-
-
-def literal_indexed_name(index: int, value: bytes) -> bytes:
-    """A literal never added to the table, its name the static table's entry ``index``."""
-    return integer(index, 4) + string(value)
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    length = len(payload)
-    return FRAME.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id) + payload
-
-
-def only_indexed(block: bytes) -> bool:
-    """Whether a header block holds indexed fields alone (RFC 7541 6.1: the first bit set, the
-    index an integer with a 7-bit prefix), which leave the decoder's table as it was."""
-    position, end = 0, len(block)
-    while position < end:
-        first = block[position]
-        if not first & 0x80:
-            return False
-        position += 1
-        if first & 0x7F == 0x7F:  # the index goes on in bytes whose first bit says "more"
-            while position < end and block[position] & 0x80:
-                position += 1
-            position += 1
-    return True
-
-
-def unpadded(flags: int, payload: bytes) -> bytes:
-    if not flags & PADDED:
-        return payload
-    if not payload or payload[0] >= len(payload):
-        raise ConnectionFailure(PROTOCOL_ERROR, "padding longer than its frame")
-    return payload[1 : len(payload) - payload[0]]
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one peer may cost a guarded connection (a server's, facing clients it does not know)."""
-
-    #: Frames that carry no call (PING, SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM of a closed
-    #: stream, empty DATA or CONTINUATION, unknown types, DATA forced tiny by the peer's windows)
-    #: the peer may send in a burst. The budget refills by a tenth of this a second and by one per
-    #: call answered; spent, the connection ends with GOAWAY ENHANCE_YOUR_CALM.
-    control_frames: int = 1000
-    #: Calls the peer may reset before their answer in a burst (rapid reset, CVE-2023-44487);
-    #: refilled as ``control_frames`` is.
-    resets: int = 1000
-    #: Seconds from the connection's start to the peer's preface and first SETTINGS.
-    handshake_timeout: float = 10.0
-    #: Seconds without a call started or answered and with none running, after which the
-    #: connection ends (GOAWAY NO_ERROR): between one and two such periods.
-    idle_timeout: float = 300.0
-    #: Request bytes the connection may hold before the calls they belong to are consumed: the
-    #: connection's receive window, given back only as requests are handed to their handlers.
-    connection_window: int = CONNECTION_WINDOW
-    #: Frames handled in one turn of the event loop before the others' turn (the rest wait in
-    #: the buffer, the socket unread meanwhile).
-    frames_per_turn: int = 256
-    #: CONTINUATION frames one header block may take.
-    continuations: int = 16
-
-
-class _Bucket:
-    """A token bucket: ``capacity`` tokens, refilled at ``rate`` a second and by ``refund``."""
-
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = float(capacity)
-        self.rate = capacity / 10.0
-        self.tokens = float(capacity)
-        self.stamp = time.monotonic()
-
-    def take(self, count: float = 1.0) -> bool:
-        tokens = self.tokens
-        if tokens < self.capacity:
-            now = time.monotonic()
-            tokens = min(self.capacity, tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-        if tokens < count:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - count
-        return True
-
-    def refund(self, count: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + count)
-
-
-class ConnectionFailure(Exception):
-    """A connection error (RFC 9113 5.4.1): the connection ends with a GOAWAY naming it."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Stream:
-    """What both ends keep of a stream: its windows, and answer bytes flow control holds back."""
-
-    __slots__ = ("credit", "ended", "held", "id", "pending", "tail", "unacknowledged")
-
-    def __init__(self, stream_id: int) -> None:
-        self.id = stream_id
-        #: The stream's send window less the peer's initial window (``Connection.peer_window``):
-        #: a change of the initial window changes every stream's window at no cost.
-        self.credit = 0
-        self.unacknowledged = 0  # bytes received since the stream's last WINDOW_UPDATE
-        self.held = 0  # bytes received whose connection window is given back when consumed
-        self.ended = False  # the peer's END_STREAM arrived
-        self.pending = b""  # DATA payload not sent yet
-        self.tail: bytes | None = None  # a frame to send after ``pending`` (None: END_STREAM on the data)
-
-
-class Connection(asyncio.Protocol):
+class Connection(FlowControl, asyncio.Protocol):
     """One HTTP/2 connection, either end; ``server`` says which (the server reads the preface).
     With ``limits`` (a server's connection), the peer is held to them."""
 
@@ -256,8 +94,8 @@ class Connection(asyncio.Protocol):
         self._linger: asyncio.TimerHandle | None = None
         self._window_credit = 0  # WINDOW_UPDATEs the peer may send free (earned by DATA sent)
         if limits is not None:
-            self._control = _Bucket(limits.control_frames)
-            self._resets = _Bucket(limits.resets)
+            self._control = Bucket(limits.control_frames)
+            self._resets = Bucket(limits.resets)
 
     # -- to be provided by each end -------------------------------------------------------------
 
@@ -554,158 +392,7 @@ class Connection(asyncio.Protocol):
             stream.held += size  # given back when the stream's request is consumed or dropped
         self.on_data(stream, unpadded(flags, payload), end_stream)
 
-    def release(self, stream: Stream) -> None:
-        """``stream``'s request bytes are consumed or dropped: their window is given back."""
-        if stream.held:
-            self.give_back(stream.held)
-            stream.held = 0
-
-    def give_back(self, size: int) -> None:
-        """``size`` bytes received were consumed: the peer may send as much again (sent in one
-        WINDOW_UPDATE once a quarter of the window is due)."""
-        due = self._to_give_back + size
-        if due >= self._window // 4:
-            self.out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(due)))
-            self.receive_window += due
-            due = 0
-        self._to_give_back = due
-
-    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
-            if payload:
-                raise ConnectionFailure(FRAME_SIZE_ERROR, "a SETTINGS acknowledgement with a payload")
-            self.idle_frame()
-            return
-        if len(payload) % 6:
-            raise ConnectionFailure(FRAME_SIZE_ERROR, "SETTINGS of a length not a multiple of 6")
-        # Each entry is work: a frame of many entries is charged as many frames.
-        self.idle_frame(1 + len(payload) // 6 / 8)
-        window = self.peer_window
-        for offset in range(0, len(payload), 6):
-            key, value = SETTING.unpack_from(payload, offset)
-            if key == SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionFailure(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large")
-                window = value
-            elif key == SETTINGS_MAX_FRAME_SIZE:
-                if not 16_384 <= value <= 2**24 - 1:
-                    raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
-            elif key == SETTINGS_ENABLE_PUSH and value > 1:
-                raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH other than 0 or 1")
-            # The header table size is the peer's decoder's: this side's blocks never use it.
-        self.out.append(frame(SETTINGS, ACK, 0))
-        if window != self.peer_window:
-            # Every stream's window moves by the difference (RFC 9113 6.9.2), at no cost here.
-            grown, self.peer_window = window > self.peer_window, window
-            if grown and self._parked:
-                # Streams that waited for their own window may send: each is work, charged.
-                self.idle_frame(len(self._parked) / 16)
-                self._blocked.update(self._parked)
-                self._parked.clear()
-            self.send_blocked()
-
-    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionFailure(FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
-        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
-        if stream_id == 0:
-            if increment == 0:
-                raise ConnectionFailure(PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
-            self.send_window += increment
-            if self.send_window > MAX_WINDOW:
-                raise ConnectionFailure(FLOW_CONTROL_ERROR, "the connection's window beyond 2^31-1")
-            if self._blocked:
-                self.send_blocked()
-            return
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            return  # closed here, or idle (a window may be opened before a stream is)
-        if increment == 0:
-            self.reset(stream, PROTOCOL_ERROR)
-            return
-        stream.credit += increment
-        if self.peer_window + stream.credit > MAX_WINDOW:
-            self.reset(stream, FLOW_CONTROL_ERROR)
-            return
-        if stream_id in self._parked and self.peer_window + stream.credit > 0:
-            del self._parked[stream_id]
-            self._blocked[stream_id] = stream
-            self.send_blocked()
-
     # -- frames out -----------------------------------------------------------------------------
-
-    def send(self, stream: Stream, data: bytes, tail: bytes | None) -> None:
-        """``data`` as DATA frames on ``stream`` as the windows allow, then ``tail`` (a frame),
-        or END_STREAM on the last DATA frame when ``tail`` is None; ``sent`` when all is out."""
-        size = len(data)
-        if (
-            size <= self.send_window
-            and size <= self.peer_window + stream.credit
-            and size <= self.peer_max_frame
-        ):
-            self.send_window -= size
-            stream.credit -= size
-            if self._window_credit < WINDOW_CREDIT_CAP:
-                self._window_credit += WINDOW_UPDATES_PER_DATA
-            if tail is None:
-                self.out.append(frame(DATA, END_STREAM, stream.id, data))
-            else:
-                self.out.append(frame(DATA, 0, stream.id, data))
-                self.out.append(tail)
-            self.sent(stream)
-            return
-        stream.pending, stream.tail = data, tail
-        self._blocked[stream.id] = stream
-        self.send_blocked()
-
-    def send_blocked(self) -> None:
-        """Send what flow control now lets through, oldest stream first. A stream whose own window
-        is shut is set apart until it opens, so each stream visited here sends, or waits for the
-        connection's window and ends the walk: the work is what is sent, whatever the streams."""
-        blocked = self._blocked
-        while blocked and self.send_window > 0:
-            stream_id = next(iter(blocked))
-            stream = blocked[stream_id]
-            while stream.pending and self.send_window > 0:
-                window = self.peer_window + stream.credit
-                if window <= 0:
-                    break
-                size = min(len(stream.pending), self.send_window, window, self.peer_max_frame)
-                # A frame kept tiny by the peer's windows: its work is charged.
-                tiny = size < 1024 and size < len(stream.pending)
-                if tiny:
-                    if self.limits is not None and not self._control.take():
-                        self.fail(ENHANCE_YOUR_CALM, "too many frames kept tiny by flow control")
-                        return
-                elif self._window_credit < WINDOW_CREDIT_CAP:
-                    self._window_credit += WINDOW_UPDATES_PER_DATA
-                chunk, stream.pending = stream.pending[:size], stream.pending[size:]
-                self.send_window -= size
-                stream.credit -= size
-                last = not stream.pending and stream.tail is None
-                self.out.append(frame(DATA, END_STREAM if last else 0, stream.id, chunk))
-            if stream.pending:
-                if self.peer_window + stream.credit <= 0:
-                    del blocked[stream_id]
-                    self._parked[stream_id] = stream
-                continue  # else the connection's window is shut: the loop ends
-            if stream.tail is not None:
-                self.out.append(stream.tail)
-            del blocked[stream_id]
-            self.sent(stream)
-
-    def reset(self, stream: Any, code: int) -> None:
-        """Ends ``stream`` with RST_STREAM; the subclass's ``on_reset`` runs as if the peer had."""
-        self.unblock(stream.id)
-        self.out.append(frame(RST_STREAM, 0, stream.id, U32.pack(code)))
-        self.on_reset(stream.id, code)
-
-    def unblock(self, stream_id: int) -> None:
-        self._blocked.pop(stream_id, None)
-        self._parked.pop(stream_id, None)
 
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.closed:
