@@ -84,7 +84,7 @@ class InferenceRequest:
     """Only a model of this kind (the door's path says it: ``/pipelines/...``); None: any."""
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceAnswer:
     """What the dataplane gives back, for each door to render."""
 
