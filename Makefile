@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The lock files in requirements/ (make lock writes them); each install is stamped in the venv.
-INSTALL = $(BIN)/python -m pip install --quiet --require-hashes --only-binary=:all: -r
+# --no-deps: a lock holds every package already, and pip's hash mode refuses a dependency asked
+# for with extras it does not list (kserve's uvicorn[standard]) in a fresh venv.
+INSTALL = $(BIN)/python -m pip install --quiet --require-hashes --no-deps --only-binary=:all: -r
 # The project itself is not installed: every command runs from this directory.
 export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \

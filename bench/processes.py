@@ -30,8 +30,10 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def serve(args: list[str], env: dict[str, str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def serve(
+    args: list[str], env: dict[str, str], health_url: str, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     try:
         wait_http(health_url)
         yield process
@@ -45,9 +47,11 @@ def start_proxy(
     protocol: str,
     extra_env: dict[str, str] | None = None,
     grpc_port: int | None = None,
+    checkout: Path | None = None,
 ) -> tuple[str, int]:
     """``python -m client_proxy`` on a free port, calling ``triton``; its URL and pid. Its Open
-    Inference Protocol gRPC service on ``grpc_port`` (default: another free port)."""
+    Inference Protocol gRPC service on ``grpc_port`` (default: another free port). ``checkout``:
+    the directory whose ``client_proxy`` it runs (default: this one)."""
     (port,) = free_ports(1)
     grpc_port = grpc_port or free_ports(1)[0]
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
@@ -56,7 +60,7 @@ def start_proxy(
     env.update(PROXY_HOST="127.0.0.1", PROXY_PORT=str(port), PROXY_GRPC_PORT=str(grpc_port))
     env.update(PROXY_PROTOCOL=protocol, **(extra_env or {}))
     process = stack.enter_context(
-        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
+        serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health", checkout)
     )
     return f"http://127.0.0.1:{port}", process.pid
 
