@@ -51,9 +51,10 @@ def main() -> None:
                     cpu[name].append(meter.stop()["proxy"] / max(measured.requests, 1) * 1000)
             p50 = {name: statistics.median(m.p50_ms for m in ms) for name, ms in runs.items()}
             rate = {name: statistics.median(m.throughput for m in ms) for name, ms in runs.items()}
+            added = {name: p50[name] - p50["direct"] for name in ("old", "new")}
             print(
-                f"c={concurrency}: p50 added over the direct fan-out: old {p50['old'] - p50['direct']:+.3f} ms, "
-                f"new {p50['new'] - p50['direct']:+.3f} ms; req/s new/old {rate['new'] / rate['old']:.3f}; "
+                f"c={concurrency}: p50 added over the direct fan-out: old {added['old']:+.3f} ms, "
+                f"new {added['new']:+.3f} ms; req/s new/old {rate['new'] / rate['old']:.3f}; "
                 f"proxy CPU per request: old {statistics.median(cpu['old']):.3f} ms, "
                 f"new {statistics.median(cpu['new']):.3f} ms"
             )
