@@ -315,10 +315,13 @@ def test_cors_is_off_by_default_and_configurable(triton: TritonServer) -> None:
         assert response.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.options(f"{url}/predict/label", headers={**headers, "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
-        # The answer itself carries it too (the fast lane steps aside when CORS is configured).
+        # The answer itself carries it too, served by the fast lane with CORS inside the front
+        # (its request id on it, as on every answer).
         answer = httpx.post(f"{url}/predict/label", json=ROW, headers={"Origin": "https://app.example"})
         assert answer.status_code == 200
         assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        assert answer.headers["access-control-expose-headers"] == "X-Request-ID"
+        assert len(answer.headers["x-request-id"]) == 32
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_schema_violation(proxy_port: int) -> None:
