@@ -48,6 +48,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 ErrorRenderer = Callable[[ProxyError, str], Response]
 Found = tuple[Handler, str, dict[str, str]]
 
+#: Where the front leaves a request's route for the lane behind CORS (None: not the lane's).
+_FOUND = "client_proxy.lane_route"
 _PARAMETER = re.compile(r"\{(\w+)\}")
 
 
@@ -164,10 +166,9 @@ class FastLane:
         refusals, metrics = self._refusals, self._metrics
         inner: ASGIApp | None = None
         if self._cors is not None:
-            lane = self
 
             async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-                found = lane.match(scope)
+                found = scope.get(_FOUND)  # matched once, by the front
                 if found is None:
                     await app(scope, receive, send)
                 else:
@@ -188,6 +189,8 @@ class FastLane:
             request_id = request_id_of(scope)
             scope.setdefault("state", {}).update(request_id=request_id, started=started)
             found = match(scope)
+            if inner is not None:
+                scope[_FOUND] = found
             traced = (
                 tracing.start_request(
                     method, scope["path"], tracing.asgi_carrier(scope["headers"]), request_id

@@ -37,7 +37,7 @@ from client_proxy.core.compositions import (
 )
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
-from client_proxy.core.outcomes import FanOutResult, Outcome, failure
+from client_proxy.core.outcomes import FanOutResult, Outcome
 from client_proxy.core.pipelines import Pipeline, PipelineResult, run_pipeline
 from client_proxy.core.rules import Alert, AlertSink
 from client_proxy.core.served import Gateway, Kind, Served, ServedModels
@@ -211,12 +211,7 @@ class DataPlane:
                 yield outcome
                 if fail_fast and not outcome.ok:
                     break
-        ordered = {s.name: arrived[s.name] for s in services if s.name in arrived}
-        result = FanOutResult(
-            outcomes=ordered,
-            answered=[n for n, o in ordered.items() if o.ok],
-            missing={n: failure(o) for n, o in ordered.items() if not o.ok},
-        )
+        result = FanOutResult.of({s.name: arrived[s.name] for s in services if s.name in arrived})
         try:
             await self._conclude(composition, answer, result, x, request.request_id, deadline)
         except ProxyError as exc:

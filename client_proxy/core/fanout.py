@@ -311,12 +311,10 @@ class FanOut:
     ) -> FanOutResult:
         if failed_fast:
             raise _services_failed([o for o in outcomes.values() if not o.ok], policy)
-        ordered = {s.name: outcomes[s.name] for s in services}
-        answered = [name for name, o in ordered.items() if o.ok]
-        missing = {name: failure(o) for name, o in ordered.items() if not o.ok}
-        if not answered or (missing and policy is TimeoutPolicy.ALL_OR_NOTHING):
-            raise _services_failed(list(ordered.values()), policy)
-        return FanOutResult(outcomes=ordered, answered=answered, missing=missing)
+        result = FanOutResult.of({s.name: outcomes[s.name] for s in services})
+        if not result.answered or (result.missing and policy is TimeoutPolicy.ALL_OR_NOTHING):
+            raise _services_failed(list(result.outcomes.values()), policy)
+        return result
 
     async def call_alone(
         self, service: Service, call: Callable[[float], Awaitable[T]], deadline: float

@@ -42,6 +42,13 @@ class FanOutResult:
     def partial(self) -> bool:
         return bool(self.missing)
 
+    @classmethod
+    def of(cls, ordered: dict[str, Outcome]) -> FanOutResult:
+        """The result of these outcomes (in the services' order): who answered, who did not and why."""
+        answered = [name for name, o in ordered.items() if o.ok]
+        missing = {name: failure(o) for name, o in ordered.items() if not o.ok}
+        return cls(outcomes=ordered, answered=answered, missing=missing)
+
 
 def failure(outcome: Outcome) -> Failure:
     assert outcome.error is not None

@@ -8,6 +8,7 @@ request, 404 for an unknown model, 503 when too few services answered, 504 past 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from client_proxy.api.oip import (
 )
 from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
 from client_proxy.api.options import call_options
+from client_proxy.api.reading import with_options
 from client_proxy.api.schemas import (
     InferResponse,
     ModelConfig,
@@ -38,7 +40,6 @@ from client_proxy.api.schemas import (
     oip_errors,
 )
 from client_proxy.api.state import ProxyState
-from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
 from client_proxy.core.services import time_left
 from client_proxy.errors import InvalidInput, ProxyError
@@ -138,13 +139,10 @@ async def infer(request: Request) -> Response:
             options.deadline,
             options.policy,
         )
-        inference = InferenceRequest(
+        inference = with_options(
+            replace(options, deadline=deadline, policy=policy),
             name,
             "/v2/models/{name}/infer",
-            options.request_id,
-            options.started,
-            deadline,
-            policy,
             tensors=parsed.inputs,
             outputs=parsed.outputs,
         )
