@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -131,13 +132,12 @@ def log_steps(request_id: str, endpoint: str, report: PipelineResult) -> None:
         logger.info("request_id=%s endpoint=%s %s calls=%d", request_id, endpoint, steps, report.calls)
 
 
-def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | list[Outcome]) -> None:
+def log_request(request_id: str, endpoint: str, outcomes: Collection[Outcome]) -> None:
     """One line per request: each service's outcome and latency, with the request id."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    items = outcomes.values() if isinstance(outcomes, dict) else outcomes
-    parts = " ".join(f"{o.service}={o.reason}/{o.latency_s * 1000:.1f}ms" for o in items)
-    ok = all(o.ok for o in items)
+    parts = " ".join(f"{o.service}={o.reason}/{o.latency_s * 1000:.1f}ms" for o in outcomes)
+    ok = all(o.error is None for o in outcomes)
     trace_id = tracing.trace_id() if tracing.ENABLED else None
     if trace_id is not None:
         parts += f" trace_id={trace_id}"
@@ -154,7 +154,9 @@ def log_request(request_id: str, endpoint: str, outcomes: dict[str, Outcome] | l
         and _write(handler, request_id, endpoint, parts, ok)
     ):
         return
-    services = {o.service: {"outcome": o.reason, "latency_ms": round(o.latency_s * 1000, 1)} for o in items}
+    services = {
+        o.service: {"outcome": o.reason, "latency_ms": round(o.latency_s * 1000, 1)} for o in outcomes
+    }
     logger.log(
         logging.INFO if ok else logging.WARNING,
         "request_id=%s endpoint=%s %s",

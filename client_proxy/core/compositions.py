@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +100,13 @@ class Composition:
     """``fetch``: the proxy reads a request's keys' rows; ``forward``: the services get the keys
     (a ``BYTES`` tensor ``[N, 1]``) and read the rows themselves."""
 
-    @property
-    def services(self) -> list[Service]:
-        return [m.service for m in self.members]
+    services: tuple[Service, ...] = field(init=False, repr=False, compare=False)
+    """The members' services, in order (read on every request: computed once)."""
+    weights: dict[str, float] = field(init=False, repr=False, compare=False)
 
-    @property
-    def weights(self) -> dict[str, float]:
-        return {m.service.name: m.weight for m in self.members}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "services", tuple(m.service for m in self.members))
+        object.__setattr__(self, "weights", {m.service.name: m.weight for m in self.members})
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -346,6 +346,18 @@ class Gateway(typing.Protocol):
     async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]: ...
 
 
+def known_classes(
+    declared: tuple[str, ...], aggregator: str, answered: Sequence[str]
+) -> tuple[str, ...] | None:
+    """The class names when no model need be asked: those declared, else (``one_vs_rest``) the
+    services that answered; None: the models' own must be read (``resolve_classes``)."""
+    if declared:
+        return declared
+    if aggregator == "one_vs_rest":
+        return tuple(answered)
+    return None
+
+
 async def resolve_classes(
     owner: str,
     declared: tuple[str, ...],
@@ -360,10 +372,9 @@ async def resolve_classes(
     the services that answered. ``input_of(service)``: an input the service was sent, in case its
     label file must be read. ``owner`` names the composition or
     pipeline in the error."""
-    if declared:
-        return declared
-    if aggregator == "one_vs_rest":
-        return tuple(s.name for s in answered)
+    known = known_classes(declared, aggregator, [s.name for s in answered])
+    if known is not None:
+        return known
     timeout = time_left(deadline)
     found = [await gateway.class_names(s, input_of(s), timeout) for s in answered]
     named = {names for names in found if names}
@@ -424,25 +435,12 @@ def enough_answers(composition: Composition, result: FanOutResult, policy: Timeo
     raise ServicesFailed(message, result.missing)
 
 
-async def aggregate(
-    composition: Composition, result: FanOutResult, gateway: Gateway, x: Inputs, deadline: float
-) -> tuple[Aggregated | None, tuple[str, ...]]:
-    """The composition's aggregator over the services that answered (None for ``none``)."""
-    if composition.aggregator == "none":
-        return None, ()
-    answered = [s for s in composition.services if s.name in result.answered]
-    classes = await resolve_classes(
-        f"composition {composition.name!r}",
-        composition.classes,
-        composition.aggregator,
-        answered,
-        gateway,
-        lambda _: x,
-        deadline,
-    )
-    outputs = {name: result.outcomes[name].probabilities for name in result.answered}
+def aggregate(composition: Composition, result: FanOutResult, classes: tuple[str, ...]) -> Aggregated:
+    """The composition's aggregator over the outputs of the services that answered, as ``classes``
+    (``known_classes``, else ``resolve_classes``)."""
+    outcomes = result.outcomes
+    outputs = {name: outcomes[name].probabilities for name in result.answered}
     try:
-        aggregated = AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]
+        return AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]
     except AggregationError as exc:
         raise AggregationFailed(f"composition {composition.name!r}: {exc}") from None
-    return aggregated, classes

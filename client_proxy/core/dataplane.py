@@ -20,9 +20,9 @@ happens in between happens here, once, for every door:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +34,8 @@ from client_proxy.core.compositions import (
     aggregate,
     check_rules,
     enough_answers,
+    known_classes,
+    resolve_classes,
 )
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
@@ -55,9 +57,10 @@ from client_proxy.errors import (
 Target = Composition | Pipeline | Service
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferenceRequest:
-    """One inference request, as every door hands it to the dataplane."""
+    """One inference request, as every door hands it to the dataplane (which does not change
+    it). Not frozen: a frozen dataclass's ``__init__`` costs three times as much, per request."""
 
     model: str
     """A composition (``default``: the seed's routes), a pipeline or a service."""
@@ -107,7 +110,7 @@ class InferenceAnswer:
     """For the Open Inference Protocol: the model as the protocol shows it."""
     error: ProxyError | None = None
     """A stream's last word when it could not be answered (``infer`` raises instead)."""
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: Collection[Outcome] = ()
     """Every service call's outcome, in order."""
 
     @property
@@ -234,10 +237,14 @@ class DataPlane:
                 deadline = min(deadline, request.started + target.deadline_ms / 1000)
             policy = policy or target.timeout_policy
         answer = InferenceAnswer(target, policy or self._default_policy, 0)
-        x = await self._input(request, target, answer, deadline)
+        x = (
+            request.inputs
+            if request.inputs is not None
+            else await self._input(request, target, answer, deadline)
+        )
         answer.rows = row_count(x)
         if not request.ensemble:
-            services = self._fitted(target)
+            services = self.models.services_of(target)
             if not self._gateway.fits(services, x):
                 await self._gateway.ensure_fit(services, x, time_left(deadline))
         return target, answer, x, deadline
@@ -245,8 +252,6 @@ class DataPlane:
     async def _input(
         self, request: InferenceRequest, target: Target, answer: InferenceAnswer, deadline: float
     ) -> Inputs:
-        if request.inputs is not None:
-            return request.inputs
         if request.keys is not None:
             keys = list(request.keys)
             if isinstance(target, Composition) and target.keys == "forward":
@@ -289,15 +294,6 @@ class DataPlane:
         observer.keys_read(store.kind, "ok", fetched, len(fetched.missing))
         return fetched
 
-    def _fitted(self, target: Target) -> list[Service]:
-        """The services whose models the request's input goes to as it is."""
-        if isinstance(target, Service):
-            return [target]
-        if isinstance(target, Composition):
-            return target.services
-        services = self.models.services()
-        return [services[n] for step in target.steps if step.input == "request" for n in step.services]
-
     async def _conclude(
         self,
         composition: Composition,
@@ -308,9 +304,17 @@ class DataPlane:
         deadline: float,
     ) -> None:
         """A composition's answer from its services' outcomes: enough of them, aggregated, the rules."""
-        answer.result, answer.outcomes = result, list(result.outcomes.values())
+        answer.result, answer.outcomes = result, result.outcomes.values()
         enough_answers(composition, result, answer.policy)
-        answer.aggregated, answer.classes = await aggregate(composition, result, self._gateway, x, deadline)
+        if composition.aggregator != "none":
+            classes = known_classes(composition.classes, composition.aggregator, result.answered)
+            if classes is None:  # the models' own: their configs or label files, read once
+                answered = [s for s in composition.services if s.name in result.answered]
+                name = f"composition {composition.name!r}"
+                classes = await resolve_classes(
+                    name, (), composition.aggregator, answered, self._gateway, lambda _: x, deadline
+                )
+            answer.aggregated, answer.classes = aggregate(composition, result, classes), classes
         answer.alerts = check_rules(
             composition, result, answer.aggregated, answer.classes, request_id, self._sink
         )
@@ -328,7 +332,7 @@ class DataPlane:
             return self._gateway.call(service, x, request.request_id, budget, wanted)
 
         outputs, outcome = await self._fanout.call_alone(service, call, deadline)
-        answer.outputs, answer.outcomes = dict(outputs), [outcome]
+        answer.outputs, answer.outcomes = dict(outputs), (outcome,)
 
     async def _run_ensemble(
         self, answer: InferenceAnswer, x: Inputs, request_id: str, deadline: float
@@ -339,5 +343,5 @@ class DataPlane:
         rows, outcome = await self._fanout.call_alone(
             service, lambda budget: call(service, x, request_id, budget), deadline
         )
-        answer.outcomes = [outcome]
+        answer.outcomes = (outcome,)
         answer.aggregated = Aggregated(rows[:, 0].tolist(), rows[:, 1].astype(np.float64))

@@ -45,9 +45,11 @@ class FanOutResult:
     @classmethod
     def of(cls, ordered: dict[str, Outcome]) -> FanOutResult:
         """The result of these outcomes (in the services' order): who answered, who did not and why."""
-        answered = [name for name, o in ordered.items() if o.ok]
-        missing = {name: failure(o) for name, o in ordered.items() if not o.ok}
-        return cls(outcomes=ordered, answered=answered, missing=missing)
+        answered = [name for name, o in ordered.items() if o.error is None]
+        if len(answered) == len(ordered):  # all answered, the common case
+            return cls(ordered, answered, {})
+        missing = {name: failure(o) for name, o in ordered.items() if o.error is not None}
+        return cls(ordered, answered, missing)
 
 
 def failure(outcome: Outcome) -> Failure:

@@ -49,9 +49,9 @@ class UnknownModel(ProxyError):
 class Gateway(Protocol):
     """What the v2 models need of the Triton side (``TritonGateway``)."""
 
-    def fits(self, services: list[Service], x: Inputs) -> bool: ...
+    def fits(self, services: Sequence[Service], x: Inputs) -> bool: ...
 
-    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None: ...
+    async def ensure_fit(self, services: Sequence[Service], x: Inputs, timeout: float) -> None: ...
 
     async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]: ...
 
@@ -262,7 +262,8 @@ class ServedModels:
     def names(self) -> list[str]:
         return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self.services()]
 
-    def _services_of(self, target: Composition | Pipeline | Service) -> list[Service]:
+    def services_of(self, target: Composition | Pipeline | Service) -> Sequence[Service]:
+        """The services whose models a request's input goes to as it is (and is checked against)."""
         if isinstance(target, Service):
             return [target]
         if isinstance(target, Composition):
@@ -273,7 +274,7 @@ class ServedModels:
     async def describe(self, name: str, timeout: float) -> Served:
         """What the model takes and gives, from its services' contracts (kept while they are)."""
         kind, target = self.find(name)
-        services = self._services_of(target)
+        services = self.services_of(target)
         contracts = await _contracts(self._gateway, services, timeout)
         key = (target, tuple(id(c) for c in contracts))
         cached = self._described.get(name)
@@ -310,7 +311,7 @@ class ServedModels:
     async def ready(self, name: str, timeout: float) -> bool:
         """Ready when enough of its services' models are (a composition: ``min_answers``)."""
         kind, target = self.find(name)
-        services = self._services_of(target)
+        services = self.services_of(target)
 
         async def one(service: Service) -> bool:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,7 @@ class ContractBook:
         ):
             self.forget(service)
 
-    async def ensure_fit(self, services: list[Service], x: Inputs, timeout: float) -> None:
+    async def ensure_fit(self, services: Sequence[Service], x: Inputs, timeout: float) -> None:
         """Refuse (``ContractMismatch``, 422) an input that does not fit a service's model, before
         any inference call. Contracts not read yet are read now, concurrently and within
         ``timeout``; a service whose contract cannot be read now is left to fail (or not) on its
@@ -184,7 +184,7 @@ class ContractBook:
                 contract.input_tensors(service.name, x)
             self._fits[(service, kind)] = contract.max_batch_size if contract.batched else 0
 
-    def fits(self, services: list[Service], x: Inputs) -> bool:
+    def fits(self, services: Sequence[Service], x: Inputs) -> bool:
         """True when inputs like this one already fitted every service's model: the hot path,
         with no need for ``ensure_fit``."""
         kind, n = signature(x), row_count(x)

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
 from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
-from client_proxy.api.fastlane import route
+from client_proxy.api.fastlane import Reply, reply, route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS, streamed
 from client_proxy.api.reading import inference_request, with_keys
@@ -53,17 +53,17 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def predict(request: Request) -> JSON:
+async def predict(request: Request) -> Reply:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
     answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/predict"))
     assert answer.result is not None
     body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
-    return JSON(with_keys(body, answer.fetched))
+    return reply(with_keys(body, answer.fetched))
 
 
-async def label(request: Request) -> JSON:
+async def label(request: Request) -> Reply:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
     state: ProxyState = request.app.state.proxy
@@ -74,7 +74,7 @@ async def label(request: Request) -> JSON:
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
     answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/label"))
-    return JSON(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
+    return reply(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
 
 
 def _label(answer: InferenceAnswer) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from client_proxy.api.fastlane import route
+from client_proxy.api.fastlane import Reply, reply, route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import WITH_BODY
 from client_proxy.api.reading import inference_request, with_keys
@@ -45,7 +45,7 @@ _ERRORS = {
 }
 
 
-async def run(request: Request) -> JSON:
+async def run(request: Request) -> Reply:
     """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
     state: ProxyState = request.app.state.proxy
     name = request.path_params["name"]
@@ -58,7 +58,7 @@ async def run(request: Request) -> JSON:
     )
     answer = await state.plane.infer(inference)
     assert answer.report is not None
-    return JSON(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))
+    return reply(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))
 
 
 #: The pipelines' inference route, served by the fast lane and documented by FastAPI.

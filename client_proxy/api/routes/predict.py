@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from client_proxy.api.answers import label_body, line, predictions_body, seed_labels, service_line
-from client_proxy.api.fastlane import route
+from client_proxy.api.fastlane import Reply, reply, route
 from client_proxy.api.inputs import SAMPLE_ROW, header, parse_rows
 from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY, streamed
 from client_proxy.api.options import call_options
@@ -33,14 +33,14 @@ def _predictions(answer: InferenceAnswer) -> dict[str, Any]:
     return with_keys(predictions_body(answer.result, answer.one_row), answer.fetched)
 
 
-async def predict(request: Request) -> JSON:
+async def predict(request: Request) -> Reply:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
     inference = await inference_request(request, state, DEFAULT, "/predict", parse_rows)
-    return JSON(_predictions(await state.plane.infer(inference)))
+    return reply(_predictions(await state.plane.infer(inference)))
 
 
-async def predict_label(request: Request) -> JSON:
+async def predict_label(request: Request) -> Reply:
     """The label per row: the service whose P(class) is highest, and that probability.
 
     ``?route=ensemble`` (or ``X-Route``, or ``PROXY_LABEL_ROUTE``) answers with one call to
@@ -55,19 +55,19 @@ async def predict_label(request: Request) -> JSON:
     endpoint = "/predict/label?route=ensemble" if ensemble else "/predict/label"
     inference = await inference_request(request, state, DEFAULT, endpoint, parse_rows, ensemble=ensemble)
     answer = await state.plane.infer(inference)
-    return JSON(with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched))
+    return reply(with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched))
 
 
-async def predict_get_test(request: Request) -> JSON:
+async def predict_get_test(request: Request) -> Reply:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
     state: ProxyState = request.app.state.proxy
-    return JSON(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/get/test"))))
+    return reply(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/get/test"))))
 
 
-async def predict_post_test(request: Request) -> JSON:
+async def predict_post_test(request: Request) -> Reply:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
     state: ProxyState = request.app.state.proxy
-    return JSON(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/post/test"))))
+    return reply(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/post/test"))))
 
 
 async def predict_stream(request: Request) -> StreamingResponse:

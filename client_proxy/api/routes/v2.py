@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import orjson
 from fastapi import Request
-from starlette.responses import Response
 
-from client_proxy.api.fastlane import LaneRoute, route
+from client_proxy.api.fastlane import LaneRoute, Reply, reply, route
 from client_proxy.api.inputs import header, read_body
 from client_proxy.api.oip import (
     HEADER,
@@ -45,14 +43,10 @@ from client_proxy.core.services import time_left
 from client_proxy.errors import InvalidInput, ProxyError
 
 
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
-def _error(exc: ProxyError) -> Response:
+def _error(exc: ProxyError) -> Reply:
     """The protocol's error body; a request the proxy's routes answer with 422 is a 400 here."""
     status = 400 if exc.status_code == 422 else exc.status_code
-    return _json({"error": exc.message}, status)
+    return reply({"error": exc.message}, status)
 
 
 def _version(request: Request) -> None:
@@ -66,38 +60,38 @@ def _timeout(state: ProxyState) -> float:
     return state.settings.service_timeout_ms / 1000
 
 
-async def server_metadata(request: Request) -> Response:
+async def server_metadata(request: Request) -> Reply:
     """Server metadata: name, version and the protocol extensions served."""
-    return _json(SERVER)
+    return reply(SERVER)
 
 
-async def server_live(request: Request) -> Response:
+async def server_live(request: Request) -> Reply:
     """Live: the protocol's ``{"live": true}`` (Triton leaves the body empty; clients that read
     it, as KServe's SDK does, get their answer)."""
-    return _json({"live": True})
+    return reply({"live": True})
 
 
-async def server_ready(request: Request) -> Response:
+async def server_ready(request: Request) -> Reply:
     """Ready while not draining and the default fan-out can answer (as ``/health/ready``)."""
     state: ProxyState = request.app.state.proxy
     if state.draining:
-        return _json({"ready": False, "error": "shutting down"}, 503)
+        return reply({"ready": False, "error": "shutting down"}, 503)
     if await state.plane.models.ready("iris_fanout", _timeout(state)):
-        return _json({"ready": True})
-    return _json({"ready": False, "error": "the default fan-out is not ready"}, 503)
+        return reply({"ready": True})
+    return reply({"ready": False, "error": "the default fan-out is not ready"}, 503)
 
 
-async def model_metadata(request: Request) -> Response:
+async def model_metadata(request: Request) -> Reply:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
         served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
-    return _json(served.metadata())
+    return reply(served.metadata())
 
 
-async def model_config(request: Request) -> Response:
+async def model_config(request: Request) -> Reply:
     """Triton's model configuration extension (``perf_analyzer`` reads it)."""
     state: ProxyState = request.app.state.proxy
     try:
@@ -105,10 +99,10 @@ async def model_config(request: Request) -> Response:
         served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
-    return _json(served.config())
+    return reply(served.config())
 
 
-async def model_ready(request: Request) -> Response:
+async def model_ready(request: Request) -> Reply:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
@@ -117,11 +111,11 @@ async def model_ready(request: Request) -> Response:
         return _error(exc)
     name = request.path_params["name"]
     if not ready:
-        return _json({"name": name, "ready": False, "error": f"model '{name}' is not ready"}, 400)
-    return _json({"name": name, "ready": True})
+        return reply({"name": name, "ready": False, "error": f"model '{name}' is not ready"}, 400)
+    return reply({"name": name, "ready": True})
 
 
-async def infer(request: Request) -> Response:
+async def infer(request: Request) -> Reply:
     """One inference, JSON or with binary tensors; the response as the request asked."""
     state: ProxyState = request.app.state.proxy
     name = request.path_params["name"]
@@ -150,9 +144,9 @@ async def infer(request: Request) -> Response:
     except ProxyError as exc:
         return _error(exc)
     content, header_length = encode_response(name, VERSION, parsed, outputs, parameters)
-    headers = {HEADER: str(header_length)} if header_length is not None else None
-    media = "application/octet-stream" if header_length is not None else "application/json"
-    return Response(content, headers=headers, media_type=media)
+    if header_length is None:
+        return Reply(content)
+    return Reply(content, 200, b"application/octet-stream", [(HEADER.encode(), str(header_length).encode())])
 
 
 _TAGS = ["open inference protocol (v2)"]
