@@ -57,7 +57,7 @@ def wide(
         yield server, rows, expected
 
 
-def test_the_seed_routes_take_the_models_width_from_their_contracts(
+def test_the_seed_routes_and_metadata_take_the_models_width_from_their_contracts(
     wide: tuple[TritonServer, np.ndarray, dict[str, np.ndarray]],
 ) -> None:
     server, rows, expected = wide
@@ -84,3 +84,7 @@ def test_the_seed_routes_take_the_models_width_from_their_contracts(
         short = httpx.post(f"{url}/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30)
         assert short.status_code == 422
         assert "FP32 [N, 30], got rows of shape [1, 4]" in short.json()["error"]["message"]
+        # /metadata describes the rows these models take, not the Iris example's.
+        metadata = httpx.get(f"{url}/metadata", timeout=30).json()
+        assert (metadata["data_type"], metadata["data_structure"]) == ("float32", "(N,30)")
+        assert metadata["data_sample"] == [[0.0] * 30]

@@ -25,6 +25,7 @@ from client_proxy.alerts import Alerter, WebhookSender, WebhookSettings
 from client_proxy.api import grpc_door, lingering
 from client_proxy.api.admission import Admission
 from client_proxy.api.fastlane import FastLane, document
+from client_proxy.api.options import ARRIVAL
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -251,7 +252,8 @@ def _drain_on_sigterm(state: ProxyState, delay_s: float) -> None:
 
 
 def _request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
+    arrival = request.scope.get(ARRIVAL)
+    return arrival[0] if arrival is not None else ""
 
 
 def render_proxy_error(exc: ProxyError, request_id: str) -> Response:

@@ -12,8 +12,8 @@ give FastAPI the routes it documents (``document``), which never serve.
 
 1. admission of a ``POST`` (not ``/admin``): past ``PROXY_MAX_IN_FLIGHT``, the 503 at once
    (``admission.Refusals``), counted as shed and nowhere else;
-2. the request id (the client's ``X-Request-ID`` when plain, else a new one) and the start
-   time, in ``scope["state"]`` where the routes and the error renderers read them;
+2. the request id (the client's ``X-Request-ID`` when plain, else a new one) and the arrival
+   time, in the scope (``options.ARRIVAL``) where ``call_options`` reads them;
 3. a lane route's handler called with a Starlette ``Request`` (a ``ProxyError`` rendered by the
    app's error renderer, anything else a 500 JSON with the stack trace in the log only), or
    FastAPI's stack for every other request (documentation, health, admin, a method a route
@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy import tracing
 from client_proxy.api.admission import Admission, Refusals
+from client_proxy.api.options import ARRIVAL
 from client_proxy.errors import ProxyError
 from client_proxy.observability import UNTRACED, ProxyMetrics, request_id_of
 
@@ -223,7 +224,7 @@ class FastLane:
                 return
             started = time.monotonic()
             request_id = request_id_of(scope)
-            scope.setdefault("state", {}).update(request_id=request_id, started=started)
+            scope[ARRIVAL] = (request_id, started)
             found = match(scope)
             if inner is not None:
                 scope[_FOUND] = found
@@ -273,7 +274,7 @@ class FastLane:
         handler, _, path_params = found
         scope["path_params"] = path_params
         if request_id is None:
-            request_id = scope["state"]["request_id"]
+            request_id = scope[ARRIVAL][0]
             id_headers: list[tuple[bytes, bytes]] = []
         else:
             id_headers = [(b"x-request-id", request_id.encode())]

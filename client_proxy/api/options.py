@@ -27,6 +27,9 @@ class CallOptions:
 
 POLICIES = {p.value: p for p in TimeoutPolicy}
 
+#: Where the front leaves a request's id and arrival (``time.monotonic()``) in its ASGI scope.
+ARRIVAL = "client_proxy.arrival"
+
 
 _NO_QUERY: dict[str, str] = {}
 
@@ -67,6 +70,5 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
                     f"{where}: must be at least {MIN_DEADLINE_MS:g} milliseconds, not {raw_deadline[:40]!r}"
                 )
             budget_ms = min(asked, ceiling_ms)
-    scope_state = request.scope.get("state", {})
-    started: float = scope_state.get("started", time.monotonic())
-    return CallOptions(scope_state.get("request_id", ""), policy, started, started + budget_ms / 1000.0)
+    request_id, started = request.scope.get(ARRIVAL) or ("", time.monotonic())
+    return CallOptions(request_id, policy, started, started + budget_ms / 1000.0)

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from client_proxy.api.admission import SHED_MARK, Admission
 from client_proxy.api.app import render_proxy_error, render_unexpected
 from client_proxy.api.fastlane import FastLane, LaneRoute
+from client_proxy.api.options import ARRIVAL
 from client_proxy.errors import InvalidInput
 from client_proxy.observability import ProxyMetrics
 from tests.helpers import metric
@@ -24,7 +25,7 @@ class _Handlers:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     async def ok(self, request: Request) -> Response:
-        self.calls.append((request.scope["state"]["request_id"], dict(request.path_params)))
+        self.calls.append((request.scope[ARRIVAL][0], dict(request.path_params)))
         return JSONResponse({"ok": True, "params": request.path_params})
 
     async def invalid(self, request: Request) -> Response:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from client_proxy.api.options import MIN_DEADLINE_MS, call_options
+from client_proxy.api.options import ARRIVAL, MIN_DEADLINE_MS, call_options
 from client_proxy.config import load_settings
 from client_proxy.errors import InvalidInput
 
 
 def _request(query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> Request:
-    return Request(
-        {"type": "http", "query_string": query, "headers": headers or [], "state": {"started": 100.0}}
-    )
+    return Request({"type": "http", "query_string": query, "headers": headers or [], ARRIVAL: ("", 100.0)})
 
 
 @pytest.mark.parametrize("where", ["query", "header"])

@@ -173,17 +173,33 @@ async def _describe(state: State, service: Service) -> dict[str, Any]:
     return entry
 
 
+_TYPES = {"FP32": "float32", "FP64": "float64", "FP16": "float16", "INT64": "int64", "INT32": "int32"}
+
+
+def _rows_of(described: list[dict[str, Any]]) -> tuple[str, int]:
+    """The seed's rows as the services' models take them (their one input ``[N, width]``): the
+    value type and width; the Iris example's when no model could be described."""
+    for entry in described:
+        inputs = entry.get("inputs") or []
+        if len(inputs) == 1 and len(inputs[0]["shape"]) == 2 and inputs[0]["shape"][1] > 0:
+            return _TYPES.get(inputs[0]["datatype"], str(inputs[0]["datatype"]).lower()), inputs[0]["shape"][
+                1
+            ]
+    return "float32", N_FEATURES
+
+
 @router.get("/metadata", response_class=JSON, responses={200: {"model": Metadata}})
 async def metadata(state: State) -> JSON:
     """The request and response formats, and each service's model as Triton describes it."""
     services = list(state.services)
     described = await asyncio.gather(*(_describe(state, s) for s in services))
     settings = state.settings
+    data_type, width = _rows_of(described)
     return JSON(
         {
-            "data_type": "float32",
-            "data_structure": f"(N,{N_FEATURES})",
-            "data_sample": [SAMPLE_ROW],
+            "data_type": data_type,
+            "data_structure": f"(N,{width})",
+            "data_sample": [SAMPLE_ROW if width == N_FEATURES else [0.0] * width],
             "prediction_type": "float32",
             "prediction_structure": "(N,2)",
             "prediction_meaning": (
