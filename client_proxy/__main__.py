@@ -15,7 +15,13 @@ from uvicorn.config import LOGGING_CONFIG
 
 from client_proxy import tracing
 from client_proxy.api.lingering import LingeringHttpToolsProtocol
-from client_proxy.config import check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.config import (
+    TracingSettings,
+    check_settings,
+    ensemble_service,
+    initial_services,
+    load_settings,
+)
 from client_proxy.core.compositions import CompositionError
 from client_proxy.core.declared import load_declared
 from client_proxy.core.pipelines import PipelineError
@@ -32,7 +38,7 @@ def main() -> int:
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
         load_declared(settings, services, os.environ, warn=False)  # each worker warns in its log
-        tracing.check(os.environ)
+        tracing.check(TracingSettings.from_environ(os.environ))
     except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client_proxy.core.features import FEATURE_SET
@@ -256,6 +256,66 @@ def check_settings(settings: Settings) -> None:
             f"PROXY_WORKERS={settings.workers}: /metrics would show one worker's figures; run one "
             "worker per container (more replicas for more throughput), or set PROXY_METRICS=false"
         )
+
+
+class TracingSettings(BaseModel):
+    """The OpenTelemetry variables that decide the proxy's tracing, under their standard names
+    (``OTEL_<FIELD>``, no ``PROXY_`` prefix: the same variables switch Triton's and every other
+    OpenTelemetry program's tracing). The SDK reads the rest of its own variables itself
+    (``tracing.py``'s docstring lists them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sdk_disabled: str = Field("", description="`true`: tracing off, whatever else is set")
+    traces_exporter: str = Field(
+        "",
+        description="comma-separated: `otlp` (OTLP/HTTP), `console`, or `none` (off); "
+        "unset: `otlp` when an endpoint is set",
+    )
+    exporter_otlp_traces_endpoint: str = Field(
+        "", description="where spans go (OTLP/HTTP), as given; setting it switches tracing on"
+    )
+    exporter_otlp_endpoint: str = Field(
+        "", description="the collector's OTLP/HTTP base URL (spans to `<it>/v1/traces`); switches tracing on"
+    )
+    exporter_otlp_traces_protocol: str = Field(
+        "", description="`http/protobuf` only (the proxy's, and Triton's)"
+    )
+    exporter_otlp_protocol: str = Field("", description="`http/protobuf` only")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> TracingSettings:
+        """The settings ``environ`` holds (``OTEL_SDK_DISABLED`` for ``sdk_disabled``, ...), stripped."""
+        return cls(
+            **{
+                name: environ[f"OTEL_{name.upper()}"].strip()
+                for name in cls.model_fields
+                if f"OTEL_{name.upper()}" in environ
+            }
+        )
+
+    @property
+    def exporters(self) -> list[str]:
+        """The exporters asked for (``otlp`` when none is named)."""
+        return [e.strip() for e in (self.traces_exporter or "otlp").split(",") if e.strip()]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether these settings switch tracing on (see ``tracing.py``'s docstring)."""
+        if self.sdk_disabled.lower() == "true":
+            return False
+        if self.traces_exporter:
+            return any(name not in ("", "none") for name in self.exporters)
+        return bool(self.exporter_otlp_traces_endpoint or self.exporter_otlp_endpoint)
+
+    @property
+    def traces_url(self) -> str:
+        """Where OTLP/HTTP spans go, as the SDK works it out: the traces endpoint as given, else
+        the endpoint with ``/v1/traces``, else the OTLP default (also what Triton is pointed at)."""
+        if self.exporter_otlp_traces_endpoint:
+            return self.exporter_otlp_traces_endpoint
+        base = self.exporter_otlp_endpoint or "http://localhost:4318"
+        return base.rstrip("/") + "/v1/traces"
 
 
 #: Settings whose values an error message never repeats.

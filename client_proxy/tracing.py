@@ -1,4 +1,5 @@
-"""OpenTelemetry tracing: off unless the standard ``OTEL_*`` environment variables switch it on.
+"""OpenTelemetry tracing: off unless the standard ``OTEL_*`` environment variables switch it on
+(read at the start into ``config.TracingSettings``, which ``configure`` is handed).
 
 On when ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, or
 ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``); off when
@@ -33,6 +34,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from client_proxy.config import TracingSettings
+
 logger = logging.getLogger(__name__)
 
 #: True once ``configure`` switched tracing on (read on every hook: a module attribute).
@@ -52,41 +55,19 @@ class TracingConfigError(ValueError):
     """The ``OTEL_*`` variables ask for what the proxy cannot do (an unknown exporter, gRPC)."""
 
 
-def enabled_by(environ: Mapping[str, str]) -> bool:
-    """Whether ``environ`` switches tracing on (see the module's docstring)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporters = environ.get("OTEL_TRACES_EXPORTER", "").strip()
-    if exporters:
-        return any(name.strip() not in ("", "none") for name in exporters.split(","))
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    )
-
-
-def traces_url(environ: Mapping[str, str]) -> str:
-    """Where OTLP/HTTP spans go, as the SDK works it out: the traces endpoint as given, else the
-    endpoint with ``/v1/traces``, else the OTLP default (also what Triton is pointed at)."""
-    url = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-    if url:
-        return url
-    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
-    return base.rstrip("/") + "/v1/traces"
-
-
-def check(environ: Mapping[str, str]) -> None:
+def check(settings: TracingSettings) -> None:
     """``TracingConfigError`` naming the variable when tracing is on and cannot be had as asked."""
-    if not enabled_by(environ):
+    if not settings.enabled:
         return
-    exporters = [e.strip() for e in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()]
-    unknown = [e for e in exporters if e not in (*_EXPORTERS, "none")]
+    unknown = [e for e in settings.exporters if e not in (*_EXPORTERS, "none")]
     if unknown:
         raise TracingConfigError(
             f"OTEL_TRACES_EXPORTER={','.join(unknown)} is not supported: use otlp (OTLP/HTTP) or console"
         )
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
-        protocol = environ.get(name, "").strip()
+    for name, protocol in (
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", settings.exporter_otlp_traces_protocol),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", settings.exporter_otlp_protocol),
+    ):
         if protocol and protocol != "http/protobuf":
             raise TracingConfigError(
                 f"{name}={protocol} is not supported: the proxy (like Triton) exports over "
@@ -94,12 +75,12 @@ def check(environ: Mapping[str, str]) -> None:
             )
 
 
-def configure(environ: Mapping[str, str]) -> bool:
-    """Switch tracing on if ``environ`` says so (once per process); whether it is on."""
+def configure(settings: TracingSettings) -> bool:
+    """Switch tracing on if ``settings`` say so (once per process); whether it is on."""
     global ENABLED, _tracer, _provider
-    if ENABLED or not enabled_by(environ):
+    if ENABLED or not settings.enabled:
         return ENABLED
-    check(environ)
+    check(settings)
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -108,18 +89,18 @@ def configure(environ: Mapping[str, str]) -> bool:
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
-    exporters = [e.strip() for e in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if e.strip()]
+    exporters = settings.exporters
     for name in exporters:
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.traces_url)))
         elif name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     _provider = provider
     _tracer = provider.get_tracer("client_proxy")
     ENABLED = True
-    logger.info("tracing on: spans to %s", traces_url(environ) if "otlp" in exporters else "the console")
+    logger.info("tracing on: spans to %s", settings.traces_url if "otlp" in exporters else "the console")
     return True
 
 

@@ -30,7 +30,14 @@ from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
 from client_proxy.api.state import JSON, ProxyState
-from client_proxy.config import Settings, check_settings, ensemble_service, initial_services, load_settings
+from client_proxy.config import (
+    Settings,
+    TracingSettings,
+    check_settings,
+    ensemble_service,
+    initial_services,
+    load_settings,
+)
 from client_proxy.core.dataplane import DataPlane
 from client_proxy.core.declared import Declared, load_declared
 from client_proxy.core.fanout import FanOut
@@ -46,8 +53,12 @@ from client_proxy.triton.gateway import TritonGateway
 logger = logging.getLogger("client_proxy")
 
 
-def create_app(settings: Settings | None = None, services: list[Service] | None = None) -> FastAPI:
-    """The proxy app. Without arguments, settings and services come from the environment."""
+def create_app(
+    settings: Settings | None = None,
+    services: list[Service] | None = None,
+    tracing_settings: TracingSettings | None = None,
+) -> FastAPI:
+    """The proxy app. Without arguments, settings, services and tracing come from the environment."""
     settings = settings or load_settings()
     services = services if services is not None else initial_services(os.environ, settings)
     check_settings(settings)
@@ -60,7 +71,8 @@ def create_app(settings: Settings | None = None, services: list[Service] | None 
             max_connections=settings.http_max_connections,
         )
     )
-    tracing.configure(os.environ)  # off unless the OTEL_* variables switch it on
+    # Off unless the OTEL_* variables switch it on.
+    tracing.configure(tracing_settings or TracingSettings.from_environ(os.environ))
     ensemble = ensemble_service(settings, services)
     declared = load_declared(settings, services, os.environ)
     compositions = declared.compositions

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from client_proxy import tracing
+from client_proxy.config import TracingSettings
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.triton.coalesce import Coalescer
@@ -50,17 +51,17 @@ def spans() -> Iterator[InMemorySpanExporter]:
     ],
 )
 def test_tracing_is_off_unless_the_standard_variables_switch_it_on(environ: dict[str, str], on: bool) -> None:
-    assert tracing.enabled_by(environ) is on
+    assert TracingSettings.from_environ(environ).enabled is on
 
 
 def test_the_traces_url_is_the_sdks() -> None:
-    assert tracing.traces_url({}) == "http://localhost:4318/v1/traces"
-    assert tracing.traces_url({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == "http://c:4318/v1/traces"
+    assert TracingSettings().traces_url == "http://localhost:4318/v1/traces"
+    assert TracingSettings(exporter_otlp_endpoint="http://c:4318/").traces_url == "http://c:4318/v1/traces"
     signal = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t/x",
     }
-    assert tracing.traces_url(signal) == "http://t/x"
+    assert TracingSettings.from_environ(signal).traces_url == "http://t/x"
 
 
 @pytest.mark.parametrize(
@@ -81,11 +82,11 @@ def test_what_the_proxy_cannot_export_is_refused_naming_the_variable(
     environ: dict[str, str], named: str
 ) -> None:
     with pytest.raises(tracing.TracingConfigError, match=named):
-        tracing.check(environ)
+        tracing.check(TracingSettings.from_environ(environ))
 
 
 def test_settings_that_leave_tracing_off_are_not_checked() -> None:
-    tracing.check({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})  # no endpoint: off, nothing to refuse
+    tracing.check(TracingSettings(exporter_otlp_protocol="grpc"))  # no endpoint: off, nothing to refuse
 
 
 def _by_name(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
@@ -250,3 +251,17 @@ def test_an_unsampled_span_sends_triton_no_context(spans: InMemorySpanExporter) 
     with provider.get_tracer("test").start_as_current_span("unsampled") as span:
         assert span.get_span_context().is_valid and not span.get_span_context().trace_flags.sampled
         assert tracing.outgoing_headers() == {}
+
+
+def test_every_tracing_setting_is_an_otel_variable_with_a_description() -> None:
+    from opentelemetry import environment_variables as api_variables
+    from opentelemetry.sdk import environment_variables
+
+    modules = (environment_variables, api_variables)
+    standard = {v for m in modules for k, v in vars(m).items() if k.startswith("OTEL_")}
+    for name, field in TracingSettings.model_fields.items():
+        assert f"OTEL_{name.upper()}" in standard, name
+        assert field.description, name
+    # Read under those names, stripped; a variable it does not know is left to the SDK.
+    read = TracingSettings.from_environ({"OTEL_TRACES_EXPORTER": " console ", "OTEL_BSP_SCHEDULE_DELAY": "5"})
+    assert read == TracingSettings(traces_exporter="console")
