@@ -206,7 +206,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
             self._version(request.model_name, request.model_version)
-            state.plane.models.find(request.model_name)  # an unknown model is NOT_FOUND whatever the inputs
+            # An unknown model is NOT_FOUND whatever the inputs.
+            target = state.plane.models.find(request.model_name)[1]
             parameters = request.parameters
             deadline, policy = deadline_and_policy(
                 parameters["timeout"].int64_param if "timeout" in parameters else None,
@@ -230,6 +231,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 policy,
                 tensors=_inputs(request, settings.max_rows),
                 outputs=outputs,
+                target=target,
             )
             tensors, answer_parameters = outputs_of(await state.plane.infer(inference), outputs)
         except ProxyError as exc:

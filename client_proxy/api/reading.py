@@ -28,15 +28,19 @@ async def inference_request(
     ensemble: bool = False,
     kind: Kind | None = None,
 ) -> InferenceRequest:
-    """The request for ``model``: its policy and deadline (query or headers), and its body read
-    within that deadline, given to ``parse`` unless it is ``{"keys": [...]}``."""
+    """The request for ``model`` (looked up first: an unknown one is a 404 whatever the body):
+    its policy and deadline (query or headers), and its body read within that deadline, given
+    to ``parse`` unless it is ``{"keys": [...]}``."""
     settings = state.settings
+    target = None if ensemble else state.plane.models.find(model, kind)[1]
     options = call_options(request, settings)
     check_content_type(request)
     body = await read_body(request, settings.max_body_bytes, time_left(options.deadline))
     keys = parse_keys(body, settings.max_rows)
     inputs = parse(body, settings.max_rows) if keys is None else None
-    return with_options(options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind)
+    return with_options(
+        options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind, target=target
+    )
 
 
 def with_options(options: CallOptions, model: str, endpoint: str, **fields: Any) -> InferenceRequest:

@@ -85,6 +85,9 @@ class InferenceRequest:
     """Answer with one call to Triton's own ensemble rather than the default composition."""
     kind: Kind | None = None
     """Only a model of this kind (the door's path says it: ``/pipelines/...``); None: any."""
+    target: Target | None = None
+    """The model, when the door looked it up (before reading the body: an unknown model is a
+    404 whatever the body); None: looked up here."""
 
 
 @dataclass(slots=True)
@@ -230,7 +233,7 @@ class DataPlane:
                 raise InvalidInput("no ensemble is configured (PROXY_ENSEMBLE)")
             target: Target = self._ensemble[0]
         else:
-            target = self.models.find(request.model, request.kind)[1]
+            target = request.target or self.models.find(request.model, request.kind)[1]
         deadline, policy = request.deadline, request.policy
         if isinstance(target, Composition):
             if target.deadline_ms is not None:

@@ -32,7 +32,13 @@ from client_proxy.core.contracts import Contract, ContractMismatch
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.services import Service
 from client_proxy.core.tensors import Inputs
-from client_proxy.errors import InvalidInput, ProxyError, UpstreamError
+from client_proxy.errors import (
+    InvalidInput,
+    ProxyError,
+    UnknownComposition,
+    UnknownPipeline,
+    UpstreamError,
+)
 
 #: Version every served model reports (the proxy's models have one).
 VERSION = "1"
@@ -244,12 +250,13 @@ class ServedModels:
         self._described: dict[str, tuple[Any, Served]] = {}
 
     def find(self, name: str, kind: Kind | None = None) -> tuple[Kind, Composition | Pipeline | Service]:
-        """The model ``name``: a composition (``iris_fanout``: the default one), a pipeline or a
-        service, in that order, or only of ``kind``; ``UnknownModel`` (404) otherwise."""
+        """The model ``name``: a composition (``default``, and ``iris_fanout`` to the protocol: the
+        default one), a pipeline or a service, in that order, or only of ``kind``; 404 otherwise
+        (``UnknownComposition`` and ``UnknownPipeline`` naming the known ones, for their doors)."""
         if kind in (None, "composition"):
             if name in self._compositions:
                 return "composition", self._compositions[name]
-            if name in (DEFAULT_ALIAS, "default"):
+            if name == "default" or (name == DEFAULT_ALIAS and kind is None):
                 return "composition", self._default()
         if kind in (None, "pipeline") and name in self._pipelines:
             return "pipeline", self._pipelines[name]
@@ -257,6 +264,12 @@ class ServedModels:
             services = self.services()
             if name in services:
                 return "service", services[name]
+        if kind == "composition":
+            known = ", ".join(sorted({*self._compositions, "default"}))
+            raise UnknownComposition(f"no composition {name!r} (known: {known})")
+        if kind == "pipeline":
+            known = ", ".join(sorted(self._pipelines)) or "none"
+            raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
         raise UnknownModel(f"Request for unknown model: '{name}' is not found")
 
     def names(self) -> list[str]:

@@ -21,25 +21,13 @@ from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.compositions import Composition
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
-from client_proxy.errors import InvalidInput, UnknownComposition
+from client_proxy.errors import InvalidInput
 
 router = APIRouter(tags=["compositions"])
 
 
-def _composition(state: ProxyState, name: str) -> Composition:
-    """The composition ``name`` (looked up before the body is read); 404 naming the known ones."""
-    found: Composition | None = state.compositions.get(name)
-    if found is None and name == "default":
-        found = state.default_composition()
-    if found is None:
-        known = ", ".join(sorted({*state.compositions, "default"}))
-        raise UnknownComposition(f"no composition {name!r} (known: {known})")
-    return found
-
-
 async def _request(state: ProxyState, request: Request, endpoint: str) -> InferenceRequest:
     name = request.path_params["name"]
-    _composition(state, name)
     return await inference_request(request, state, name, endpoint, parse_inputs, kind="composition")
 
 
@@ -67,13 +55,14 @@ async def label(request: Request) -> Reply:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
     state: ProxyState = request.app.state.proxy
-    name = request.path_params["name"]
-    composition = _composition(state, name)
-    if composition.aggregator == "none":
+    inference = await _request(state, request, "/compositions/{name}/label")
+    composition = inference.target
+    if isinstance(composition, Composition) and composition.aggregator == "none":
+        name = composition.name
         raise InvalidInput(
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
-    answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/label"))
+    answer = await state.plane.infer(inference)
     return reply(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
 
 

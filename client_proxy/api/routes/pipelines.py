@@ -10,8 +10,7 @@ from client_proxy.api.openapi import WITH_BODY
 from client_proxy.api.reading import inference_request, with_keys
 from client_proxy.api.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.api.state import JSON, ProxyState
-from client_proxy.core.pipelines import report_body
-from client_proxy.errors import UnknownPipeline
+from client_proxy.core.pipelines import Pipeline, report_body
 
 router = APIRouter(tags=["pipelines"])
 
@@ -49,15 +48,12 @@ async def run(request: Request) -> Reply:
     """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
     state: ProxyState = request.app.state.proxy
     name = request.path_params["name"]
-    pipeline = state.pipelines.get(name)
-    if pipeline is None:
-        known = ", ".join(sorted(state.pipelines)) or "none"
-        raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
     inference = await inference_request(
         request, state, name, "/pipelines/{name}", parse_inputs, kind="pipeline"
     )
     answer = await state.plane.infer(inference)
-    assert answer.report is not None
+    pipeline = answer.target
+    assert answer.report is not None and isinstance(pipeline, Pipeline)
     return reply(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))
 
 

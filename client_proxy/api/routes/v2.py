@@ -121,7 +121,7 @@ async def infer(request: Request) -> Reply:
     name = request.path_params["name"]
     try:
         _version(request)
-        state.plane.models.find(name)  # an unknown model is a 404 whatever the body, as in Triton
+        target = state.plane.models.find(name)[1]  # an unknown model is a 404 whatever the body, as in Triton
         options = call_options(request, state.settings)
         body = await read_body(request, state.settings.max_body_bytes, time_left(options.deadline))
         parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
@@ -138,6 +138,7 @@ async def infer(request: Request) -> Reply:
             name,
             "/v2/models/{name}/infer",
             tensors=parsed.inputs,
+            target=target,
             outputs=parsed.outputs,
         )
         outputs, parameters = outputs_of(await state.plane.infer(inference), parsed.outputs)
