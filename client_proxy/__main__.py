@@ -22,7 +22,7 @@ from client_proxy.config import (
     initial_services,
     load_settings,
 )
-from client_proxy.core.compositions import CompositionError
+from client_proxy.core.compositions_file import CompositionError
 from client_proxy.core.declared import load_declared
 from client_proxy.core.pipelines import PipelineError
 from client_proxy.core.services import ConfigError

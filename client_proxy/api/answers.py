@@ -11,7 +11,9 @@ import orjson
 from numpy.typing import NDArray
 
 from client_proxy.core.dataplane import InferenceAnswer
+from client_proxy.core.features import Fetched
 from client_proxy.core.outcomes import FanOutResult, Outcome, failure
+from client_proxy.core.pipelines import Pipeline, report_body
 from client_proxy.core.rules import Alert
 
 
@@ -94,3 +96,51 @@ def with_alerts(body: dict[str, Any], alerts: Sequence[Alert]) -> dict[str, Any]
     if alerts:
         body["alerts"] = [alert.describe() for alert in alerts]
     return body
+
+
+def with_keys(body: dict[str, Any], fetched: Fetched | None) -> dict[str, Any]:
+    """``body`` with the key of each row (``keys``) and the keys not found (``missing_keys``,
+    and ``partial``), for a request by key; as it was otherwise."""
+    if fetched is not None:
+        body.update(fetched.describe())
+        if fetched.missing:
+            body["partial"] = True
+    return body
+
+
+# -- each door's answer, from the dataplane's ------------------------------------------------
+def seed_predictions(answer: InferenceAnswer) -> dict[str, Any]:
+    """``/predict``: every service's ``[P(class), P(other)]``, the keys for a request by key."""
+    assert answer.result is not None
+    return with_keys(predictions_body(answer.result, answer.one_row), answer.fetched)
+
+
+def seed_label(answer: InferenceAnswer) -> dict[str, Any]:
+    """``/predict/label``: the label per row (the fan-out's or the ensemble's), the keys."""
+    return with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched)
+
+
+def composition_predictions(answer: InferenceAnswer) -> dict[str, Any]:
+    """``/compositions/{name}/predict``: each service's output, the alerts, the keys."""
+    assert answer.result is not None
+    body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
+    return with_keys(body, answer.fetched)
+
+
+def composition_label(answer: InferenceAnswer) -> dict[str, Any]:
+    """``/compositions/{name}/label``: the aggregated answer per row, ``partial`` and ``missing``
+    when some service did not answer, the alerts, the keys."""
+    rows = label_rows(answer)
+    body: dict[str, Any] = {"prediction": rows[0] if answer.one_row else rows}
+    result = answer.result
+    if result is not None and result.partial:
+        body["partial"] = True
+        body["missing"] = result.missing
+    return with_keys(with_alerts(body, answer.alerts), answer.fetched)
+
+
+def pipeline_answer(answer: InferenceAnswer) -> dict[str, Any]:
+    """``/pipelines/{name}``: the label per row, the path taken, each step's latency, the keys."""
+    pipeline, report = answer.target, answer.report
+    assert isinstance(pipeline, Pipeline) and report is not None
+    return with_keys(report_body(pipeline, report, one_row=answer.one_row), answer.fetched)

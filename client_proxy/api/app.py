@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -25,7 +26,7 @@ from client_proxy.alerts import Alerter, WebhookSender, WebhookSettings
 from client_proxy.api import grpc_door, lingering
 from client_proxy.api.admission import Admission
 from client_proxy.api.fastlane import FastLane, document
-from client_proxy.api.options import ARRIVAL
+from client_proxy.api.reading import ARRIVAL
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
@@ -116,7 +117,9 @@ def create_app(
     webhooks = _webhook_sender(settings, declared, metrics)
     state.alerts = Alerter(metrics, webhooks)
     state.plane = DataPlane(
-        ServedModels(gateway, compositions, declared.pipelines, state.default_composition, state.service_map),
+        ServedModels(
+            gateway, compositions, declared.pipelines, partial(getattr, state, "services"), state.service_map
+        ),
         gateway,
         state.fanout,
         RequestObserver(metrics),

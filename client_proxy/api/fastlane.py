@@ -13,7 +13,7 @@ give FastAPI the routes it documents (``document``), which never serve.
 1. admission of a ``POST`` (not ``/admin``): past ``PROXY_MAX_IN_FLIGHT``, the 503 at once
    (``admission.Refusals``), counted as shed and nowhere else;
 2. the request id (the client's ``X-Request-ID`` when plain, else a new one) and the arrival
-   time, in the scope (``options.ARRIVAL``) where ``call_options`` reads them;
+   time, in the scope (``reading.ARRIVAL``) where ``call_options`` reads them;
 3. a lane route's handler called with a Starlette ``Request`` (a ``ProxyError`` rendered by the
    app's error renderer, anything else a 500 JSON with the stack trace in the log only), or
    FastAPI's stack for every other request (documentation, health, admin, a method a route
@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client_proxy import tracing
 from client_proxy.api.admission import Admission, Refusals
-from client_proxy.api.options import ARRIVAL
+from client_proxy.api.reading import ARRIVAL
 from client_proxy.errors import ProxyError
 from client_proxy.observability import UNTRACED, ProxyMetrics, request_id_of
 
@@ -76,7 +76,8 @@ def reply(content: Any, status_code: int = 200) -> Reply:
     return Reply(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code)
 
 
-Handler = Callable[[Request], Awaitable[Reply | Response]]
+#: A lane route's handler: its JSON answer (200), a ``Reply``, or a Starlette ``Response``.
+Handler = Callable[[Request], Awaitable[dict[str, Any] | Reply | Response]]
 ErrorRenderer = Callable[[ProxyError, str], Response]
 Found = tuple[Handler, str, dict[str, str]]
 
@@ -278,8 +279,10 @@ class FastLane:
             id_headers: list[tuple[bytes, bytes]] = []
         else:
             id_headers = [(b"x-request-id", request_id.encode())]
+        response: Reply | Response
         try:
-            response = await handler(Request(scope, receive))
+            answered = await handler(Request(scope, receive))
+            response = reply(answered) if isinstance(answered, dict) else answered  # a door's JSON
         except ProxyError as exc:
             response = self._render_error(exc, request_id)
         except Exception:

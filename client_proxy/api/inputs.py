@@ -1,15 +1,12 @@
-"""Reading a request body into rows (``[N, width]``) or named tensors, with a 4xx naming every problem.
-
-The body is read by hand (not by FastAPI's body parsing) so that its size is limited while
-it arrives, a body that never finishes arriving is bounded by the request's deadline, and
-the JSON is parsed with orjson and validated by pydantic-core in one pass.
-"""
+"""A request body (read by ``reading.py``) parsed into rows (``[N, width]``), named tensors or
+keys, with a 4xx naming every problem: the JSON parsed with orjson and validated by
+pydantic-core in one pass."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -17,19 +14,11 @@ import orjson
 from annotated_types import Len
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from starlette.requests import ClientDisconnect, Request
 
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.features import KEY
 from client_proxy.core.tensors import Inputs
-from client_proxy.errors import (
-    BadRequest,
-    InvalidInput,
-    InvalidJSON,
-    PayloadTooLarge,
-    RequestTimeout,
-    UnsupportedMediaType,
-)
+from client_proxy.errors import InvalidInput, InvalidJSON
 
 N_FEATURES = 4
 """The Iris example's width, as the documentation shows it: the models' contracts decide."""
@@ -301,59 +290,9 @@ def _tensor(where: str, shape: list[int], datatype: str, data: Any) -> NDArray[A
     return array
 
 
-_HEADERS = "client_proxy.headers"
-
-
-def header(request: Request, name: str) -> str | None:
-    """The request's header ``name`` (lower case), the first when repeated, as Starlette's
-    ``request.headers.get`` gives it. The inference routes read several headers per request:
-    a dict made once per request answers each for a fraction of a linear scan's cost."""
-    scope = request.scope
-    headers: dict[str, str] | None = scope.get(_HEADERS)
-    if headers is None:
-        headers = scope[_HEADERS] = {
-            key.decode("latin-1"): value.decode("latin-1") for key, value in reversed(scope["headers"])
-        }
-    return headers.get(name)
-
-
-def check_content_type(request: Request) -> None:
-    encoding = (header(request, "content-encoding") or "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported: send the JSON uncompressed"
-        )
-    content_type = header(request, "content-type")
-    if content_type is None:
-        return  # curl -d without -H: try it as JSON
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported: send application/json")
-
-
-async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, refusing more than ``max_bytes`` and a body slower than ``timeout_s``."""
-    declared = header(request, "content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise BadRequest(f"Content-Length {declared!r} is not a number") from None
-        if length > max_bytes:
-            raise PayloadTooLarge(
-                f"body of {length} bytes is over the {max_bytes}-byte limit", max_bytes=max_bytes
-            )
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit", max_bytes=max_bytes)
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"the body did not arrive within {timeout_s * 1000:.0f} ms") from None
-    except ClientDisconnect:
-        raise BadRequest("the client went away before sending the whole body") from None
-    return b"".join(chunks)
+def parse_body(
+    body: bytes, max_rows: int, parse: Callable[[bytes, int], Inputs]
+) -> tuple[list[str] | None, Inputs | None]:
+    """``{"keys": [...]}``'s keys, or else what ``parse`` reads of the body (rows or tensors)."""
+    keys = parse_keys(body, max_rows)
+    return (keys, None) if keys is not None else (None, parse(body, max_rows))

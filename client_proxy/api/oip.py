@@ -21,7 +21,7 @@ import orjson
 from numpy.typing import NDArray
 
 from client_proxy.api.inputs import _tensor
-from client_proxy.api.options import POLICIES
+from client_proxy.api.reading import POLICIES
 from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.dataplane import InferenceAnswer

@@ -1,6 +1,6 @@
 """The OpenAPI descriptions of the hand-read routes: their parameters, bodies and errors.
 
-The hot routes read their query, headers and body by hand (``options.py``, ``inputs.py``), so
+The hot routes read their query, headers and body by hand (``reading.py``, ``inputs.py``), so
 FastAPI cannot infer them; these dicts describe them for ``/docs`` and the fuzz tests."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse
 
 from client_proxy.api.admission import Admission
 from client_proxy.config import Settings
-from client_proxy.core.compositions import Composition, Member
+from client_proxy.core.compositions import Composition
 from client_proxy.core.dataplane import DataPlane
 from client_proxy.core.declared import service_map
 from client_proxy.core.fanout import FanOut
@@ -47,9 +47,6 @@ class ProxyState:
     """The feature store requests by key read (``PROXY_FEATURE_STORE``); None: none."""
     alerts: AlertSink | None = None
     """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
-    _default: tuple[list[Service] | None, Composition | None] = field(
-        default=(None, None), init=False, repr=False
-    )
     plane: DataPlane = field(init=False)
     """Every inference request's one path (``client_proxy.core.dataplane``), whichever door."""
 
@@ -58,23 +55,8 @@ class ProxyState:
         return service_map(self.services, self.compositions.values())
 
     def default_composition(self) -> Composition:
-        """The ``SERVICE_*`` services (as the admin endpoints left them) with the seed's rule;
-        made again only when the admin endpoints replace the list (every request asks for it)."""
-        declared = self.compositions.get("default")
-        if declared is not None:
-            return declared
-        services, made = self._default
-        if services is not self.services or made is None:
-            services = self.services
-            made = Composition(
-                name="default",
-                description="the SERVICE_* services, each a one-vs-rest classifier: "
-                "the highest P(class) wins",
-                members=tuple(Member(s) for s in services),
-                aggregator="one_vs_rest",
-            )
-            self._default = (services, made)
-        return made
+        """The ``default`` composition (``ServedModels.default``)."""
+        return self.plane.models.default()
 
 
 async def _state(request: Request) -> ProxyState:

@@ -29,14 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy.core.aggregators import Aggregated
-from client_proxy.core.compositions import (
-    Composition,
-    aggregate,
-    check_rules,
-    enough_answers,
-    known_classes,
-    resolve_classes,
-)
+from client_proxy.core.compositions import Composition, conclude
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
 from client_proxy.core.outcomes import FanOutResult, Outcome
@@ -97,6 +90,8 @@ class InferenceAnswer:
     target: Target
     policy: TimeoutPolicy
     rows: int
+    one_row: bool = False
+    """One row: the seed's shapes answer it with an object rather than a list of one."""
     result: FanOutResult | None = None
     """A composition's (or the ensemble's) service calls: each one's outcome."""
     aggregated: Aggregated | None = None
@@ -115,10 +110,6 @@ class InferenceAnswer:
     """A stream's last word when it could not be answered (``infer`` raises instead)."""
     outcomes: Collection[Outcome] = ()
     """Every service call's outcome, in order."""
-
-    @property
-    def one_row(self) -> bool:
-        return self.rows == 1
 
     @property
     def partial(self) -> bool:
@@ -246,6 +237,7 @@ class DataPlane:
             else await self._input(request, target, answer, deadline)
         )
         answer.rows = row_count(x)
+        answer.one_row = answer.rows == 1
         if not request.ensemble:
             services = self.models.services_of(target)
             if not self._gateway.fits(services, x):
@@ -267,7 +259,7 @@ class DataPlane:
             return answer.fetched.rows
         if request.tensors is None:
             raise InvalidInput("the request has no inputs")
-        served = answer.served = await self.models.describe(request.model, time_left(deadline))
+        served = answer.served = await self.models.describe(request.model, time_left(deadline), target)
         if request.outputs is not None:
             known = {t.name for t in served.outputs}
             unknown = [o for o in request.outputs if o not in known]
@@ -308,18 +300,8 @@ class DataPlane:
     ) -> None:
         """A composition's answer from its services' outcomes: enough of them, aggregated, the rules."""
         answer.result, answer.outcomes = result, result.outcomes.values()
-        enough_answers(composition, result, answer.policy)
-        if composition.aggregator != "none":
-            classes = known_classes(composition.classes, composition.aggregator, result.answered)
-            if classes is None:  # the models' own: their configs or label files, read once
-                answered = [s for s in composition.services if s.name in result.answered]
-                name = f"composition {composition.name!r}"
-                classes = await resolve_classes(
-                    name, (), composition.aggregator, answered, self._gateway, lambda _: x, deadline
-                )
-            answer.aggregated, answer.classes = aggregate(composition, result, classes), classes
-        answer.alerts = check_rules(
-            composition, result, answer.aggregated, answer.classes, request_id, self._sink
+        answer.aggregated, answer.classes, answer.alerts = await conclude(
+            composition, result, answer.policy, self._gateway, x, deadline, request_id, self._sink
         )
 
     async def _run_service(

@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from client_proxy.config import Settings
-from client_proxy.core.compositions import Composition, load_compositions
+from client_proxy.core.compositions import Composition
+from client_proxy.core.compositions_file import load_compositions
 from client_proxy.core.pipelines import Pipeline, configured_pipelines
 from client_proxy.core.services import Service
 

@@ -40,6 +40,10 @@ class Submitter(Protocol):
         self, service: Service, x: Inputs, request_id: str, timeout: float
     ) -> asyncio.Future[NDArray[Any]]: ...
 
+    def submit_all(
+        self, services: Sequence[Service], x: Inputs, request_id: str, timeout: float
+    ) -> list[asyncio.Future[NDArray[Any]]]: ...
+
     def give_up(self, service: Service, future: asyncio.Future[NDArray[Any]]) -> None: ...
 
 
@@ -242,14 +246,13 @@ class FanOut:
             woken = loop.create_future()
             ended: dict[asyncio.Future[NDArray[Any]], float] = {}
             fail_fast = policy is TimeoutPolicy.ALL_OR_NOTHING
-            submit = submitter.submit
             if steps is None:
-                futures = [submit(service, x, request_id, budget) for service in services]
+                futures = submitter.submit_all(services, x, request_id, budget)
             else:
                 futures = []
                 for service in services:
                     with steps.current(service.name):
-                        futures.append(submit(service, x, request_id, budget))
+                        futures.append(submitter.submit(service, x, request_id, budget))
             count = len(futures)
 
             def on_end(future: asyncio.Future[NDArray[Any]]) -> None:

@@ -43,7 +43,8 @@ from numpy.typing import NDArray
 from client_proxy import tracing
 from client_proxy.core import conditions, yamlfile
 from client_proxy.core.aggregators import AGGREGATORS, Aggregated, AggregationError
-from client_proxy.core.compositions import Gateway, expand, read_classes, read_feature_set, resolve_classes
+from client_proxy.core.compositions import Gateway, resolve_classes
+from client_proxy.core.compositions_file import expand, read_classes, read_feature_set
 from client_proxy.core.conditions import Condition, service_score
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.outcomes import FanOutResult

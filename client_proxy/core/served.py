@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy.core.compositions import Composition
+from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.contracts import Contract, ContractMismatch
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.services import Service
@@ -63,7 +63,7 @@ class Gateway(Protocol):
 
     async def contract(self, service: Service, timeout: float) -> Contract: ...
 
-    def known_contract(self, service: Service) -> Contract | None: ...
+    def known_contracts(self, services: Sequence[Service]) -> list[Contract | None]: ...
 
     async def call(
         self, service: Service, x: Inputs, request_id: str, timeout: float, outputs: tuple[str, ...]
@@ -155,7 +155,7 @@ def _batched_shape(spec_shape: tuple[int, ...], batched: bool) -> tuple[int, ...
 
 async def _contracts(gateway: Gateway, services: Sequence[Service], timeout: float) -> list[Contract | None]:
     """The services' contracts, read now where not known (None where Triton cannot say)."""
-    known = [gateway.known_contract(s) for s in services]
+    known = gateway.known_contracts(services)
     if None not in known:
         return known  # the usual case: no task per service
 
@@ -238,14 +238,16 @@ class ServedModels:
         gateway: Gateway,
         compositions: Mapping[str, Composition],
         pipelines: Mapping[str, Pipeline],
-        default: Callable[[], Composition],
+        seed_services: Callable[[], list[Service]],
         services: Callable[[], Mapping[str, Service]],
     ) -> None:
-        """``default()``: the default composition now; ``services()``: every service by name now."""
+        """``seed_services()``: the ``SERVICE_*`` services now (the default composition's, unless
+        the compositions file declares ``default``); ``services()``: every service by name now."""
         self._gateway = gateway
         self._compositions = compositions
         self._pipelines = pipelines
-        self._default = default
+        self._seed_services = seed_services
+        self._default: tuple[list[Service] | None, Composition | None] = (None, None)
         self.services = services
         self._described: dict[str, tuple[Any, Served]] = {}
 
@@ -257,7 +259,7 @@ class ServedModels:
             if name in self._compositions:
                 return "composition", self._compositions[name]
             if name == "default" or (name == DEFAULT_ALIAS and kind is None):
-                return "composition", self._default()
+                return "composition", self.default()
         if kind in (None, "pipeline") and name in self._pipelines:
             return "pipeline", self._pipelines[name]
         if kind in (None, "service"):
@@ -272,6 +274,25 @@ class ServedModels:
             raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
         raise UnknownModel(f"Request for unknown model: '{name}' is not found")
 
+    def default(self) -> Composition:
+        """The ``default`` composition: the compositions file's, else the ``SERVICE_*`` services
+        (as the admin endpoints left them) with the seed's rule, made again only when the admin
+        endpoints replace the list (every request of the seed's routes asks for it)."""
+        declared = self._compositions.get("default")
+        if declared is not None:
+            return declared
+        services, made = self._default
+        if services is not (services := self._seed_services()) or made is None:
+            made = Composition(
+                name="default",
+                description="the SERVICE_* services, each a one-vs-rest classifier: "
+                "the highest P(class) wins",
+                members=tuple(Member(s) for s in services),
+                aggregator="one_vs_rest",
+            )
+            self._default = (services, made)
+        return made
+
     def names(self) -> list[str]:
         return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self.services()]
 
@@ -284,9 +305,16 @@ class ServedModels:
         services = self.services()
         return [services[n] for step in target.steps if step.input == "request" for n in step.services]
 
-    async def describe(self, name: str, timeout: float) -> Served:
-        """What the model takes and gives, from its services' contracts (kept while they are)."""
-        kind, target = self.find(name)
+    async def describe(
+        self, name: str, timeout: float, target: Composition | Pipeline | Service | None = None
+    ) -> Served:
+        """What the model takes and gives, from its services' contracts (kept while they are);
+        ``target``: the model, already looked up (``find``)."""
+        if target is None:
+            kind, target = self.find(name)
+        else:
+            kinds: dict[type, Kind] = {Composition: "composition", Pipeline: "pipeline", Service: "service"}
+            kind = kinds[type(target)]
         services = self.services_of(target)
         contracts = await _contracts(self._gateway, services, timeout)
         key = (target, tuple(id(c) for c in contracts))

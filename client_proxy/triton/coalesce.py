@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,13 @@ class Coalescer:
         else:
             self._look_again(service, lane, now)
         return future
+
+    def submit_all(
+        self, services: Sequence[Service], x: Inputs, request_id: str, timeout: float
+    ) -> list[asyncio.Future[NDArray[Any]]]:
+        """``submit`` to each of ``services``, in order (a fan-out's calls, started at once)."""
+        submit = self.submit
+        return [submit(service, x, request_id, timeout) for service in services]
 
     def give_up(self, service: Service, future: asyncio.Future[NDArray[Any]]) -> None:
         """A caller of ``submit`` gives up: its future is cancelled, and a batched call whose

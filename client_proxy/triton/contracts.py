@@ -86,9 +86,10 @@ class ContractBook:
         if not done.cancelled():
             done.exception()  # retrieved: every caller may have given up already
 
-    def known(self, service: Service) -> Contract | None:
-        """The contract already read, if any (no call to Triton)."""
-        return self._contracts.get(service)
+    def known(self, services: Sequence[Service]) -> list[Contract | None]:
+        """The contracts already read, None where not (no call to Triton)."""
+        contracts = self._contracts
+        return [contracts.get(service) for service in services]
 
     async def class_names(self, service: Service, x: Inputs, timeout: float) -> tuple[str, ...]:
         """The classes the service's output scores, in column order: its config's ``class_names``

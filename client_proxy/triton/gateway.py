@@ -45,7 +45,7 @@ class TritonGateway:
         self.fits = book.fits
         self.ensure_fit = book.ensure_fit
         self.contract = book.contract
-        self.known_contract = book.known
+        self.known_contracts = book.known
         self.class_names = book.class_names
         self.replicas = self.routing.replicas
         self.hedging = self.routing.hedging

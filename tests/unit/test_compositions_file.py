@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client_proxy.core.compositions import CompositionError, load_compositions
+from client_proxy.core.compositions_file import CompositionError, load_compositions
 from client_proxy.core.services import Service, TimeoutPolicy
 
 KNOWN = {"wine_knn": Service("wine_knn", "grpc", "triton:8001", "wine_knn")}

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from client_proxy.api.admission import SHED_MARK, Admission
 from client_proxy.api.app import render_proxy_error, render_unexpected
 from client_proxy.api.fastlane import FastLane, LaneRoute
-from client_proxy.api.options import ARRIVAL
+from client_proxy.api.reading import ARRIVAL
 from client_proxy.errors import InvalidInput
 from client_proxy.observability import ProxyMetrics
 from tests.helpers import metric

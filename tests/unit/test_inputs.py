@@ -69,7 +69,7 @@ def test_header_reads_like_starlettes_headers_get() -> None:
     lower case, the first of a repeated header, None when absent."""
     from starlette.requests import Request
 
-    from client_proxy.api.inputs import header
+    from client_proxy.api.reading import header
 
     raw = [(b"content-type", b"application/json"), (b"x-route", b"ensemble"), (b"x-route", b"fanout")]
     request = Request({"type": "http", "method": "POST", "path": "/", "headers": raw, "query_string": b""})

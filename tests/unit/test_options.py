@@ -1,11 +1,11 @@
-"""A request's own deadline and policy (``client_proxy.api.options``), from its query and headers."""
+"""A request's own deadline and policy (``client_proxy.api.reading``), from its query and headers."""
 
 from __future__ import annotations
 
 import pytest
 from starlette.requests import Request
 
-from client_proxy.api.options import ARRIVAL, MIN_DEADLINE_MS, call_options
+from client_proxy.api.reading import ARRIVAL, MIN_DEADLINE_MS, call_options
 from client_proxy.config import load_settings
 from client_proxy.errors import InvalidInput
 

@@ -13,14 +13,21 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
-from client_proxy.api.answers import label_rows, line, predictions_body, service_line, with_alerts
-from client_proxy.api.fastlane import Reply, reply, route
+from client_proxy.api.answers import (
+    composition_label,
+    composition_predictions,
+    line,
+    service_line,
+    with_alerts,
+    with_keys,
+)
+from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import COMPOSITION_BODY, COMPOSITION_ERRORS, streamed
-from client_proxy.api.reading import inference_request, with_keys
+from client_proxy.api.reading import inference_request
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.compositions import Composition
-from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
+from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.errors import InvalidInput
 
 router = APIRouter(tags=["compositions"])
@@ -41,17 +48,16 @@ async def list_compositions(request: Request) -> JSON:
     )
 
 
-async def predict(request: Request) -> Reply:
+async def predict(request: Request) -> dict[str, Any]:
     """Every service's output for the rows: ``{service: {"prediction": ...}}``, as ``/predict``;
     a service that did not answer has ``"prediction": null`` and an ``"error"``."""
     state: ProxyState = request.app.state.proxy
-    answer = await state.plane.infer(await _request(state, request, "/compositions/{name}/predict"))
-    assert answer.result is not None
-    body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
-    return reply(with_keys(body, answer.fetched))
+    return composition_predictions(
+        await state.plane.infer(await _request(state, request, "/compositions/{name}/predict"))
+    )
 
 
-async def label(request: Request) -> Reply:
+async def label(request: Request) -> dict[str, Any]:
     """The aggregated answer per row: ``{"label", "proba", "scores"}`` (one object for one row,
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
     state: ProxyState = request.app.state.proxy
@@ -62,17 +68,7 @@ async def label(request: Request) -> Reply:
         raise InvalidInput(
             f"composition {name!r} has no aggregator (aggregator: none): use /compositions/{name}/predict"
         )
-    answer = await state.plane.infer(inference)
-    return reply(with_keys(with_alerts(_label(answer), answer.alerts), answer.fetched))
-
-
-def _label(answer: InferenceAnswer) -> dict[str, Any]:
-    rows = label_rows(answer)
-    body: dict[str, Any] = {"prediction": rows[0] if answer.one_row else rows}
-    if answer.partial:
-        body["partial"] = True
-        body["missing"] = answer.result.missing  # type: ignore[union-attr]
-    return body
+    return composition_label(await state.plane.infer(inference))
 
 
 async def stream(request: Request) -> StreamingResponse:
@@ -85,15 +81,17 @@ async def stream(request: Request) -> StreamingResponse:
         async for outcome in outcomes:
             yield service_line(outcome, answer.one_row)
         final: dict[str, Any] = {"final": True}
-        if answer.error is not None:
-            final.update(answer.error.body())
-        elif answer.aggregated is not None:
-            final.update(_label(answer))
-        with_alerts(final, answer.alerts)
-        if answer.partial:
-            final["partial"] = True
-            final["missing"] = answer.result.missing  # type: ignore[union-attr]
-        yield line(with_keys(final, answer.fetched))
+        if answer.error is None and answer.aggregated is not None:
+            final.update(composition_label(answer))
+        else:
+            if answer.error is not None:
+                final.update(answer.error.body())
+            with_alerts(final, answer.alerts)
+            if answer.result is not None and answer.result.partial:
+                final["partial"] = True
+                final["missing"] = answer.result.missing
+            with_keys(final, answer.fetched)
+        yield line(final)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 
-from client_proxy.api.fastlane import Reply, reply, route
+from client_proxy.api.answers import pipeline_answer
+from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
 from client_proxy.api.openapi import WITH_BODY
-from client_proxy.api.reading import inference_request, with_keys
+from client_proxy.api.reading import inference_request
 from client_proxy.api.schemas import PipelineAnswer, PipelineList, errors
 from client_proxy.api.state import JSON, ProxyState
-from client_proxy.core.pipelines import Pipeline, report_body
 
 router = APIRouter(tags=["pipelines"])
 
@@ -44,17 +46,14 @@ _ERRORS = {
 }
 
 
-async def run(request: Request) -> Reply:
+async def run(request: Request) -> dict[str, Any]:
     """Run one pipeline on the rows: the label per row, the path taken and each step's latency."""
     state: ProxyState = request.app.state.proxy
     name = request.path_params["name"]
     inference = await inference_request(
         request, state, name, "/pipelines/{name}", parse_inputs, kind="pipeline"
     )
-    answer = await state.plane.infer(inference)
-    pipeline = answer.target
-    assert answer.report is not None and isinstance(pipeline, Pipeline)
-    return reply(with_keys(report_body(pipeline, answer.report, one_row=answer.one_row), answer.fetched))
+    return pipeline_answer(await state.plane.infer(inference))
 
 
 #: The pipelines' inference route, served by the fast lane and documented by FastAPI.

@@ -9,12 +9,19 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from client_proxy.api.answers import label_body, line, predictions_body, seed_labels, service_line
-from client_proxy.api.fastlane import Reply, reply, route
-from client_proxy.api.inputs import SAMPLE_ROW, header, parse_rows
+from client_proxy.api.answers import (
+    label_body,
+    line,
+    seed_label,
+    seed_labels,
+    seed_predictions,
+    service_line,
+    with_keys,
+)
+from client_proxy.api.fastlane import route
+from client_proxy.api.inputs import SAMPLE_ROW, parse_rows
 from client_proxy.api.openapi import ERRORS, LABEL, LABELS, PARAMETERS, PREDICTIONS, WITH_BODY, streamed
-from client_proxy.api.options import call_options
-from client_proxy.api.reading import inference_request, with_keys, with_options
+from client_proxy.api.reading import call_options, header, inference_request, with_options
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.errors import InvalidInput
@@ -28,19 +35,14 @@ def _sample_request(request: Request, state: ProxyState, endpoint: str) -> Infer
     return with_options(call_options(request, state.settings), DEFAULT, endpoint, inputs=_SAMPLE)
 
 
-def _predictions(answer: InferenceAnswer) -> dict[str, Any]:
-    assert answer.result is not None
-    return with_keys(predictions_body(answer.result, answer.one_row), answer.fetched)
-
-
-async def predict(request: Request) -> Reply:
+async def predict(request: Request) -> dict[str, Any]:
     """Every service's ``[P(class), P(other)]`` for the rows, each service called once, concurrently."""
     state: ProxyState = request.app.state.proxy
     inference = await inference_request(request, state, DEFAULT, "/predict", parse_rows)
-    return reply(_predictions(await state.plane.infer(inference)))
+    return seed_predictions(await state.plane.infer(inference))
 
 
-async def predict_label(request: Request) -> Reply:
+async def predict_label(request: Request) -> dict[str, Any]:
     """The label per row: the service whose P(class) is highest, and that probability.
 
     ``?route=ensemble`` (or ``X-Route``, or ``PROXY_LABEL_ROUTE``) answers with one call to
@@ -54,20 +56,19 @@ async def predict_label(request: Request) -> Reply:
     ensemble = route == "ensemble"
     endpoint = "/predict/label?route=ensemble" if ensemble else "/predict/label"
     inference = await inference_request(request, state, DEFAULT, endpoint, parse_rows, ensemble=ensemble)
-    answer = await state.plane.infer(inference)
-    return reply(with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched))
+    return seed_label(await state.plane.infer(inference))
 
 
-async def predict_get_test(request: Request) -> Reply:
+async def predict_get_test(request: Request) -> dict[str, Any]:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]``."""
     state: ProxyState = request.app.state.proxy
-    return reply(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/get/test"))))
+    return seed_predictions(await state.plane.infer(_sample_request(request, state, "/predict/get/test")))
 
 
-async def predict_post_test(request: Request) -> Reply:
+async def predict_post_test(request: Request) -> dict[str, Any]:
     """``/predict`` on the seed's sample row ``[5.1, 3.5, 1.4, 0.2]`` (the body is ignored)."""
     state: ProxyState = request.app.state.proxy
-    return reply(_predictions(await state.plane.infer(_sample_request(request, state, "/predict/post/test"))))
+    return seed_predictions(await state.plane.infer(_sample_request(request, state, "/predict/post/test")))
 
 
 async def predict_stream(request: Request) -> StreamingResponse:

@@ -14,7 +14,6 @@ from typing import Any
 from fastapi import Request
 
 from client_proxy.api.fastlane import LaneRoute, Reply, reply, route
-from client_proxy.api.inputs import header, read_body
 from client_proxy.api.oip import (
     HEADER,
     SERVER,
@@ -24,8 +23,7 @@ from client_proxy.api.oip import (
     parse_request,
 )
 from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
-from client_proxy.api.options import call_options
-from client_proxy.api.reading import with_options
+from client_proxy.api.reading import call_options, header, read_body, with_options
 from client_proxy.api.schemas import (
     InferResponse,
     ModelConfig,
