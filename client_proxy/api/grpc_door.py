@@ -24,10 +24,10 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from client_proxy import tracing
 from client_proxy.api import grpc_calls, grpc_wire
-from client_proxy.api.oip import SERVER, datatype_of, deadline_and_policy, from_bytes, outputs_of, to_bytes
+from client_proxy.api.oip import SERVER, from_bytes, inference_request, outputs_of, raw_outputs
+from client_proxy.api.reading import CallOptions
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
-from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
 from client_proxy.http2 import Limits
@@ -209,29 +209,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             # An unknown model is NOT_FOUND whatever the inputs.
             target = state.plane.models.find(request.model_name)[1]
             parameters = request.parameters
-            deadline, policy = deadline_and_policy(
-                parameters["timeout"].int64_param if "timeout" in parameters else None,
-                parameters["timeout_policy"].string_param if "timeout_policy" in parameters else None,
-                started,
-                deadline,
-                None,
-            )
             outputs = [o.name for o in request.outputs] or None
             for output in request.outputs:
                 if "classification" in output.parameters:
                     raise InvalidInput(
                         f"output '{output.name}': the classification extension is not served here"
                     )
-            inference = InferenceRequest(
+            inference = inference_request(
                 request.model_name,
                 "grpc ModelInfer {name}",
-                request_id,
-                started,
-                deadline,
-                policy,
-                tensors=_inputs(request, settings.max_rows),
-                outputs=outputs,
-                target=target,
+                CallOptions(request_id, None, started, deadline),
+                parameters["timeout"].int64_param if "timeout" in parameters else None,
+                parameters["timeout_policy"].string_param if "timeout_policy" in parameters else None,
+                _inputs(request, settings.max_rows),
+                outputs,
+                target,
             )
             tensors, answer_parameters = outputs_of(await state.plane.infer(inference), outputs)
         except ProxyError as exc:
@@ -244,9 +236,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         for key, value in answer_parameters.items():
             response.parameters[key].CopyFrom(_parameter(value))
         add_output, contents = response.outputs.add, response.raw_output_contents
-        for name, array in tensors.items():
-            add_output(name=name, datatype=datatype_of(array), shape=array.shape)
-            contents.append(to_bytes(array))
+        for name, datatype, shape, raw in raw_outputs(tensors):
+            add_output(name=name, datatype=datatype, shape=shape)
+            contents.append(raw)
         return response
 
 

@@ -21,10 +21,10 @@ import orjson
 from numpy.typing import NDArray
 
 from client_proxy.api.inputs import _tensor
-from client_proxy.api.reading import POLICIES
+from client_proxy.api.reading import POLICIES, CallOptions
 from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import NUMPY_DTYPES
-from client_proxy.core.dataplane import InferenceAnswer
+from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest, Target
 from client_proxy.core.rules import Alert
 from client_proxy.core.services import TimeoutPolicy
 from client_proxy.errors import BadRequest, Failure, InvalidInput, InvalidJSON
@@ -197,6 +197,12 @@ def to_bytes(array: NDArray[Any]) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+def raw_outputs(outputs: dict[str, NDArray[Any]]) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """Each output's name, datatype, shape and raw bytes (little-endian; ``BYTES`` length-prefixed),
+    as the gRPC door's ``raw_output_contents`` carry them."""
+    return [(name, datatype_of(array), array.shape, to_bytes(array)) for name, array in outputs.items()]
+
+
 def _to_json(array: NDArray[Any]) -> list[Any]:
     if datatype_of(array) == "BYTES":
         return [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in array.reshape(-1)]
@@ -233,6 +239,28 @@ def encode_response(
 
 
 # -- the request's parameters, and the answer as the protocol's tensors -------------------------
+def inference_request(
+    model: str,
+    endpoint: str,
+    options: CallOptions,
+    timeout_us: Any,
+    asked_policy: Any,
+    tensors: Mapping[str, NDArray[Any]],
+    outputs: Sequence[str] | None,
+    target: Target,
+) -> InferenceRequest:
+    """The dataplane's request for a protocol's inference (both doors): its named tensors and
+    outputs asked for, its deadline and policy once its ``timeout`` and ``timeout_policy``
+    parameters are applied (``deadline_and_policy``) to the door's ``options``."""
+    deadline, policy = deadline_and_policy(
+        timeout_us, asked_policy, options.started, options.deadline, options.policy
+    )
+    return InferenceRequest(
+        model, endpoint, options.request_id, options.started, deadline, policy,
+        tensors=tensors, outputs=outputs, target=target,
+    )  # fmt: skip
+
+
 def deadline_and_policy(
     timeout_us: Any, asked_policy: Any, started: float, deadline: float, policy: TimeoutPolicy | None
 ) -> tuple[float, TimeoutPolicy | None]:
@@ -335,3 +363,12 @@ def _composition_outputs(answer: InferenceAnswer) -> tuple[dict[str, NDArray[Any
         "class_name": _names(aggregated.labels),
     }
     return outputs, parameters
+
+
+def http_answer(
+    answer: InferenceAnswer, model: str, version: str, request: InferRequest
+) -> tuple[bytes, int | None]:
+    """The HTTP door's response to ``request``: ``outputs_of`` the answer, encoded as it asked
+    (``encode_response``)."""
+    outputs, parameters = outputs_of(answer, request.outputs)
+    return encode_response(model, version, request, outputs, parameters)

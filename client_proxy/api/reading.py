@@ -147,6 +147,17 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return b"".join(chunks)
 
 
+async def options_and_body(
+    request: Request, settings: Settings, json_only: bool = True
+) -> tuple[CallOptions, bytes]:
+    """The request's policy and deadline (``call_options``), and its body read within that
+    deadline (``json_only``: refused unless JSON, by its ``Content-Type``)."""
+    options = call_options(request, settings)
+    if json_only:
+        check_content_type(request)
+    return options, await read_body(request, settings.max_body_bytes, time_left(options.deadline))
+
+
 async def inference_request(
     request: Request,
     state: ProxyState,
@@ -161,9 +172,7 @@ async def inference_request(
     to ``parse`` unless it is ``{"keys": [...]}``."""
     settings = state.settings
     target = None if ensemble else state.plane.models.find(model, kind)[1]
-    options = call_options(request, settings)
-    check_content_type(request)
-    body = await read_body(request, settings.max_body_bytes, time_left(options.deadline))
+    options, body = await options_and_body(request, settings)
     keys, inputs = parse_body(body, settings.max_rows, parse)
     return with_options(
         options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind, target=target

@@ -259,13 +259,10 @@ class DataPlane:
             return answer.fetched.rows
         if request.tensors is None:
             raise InvalidInput("the request has no inputs")
-        served = answer.served = await self.models.describe(request.model, time_left(deadline), target)
-        if request.outputs is not None:
-            known = {t.name for t in served.outputs}
-            unknown = [o for o in request.outputs if o not in known]
-            if unknown:
-                raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{request.model}'")
-        return served.input_of(request.tensors)
+        answer.served, x = await self.models.read_tensors(
+            request.model, target, request.tensors, request.outputs, time_left(deadline)
+        )
+        return x
 
     async def _lookup(
         self, feature_set: str, keys: list[str], deadline: float, policy: TimeoutPolicy

@@ -305,6 +305,24 @@ class ServedModels:
         services = self.services()
         return [services[n] for step in target.steps if step.input == "request" for n in step.services]
 
+    async def read_tensors(
+        self,
+        name: str,
+        target: Composition | Pipeline | Service,
+        tensors: Mapping[str, NDArray[Any]],
+        outputs: Sequence[str] | None,
+        timeout: float,
+    ) -> tuple[Served, Inputs]:
+        """The model as the protocol shows it, and the request's named ``tensors`` mapped onto its
+        inputs; 400 for an output it does not give."""
+        served = await self.describe(name, timeout, target)
+        if outputs is not None:
+            known = {t.name for t in served.outputs}
+            unknown = [o for o in outputs if o not in known]
+            if unknown:
+                raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{name}'")
+        return served, served.input_of(tensors)
+
     async def describe(
         self, name: str, timeout: float, target: Composition | Pipeline | Service | None = None
     ) -> Served:

@@ -8,7 +8,6 @@ request, 404 for an unknown model, 503 when too few services answered, 504 past 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -17,13 +16,12 @@ from client_proxy.api.fastlane import LaneRoute, Reply, reply, route
 from client_proxy.api.oip import (
     HEADER,
     SERVER,
-    deadline_and_policy,
-    encode_response,
-    outputs_of,
+    http_answer,
+    inference_request,
     parse_request,
 )
 from client_proxy.api.openapi import V2_INFER_BODY, V2_MODEL, V2_MODEL_VERSION
-from client_proxy.api.reading import call_options, header, read_body, with_options
+from client_proxy.api.reading import header, options_and_body
 from client_proxy.api.schemas import (
     InferResponse,
     ModelConfig,
@@ -37,7 +35,6 @@ from client_proxy.api.schemas import (
 )
 from client_proxy.api.state import ProxyState
 from client_proxy.core.served import VERSION
-from client_proxy.core.services import time_left
 from client_proxy.errors import InvalidInput, ProxyError
 
 
@@ -120,29 +117,22 @@ async def infer(request: Request) -> Reply:
     try:
         _version(request)
         target = state.plane.models.find(name)[1]  # an unknown model is a 404 whatever the body, as in Triton
-        options = call_options(request, state.settings)
-        body = await read_body(request, state.settings.max_body_bytes, time_left(options.deadline))
+        options, body = await options_and_body(request, state.settings, json_only=False)
         parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
         parameters = parsed.parameters
-        deadline, policy = deadline_and_policy(
-            parameters.get("timeout"),
-            parameters.get("timeout_policy"),
-            options.started,
-            options.deadline,
-            options.policy,
-        )
-        inference = with_options(
-            replace(options, deadline=deadline, policy=policy),
+        inference = inference_request(
             name,
             "/v2/models/{name}/infer",
-            tensors=parsed.inputs,
-            target=target,
-            outputs=parsed.outputs,
+            options,
+            parameters.get("timeout"),
+            parameters.get("timeout_policy"),
+            parsed.inputs,
+            parsed.outputs,
+            target,
         )
-        outputs, parameters = outputs_of(await state.plane.infer(inference), parsed.outputs)
+        content, header_length = http_answer(await state.plane.infer(inference), name, VERSION, parsed)
     except ProxyError as exc:
         return _error(exc)
-    content, header_length = encode_response(name, VERSION, parsed, outputs, parameters)
     if header_length is None:
         return Reply(content)
     return Reply(content, 200, b"application/octet-stream", [(HEADER.encode(), str(header_length).encode())])
