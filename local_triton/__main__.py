@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from client_proxy import tracing
+from client_proxy.config import TracingSettings
 from local_triton.server import (
     BY_KEY_REPOSITORY,
     DEFAULT_REPOSITORY,
@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.trace_url is None and tracing.enabled_by(os.environ):
-        args.trace_url = tracing.traces_url(os.environ)
+    traced = TracingSettings.from_environ(os.environ)
+    if args.trace_url is None and traced.enabled:
+        args.trace_url = traced.traces_url
     server = TritonServer(
         model_repository=args.model_repository,
         http_port=args.http_port,

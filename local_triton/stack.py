@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from client_proxy import tracing
+from client_proxy.config import TracingSettings
 from client_proxy.feature_loader import load, read_csv
 from local_triton.server import (
     BY_KEY_REPOSITORY,
@@ -112,6 +112,8 @@ class Stack:
     def start_triton(self) -> None:
         """Start Triton on the configured ports; raises ``LaunchError``. The models that read their
         own features (``model_repository_by_key/``) read the proxy's feature store."""
+        # Where the proxy traces (OTEL_* variables), Triton traces the same requests.
+        traced = TracingSettings.from_environ(os.environ)
         self.server = TritonServer(
             model_repository=self.args.model_repository,
             http_port=self.args.http_port,
@@ -121,8 +123,7 @@ class Stack:
             cancel=self.stopping,
             extra_repositories=[BY_KEY_REPOSITORY],
             environment={"FEATURE_STORE": self.store()},
-            # Where the proxy traces (OTEL_* variables), Triton traces the same requests.
-            extra_args=trace_args(tracing.traces_url(os.environ)) if tracing.enabled_by(os.environ) else (),
+            extra_args=trace_args(traced.traces_url) if traced.enabled else (),
         )
         self.server.start()
         self.triton_started = time.monotonic()
