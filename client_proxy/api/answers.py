@@ -54,7 +54,12 @@ def label_body(labels: Labels, one_row: bool, result: FanOutResult | None) -> di
         prediction = [
             {"proba": p, "label": n} for p, n in zip(labels.proba.tolist(), labels.names, strict=True)
         ]
-    body: dict[str, Any] = {"prediction": prediction}
+    return with_missing({"prediction": prediction}, result)
+
+
+def with_missing(body: dict[str, Any], result: FanOutResult | None) -> dict[str, Any]:
+    """``body`` with ``"partial": true`` and ``"missing"`` (service -> reason) when some service
+    did not answer; as it was otherwise."""
     if result is not None and result.partial:
         body["partial"] = True
         body["missing"] = result.missing
@@ -131,11 +136,7 @@ def composition_label(answer: InferenceAnswer) -> dict[str, Any]:
     """``/compositions/{name}/label``: the aggregated answer per row, ``partial`` and ``missing``
     when some service did not answer, the alerts, the keys."""
     rows = label_rows(answer)
-    body: dict[str, Any] = {"prediction": rows[0] if answer.one_row else rows}
-    result = answer.result
-    if result is not None and result.partial:
-        body["partial"] = True
-        body["missing"] = result.missing
+    body = with_missing({"prediction": rows[0] if answer.one_row else rows}, answer.result)
     return with_keys(with_alerts(body, answer.alerts), answer.fetched)
 
 

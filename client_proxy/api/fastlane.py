@@ -137,7 +137,7 @@ def document(app: FastAPI, routes: Sequence[LaneRoute]) -> None:
             route.handler,
             methods=list(route.methods),
             openapi_extra=extra or None,
-            response_model=None,  # the handlers return a ``Reply``; ``responses`` documents it
+            response_model=None,  # the handlers return a dict or a ``Reply``; ``responses`` documents it
             **doc,
         )
 

@@ -229,6 +229,9 @@ _PIPELINE_OUTPUTS = (
 )
 
 
+_KINDS: dict[type, Kind] = {Composition: "composition", Pipeline: "pipeline", Service: "service"}
+
+
 class ServedModels:
     """Every model the proxy serves, looked up by name at request time (the admin endpoints may
     change the services), and how each looks over the Open Inference Protocol."""
@@ -331,8 +334,7 @@ class ServedModels:
         if target is None:
             kind, target = self.find(name)
         else:
-            kinds: dict[type, Kind] = {Composition: "composition", Pipeline: "pipeline", Service: "service"}
-            kind = kinds[type(target)]
+            kind = _KINDS[type(target)]
         services = self.services_of(target)
         contracts = await _contracts(self._gateway, services, timeout)
         key = (target, tuple(id(c) for c in contracts))

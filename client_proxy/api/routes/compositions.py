@@ -20,6 +20,7 @@ from client_proxy.api.answers import (
     service_line,
     with_alerts,
     with_keys,
+    with_missing,
 )
 from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import parse_inputs
@@ -86,11 +87,7 @@ async def stream(request: Request) -> StreamingResponse:
         else:
             if answer.error is not None:
                 final.update(answer.error.body())
-            with_alerts(final, answer.alerts)
-            if answer.result is not None and answer.result.partial:
-                final["partial"] = True
-                final["missing"] = answer.result.missing
-            with_keys(final, answer.fetched)
+            with_keys(with_missing(with_alerts(final, answer.alerts), answer.result), answer.fetched)
         yield line(final)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
