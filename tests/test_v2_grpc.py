@@ -297,3 +297,20 @@ def test_raw_contents_of_the_wrong_size_are_invalid_argument(proxy: str) -> None
             stub.ModelInfer(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "12 bytes of binary data, the shape [1, 4] of FP32 needs 16" in (error.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("model", "code"), [("nope", "StatusCode.NOT_FOUND"), ("iris_fanout", "StatusCode.INVALID_ARGUMENT")]
+)
+def test_a_request_that_cannot_be_read_is_not_found_for_an_unknown_model(
+    proxy: str, model: str, code: str
+) -> None:
+    """No inputs cannot be read: for a model that does not exist that is NOT_FOUND, as in Triton
+    (the door looks the model up before saying what was wrong), else INVALID_ARGUMENT."""
+    client = grpcclient.InferenceServerClient(proxy)
+    try:
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(model, [])
+        assert error.value.status() == code, str(error.value)
+    finally:
+        client.close()

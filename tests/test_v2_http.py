@@ -280,3 +280,31 @@ def test_a_compositions_own_deadline_and_policy_hold_on_every_door(
             body = {"data": [tensor["data"]]} if door.startswith("/compositions") else {"inputs": [tensor]}
             response = httpx.post(f"{url}{door}", json=body, timeout=20)
             assert response.status_code == 504 and "very_slow" in response.text, (door, response.text)
+
+
+@pytest.mark.parametrize(
+    ("path", "unknown"),
+    [
+        ("/v2/models/{}/infer", "nope"),
+        ("/compositions/{}/label", "nope"),
+        ("/pipelines/{}", "nope"),
+    ],
+)
+def test_a_body_that_cannot_be_read_is_a_404_for_an_unknown_model_whatever_the_door(
+    proxy: str, path: str, unknown: str
+) -> None:
+    """The doors do not look the model up before reading a request; one they cannot read is a
+    404 when the model does not exist (as in Triton), else a 400 saying what was wrong."""
+    known = {
+        "/v2/models/{}/infer": "iris_fanout",
+        "/compositions/{}/label": "wine",
+        "/pipelines/{}": "iris_cascade",
+    }
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=f"http://{proxy}", timeout=10) as client:
+        missing = client.post(path.format(unknown), content=b"{not json", headers=headers)
+        bad = client.post(path.format(known[path]), content=b"{not json", headers=headers)
+    assert missing.status_code == 404, missing.text
+    assert unknown in missing.text
+    assert bad.status_code == 400, bad.text
+    assert "JSON" in bad.text

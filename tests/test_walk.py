@@ -3,7 +3,7 @@ Each request is the real one, served in this process by the proxy's app against 
 Triton, and measured after a first, warming request (the contracts read, the clients opened).
 
 Issue 32 asks for at most 12 stays and 2 climbs per door. Measured by this ruler the walks are
-31 stays and 2 climbs (``/predict/label``), 41 and 6 (``/v2``), 31 and 7 (gRPC), where the code
+31 stays and 1 climb (``/predict/label``), 41 and 5 (``/v2``), 31 and 6 (gRPC), where the code
 before the dataplane (8a6a5a6) walked 49 and 7, 49 and 7, 47 and 11: the stays target is not
 met. ``CEILINGS`` hold the walks where they are (with two stays and a climb of room for another
 interpreter's frames), so that they can only shorten."""
@@ -26,9 +26,9 @@ from .walk import Event, Walk, record, walk
 
 TARGET = (12, 2)  # stays, climbs: issue 32's, not met yet (see the docstring)
 CEILINGS = {
-    "/predict/label": (33, 3),
-    "/v2/models/iris_fanout/infer": (43, 7),
-    "grpc ModelInfer": (33, 8),
+    "/predict/label": (33, 2),
+    "/v2/models/iris_fanout/infer": (43, 6),
+    "grpc ModelInfer": (33, 7),
 }
 ROW = [6.3, 3.3, 6.0, 2.5]
 

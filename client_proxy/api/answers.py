@@ -13,7 +13,7 @@ from numpy.typing import NDArray
 from client_proxy.core.dataplane import InferenceAnswer
 from client_proxy.core.features import Fetched
 from client_proxy.core.outcomes import FanOutResult, Outcome, failure
-from client_proxy.core.pipelines import Pipeline, report_body
+from client_proxy.core.pipelines import Pipeline, PipelineResult
 from client_proxy.core.rules import Alert
 
 
@@ -145,3 +145,32 @@ def pipeline_answer(answer: InferenceAnswer) -> dict[str, Any]:
     pipeline, report = answer.target, answer.report
     assert isinstance(pipeline, Pipeline) and report is not None
     return with_keys(report_body(pipeline, report, one_row=answer.one_row), answer.fetched)
+
+
+def report_body(pipeline: Pipeline, result: PipelineResult, one_row: bool) -> dict[str, Any]:
+    """A pipeline's answer: the label per row, the path its rows took and the Triton calls made."""
+    predictions = []
+    for i, (p, label, stop) in enumerate(
+        zip(result.proba.tolist(), result.labels, result.stopped_at, strict=True)
+    ):
+        prediction: dict[str, Any] = {"proba": p, "label": label, "stopped_at": stop}
+        if result.scores is not None:
+            prediction["scores"] = dict(zip(result.classes, result.scores[i].tolist(), strict=True))
+        predictions.append(prediction)
+    return {
+        "pipeline": pipeline.name,
+        "prediction": predictions[0] if one_row else predictions,
+        "path": [
+            {
+                "step": r.step,
+                "status": r.status,
+                "rows": r.rows,
+                "stopped_rows": r.stopped_rows,
+                "latency_ms": r.latency_ms,
+                **({"missing": r.missing} if r.missing else {}),
+            }
+            for r in result.path
+        ],
+        "triton_calls": result.calls,
+        **({"alerts": [alert.describe() for alert in result.alerts]} if result.alerts else {}),
+    }

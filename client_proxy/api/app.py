@@ -39,7 +39,7 @@ from client_proxy.config import (
     initial_services,
     load_settings,
 )
-from client_proxy.core.dataplane import DataPlane
+from client_proxy.core.dataplane import DataPlane, Ensemble
 from client_proxy.core.declared import Declared, load_declared
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
@@ -127,7 +127,7 @@ def create_app(
         settings.feature_set,
         state.features,
         state.alerts,
-        (ensemble, ensemble_rows),
+        Ensemble(ensemble, ensemble_rows) if ensemble is not None else None,
     )
 
     @asynccontextmanager

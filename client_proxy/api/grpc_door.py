@@ -28,6 +28,7 @@ from client_proxy.api.oip import SERVER, from_bytes, inference_request, outputs_
 from client_proxy.api.reading import CallOptions
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
+from client_proxy.core.dataplane import InferenceRequest
 from client_proxy.core.served import VERSION
 from client_proxy.errors import InvalidInput, ProxyError
 from client_proxy.http2 import Limits
@@ -169,6 +170,24 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         )
         return service_pb2.ModelConfigResponse(config=config)
 
+    def _inference(
+        self, request: service_pb2.ModelInferRequest, outputs: list[str] | None, options: CallOptions
+    ) -> InferenceRequest:
+        """The dataplane's request: the protocol's inputs, outputs and parameters read."""
+        for output in request.outputs:
+            if "classification" in output.parameters:
+                raise InvalidInput(f"output '{output.name}': the classification extension is not served here")
+        parameters = request.parameters
+        return inference_request(
+            request.model_name,
+            "grpc ModelInfer {name}",
+            options,
+            parameters["timeout"].int64_param if "timeout" in parameters else None,
+            parameters["timeout_policy"].string_param if "timeout_policy" in parameters else None,
+            _inputs(request, self._state.settings.max_rows),
+            outputs,
+        )
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         if not tracing.ENABLED:
             return await self._infer(request, context)
@@ -206,25 +225,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
             self._version(request.model_name, request.model_version)
-            # An unknown model is NOT_FOUND whatever the inputs.
-            target = state.plane.models.find(request.model_name)[1]
-            parameters = request.parameters
             outputs = [o.name for o in request.outputs] or None
-            for output in request.outputs:
-                if "classification" in output.parameters:
-                    raise InvalidInput(
-                        f"output '{output.name}': the classification extension is not served here"
-                    )
-            inference = inference_request(
-                request.model_name,
-                "grpc ModelInfer {name}",
-                CallOptions(request_id, None, started, deadline),
-                parameters["timeout"].int64_param if "timeout" in parameters else None,
-                parameters["timeout_policy"].string_param if "timeout_policy" in parameters else None,
-                _inputs(request, settings.max_rows),
-                outputs,
-                target,
-            )
+            try:
+                inference = self._inference(
+                    request, outputs, CallOptions(request_id, None, started, deadline)
+                )
+            except ProxyError:
+                state.plane.models.find(request.model_name)  # unknown: NOT_FOUND whatever the inputs
+                raise
             tensors, answer_parameters = outputs_of(await state.plane.infer(inference), outputs)
         except ProxyError as exc:
             await _abort(context, exc)

@@ -24,7 +24,7 @@ from client_proxy.api.inputs import _tensor
 from client_proxy.api.reading import POLICIES, CallOptions
 from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import NUMPY_DTYPES
-from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest, Target
+from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.core.rules import Alert
 from client_proxy.core.services import TimeoutPolicy
 from client_proxy.errors import BadRequest, Failure, InvalidInput, InvalidJSON
@@ -247,7 +247,6 @@ def inference_request(
     asked_policy: Any,
     tensors: Mapping[str, NDArray[Any]],
     outputs: Sequence[str] | None,
-    target: Target,
 ) -> InferenceRequest:
     """The dataplane's request for a protocol's inference (both doors): its named tensors and
     outputs asked for, its deadline and policy once its ``timeout`` and ``timeout_policy``
@@ -257,7 +256,7 @@ def inference_request(
     )
     return InferenceRequest(
         model, endpoint, options.request_id, options.started, deadline, policy,
-        tensors=tensors, outputs=outputs, target=target,
+        tensors=tensors, outputs=outputs,
     )  # fmt: skip
 
 

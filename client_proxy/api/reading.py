@@ -24,6 +24,7 @@ from client_proxy.errors import (
     BadRequest,
     InvalidInput,
     PayloadTooLarge,
+    ProxyError,
     RequestTimeout,
     UnsupportedMediaType,
 )
@@ -167,16 +168,19 @@ async def inference_request(
     ensemble: bool = False,
     kind: Kind | None = None,
 ) -> InferenceRequest:
-    """The request for ``model`` (looked up first: an unknown one is a 404 whatever the body):
-    its policy and deadline (query or headers), and its body read within that deadline, given
-    to ``parse`` unless it is ``{"keys": [...]}``."""
+    """The request for ``model``: its policy and deadline (query or headers), and its body read
+    within that deadline, given to ``parse`` unless it is ``{"keys": [...]}``. A request that
+    cannot be read is refused with a 404 when the model is unknown (whatever the body, as Triton
+    does), else with what was wrong with it; the dataplane looks the model up otherwise."""
     settings = state.settings
-    target = None if ensemble else state.plane.models.find(model, kind)[1]
-    options, body = await options_and_body(request, settings)
-    keys, inputs = parse_body(body, settings.max_rows, parse)
-    return with_options(
-        options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind, target=target
-    )
+    try:
+        options, body = await options_and_body(request, settings)
+        keys, inputs = parse_body(body, settings.max_rows, parse)
+    except ProxyError:
+        if not ensemble:
+            state.plane.models.find(model, kind)  # an unknown model is a 404 whatever the body
+        raise
+    return with_options(options, model, endpoint, inputs=inputs, keys=keys, ensemble=ensemble, kind=kind)
 
 
 def with_options(options: CallOptions, model: str, endpoint: str, **fields: Any) -> InferenceRequest:

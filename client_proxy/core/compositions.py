@@ -1,13 +1,14 @@
 """Compositions: several services answering one request, combined by a declared aggregator
 (declared in the compositions file, ``compositions_file.py``): what one is, and its answer from
-its services' outcomes (``conclude``: enough of them, aggregated, the rules' alerts)."""
+its services' outcomes (``Composition.answer_from``: enough of them, aggregated, the rules'
+alerts). To the dataplane a composition is a model like any other (``served.Model``)."""
 
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from client_proxy.core.services import (
 )
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import AggregationFailed, ServicesFailed
+
+if TYPE_CHECKING:
+    from client_proxy.core.dataplane import DataPlane, InferenceAnswer, InferenceRequest
 
 AGGREGATOR_NAMES = (*AGGREGATORS, "none")
 
@@ -54,10 +58,54 @@ class Composition:
     services: tuple[Service, ...] = field(init=False, repr=False, compare=False)
     """The members' services, in order (read on every request: computed once)."""
     weights: dict[str, float] = field(init=False, repr=False, compare=False)
+    kind: ClassVar[Literal["composition"]] = "composition"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "services", tuple(m.service for m in self.members))
         object.__setattr__(self, "weights", {m.service.name: m.weight for m in self.members})
+
+    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+        return self.services
+
+    async def run(
+        self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        """Every service called at once (``fanout.py``), then ``answer_from`` their outcomes."""
+        result = await plane.fanout.run(self.services, x, request.request_id, deadline, answer.policy)
+        await self.answer_from(result, plane, answer, x, request.request_id, deadline)
+
+    async def answer_from(
+        self,
+        result: FanOutResult,
+        plane: DataPlane,
+        answer: InferenceAnswer,
+        x: Inputs,
+        request_id: str,
+        deadline: float,
+    ) -> None:
+        """Its answer from its services' outcomes: ``ServicesFailed`` unless enough answered; the
+        aggregate (None with ``aggregator: none``) over its classes (the models' own, read once
+        with ``input x``, when the file names none); the alerts of its rules."""
+        answer.result, answer.outcomes = result, result.outcomes.values()
+        enough_answers(self, result, answer.policy)
+        aggregated: Aggregated | None = None
+        classes: tuple[str, ...] = ()
+        if self.aggregator != "none":
+            found = known_classes(self.classes, self.aggregator, result.answered)
+            if found is None:
+                answered = [s for s in self.services if s.name in result.answered]
+                found = await resolve_classes(
+                    f"composition {self.name!r}",
+                    (),
+                    self.aggregator,
+                    answered,
+                    plane.gateway,
+                    lambda _: x,
+                    deadline,
+                )
+            aggregated, classes = aggregate(self, result, found), found
+        answer.aggregated, answer.classes = aggregated, classes
+        answer.alerts = check_rules(self, result, aggregated, classes, request_id, plane.sink)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -183,36 +231,3 @@ def aggregate(composition: Composition, result: FanOutResult, classes: tuple[str
         return AGGREGATORS[composition.aggregator](outputs, classes, composition.weights)  # type: ignore[arg-type]
     except AggregationError as exc:
         raise AggregationFailed(f"composition {composition.name!r}: {exc}") from None
-
-
-async def conclude(
-    composition: Composition,
-    result: FanOutResult,
-    policy: TimeoutPolicy,
-    gateway: Gateway,
-    x: Inputs,
-    deadline: float,
-    request_id: str,
-    sink: AlertSink | None,
-) -> tuple[Aggregated | None, tuple[str, ...], tuple[Alert, ...]]:
-    """The composition's answer from its services' outcomes: ``ServicesFailed`` unless enough
-    answered; the aggregate (None with ``aggregator: none``) over its classes (the models' own
-    read once, with ``input x``, when the file names none); the alerts of its rules."""
-    enough_answers(composition, result, policy)
-    aggregated: Aggregated | None = None
-    classes: tuple[str, ...] = ()
-    if composition.aggregator != "none":
-        found = known_classes(composition.classes, composition.aggregator, result.answered)
-        if found is None:
-            answered = [s for s in composition.services if s.name in result.answered]
-            found = await resolve_classes(
-                f"composition {composition.name!r}",
-                (),
-                composition.aggregator,
-                answered,
-                gateway,
-                lambda _: x,
-                deadline,
-            )
-        aggregated, classes = aggregate(composition, result, found), found
-    return aggregated, classes, check_rules(composition, result, aggregated, classes, request_id, sink)

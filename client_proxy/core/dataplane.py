@@ -6,15 +6,18 @@ Protocol over HTTP and over gRPC) converts what it received into an ``InferenceR
 happens in between happens here, once, for every door:
 
 1. the model is looked up by name (a composition, ``default`` and ``iris_fanout`` being the
-   ``SERVICE_*`` one, a pipeline, or a service; 404 otherwise), before any input is read;
+   ``SERVICE_*`` one, a pipeline, or a service; 404 otherwise; a door that cannot read a
+   request looks it up before saying so, so that an unknown model is a 404 whatever the body).
+   Whichever it is, it is a ``served.Model``: the steps below ask each the same questions;
 2. its deadline and timeout policy: the door's (the client's, within ``PROXY_DEADLINE_MS``),
    shortened by a composition's own ``deadline_ms``; the policy the client asked for, else the
    composition's, else ``PROXY_TIMEOUT_POLICY``;
 3. the input: rows or named tensors as sent, the protocol's named tensors mapped onto the
    model's inputs, or keys read from the feature store (or forwarded as they are);
 4. the input checked against the models' contracts (422 before any call);
-5. the run: the fan-out and the aggregator (a composition), the steps (a pipeline), one call (a
-   service), or Triton's own ensemble (the seed's ``?route=ensemble``); the rules' alerts;
+5. the run, the model's own (``Model.run``): the fan-out and the aggregator (a composition), the
+   steps (a pipeline), one call (a service), or Triton's own ensemble (``Ensemble``, the seed's
+   ``?route=ensemble``); the rules' alerts;
 6. the request log line and the metrics, by the ``Observer``.
 """
 
@@ -23,19 +26,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from client_proxy.core.aggregators import Aggregated
-from client_proxy.core.compositions import Composition, conclude
+from client_proxy.core.compositions import Composition
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
 from client_proxy.core.outcomes import FanOutResult, Outcome
-from client_proxy.core.pipelines import Pipeline, PipelineResult, run_pipeline
+from client_proxy.core.pipelines import PipelineResult
 from client_proxy.core.rules import Alert, AlertSink
-from client_proxy.core.served import Gateway, Kind, Served, ServedModels
+from client_proxy.core.served import Gateway, Kind, Model, Served, ServedModels
 from client_proxy.core.services import Service, TimeoutPolicy, time_left
 from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import (
@@ -46,8 +49,6 @@ from client_proxy.errors import (
     ProxyError,
     UnknownKeys,
 )
-
-Target = Composition | Pipeline | Service
 
 
 @dataclass(slots=True)
@@ -78,16 +79,16 @@ class InferenceRequest:
     """Answer with one call to Triton's own ensemble rather than the default composition."""
     kind: Kind | None = None
     """Only a model of this kind (the door's path says it: ``/pipelines/...``); None: any."""
-    target: Target | None = None
-    """The model, when the door looked it up (before reading the body: an unknown model is a
-    404 whatever the body); None: looked up here."""
+    target: Model | None = None
+    """The model, when the door has it already (the compositions' label door reads its
+    aggregator first); None: looked up here (404 for an unknown one)."""
 
 
 @dataclass(slots=True)
 class InferenceAnswer:
     """What the dataplane gives back, for each door to render."""
 
-    target: Target
+    target: Model
     policy: TimeoutPolicy
     rows: int
     one_row: bool = False
@@ -129,8 +130,45 @@ class Observer(Protocol):
 EnsembleCall = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 
 
+@dataclass(frozen=True, slots=True)
+class Ensemble:
+    """Triton's own fan-out (the seed's ``?route=ensemble``): one call to its ensemble model,
+    bounded and recorded like a service call, its rows ``[label, proba]`` the answer."""
+
+    service: Service
+    call: EnsembleCall
+    kind: ClassVar[Literal["ensemble"]] = "ensemble"
+    deadline_ms: ClassVar[None] = None
+    timeout_policy: ClassVar[None] = None
+    features: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
+    min_answers: ClassVar[int] = 1
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def description(self) -> str:
+        return f"Triton's ensemble {self.service.model}"
+
+    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+        return ()  # Triton checks the ensemble's input
+
+    async def run(
+        self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        service, call, request_id = self.service, self.call, request.request_id
+        rows, outcome = await plane.fanout.call_alone(
+            service, lambda budget: call(service, x, request_id, budget), deadline
+        )
+        answer.outcomes = (outcome,)
+        answer.aggregated = Aggregated(rows[:, 0].tolist(), rows[:, 1].astype(np.float64))
+
+
 class DataPlane:
-    """Runs every inference request: see the module's docstring for the steps."""
+    """Runs every inference request: see the module's docstring for the steps. What a model's
+    run calls the services through: ``fanout``, ``gateway``, ``sink`` (the rules' alerts)."""
 
     def __init__(
         self,
@@ -142,42 +180,24 @@ class DataPlane:
         feature_set: str,
         store: FeatureStore | None = None,
         sink: AlertSink | None = None,
-        ensemble: tuple[Service, EnsembleCall] | None = None,
+        ensemble: Ensemble | None = None,
     ) -> None:
-        """``ensemble``: Triton's own ensemble and how to call it (a row ``[label, proba]`` per row)."""
+        """``ensemble``: Triton's own ensemble, answering the seed's ``?route=ensemble``."""
         self.models = models
-        self._gateway = gateway
-        self._fanout = fanout
+        self.gateway = gateway
+        self.fanout = fanout
         self._observer = observer
         self._default_policy = default_policy
         self._feature_set = feature_set
         self.store = store
-        self._sink = sink
+        self.sink = sink
         self._ensemble = ensemble
 
     # -- one request -------------------------------------------------------------------------
     async def infer(self, request: InferenceRequest) -> InferenceAnswer:
         """The answer to ``request``; a ``ProxyError`` (4xx/5xx) when it cannot be given."""
-        target, answer, x, deadline = await self._prepare(request)
-        request_id = request.request_id
-        if request.ensemble:
-            await self._run_ensemble(answer, x, request_id, deadline)
-        elif isinstance(target, Composition):
-            result = await self._fanout.run(target.services, x, request_id, deadline, answer.policy)
-            await self._conclude(target, answer, result, x, request_id, deadline)
-        elif isinstance(target, Pipeline):
-            answer.report = await run_pipeline(
-                target,
-                x,
-                self.models.services(),
-                self._fanout,
-                self._gateway,
-                request_id,
-                deadline,
-                self._sink,
-            )
-        else:
-            await self._run_service(target, answer, x, request, deadline)
+        model, answer, x, deadline = await self._prepare(request)
+        await model.run(self, answer, x, request, deadline)
         self._observer.answered(request, answer)
         return answer
 
@@ -185,11 +205,10 @@ class DataPlane:
         """A composition's answer, to be filled, and its services' outcomes the moment each
         arrives; once they are all read the answer is complete (its ``error`` set when it cannot
         be given). Under ``all_or_nothing`` the first failure ends them."""
-        target, answer, x, deadline = await self._prepare(request)
-        if not isinstance(target, Composition):
-            kind = type(target).__name__.lower()
-            raise InvalidInput(f"{request.model!r} is a {kind}: only a composition streams")
-        return answer, self._stream(request, target, answer, x, deadline)
+        model, answer, x, deadline = await self._prepare(request)
+        if not isinstance(model, Composition):
+            raise InvalidInput(f"{request.model!r} is a {model.kind}: only a composition streams")
+        return answer, self._stream(request, model, answer, x, deadline)
 
     async def _stream(
         self,
@@ -202,7 +221,7 @@ class DataPlane:
         arrived: dict[str, Outcome] = {}
         fail_fast = answer.policy is TimeoutPolicy.ALL_OR_NOTHING
         services = composition.services
-        async with aclosing(self._fanout.stream(services, x, request.request_id, deadline)) as outcomes:
+        async with aclosing(self.fanout.stream(services, x, request.request_id, deadline)) as outcomes:
             async for outcome in outcomes:
                 arrived[outcome.service] = outcome
                 yield outcome
@@ -210,57 +229,57 @@ class DataPlane:
                     break
         result = FanOutResult.of({s.name: arrived[s.name] for s in services if s.name in arrived})
         try:
-            await self._conclude(composition, answer, result, x, request.request_id, deadline)
+            await composition.answer_from(result, self, answer, x, request.request_id, deadline)
         except ProxyError as exc:
             answer.error = exc
         else:
             self._observer.answered(request, answer)
 
     # -- the steps ---------------------------------------------------------------------------
-    async def _prepare(self, request: InferenceRequest) -> tuple[Target, InferenceAnswer, Inputs, float]:
+    async def _prepare(self, request: InferenceRequest) -> tuple[Model, InferenceAnswer, Inputs, float]:
         """The model, its answer to fill, its input (checked against its contracts) and deadline."""
+        model: Model
         if request.ensemble:
             if self._ensemble is None:
                 raise InvalidInput("no ensemble is configured (PROXY_ENSEMBLE)")
-            target: Target = self._ensemble[0]
+            model = self._ensemble
         else:
-            target = request.target or self.models.find(request.model, request.kind)[1]
-        deadline, policy = request.deadline, request.policy
-        if isinstance(target, Composition):
-            if target.deadline_ms is not None:
-                deadline = min(deadline, request.started + target.deadline_ms / 1000)
-            policy = policy or target.timeout_policy
-        answer = InferenceAnswer(target, policy or self._default_policy, 0)
+            model = request.target or self.models.find(request.model, request.kind)
+        deadline = request.deadline
+        if model.deadline_ms is not None:
+            deadline = min(deadline, request.started + model.deadline_ms / 1000)
+        policy = request.policy or model.timeout_policy or self._default_policy
+        answer = InferenceAnswer(model, policy, 0)
         x = (
             request.inputs
             if request.inputs is not None
-            else await self._input(request, target, answer, deadline)
+            else await self._input(request, model, answer, deadline)
         )
         answer.rows = row_count(x)
         answer.one_row = answer.rows == 1
-        if not request.ensemble:
-            services = self.models.services_of(target)
-            if not self._gateway.fits(services, x):
-                await self._gateway.ensure_fit(services, x, time_left(deadline))
-        return target, answer, x, deadline
+        served = answer.served  # described (named tensors): its services known
+        services = served.services if served is not None else model.inputs_go_to(self.models.services)
+        if not self.gateway.fits(services, x):
+            await self.gateway.ensure_fit(services, x, time_left(deadline))
+        return model, answer, x, deadline
 
     async def _input(
-        self, request: InferenceRequest, target: Target, answer: InferenceAnswer, deadline: float
+        self, request: InferenceRequest, model: Model, answer: InferenceAnswer, deadline: float
     ) -> Inputs:
         if request.keys is not None:
             keys = list(request.keys)
-            if isinstance(target, Composition) and target.keys == "forward":
+            if model.keys == "forward":
                 rows = np.empty((len(keys), 1), dtype=np.object_)
                 rows[:, 0] = keys
                 answer.fetched = Fetched(np.empty((0, 0)), keys)
                 return rows
-            features = target.features if isinstance(target, Composition | Pipeline) else None
-            answer.fetched = await self._lookup(features or self._feature_set, keys, deadline, answer.policy)
+            feature_set = model.features or self._feature_set
+            answer.fetched = await self._lookup(feature_set, keys, deadline, answer.policy)
             return answer.fetched.rows
         if request.tensors is None:
             raise InvalidInput("the request has no inputs")
         answer.served, x = await self.models.read_tensors(
-            request.model, target, request.tensors, request.outputs, time_left(deadline)
+            request.model, model, request.tensors, request.outputs, time_left(deadline)
         )
         return x
 
@@ -285,45 +304,3 @@ class DataPlane:
             raise
         observer.keys_read(store.kind, "ok", fetched, len(fetched.missing))
         return fetched
-
-    async def _conclude(
-        self,
-        composition: Composition,
-        answer: InferenceAnswer,
-        result: FanOutResult,
-        x: Inputs,
-        request_id: str,
-        deadline: float,
-    ) -> None:
-        """A composition's answer from its services' outcomes: enough of them, aggregated, the rules."""
-        answer.result, answer.outcomes = result, result.outcomes.values()
-        answer.aggregated, answer.classes, answer.alerts = await conclude(
-            composition, result, answer.policy, self._gateway, x, deadline, request_id, self._sink
-        )
-
-    async def _run_service(
-        self, service: Service, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
-    ) -> None:
-        served = answer.served
-        assert served is not None  # a service is reached by its named tensors
-        wanted = (
-            tuple(request.outputs) if request.outputs is not None else tuple(t.name for t in served.outputs)
-        )
-
-        def call(budget: float) -> Awaitable[dict[str, NDArray[Any]]]:
-            return self._gateway.call(service, x, request.request_id, budget, wanted)
-
-        outputs, outcome = await self._fanout.call_alone(service, call, deadline)
-        answer.outputs, answer.outcomes = dict(outputs), (outcome,)
-
-    async def _run_ensemble(
-        self, answer: InferenceAnswer, x: Inputs, request_id: str, deadline: float
-    ) -> None:
-        """Triton's own fan-out: one call to the ensemble, bounded and recorded like a service call."""
-        assert self._ensemble is not None
-        service, call = self._ensemble
-        rows, outcome = await self._fanout.call_alone(
-            service, lambda budget: call(service, x, request_id, budget), deadline
-        )
-        answer.outcomes = (outcome,)
-        answer.aggregated = Aggregated(rows[:, 0].tolist(), rows[:, 1].astype(np.float64))

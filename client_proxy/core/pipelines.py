@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,6 +53,9 @@ from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count, take_rows
 from client_proxy.core.yamlfile import Node
 from client_proxy.errors import AggregationFailed, Failure, ServicesFailed
+
+if TYPE_CHECKING:
+    from client_proxy.core.dataplane import DataPlane, InferenceAnswer, InferenceRequest
 
 DEFAULT_FILE = Path(__file__).resolve().parent / "pipelines.yaml"
 logger = logging.getLogger("client_proxy.core.pipelines")
@@ -97,9 +100,35 @@ class Pipeline:
     features: str | None = None
     """The feature set a request by key reads; None: ``PROXY_FEATURE_SET``."""
 
+    # A pipeline is a model the proxy serves (``served.Model``): the request's deadline and
+    # policy (its steps have their own ``on_failure``), ready when one first step's model is.
+    kind: ClassVar[Literal["pipeline"]] = "pipeline"
+    deadline_ms: ClassVar[None] = None
+    timeout_policy: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
+    min_answers: ClassVar[int] = 1
+
     @property
     def service_names(self) -> list[str]:
         return list(dict.fromkeys(name for step in self.steps for name in step.services))
+
+    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> list[Service]:
+        known = services()
+        return [known[n] for step in self.steps if step.input == "request" for n in step.services]
+
+    async def run(
+        self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        answer.report = await run_pipeline(
+            self,
+            x,
+            plane.models.services(),
+            plane.fanout,
+            plane.gateway,
+            request.request_id,
+            deadline,
+            plane.sink,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -416,31 +445,3 @@ async def _run_step(
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
-
-
-def report_body(pipeline: Pipeline, result: PipelineResult, one_row: bool) -> dict[str, Any]:
-    predictions = []
-    for i, (p, label, stop) in enumerate(
-        zip(result.proba.tolist(), result.labels, result.stopped_at, strict=True)
-    ):
-        prediction: dict[str, Any] = {"proba": p, "label": label, "stopped_at": stop}
-        if result.scores is not None:
-            prediction["scores"] = dict(zip(result.classes, result.scores[i].tolist(), strict=True))
-        predictions.append(prediction)
-    return {
-        "pipeline": pipeline.name,
-        "prediction": predictions[0] if one_row else predictions,
-        "path": [
-            {
-                "step": r.step,
-                "status": r.status,
-                "rows": r.rows,
-                "stopped_rows": r.stopped_rows,
-                "latency_ms": r.latency_ms,
-                **({"missing": r.missing} if r.missing else {}),
-            }
-            for r in result.path
-        ],
-        "triton_calls": result.calls,
-        **({"alerts": [alert.describe() for alert in result.alerts]} if result.alerts else {}),
-    }

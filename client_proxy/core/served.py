@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.contracts import Contract, ContractMismatch
 from client_proxy.core.pipelines import Pipeline
-from client_proxy.core.services import Service
+from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import (
     InvalidInput,
@@ -40,11 +40,58 @@ from client_proxy.errors import (
     UpstreamError,
 )
 
+if TYPE_CHECKING:
+    from client_proxy.core.dataplane import DataPlane, InferenceAnswer, InferenceRequest
+
 #: Version every served model reports (the proxy's models have one).
 VERSION = "1"
 DEFAULT_ALIAS = "iris_fanout"
 
-Kind = Literal["composition", "pipeline", "service"]
+Kind = Literal["composition", "pipeline", "service", "ensemble"]
+
+
+class Model(Protocol):
+    """A model the proxy serves, whatever it is: a composition, a pipeline, a service (passed
+    through), or Triton's own ensemble (``dataplane.Ensemble``). The dataplane asks each the
+    same questions and runs each the same way, never asking which one it is."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> Kind: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def deadline_ms(self) -> float | None:
+        """Its own deadline, shortening the request's; None: the request's."""
+
+    @property
+    def timeout_policy(self) -> TimeoutPolicy | None:
+        """Its own policy, unless the client asked for one; None: ``PROXY_TIMEOUT_POLICY``."""
+
+    @property
+    def features(self) -> str | None:
+        """The feature set a request by key reads; None: ``PROXY_FEATURE_SET``."""
+
+    @property
+    def keys(self) -> str:
+        """``fetch`` (the proxy reads the keys' rows) or ``forward`` (its services get the keys)."""
+
+    @property
+    def min_answers(self) -> int:
+        """How many of its services' models must be ready for it to be."""
+
+    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> Sequence[Service]:
+        """The services a request's input goes to as it is (and is checked against);
+        ``services()``: every service by name now."""
+
+    async def run(
+        self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        """Answers ``x`` by ``deadline`` (the services called through ``plane``), into ``answer``."""
 
 
 class UnknownModel(ProxyError):
@@ -98,10 +145,12 @@ class Served:
 
     name: str
     kind: Kind
-    target: Composition | Pipeline | Service
+    target: Model
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     max_batch_size: int
+    services: Sequence[Service] = ()
+    """The services its input goes to as it is (``Model.inputs_go_to``), as it was described."""
 
     @property
     def platform(self) -> str:
@@ -126,7 +175,7 @@ class Served:
             "max_batch_size": self.max_batch_size,
             "input": [t.config(batched) for t in self.inputs],
             "output": [t.config(batched) for t in self.outputs],
-            "parameters": {"description": {"string_value": self._description()}},
+            "parameters": {"description": {"string_value": self.target.description}},
         }
 
     def input_of(self, tensors: Mapping[str, NDArray[Any]]) -> Inputs:
@@ -138,14 +187,9 @@ class Served:
                     f"expected {len(self.inputs)} inputs but got {len(tensors)} inputs for model "
                     f"'{self.name}': missing '{tensor.name}'"
                 )
-        if isinstance(self.target, Service) or len(self.inputs) != 1:
+        if self.kind == "service" or len(self.inputs) != 1:
             return dict(tensors)
         return tensors[self.inputs[0].name]
-
-    def _description(self) -> str:
-        if isinstance(self.target, Composition | Pipeline):
-            return self.target.description
-        return f"the service {self.target.name}: {self.target.describe()}"
 
 
 # -- what each model looks like ------------------------------------------------------------------
@@ -229,9 +273,6 @@ _PIPELINE_OUTPUTS = (
 )
 
 
-_KINDS: dict[type, Kind] = {Composition: "composition", Pipeline: "pipeline", Service: "service"}
-
-
 class ServedModels:
     """Every model the proxy serves, looked up by name at request time (the admin endpoints may
     change the services), and how each looks over the Open Inference Protocol."""
@@ -254,21 +295,21 @@ class ServedModels:
         self.services = services
         self._described: dict[str, tuple[Any, Served]] = {}
 
-    def find(self, name: str, kind: Kind | None = None) -> tuple[Kind, Composition | Pipeline | Service]:
+    def find(self, name: str, kind: Kind | None = None) -> Model:
         """The model ``name``: a composition (``default``, and ``iris_fanout`` to the protocol: the
         default one), a pipeline or a service, in that order, or only of ``kind``; 404 otherwise
         (``UnknownComposition`` and ``UnknownPipeline`` naming the known ones, for their doors)."""
         if kind in (None, "composition"):
             if name in self._compositions:
-                return "composition", self._compositions[name]
+                return self._compositions[name]
             if name == "default" or (name == DEFAULT_ALIAS and kind is None):
-                return "composition", self.default()
+                return self.default()
         if kind in (None, "pipeline") and name in self._pipelines:
-            return "pipeline", self._pipelines[name]
+            return self._pipelines[name]
         if kind in (None, "service"):
             services = self.services()
             if name in services:
-                return "service", services[name]
+                return services[name]
         if kind == "composition":
             known = ", ".join(sorted({*self._compositions, "default"}))
             raise UnknownComposition(f"no composition {name!r} (known: {known})")
@@ -299,19 +340,10 @@ class ServedModels:
     def names(self) -> list[str]:
         return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self.services()]
 
-    def services_of(self, target: Composition | Pipeline | Service) -> Sequence[Service]:
-        """The services whose models a request's input goes to as it is (and is checked against)."""
-        if isinstance(target, Service):
-            return [target]
-        if isinstance(target, Composition):
-            return target.services
-        services = self.services()
-        return [services[n] for step in target.steps if step.input == "request" for n in step.services]
-
     async def read_tensors(
         self,
         name: str,
-        target: Composition | Pipeline | Service,
+        target: Model,
         tensors: Mapping[str, NDArray[Any]],
         outputs: Sequence[str] | None,
         timeout: float,
@@ -326,18 +358,15 @@ class ServedModels:
                 raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{name}'")
         return served, served.input_of(tensors)
 
-    async def describe(
-        self, name: str, timeout: float, target: Composition | Pipeline | Service | None = None
-    ) -> Served:
+    async def describe(self, name: str, timeout: float, target: Model | None = None) -> Served:
         """What the model takes and gives, from its services' contracts (kept while they are);
         ``target``: the model, already looked up (``find``)."""
         if target is None:
-            kind, target = self.find(name)
-        else:
-            kind = _KINDS[type(target)]
-        services = self.services_of(target)
+            target = self.find(name)
+        kind = target.kind
+        services = target.inputs_go_to(self.services)
         contracts = await _contracts(self._gateway, services, timeout)
-        key = (target, tuple(id(c) for c in contracts))
+        key = (target, tuple(map(id, services)), tuple(map(id, contracts)))
         cached = self._described.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -352,7 +381,7 @@ class ServedModels:
             outputs = tuple(
                 Tensor(t.name, t.datatype, _batched_shape(t.shape, batched)) for t in contract.outputs
             )
-            served = Served(name, kind, target, inputs, outputs, contract.max_batch_size)
+            served = Served(name, kind, target, inputs, outputs, contract.max_batch_size, services)
         elif isinstance(target, Composition):
             inputs, batch, _ = _shared_inputs(contracts)
             if target.aggregator == "none":
@@ -362,17 +391,17 @@ class ServedModels:
                 )
             else:
                 outputs = _label_outputs(len(target.classes) or _class_count(target, contracts))
-            served = Served(name, kind, target, inputs, outputs, batch)
+            served = Served(name, kind, target, inputs, outputs, batch, services)
         else:
             inputs, batch, _ = _shared_inputs(contracts)
-            served = Served(name, kind, target, inputs, _PIPELINE_OUTPUTS, batch)
+            served = Served(name, kind, target, inputs, _PIPELINE_OUTPUTS, batch, services)
         self._described[name] = (key, served)
         return served
 
     async def ready(self, name: str, timeout: float) -> bool:
         """Ready when enough of its services' models are (a composition: ``min_answers``)."""
-        kind, target = self.find(name)
-        services = self.services_of(target)
+        target = self.find(name)
+        services = target.inputs_go_to(self.services)
 
         async def one(service: Service) -> bool:
             try:
@@ -381,5 +410,4 @@ class ServedModels:
                 return False
 
         ready = sum(await asyncio.gather(*(one(s) for s in services)))
-        needed = target.min_answers if isinstance(target, Composition) else len(services)
-        return ready >= max(needed, 1) if kind != "pipeline" else ready >= 1
+        return ready >= max(target.min_answers, 1)

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from client_proxy.core.dataplane import DataPlane, InferenceAnswer, InferenceRequest
+    from client_proxy.core.tensors import Inputs
 
 Protocol = Literal["grpc", "http"]
 """How the proxy talks to a Triton server."""
@@ -120,6 +127,15 @@ class Service:
     hedge: Hedge | None = None
     """When a slow call is sent to another replica too; None: ``PROXY_HEDGE``."""
 
+    # A service is also a model the proxy serves (``served.Model``): passed through, its model's
+    # own inputs and outputs, with no deadline, policy or feature set of its own.
+    kind: ClassVar[Literal["service"]] = "service"
+    deadline_ms: ClassVar[None] = None
+    timeout_policy: ClassVar[None] = None
+    features: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
+    min_answers: ClassVar[int] = 1
+
     @property
     def server(self) -> tuple[Protocol, str]:
         """Key of the shared client the first replica goes through."""
@@ -132,6 +148,29 @@ class Service:
 
     def describe(self) -> str:
         return ",".join(t.describe() for t in self.targets)
+
+    @property
+    def description(self) -> str:
+        return f"the service {self.name}: {self.describe()}"
+
+    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+        return (self,)
+
+    async def run(
+        self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
+    ) -> None:
+        """One call to its model, the outputs asked for (all by default) passed through."""
+        served = answer.served
+        assert served is not None  # a service is reached by its named tensors
+        asked = request.outputs
+        wanted = tuple(asked) if asked is not None else tuple(t.name for t in served.outputs)
+        gateway, request_id = plane.gateway, request.request_id
+
+        def call(budget: float) -> Awaitable[dict[str, NDArray[Any]]]:
+            return gateway.call(self, x, request_id, budget, wanted)
+
+        outputs, outcome = await plane.fanout.call_alone(self, call, deadline)
+        answer.outputs, answer.outcomes = dict(outputs), (outcome,)
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")

@@ -63,7 +63,7 @@ async def label(request: Request) -> dict[str, Any]:
     a list for N), marked ``partial`` with each ``missing`` service's reason when some did not answer."""
     state: ProxyState = request.app.state.proxy
     inference = await _request(state, request, "/compositions/{name}/label")
-    composition = inference.target
+    inference.target = composition = state.plane.models.find(inference.model, "composition")
     if isinstance(composition, Composition) and composition.aggregator == "none":
         name = composition.name
         raise InvalidInput(

@@ -116,20 +116,22 @@ async def infer(request: Request) -> Reply:
     name = request.path_params["name"]
     try:
         _version(request)
-        target = state.plane.models.find(name)[1]  # an unknown model is a 404 whatever the body, as in Triton
-        options, body = await options_and_body(request, state.settings, json_only=False)
-        parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
-        parameters = parsed.parameters
-        inference = inference_request(
-            name,
-            "/v2/models/{name}/infer",
-            options,
-            parameters.get("timeout"),
-            parameters.get("timeout_policy"),
-            parsed.inputs,
-            parsed.outputs,
-            target,
-        )
+        try:
+            options, body = await options_and_body(request, state.settings, json_only=False)
+            parsed = parse_request(body, header(request, HEADER), state.settings.max_rows)
+            parameters = parsed.parameters
+            inference = inference_request(
+                name,
+                "/v2/models/{name}/infer",
+                options,
+                parameters.get("timeout"),
+                parameters.get("timeout_policy"),
+                parsed.inputs,
+                parsed.outputs,
+            )
+        except ProxyError:
+            state.plane.models.find(name)  # an unknown model is a 404 whatever the body, as in Triton
+            raise
         content, header_length = http_answer(await state.plane.infer(inference), name, VERSION, parsed)
     except ProxyError as exc:
         return _error(exc)
