@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools perf-analyzer proxy-wheels train models run triton test test-unit bench soak lint lock clean
+.PHONY: help install tools perf-analyzer proxy-wheels train models run triton test test-unit bench soak lint lock docs docs-serve clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -22,6 +22,8 @@ help:
 	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 25 minutes)"
 	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
+	@echo "make docs     build the documentation site into site/ (offline, --strict)"
+	@echo "make docs-serve  serve the documentation on http://127.0.0.1:8008, rebuilt on change"
 	@echo "make lock     rewrite requirements/*.txt from pyproject.toml (UPGRADE=1: newest indirect deps)"
 
 # The Python versions the tests run on (.ci/run): the lock files hold nothing for others.
@@ -113,10 +115,18 @@ lock: $(VENV)/.installed-test
 	$(UV_COMPILE) --extra train -c requirements/test.txt -o requirements/train.txt
 	$(UV_COMPILE) -c requirements/test.txt -o requirements/proxy.txt
 
+# The documentation site (mkdocs.yml): --strict, so a broken link or a missing page fails; the
+# settings, metrics and benchmark lists are generated from the code (docs/hooks/generated.py).
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve --strict -a 127.0.0.1:8008
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy training local_triton client_proxy bench
+	$(BIN)/mypy training local_triton client_proxy bench docs/hooks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache site

@@ -43,7 +43,9 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 class Settings(BaseSettings):
     """The proxy's settings, read from ``PROXY_<FIELD>`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="PROXY_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PROXY_", extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
 
     host: str = "0.0.0.0"
     """Address the proxy listens on."""
@@ -159,8 +161,10 @@ class Settings(BaseSettings):
     """Origins allowed to call the proxy from a browser, as JSON (``["https://app.example"]``);
     empty (the default): no CORS headers at all."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the proxy's own loggers: ``DEBUG``, ``INFO`` (one line per request),
+    ``WARNING`` or ``ERROR``."""
     log_format: Literal["text", "json"] = "text"
-    """Log level of the proxy's own loggers."""
+    """``text``, or ``json``: one JSON object per line, uvicorn's lines too."""
     workers: int = Field(1, ge=1, le=64)
     """uvicorn worker processes (``python -m client_proxy``)."""
     metrics: bool = True

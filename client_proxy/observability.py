@@ -16,6 +16,7 @@ import re
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -56,6 +57,8 @@ class LoopCounter(Collector):
     same as a ``Counter``'s, ``_created`` series included.
     """
 
+    _type = "counter"
+
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry):
         self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
         self._values: dict[tuple[str, ...], float] = {}
@@ -86,6 +89,8 @@ class LoopCounter(Collector):
 class LoopHistogram(Collector):
     """A labelled histogram kept as plain numbers (see ``LoopCounter``): an observation is one
     bisection and two additions. The exposition is the same as a ``Histogram``'s."""
+
+    _type = "histogram"
 
     def __init__(
         self,
@@ -137,6 +142,17 @@ class LoopHistogram(Collector):
                     )
                 )
         yield family
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One metric as a scrape shows it: its name (a counter's with ``_total``), its type, its
+    labels and its help text."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    help: str
 
 
 class ProxyMetrics:
@@ -299,6 +315,18 @@ class ProxyMetrics:
 
         #: The request counter's labels by (endpoint, method, status): the status as text, once.
         self._request_labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
+
+    def catalogue(self) -> list[MetricInfo]:
+        """Every ``proxy_*`` metric registered here, in order (the documentation's metrics table
+        is made from it). The process, platform and garbage-collector collectors are not listed."""
+        found = []
+        for metric in vars(self).values():
+            kind, name = getattr(metric, "_type", None), getattr(metric, "_name", None)
+            if kind is None or name is None:
+                continue
+            shown = f"{name}_total" if kind == "counter" else name
+            found.append(MetricInfo(shown, kind, tuple(metric._labelnames), metric._documentation))
+        return found
 
     def observe_outcome(self, outcome: Outcome) -> None:
         service = outcome.service

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,62 +19,15 @@ from local_triton import TritonServer, free_ports
 from local_triton.server import BACKEND_DIR_PREFIX, remove_stale_backend_dirs
 
 from .conftest import ROOT
-from .helpers import iris_repository, read_http_response, running_proxy, services_on, settings, stub_processes
-
-
-class Stack:
-    """``python -m local_triton.stack`` (what ``make run`` runs) on free ports and a copy of the
-    Iris repository, its output kept in files."""
-
-    def __init__(self, tmp_path: Path, *extra: str) -> None:
-        self.repository = iris_repository(tmp_path, with_ensemble=True)
-        self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port = free_ports(5)
-        self.url = f"http://127.0.0.1:{self.proxy_port}"
-        self.out, self.err = tmp_path / "stack.out", tmp_path / "stack.err"
-        with self.out.open("w") as out, self.err.open("w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "local_triton.stack", "--proxy-port", str(self.proxy_port),
-                 "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(self.metrics_port),
-                 "--model-repository", str(self.repository),
-                 "--proxy-grpc-port", str(self.proxy_grpc_port), *extra],
-                cwd=ROOT, stdout=out, stderr=err,
-            )  # fmt: skip
-        self.ports = (self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port)
-
-    def wait_serving(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.process.poll() is None, f"the stack exited: {self.err.read_text()}"
-            try:
-                if httpx.get(f"{self.url}/health/all", timeout=2).json().get("status") == "ok":
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the stack did not come up"
-            time.sleep(0.2)
-
-    def pids(self, what: str) -> list[int]:
-        """Every pid the stack printed for ``what`` ("Triton" or "proxy"), oldest first."""
-        pattern = r"^Triton .*\(pid (\d+)\)$" if what == "Triton" else r"^proxy: .*pid (\d+)\)"
-        return [int(m[1]) for m in re.finditer(pattern, self.out.read_text(), re.M)]
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # let it stop what it started
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
-
-    def assert_nothing_left(self) -> None:
-        for port in self.ports:
-            with socket.socket() as sock:
-                assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
-        deadline = time.monotonic() + 10
-        while stub_processes(self.repository):
-            assert time.monotonic() < deadline, f"left behind: {stub_processes(self.repository)}"
-            time.sleep(0.2)
+from .helpers import (
+    Stack,
+    iris_repository,
+    read_http_response,
+    running_proxy,
+    services_on,
+    settings,
+    stub_processes,
+)
 
 
 def _alive(pid: int) -> bool:

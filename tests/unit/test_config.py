@@ -71,17 +71,6 @@ def test_cli_refuses_bad_settings_with_one_line() -> None:
     assert result.returncode == 2 and "SERVICE_SETOSA" in result.stderr
 
 
-def test_every_setting_is_in_the_readmes_configuration() -> None:
-    from client_proxy.config import Settings
-
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Configuration") : readme.index("## The proxy")]
-    missing = [
-        f"PROXY_{name.upper()}" for name in Settings.model_fields if f"`PROXY_{name.upper()}`" not in table
-    ]
-    assert not missing, f"README's Configuration table lacks {missing}"
-
-
 def test_several_workers_are_refused_while_metrics_are_on() -> None:
     """Each worker would answer a scrape with its own figures: the combination stops the start."""
     from client_proxy.config import check_settings
