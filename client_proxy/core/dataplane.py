@@ -39,7 +39,7 @@ from client_proxy.core.outcomes import FanOutResult, Outcome
 from client_proxy.core.pipelines import PipelineResult
 from client_proxy.core.rules import Alert, AlertSink
 from client_proxy.core.served import Gateway, Kind, Model, Served, ServedModels
-from client_proxy.core.services import Service, TimeoutPolicy, time_left
+from client_proxy.core.services import OwnNothing, Service, TimeoutPolicy, time_left
 from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import (
     FeatureStoreError,
@@ -131,18 +131,14 @@ EnsembleCall = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
-class Ensemble:
+class Ensemble(OwnNothing):
     """Triton's own fan-out (the seed's ``?route=ensemble``): one call to its ensemble model,
     bounded and recorded like a service call, its rows ``[label, proba]`` the answer."""
 
     service: Service
     call: EnsembleCall
     kind: ClassVar[Literal["ensemble"]] = "ensemble"
-    deadline_ms: ClassVar[None] = None
-    timeout_policy: ClassVar[None] = None
     features: ClassVar[None] = None
-    keys: ClassVar[str] = "fetch"
-    min_answers: ClassVar[int] = 1
 
     @property
     def name(self) -> str:

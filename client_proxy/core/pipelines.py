@@ -49,7 +49,7 @@ from client_proxy.core.conditions import Condition, service_score
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.outcomes import FanOutResult
 from client_proxy.core.rules import Alert, AlertSink, Result, Rule, check, read_rules
-from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.services import OwnNothing, Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs, row_count, take_rows
 from client_proxy.core.yamlfile import Node
 from client_proxy.errors import AggregationFailed, Failure, ServicesFailed
@@ -86,7 +86,7 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Pipeline:
+class Pipeline(OwnNothing):
     name: str
     description: str
     steps: tuple[Step, ...]
@@ -100,13 +100,7 @@ class Pipeline:
     features: str | None = None
     """The feature set a request by key reads; None: ``PROXY_FEATURE_SET``."""
 
-    # A pipeline is a model the proxy serves (``served.Model``): the request's deadline and
-    # policy (its steps have their own ``on_failure``), ready when one first step's model is.
     kind: ClassVar[Literal["pipeline"]] = "pipeline"
-    deadline_ms: ClassVar[None] = None
-    timeout_policy: ClassVar[None] = None
-    keys: ClassVar[str] = "fetch"
-    min_answers: ClassVar[int] = 1
 
     @property
     def service_names(self) -> list[str]:

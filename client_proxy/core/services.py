@@ -108,8 +108,19 @@ class Target:
         return f"{self.protocol}://{self.url}/{self.model}{version}"
 
 
+class OwnNothing:
+    """What a model the proxy serves (``served.Model``) answers when it has no deadline, timeout
+    policy or key handling of its own, and is ready when one of its models is: a service passed
+    through, Triton's ensemble, a pipeline (whose steps have their own ``on_failure``)."""
+
+    deadline_ms: ClassVar[None] = None
+    timeout_policy: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
+    min_answers: ClassVar[int] = 1
+
+
 @dataclass(frozen=True, order=True)
-class Service:
+class Service(OwnNothing):
     """One inference service: a model (and optional version) on a Triton server, and the
     replicas that serve the same model elsewhere (``more``)."""
 
@@ -128,13 +139,9 @@ class Service:
     """When a slow call is sent to another replica too; None: ``PROXY_HEDGE``."""
 
     # A service is also a model the proxy serves (``served.Model``): passed through, its model's
-    # own inputs and outputs, with no deadline, policy or feature set of its own.
+    # own inputs and outputs, with no feature set of its own.
     kind: ClassVar[Literal["service"]] = "service"
-    deadline_ms: ClassVar[None] = None
-    timeout_policy: ClassVar[None] = None
     features: ClassVar[None] = None
-    keys: ClassVar[str] = "fetch"
-    min_answers: ClassVar[int] = 1
 
     @property
     def server(self) -> tuple[Protocol, str]:
