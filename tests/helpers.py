@@ -200,11 +200,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 class Stack:
     """``python -m local_triton.stack`` (what ``make run`` runs) on free ports and a copy of the
-    Iris repository (``whole``: the project's own repository, every model ``make run``
+    Iris repository (``whole``: of the project's own repository, every model ``make run``
     serves), its output kept in files."""
 
     def __init__(self, tmp_path: Path, *extra: str, whole: bool = False) -> None:
-        self.repository = MODEL_REPOSITORY if whole else iris_repository(tmp_path, with_ensemble=True)
+        if whole:  # a copy: the session's Triton serves the repository itself, and its processes name it
+            self.repository = tmp_path / "model_repository"
+            shutil.copytree(MODEL_REPOSITORY, self.repository)
+        else:
+            self.repository = iris_repository(tmp_path, with_ensemble=True)
         self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port = free_ports(5)
         self.url = f"http://127.0.0.1:{self.proxy_port}"
         self.out, self.err = tmp_path / "stack.out", tmp_path / "stack.err"

@@ -220,9 +220,9 @@ def parse_tensors(entries: Any, max_rows: int) -> dict[str, NDArray[Any]]:
         where = f"inputs[{i}] ({name!r})"
         if name in tensors:
             raise InvalidInput(f"{where}: the name is used twice")
-        if datatype not in NUMPY_DTYPES:
+        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
             raise InvalidInput(
-                f"{where}.datatype: must be one of {', '.join(NUMPY_DTYPES)}, not {datatype!r}"
+                f"{where}.datatype: must be one of {', '.join(NUMPY_DTYPES)}, not {str(datatype)[:40]!r}"
             )
         if (
             not isinstance(shape, list)

@@ -111,8 +111,9 @@ def _input(i: int, entry: Any, binary: memoryview, max_rows: int) -> tuple[str, 
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
     where = f"input '{name}'"
-    if datatype not in NUMPY_DTYPES:
-        raise InvalidInput(f"{where}: unknown datatype {datatype!r} (one of {', '.join(NUMPY_DTYPES)})")
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+        shown = str(datatype)[:40]
+        raise InvalidInput(f"{where}: unknown datatype {shown!r} (one of {', '.join(NUMPY_DTYPES)})")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -270,7 +271,7 @@ def deadline_and_policy(
             raise InvalidInput("parameter 'timeout' must be a whole number of microseconds > 0")
         deadline = min(deadline, started + timeout_us / 1e6)
     if asked_policy is not None:
-        if asked_policy not in POLICIES:
+        if not isinstance(asked_policy, str) or asked_policy not in POLICIES:
             raise InvalidInput("parameter 'timeout_policy' must be 'partial' or 'all_or_nothing'")
         policy = POLICIES[asked_policy]
     return deadline, policy

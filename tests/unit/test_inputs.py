@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from client_proxy.api.inputs import parse_inputs, parse_rows
+from client_proxy.api.oip import deadline_and_policy, parse_request
 from client_proxy.errors import InvalidInput
 
 
@@ -48,6 +49,9 @@ def test_rows_are_rows_even_when_a_value_is_the_word_inputs() -> None:
         ('{"name": "a", "shape": [1], "datatype": "INT32", "data": [1.5]}', "does not fit INT32"),
         ('{"name": "a", "shape": [1], "datatype": "FP16", "data": [1e6]}', "does not fit FP16"),
         ('{"name": "a", "shape": [1], "datatype": "FP32", "data": 1}', "must be a list"),
+        # JSON that is not a string where a name is expected (schemathesis found a 500 here).
+        ('{"name": "a", "shape": [1], "datatype": {}, "data": [1]}', "datatype: must be one of"),
+        ('{"name": "a", "shape": [1], "datatype": ["FP32"], "data": [1]}', "datatype: must be one of"),
     ],
 )
 def test_a_bad_tensor_is_refused_naming_it(tensor: str, message: str) -> None:
@@ -76,3 +80,16 @@ def test_header_reads_like_starlettes_headers_get() -> None:
     for name in ("content-type", "x-route", "x-deadline-ms"):
         assert header(request, name) == request.headers.get(name)
     assert header(request, "x-route") == "ensemble"
+
+
+@pytest.mark.parametrize("datatype", ["{}", '["FP32"]', "null", "7"])
+def test_the_protocols_parser_refuses_a_datatype_that_is_not_a_name(datatype: str) -> None:
+    body = f'{{"inputs": [{{"name": "x", "shape": [1, 1], "datatype": {datatype}, "data": [1]}}]}}'
+    with pytest.raises(InvalidInput, match="unknown datatype"):
+        parse_request(body.encode(), None, max_rows=10)
+
+
+@pytest.mark.parametrize("policy", [{}, ["partial"], 1, True])
+def test_a_timeout_policy_parameter_that_is_not_a_name_is_refused(policy: object) -> None:
+    with pytest.raises(InvalidInput, match="timeout_policy"):
+        deadline_and_policy(None, policy, 0.0, 1.0, None)
