@@ -1,6 +1,8 @@
 """``python -m client_proxy``: serve the proxy with uvicorn on ``PROXY_HOST:PROXY_PORT`` (0.0.0.0:9000).
 
-Invalid settings stop the start with one line naming the variable (exit code 2).
+Invalid settings stop the start with one line naming the variable or the file and line (exit
+code 2). ``python -m client_proxy --check`` checks the settings, the ``SERVICE_*`` variables and
+the compositions and pipelines files the same way, and exits (0: valid) without serving.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from client_proxy.core.services import ConfigError
 from client_proxy.logs import uvicorn_log_config
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--check"]):
+        print("usage: python -m client_proxy [--check]  (settings: PROXY_* variables)", file=sys.stderr)
+        return 2
     try:
         settings = load_settings()
         # Parsed here too (the app parses them again in each worker) so that a bad SERVICE_*
@@ -42,6 +48,8 @@ def main() -> int:
     except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)
         return 2
+    if args == ["--check"]:
+        return 0
     _raise_descriptor_limit()
     uvicorn.run(
         "client_proxy.asgi:app",

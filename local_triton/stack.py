@@ -8,8 +8,16 @@ the OOM killer) is started again after a back-off that doubles with each crash i
 the same ports, while the other keeps running. With Triton gone the proxy keeps answering
 (503/504 JSON) and answers 200 again as soon as Triton is back, with no restart of its own.
 A process that keeps dying soon after its start is given up on after ``--max-restarts``
-crashes in a row, with one line saying so, and the exit code is 1. Ctrl-C or SIGTERM stops
-both and leaves no process behind.
+crashes in a row, with one line saying so, and the exit code is 1. A proxy that refuses its
+configuration (exit code 2: a setting, a ``SERVICE_*`` variable, the compositions or pipelines
+file) is a mistake to fix, not a crash: the configuration is checked before Triton starts
+(``python -m client_proxy --check``), its one line printed, and the stack exits 2 at once; a
+proxy that exits 2 later is not restarted either. A restarted proxy is said to be back once it
+answers ``/health/ready``. Ctrl-C or SIGTERM stops both and leaves no process behind.
+
+The example compositions and pipelines (``examples/``, the wine models) are served when the
+user names neither ``PROXY_COMPOSITIONS_FILE`` nor ``PROXY_PIPELINES_FILE``: the files a user
+names are what is served, alone.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +51,8 @@ from local_triton.server import (
 )
 
 SERVICES = ("setosa", "versicolor", "virginica")
+#: ``python -m client_proxy``'s exit code for a configuration it refuses.
+CONFIG_ERROR = 2
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FEATURES = Path(__file__).resolve().parent.parent / "features"
 #: make run's feature store (requests by key), loaded afresh from features/*.csv at each start.
@@ -132,20 +143,34 @@ class Stack:
         )
         print(f"{ready} (pid {self.server.pid})", flush=True)
 
-    def start_proxy(self) -> None:
-        assert self.server is not None
-        port = self.server.grpc_port if self.args.protocol == "grpc" else self.server.http_port
-        env = dict(os.environ, PROXY_PORT=str(self.args.proxy_port), PROXY_PROTOCOL=self.args.protocol)
-        env["PROXY_GRPC_PORT"] = str(self.args.proxy_grpc_port)
-        # The example compositions and pipelines (the wine models), pointed at this Triton.
-        env.setdefault("PROXY_COMPOSITIONS_FILE", str(EXAMPLES / "compositions.yaml"))
-        env.setdefault("PROXY_PIPELINES_FILE", str(EXAMPLES / "pipelines.yaml"))
-        env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{self.server.grpc_port}")
+    def proxy_environment(self) -> dict[str, str]:
+        """The proxy's environment: the user's, with this Triton's services and ports."""
+        args, server = self.args, self.server
+        grpc, http = (server.grpc_port, server.http_port) if server else (args.grpc_port, args.http_port)
+        port = grpc if args.protocol == "grpc" else http
+        env = dict(os.environ, PROXY_PORT=str(args.proxy_port), PROXY_PROTOCOL=args.protocol)
+        env["PROXY_GRPC_PORT"] = str(args.proxy_grpc_port)
+        if "PROXY_COMPOSITIONS_FILE" not in os.environ and "PROXY_PIPELINES_FILE" not in os.environ:
+            # The examples (the wine models), as a set: only when the user named no file of theirs.
+            env["PROXY_COMPOSITIONS_FILE"] = str(EXAMPLES / "compositions.yaml")
+            env["PROXY_PIPELINES_FILE"] = str(EXAMPLES / "pipelines.yaml")
+        env.setdefault("TRITON_GRPC_URL", f"127.0.0.1:{grpc}")
         env["PROXY_FEATURE_STORE"] = self.store()
         for name in SERVICES:
             env.setdefault(f"SERVICE_{name.upper()}", f"127.0.0.1:{port}")
+        return env
+
+    def check_proxy(self) -> int:
+        """The proxy's configuration checked as its start checks it: 0, or its exit code (2:
+        refused, its one line already printed)."""
+        check = subprocess.run(
+            [sys.executable, "-m", "client_proxy", "--check"], env=self.proxy_environment(), check=False
+        )
+        return check.returncode
+
+    def start_proxy(self) -> None:
         self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "client_proxy"], env=env, preexec_fn=die_with_parent
+            [sys.executable, "-m", "client_proxy"], env=self.proxy_environment(), preexec_fn=die_with_parent
         )
         self.proxy_started = time.monotonic()
         grpc = f", gRPC 127.0.0.1:{self.args.proxy_grpc_port}" if self.args.proxy_grpc_port else ""
@@ -157,6 +182,9 @@ class Stack:
 
     # -- supervision -----------------------------------------------------------------------------
     def run(self) -> int:
+        checked = self.check_proxy()
+        if checked != 0:
+            return checked if checked == CONFIG_ERROR else 1
         try:
             self.start_triton()
         except LaunchError as exc:
@@ -165,8 +193,17 @@ class Stack:
         self.start_proxy()
         triton_due: float | None = None  # when a crashed Triton is to be started again
         proxy_due: float | None = None
+        proxy_returning = False  # restarted, and not yet ready
         while not self.stopping.wait(0.2):
             now = time.monotonic()
+            if (
+                proxy_returning
+                and self.proxy is not None
+                and self.proxy.poll() is None
+                and self._proxy_ready()
+            ):
+                log("proxy is back (ready)")
+                proxy_returning = False
             if triton_due is None and self.server is not None and not self.server.is_running():
                 code = self.server.wait()
                 self.server.stop()  # reaps its stubs and backend directory
@@ -180,15 +217,19 @@ class Stack:
                 if triton_due is not None and triton_due < 0:
                     return 1
             if proxy_due is None and self.proxy is not None and self.proxy.poll() is not None:
+                if self.proxy.returncode == CONFIG_ERROR:
+                    return CONFIG_ERROR  # a mistake, said in the proxy's one line: not restarted
+                proxy_returning = False
                 proxy_due = self._crashed(
                     "proxy", _how(self.proxy.returncode), now - self.proxy_started, self.proxy_policy
                 )
                 if proxy_due is None:
                     return 1
             if proxy_due is not None and now >= proxy_due:
-                proxy_due = self._restart("proxy", self.start_proxy, self.proxy_policy)
+                proxy_due = self._restart("proxy", self.start_proxy, self.proxy_policy, say_back=False)
                 if proxy_due is not None and proxy_due < 0:
                     return 1
+                proxy_returning = proxy_due is None
         return 0
 
     def _crashed(self, name: str, how: str, ran_for: float, policy: RestartPolicy) -> float | None:
@@ -207,8 +248,19 @@ class Stack:
         )
         return time.monotonic() + delay
 
-    def _restart(self, name: str, start: Callable[[], None], policy: RestartPolicy) -> float | None:
-        """None when ``name`` runs again; else the next attempt's instant, or -1 to give up."""
+    def _proxy_ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.args.proxy_port}/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    def _restart(
+        self, name: str, start: Callable[[], None], policy: RestartPolicy, say_back: bool = True
+    ) -> float | None:
+        """None when ``name`` runs again; else the next attempt's instant, or -1 to give up.
+        ``say_back``: say it is back now (else its caller says so once it answers)."""
         try:
             start()
         except LaunchError as exc:
@@ -217,7 +269,8 @@ class Stack:
             log(f"{name} did not start again: {exc}")
             due = self._crashed(name, "failed to start", 0.0, policy)
             return -1 if due is None else due
-        log(f"{name} is back")
+        if say_back:
+            log(f"{name} is back")
         return None
 
     def stop(self) -> None:

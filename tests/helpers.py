@@ -201,10 +201,20 @@ def metric(text: str, name: str, **labels: str) -> float:
 class Stack:
     """``python -m local_triton.stack`` (what ``make run`` runs) on free ports and a copy of the
     Iris repository (``whole``: of the project's own repository, every model ``make run``
-    serves), its output kept in files."""
+    serves; or ``repository``, one of the test's own), its output kept in files;
+    ``environment``: variables set for it, as a user would set them before ``make run``."""
 
-    def __init__(self, tmp_path: Path, *extra: str, whole: bool = False) -> None:
-        if whole:  # a copy: the session's Triton serves the repository itself, and its processes name it
+    def __init__(
+        self,
+        tmp_path: Path,
+        *extra: str,
+        whole: bool = False,
+        repository: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        if repository is not None:
+            self.repository = repository
+        elif whole:  # a copy: the session's Triton serves the repository itself, and its processes name it
             self.repository = tmp_path / "model_repository"
             shutil.copytree(MODEL_REPOSITORY, self.repository)
         else:
@@ -218,8 +228,9 @@ class Stack:
                  "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(self.metrics_port),
                  "--model-repository", str(self.repository),
                  "--proxy-grpc-port", str(self.proxy_grpc_port), *extra],
-                cwd=ROOT, stdout=out, stderr=err,
+                cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **(environment or {})},
             )  # fmt: skip
+        self.started = time.monotonic()
         self.ports = (self.proxy_port, http, grpc, self.metrics_port, self.proxy_grpc_port)
 
     def wait_serving(self, timeout: float = 90) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,11 +15,14 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
 
 from local_triton import TritonServer, free_ports
 from local_triton.server import BACKEND_DIR_PREFIX, remove_stale_backend_dirs
+from training import wine
 
-from .conftest import ROOT
+from .conftest import MODEL_REPOSITORY, ROOT
 from .helpers import (
     Stack,
     iris_repository,
@@ -140,6 +144,12 @@ def test_a_crashed_proxy_is_restarted_and_triton_keeps_running(tmp_path: Path) -
         assert httpx.post(f"{stack.url}/predict/label", json={"data": [[1, 2, 3, 4]]}).status_code == 200
         assert stack.pids("Triton") == [triton_pid] and _alive(triton_pid)
         assert "proxy was killed by signal 9" in stack.err.read_text()
+        # "Back" once it answers /health/ready (which wait_serving saw), said once.
+        deadline = time.monotonic() + 10
+        while "stack: proxy is back (ready)" not in stack.err.read_text():
+            assert time.monotonic() < deadline, stack.err.read_text()
+            time.sleep(0.1)
+        assert stack.err.read_text().count("is back") == 1
     finally:
         stack.stop()
     stack.assert_nothing_left()
@@ -241,3 +251,128 @@ def test_each_request_is_logged_with_its_id_and_each_services_outcome(
     for name in ("setosa", "versicolor", "virginica"):
         assert f" {name}=ok/" in lines[0]
     assert "endpoint=/predict/label" in lines[0]
+
+
+# -- the walkthrough: a user's own models and compositions file ------------------------------
+#: A user's file, as the walkthrough has them write it: three compositions of their three models
+#: (a mean, a vote, and one that answers in part: its third service names a model not served).
+USERS_FILE = """\
+compositions:
+  my_mean:
+    services:
+      my_logreg: {target: "${TRITON_GRPC_URL}/my_logreg"}
+      my_gbt: {target: "${TRITON_GRPC_URL}/my_gbt"}
+      my_knn: {target: "${TRITON_GRPC_URL}/my_knn"}
+    aggregator: mean
+  my_vote:
+    services:
+      my_logreg: {target: "${TRITON_GRPC_URL}/my_logreg"}
+      my_gbt: {target: "${TRITON_GRPC_URL}/my_gbt"}
+      my_knn: {target: "${TRITON_GRPC_URL}/my_knn"}
+    aggregator: vote
+  my_partial:
+    services:
+      my_logreg: {target: "${TRITON_GRPC_URL}/my_logreg"}
+      my_gbt: {target: "${TRITON_GRPC_URL}/my_gbt"}
+      my_forgotten: {target: "${TRITON_GRPC_URL}/my_forgotten"}
+    aggregator: mean
+    min_answers: 2
+"""
+
+
+def _users_repository(tmp_path: Path) -> Path:
+    """The Iris models and the user's three multiclass models (the wine models, renamed)."""
+    repository = iris_repository(tmp_path)
+    for kind in ("logreg", "gbt", "knn"):
+        model = repository / f"my_{kind}"
+        shutil.copytree(MODEL_REPOSITORY / f"wine_{kind}", model)
+        config = model / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "wine_{kind}"', f'name: "my_{kind}"'))
+    return repository
+
+
+def test_a_users_own_models_and_file_are_served_on_the_first_try(tmp_path: Path) -> None:
+    """The walkthrough as written: their models in the repository, their file named by
+    PROXY_COMPOSITIONS_FILE, make run. The example pipelines file (which names the example
+    compositions' services) is not loaded beside it."""
+    users_file = tmp_path / "my.yaml"
+    users_file.write_text(USERS_FILE)
+    stack = Stack(
+        tmp_path,
+        repository=_users_repository(tmp_path),
+        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
+    )
+    try:
+        stack.wait_serving()
+        x, y = wine.load()
+        rows = {"data": x[:5].tolist()}
+        for name in ("my_mean", "my_vote"):
+            answer = httpx.post(f"{stack.url}/compositions/{name}/label", json=rows, timeout=10)
+            assert answer.status_code == 200, answer.text
+            labels = [p["label"] for p in answer.json()["prediction"]]
+            assert labels == [wine.WINE_CLASSES[c] for c in y[:5]], (name, labels)  # the first rows are easy
+        partial = httpx.post(f"{stack.url}/compositions/my_partial/label", json=rows, timeout=10).json()
+        assert partial["partial"] is True and list(partial["missing"]) == ["my_forgotten"]
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{stack.proxy_grpc_port}")
+        try:
+            tensor = grpcclient.InferInput(
+                "input", [5, 13], "FP64"
+            )  # their own names differ: one shared input
+            tensor.set_data_from_numpy(x[:5].astype(np.float64))
+            result = client.infer("my_mean", [tensor])
+            assert [c.decode() for c in result.as_numpy("class_name")[:, 0]] == labels
+        finally:
+            client.close()
+        log = stack.err.read_text()
+        assert "restarting" not in log and "error" not in log, log
+    finally:
+        assert stack.stop() == 0
+    stack.assert_nothing_left()
+
+
+def test_a_broken_file_stops_make_run_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    """A mistake is not a crash: the configuration is checked before Triton starts, its one
+    line printed, and make run stops with exit code 2, nothing restarted."""
+    users_file = tmp_path / "my.yaml"
+    users_file.write_text(USERS_FILE.replace("aggregator: vote", "aggregator: average"))
+    stack = Stack(
+        tmp_path,
+        repository=_users_repository(tmp_path),
+        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
+    )
+    try:
+        assert stack.process.wait(timeout=5) == 2  # the issue's bound: the check alone runs
+        lines = stack.err.read_text().splitlines()
+        assert len(lines) == 1, lines
+        assert (
+            lines[0].startswith("client_proxy: error: ") and "my.yaml" in lines[0] and "line 13" in lines[0]
+        )
+        assert stack.out.read_text() == ""  # no Triton was started
+    finally:
+        stack.stop()
+    stack.assert_nothing_left()
+
+
+def test_a_proxy_that_refuses_its_configuration_later_is_not_restarted(tmp_path: Path) -> None:
+    """The file broken while make run serves, then the proxy killed: it is started again, refuses
+    the file with its one line, and make run stops with exit code 2 instead of looping."""
+    users_file = tmp_path / "my.yaml"
+    users_file.write_text(USERS_FILE)
+    stack = Stack(
+        tmp_path,
+        "--restart-delay",
+        "0.2",
+        repository=_users_repository(tmp_path),
+        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
+    )
+    try:
+        stack.wait_serving()
+        users_file.write_text("compositions: [this is not a mapping\n")
+        os.kill(stack.pids("proxy")[0], signal.SIGKILL)
+        assert stack.process.wait(timeout=60) == 2
+        log = stack.err.read_text()
+        assert log.count("client_proxy: error: ") == 1 and "giving up" not in log, log
+        assert len(stack.pids("proxy")) == 2  # restarted once after the kill, and no more
+    finally:
+        stack.stop()
+    stack.assert_nothing_left()

@@ -218,7 +218,9 @@ def _step(
         if service not in services:
             raise fail(
                 listed,
-                f"step {name.value!r}: unknown service {service!r} (known: {', '.join(sorted(services))})",
+                f"step {name.value!r}: unknown service {service!r} (known: {', '.join(sorted(services))}); "
+                f"declare it (SERVICE_{service.upper()}, or in a composition of PROXY_COMPOSITIONS_FILE), "
+                "or name a pipelines file of your own (PROXY_PIPELINES_FILE)",
             )
     source = fields.get("input", Node("request", node.line))
     if source.value != "request":
