@@ -26,7 +26,7 @@ from client_proxy.config import (
 )
 from client_proxy.core.compositions_file import CompositionError
 from client_proxy.core.declared import load_declared
-from client_proxy.core.pipelines import PipelineError
+from client_proxy.core.pipelines_file import PipelineError
 from client_proxy.core.services import ConfigError
 from client_proxy.logs import uvicorn_log_config
 

@@ -41,6 +41,28 @@ compositions:
       versicolor: {target: "grpc://TRITON/versicolor"}
       virginica: {target: "grpc://TRITON/virginica"}
     aggregator: one_vs_rest
+  by_model_named:  # the by-key models under names of their own, for the pipelines
+    keys: forward
+    services:
+      setosa_k: {target: "grpc://TRITON/setosa_by_key"}
+      versicolor_k: {target: "grpc://TRITON/versicolor_by_key"}
+      virginica_k: {target: "grpc://TRITON/virginica_by_key"}
+    aggregator: one_vs_rest
+"""
+
+#: The Iris cascade twice: its steps' models reading the keys' rows themselves, or the proxy
+#: reading them once for the plain models.
+PIPELINES = """
+pipelines:
+  cascade_by_model:
+    keys: forward
+    steps:
+      - {name: setosa, services: [setosa_k], stop_if: "setosa_k >= 0.9"}
+      - {name: others, services: [versicolor_k, virginica_k]}
+  cascade_by_proxy:
+    steps:
+      - {name: setosa, services: [setosa], stop_if: "setosa >= 0.9"}
+      - {name: others, services: [versicolor, virginica]}
 """
 
 
@@ -62,9 +84,10 @@ def served(
     a proxy composing either; yields both."""
     folder = tmp_path_factory.mktemp(request.param)
     with loaded_store(request.param, folder) as store, _triton(store) as triton:
-        path = folder / "compositions.yaml"
+        path, pipelines = folder / "compositions.yaml", folder / "pipelines.yaml"
         path.write_text(COMPOSITIONS.replace("TRITON", triton.grpc_url))
-        proxy_settings = settings(feature_store=store, compositions_file=path)
+        pipelines.write_text(PIPELINES)
+        proxy_settings = settings(feature_store=store, compositions_file=path, pipelines_file=pipelines)
         with running_proxy(proxy_settings, services_on(triton, "grpc")) as url:
             yield triton, url
 
@@ -114,6 +137,28 @@ def test_both_variants_give_the_same_answers_through_the_proxy(served: tuple[Tri
         assert [p["proba"] for p in model_body["prediction"]] == pytest.approx(
             [p["proba"] for p in proxy_body["prediction"]], rel=1e-6
         )
+
+
+def test_a_pipeline_forwards_its_keys_to_models_that_read_their_own_rows(
+    served: tuple[TritonServer, str],
+) -> None:
+    """``keys: forward`` for a pipeline: its steps' by-key models get the keys, and the answers,
+    paths and stops are those of the same cascade on the rows the proxy reads itself."""
+    _, url = served
+    by_model = httpx.post(f"{url}/pipelines/cascade_by_model", json={"keys": KEYS}, timeout=30)
+    by_proxy = httpx.post(f"{url}/pipelines/cascade_by_proxy", json={"keys": KEYS}, timeout=30)
+    assert by_model.status_code == 200, by_model.text
+    assert by_proxy.status_code == 200, by_proxy.text
+    model_body, proxy_body = by_model.json(), by_proxy.json()
+    assert model_body["keys"] == proxy_body["keys"] == KEYS
+    assert [p["label"].removesuffix("_k") for p in model_body["prediction"]] == [
+        p["label"] for p in proxy_body["prediction"]
+    ]
+    assert [p["proba"] for p in model_body["prediction"]] == pytest.approx(
+        [p["proba"] for p in proxy_body["prediction"]], rel=1e-6
+    )
+    stops = [[step["stopped_rows"] for step in body["path"]] for body in (model_body, proxy_body)]
+    assert stops[0] == stops[1] and stops[0][0] == 50  # the 50 setosa rows stop at the first step
 
 
 def test_an_unknown_key_is_a_422_naming_it_and_the_models_keep_serving(

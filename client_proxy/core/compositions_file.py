@@ -172,15 +172,16 @@ def _composition(
         min_answers=minimum.value,
         rules=rules,
         features=read_feature_set(fields.get("features"), f"composition {name!r}", fail),
-        keys=_read_key_mode(fields.get("keys"), name, fail),
+        keys=read_key_mode(fields.get("keys"), f"composition {name!r}", fail),
     )
 
 
-def _read_key_mode(node: Node | None, name: str, fail: Any) -> str:
+def read_key_mode(node: Node | None, owner: str, fail: Any) -> str:
+    """A ``keys`` entry: ``fetch`` (the default) or ``forward``."""
     if node is None:
         return "fetch"
     if node.value not in KEY_MODES:
-        raise fail(node, f"composition {name!r}: keys must be fetch (the proxy reads the feature store) "
+        raise fail(node, f"{owner}: keys must be fetch (the proxy reads the feature store) "
                          "or forward (the services get the keys)")  # fmt: skip
     return str(node.value)
 

@@ -139,6 +139,7 @@ class Ensemble(OwnNothing):
     call: EnsembleCall
     kind: ClassVar[Literal["ensemble"]] = "ensemble"
     features: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
 
     @property
     def name(self) -> str:

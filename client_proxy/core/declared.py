@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition
 from client_proxy.core.compositions_file import load_compositions
-from client_proxy.core.pipelines import Pipeline, configured_pipelines
+from client_proxy.core.pipelines import Pipeline
+from client_proxy.core.pipelines_file import configured_pipelines
 from client_proxy.core.services import Service
 
 

@@ -109,13 +109,12 @@ class Target:
 
 
 class OwnNothing:
-    """What a model the proxy serves (``served.Model``) answers when it has no deadline, timeout
-    policy or key handling of its own, and is ready when one of its models is: a service passed
+    """What a model the proxy serves (``served.Model``) answers when it has no deadline or
+    timeout policy of its own, and is ready when one of its models is: a service passed
     through, Triton's ensemble, a pipeline (whose steps have their own ``on_failure``)."""
 
     deadline_ms: ClassVar[None] = None
     timeout_policy: ClassVar[None] = None
-    keys: ClassVar[str] = "fetch"
     min_answers: ClassVar[int] = 1
 
 
@@ -142,6 +141,7 @@ class Service(OwnNothing):
     # own inputs and outputs, with no feature set of its own.
     kind: ClassVar[Literal["service"]] = "service"
     features: ClassVar[None] = None
+    keys: ClassVar[str] = "fetch"
 
     @property
     def server(self) -> tuple[Protocol, str]:

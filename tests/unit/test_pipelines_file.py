@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from client_proxy.core.pipelines import DEFAULT_FILE, PipelineError, configured_pipelines, load_pipelines
+from client_proxy.core.pipelines_file import DEFAULT_FILE, PipelineError, configured_pipelines, load_pipelines
 from client_proxy.core.services import Service
 from training import CLASS_NAMES
 
@@ -103,3 +103,13 @@ def test_the_example_file_serves_the_shipped_cascade_unchanged() -> None:
         example["iris_cascade"].describe()
         == load_pipelines(DEFAULT_FILE, IRIS, {})["iris_cascade"].describe()
     )
+
+
+def test_a_pipeline_reads_its_key_mode_and_refuses_another(tmp_path: Path) -> None:
+    steps = "    steps:\n      - name: a\n        services: [setosa]\n"
+    forward = load_pipelines(_write(tmp_path, "pipelines:\n  p:\n    keys: forward\n" + steps), IRIS, {})
+    assert forward["p"].keys == "forward" and forward["p"].describe()["keys"] == "forward"
+    default = load_pipelines(_write(tmp_path, "pipelines:\n  p:\n" + steps), IRIS, {})
+    assert default["p"].keys == "fetch"
+    with pytest.raises(PipelineError, match=r"line 3: pipeline 'p': keys must be fetch .* or forward"):
+        load_pipelines(_write(tmp_path, "pipelines:\n  p:\n    keys: sideways\n" + steps), IRIS, {})

@@ -12,7 +12,7 @@ from client_proxy.core import conditions
 from client_proxy.core.aggregators import Aggregated
 from client_proxy.core.compositions_file import CompositionError, load_compositions
 from client_proxy.core.conditions import ConditionSyntaxError
-from client_proxy.core.pipelines import PipelineError, load_pipelines
+from client_proxy.core.pipelines_file import PipelineError, load_pipelines
 from client_proxy.core.rules import Alert, Result, check
 from client_proxy.core.services import Service
 
