@@ -9,6 +9,7 @@ import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -117,26 +118,26 @@ def test_a_by_key_model_answers_as_its_model_does_on_the_stored_rows(
         client.close()
 
 
+def _both_ways(url: str, by_model: str, by_proxy: str, keys: list[str]) -> tuple[Any, Any]:
+    """The answers of ``by_model`` and ``by_proxy`` to the same keys, each checked to say the same
+    labels (``_k``, the by-key services' suffix, aside) and probabilities, and the same keys."""
+    bodies = []
+    for path in (by_model, by_proxy):
+        answer = httpx.post(f"{url}{path}", json={"keys": keys}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        bodies.append(answer.json())
+    model_body, proxy_body = bodies
+    assert model_body["keys"] == proxy_body["keys"] == keys
+    rows = [b["prediction"] if isinstance(b["prediction"], list) else [b["prediction"]] for b in bodies]
+    assert [p["label"].removesuffix("_k") for p in rows[0]] == [p["label"] for p in rows[1]]
+    assert [p["proba"] for p in rows[0]] == pytest.approx([p["proba"] for p in rows[1]], rel=1e-6)
+    return model_body, proxy_body
+
+
 def test_both_variants_give_the_same_answers_through_the_proxy(served: tuple[TritonServer, str]) -> None:
     _, url = served
     for keys in (KEYS, ["flower-17"], ["flower-42", "flower-42", "flower-120"]):
-        by_model = httpx.post(f"{url}/compositions/by_model/label", json={"keys": keys}, timeout=30)
-        by_proxy = httpx.post(f"{url}/compositions/by_proxy/label", json={"keys": keys}, timeout=30)
-        assert by_model.status_code == 200, by_model.text
-        assert by_proxy.status_code == 200, by_proxy.text
-        model_body, proxy_body = by_model.json(), by_proxy.json()
-        assert model_body["keys"] == proxy_body["keys"] == keys
-        if len(keys) == 1:
-            model_body["prediction"], proxy_body["prediction"] = (
-                [model_body["prediction"]],
-                [proxy_body["prediction"]],
-            )
-        assert [p["label"] for p in model_body["prediction"]] == [
-            p["label"] for p in proxy_body["prediction"]
-        ]
-        assert [p["proba"] for p in model_body["prediction"]] == pytest.approx(
-            [p["proba"] for p in proxy_body["prediction"]], rel=1e-6
-        )
+        _both_ways(url, "/compositions/by_model/label", "/compositions/by_proxy/label", keys)
 
 
 def test_a_pipeline_forwards_its_keys_to_models_that_read_their_own_rows(
@@ -145,18 +146,8 @@ def test_a_pipeline_forwards_its_keys_to_models_that_read_their_own_rows(
     """``keys: forward`` for a pipeline: its steps' by-key models get the keys, and the answers,
     paths and stops are those of the same cascade on the rows the proxy reads itself."""
     _, url = served
-    by_model = httpx.post(f"{url}/pipelines/cascade_by_model", json={"keys": KEYS}, timeout=30)
-    by_proxy = httpx.post(f"{url}/pipelines/cascade_by_proxy", json={"keys": KEYS}, timeout=30)
-    assert by_model.status_code == 200, by_model.text
-    assert by_proxy.status_code == 200, by_proxy.text
-    model_body, proxy_body = by_model.json(), by_proxy.json()
-    assert model_body["keys"] == proxy_body["keys"] == KEYS
-    assert [p["label"].removesuffix("_k") for p in model_body["prediction"]] == [
-        p["label"] for p in proxy_body["prediction"]
-    ]
-    assert [p["proba"] for p in model_body["prediction"]] == pytest.approx(
-        [p["proba"] for p in proxy_body["prediction"]], rel=1e-6
-    )
+    pipelines = ("/pipelines/cascade_by_model", "/pipelines/cascade_by_proxy")
+    model_body, proxy_body = _both_ways(url, *pipelines, KEYS)
     stops = [[step["stopped_rows"] for step in body["path"]] for body in (model_body, proxy_body)]
     assert stops[0] == stops[1] and stops[0][0] == 50  # the 50 setosa rows stop at the first step
 
