@@ -3,8 +3,9 @@
 
 Rows are routed one by one: a row that meets a step's ``stop_if`` is answered there, the others
 go on to the next step (only they are sent). After each step, a row's answer is the pipeline's
-aggregator (as in a composition) over every service that answered for it so far. To the
-dataplane a pipeline is a model like any other (``served.Model``).
+aggregator (as in a composition) over every service that answered for it so far; with
+``one_vs_rest``, the service with the highest P(class), as in the fan-out. To the dataplane a
+pipeline is a model like any other (``served.Model``).
 """
 
 from __future__ import annotations

@@ -19,10 +19,7 @@ A pipeline file (YAML, ``PROXY_PIPELINES_FILE``) declares::
           - name: others
             services: [versicolor, virginica]
 
-Rows are routed one by one: a row that meets a step's ``stop_if`` is answered there, the others
-go on to the next step (only they are sent). After each step, a row's answer is the pipeline's
-aggregator (as in a composition) over every service that answered for it so far; with
-``one_vs_rest``, the service with the highest P(class), as in the fan-out. ``stop_if`` reads
+How the rows go through the steps is ``pipelines.py``'s to say. ``stop_if`` reads
 ``proba`` (that answer's probability), a class name (its score for that class), a service of
 the step (its P(class) for ``one_vs_rest``, else its highest probability) or ``max`` (the
 highest of those over the step's services), or ``label``; clauses may be joined by ``and`` and
