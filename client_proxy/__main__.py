@@ -25,7 +25,7 @@ from client_proxy.config import (
     load_settings,
 )
 from client_proxy.core.compositions_file import CompositionError
-from client_proxy.core.declared import load_declared
+from client_proxy.core.declared import load_configuration
 from client_proxy.core.pipelines_file import PipelineError
 from client_proxy.core.services import ConfigError
 from client_proxy.logs import uvicorn_log_config
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         check_settings(settings)
         services = initial_services(os.environ, settings)
         ensemble_service(settings, services)
-        load_declared(settings, services, os.environ, warn=False)  # each worker warns in its log
+        load_configuration(settings, services, os.environ, warn=False)  # each worker warns in its log
         tracing.check(TracingSettings.from_environ(os.environ))
     except (ConfigError, PipelineError, CompositionError, tracing.TracingConfigError) as exc:
         print(f"client_proxy: error: {exc}", file=sys.stderr)

@@ -206,7 +206,8 @@ class Alerter:
 
     def __init__(self, metrics: Any, webhooks: WebhookSender | None) -> None:
         self._metrics = metrics
-        self._webhooks = webhooks
+        self.webhooks = webhooks
+        """Where alerts with a webhook go; set when a reloaded file first has one (None: none)."""
 
     def raised(self, source: str, alerts: Sequence[Alert], request_id: str, result: Result) -> None:
         now = ""
@@ -228,9 +229,9 @@ class Alerter:
                     "rows": list(alert.rows),
                 },
             )
-            if rule.webhook is not None and self._webhooks is not None:
-                if self._webhooks.full:  # dropped: the payload need not be built
-                    self._webhooks.drop(rule.webhook, rule.name)
+            if rule.webhook is not None and self.webhooks is not None:
+                if self.webhooks.full:  # dropped: the payload need not be built
+                    self.webhooks.drop(rule.webhook, rule.name)
                     continue
                 now = now or datetime.now(UTC).isoformat()
                 payload = {
@@ -243,4 +244,4 @@ class Alerter:
                     "time": now,
                     "rows": [{"row": i, **result.row(i)} for i in alert.rows],
                 }
-                self._webhooks.submit(rule.webhook, rule.name, payload)
+                self.webhooks.submit(rule.webhook, rule.name, payload)

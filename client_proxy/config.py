@@ -147,13 +147,20 @@ class Settings(BaseSettings):
     compositions_file: Path | None = None
     """YAML file of compositions (``/compositions``): services, weights, aggregator, policy,
     deadline and the least answers a partial answer needs; an invalid one stops the start."""
+    watch_config: bool = False
+    """Reload the configuration when the content of its files changes (the compositions, pipelines
+    and services files), looked at every ``watch_interval_ms``; SIGHUP and ``POST /admin/reload``
+    reload it either way."""
+    watch_interval_ms: float = Field(2000.0, ge=100, le=3_600_000)
+    """With ``watch_config``: how often (ms) the files are read to see whether they changed."""
     label_route: Literal["fanout", "ensemble"] = "fanout"
     """How ``/predict/label`` is answered: the proxy's fan-out, or one call to Triton's ensemble."""
     ensemble: str | None = None
     """The ensemble as ``[grpc://|http://]host:port/model``; default: ``iris_ensemble`` on the first
     service's Triton."""
     admin_token: SecretStr | None = None
-    """Bearer token for ``/admin/services``; unset (the default), those endpoints do not exist."""
+    """Bearer token for ``/admin/services`` and ``/admin/reload``; unset (the default), those
+    endpoints do not exist."""
     services_file: Path | None = None
     """JSON file the admin endpoints keep the services in; read at start, instead of
     ``SERVICE_*``, when it exists."""

@@ -313,6 +313,27 @@ class ProxyMetrics:
             "proxy_webhook_queued", "Webhook posts waiting or being tried, measured when scraped", registry=r
         )
 
+        # Reloads of the configuration (client_proxy/reloading.py).
+        self.config_reloads = Counter(
+            "proxy_config_reloads",
+            "Reloads of the configuration (SIGHUP, POST /admin/reload, PROXY_WATCH_CONFIG), by "
+            "outcome (applied; refused: invalid, the configuration in place kept)",
+            ["outcome"],
+            registry=r,
+        )
+        self.config_last_reload_ok = Gauge(
+            "proxy_config_last_reload_successful",
+            "0 when the last reload was refused (what is served is not what the files say), else 1",
+            registry=r,
+        )
+        self.config_last_reload_ok.set(1)
+        self.config_generation = Gauge(
+            "proxy_config_generation",
+            "The configuration served: 1 at start, one more at each reload or admin change applied",
+            registry=r,
+        )
+        self.config_generation.set(1)
+
         #: The request counter's labels by (endpoint, method, status): the status as text, once.
         self._request_labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
@@ -364,6 +385,11 @@ class ProxyMetrics:
     def watch_webhooks(self, sender: Any) -> None:
         """``proxy_webhook_queued`` reads ``sender.queued`` when scraped."""
         self.webhook_queued.set_function(lambda: sender.queued)
+
+    def config_reloaded(self, outcome: str, generation: int) -> None:
+        self.config_reloads.labels(outcome).inc()
+        self.config_last_reload_ok.set(1 if outcome == "applied" else 0)
+        self.config_generation.set(generation)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

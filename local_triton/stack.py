@@ -273,6 +273,14 @@ class Stack:
             log(f"{name} is back")
         return None
 
+    def reload(self) -> None:
+        """SIGHUP, handed on to the proxy: it reads its compositions, pipelines and services files
+        again (``client_proxy.reloading``), as a service manager's ``reload`` does."""
+        proxy = self.proxy
+        if proxy is not None and proxy.poll() is None:
+            log("SIGHUP: the proxy reloads its configuration")
+            proxy.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         if self.proxy is not None:
             terminate(self.proxy, timeout=15)
@@ -323,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stack = Stack(args, stopping)
+    signal.signal(signal.SIGHUP, lambda signum, frame: stack.reload())
     try:
         return stack.run()
     finally:

@@ -191,7 +191,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` in Prometheus text whose labels include ``labels``
     (each label equal to the value given); 0 if there is none."""
     total = 0.0
-    for found, value in re.findall(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", text, re.M):
+    for found, value in re.findall(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", text, re.M):
         found_labels = dict(re.findall(r'(\w+)="([^"]*)"', found))
         if all(found_labels.get(k) == v for k, v in labels.items()):
             total += float(value)

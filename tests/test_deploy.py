@@ -301,7 +301,8 @@ def _compose_healthcheck_command(port: int) -> list[str]:
 def test_every_rendered_manifest_validates(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
     assert kinds == sorted(
-        ["Namespace", "ConfigMap", "Deployment", "Service", "Job"]  # Redis and its loader
+        ["Namespace", "ConfigMap", "ConfigMap"]  # the proxy's settings, and its files
+        + ["Deployment", "Service", "Job"]  # Redis and its loader
         + ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] * 2
     )
     for doc in rendered:
@@ -451,6 +452,48 @@ def test_a_settings_change_rolls_the_proxy(rendered: list[dict[str, Any]], tmp_p
     # A new ConfigMap name in the pod template: Kubernetes starts new pods with the new settings.
     assert config_reference(docs) == _proxy_config(docs)["metadata"]["name"] != config_reference(rendered)
     assert _proxy_config(docs)["data"]["PROXY_DEADLINE_MS"] == "1500"
+
+
+def test_the_compositions_reach_running_pods_in_place_and_are_reloaded(
+    rendered: list[dict[str, Any]],
+) -> None:
+    settings = _proxy_config(rendered)["data"]
+    files = _kind(rendered, "ConfigMap", "proxy-files")  # no hash in its name: updated in place
+    assert files["data"] == {p.name: p.read_text() for p in sorted((K8S / "config").iterdir())}
+    assert settings["PROXY_WATCH_CONFIG"] == "true"
+    pod = _pod_specs(rendered)["proxy"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "proxy-files"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert "subPath" not in mount  # a subPath mount is never updated
+    for key, name in (
+        ("PROXY_COMPOSITIONS_FILE", "compositions.yaml"),
+        ("PROXY_PIPELINES_FILE", "pipelines.yaml"),
+    ):
+        assert settings[key] == f"{mount['mountPath']}/{name}"
+
+
+def test_the_clusters_compositions_and_pipelines_are_valid(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """``python -m client_proxy --check`` with the cluster's settings and files, as a pod reads them."""
+    settings = dict(_proxy_config(rendered)["data"])
+    for name, text in _kind(rendered, "ConfigMap", "proxy-files")["data"].items():
+        (tmp_path / name).write_text(text)
+    settings["PROXY_COMPOSITIONS_FILE"] = str(tmp_path / "compositions.yaml")
+    settings["PROXY_PIPELINES_FILE"] = str(tmp_path / "pipelines.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROXY_", "SERVICE_"))} | settings
+    result = subprocess.run(
+        [sys.executable, "-m", "client_proxy", "--check"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    # And it can fail: a pipeline naming a service no file declares.
+    (tmp_path / "pipelines.yaml").write_text(
+        "pipelines:\n  p:\n    steps:\n      - {name: a, services: [nowhere]}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "client_proxy", "--check"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "unknown service 'nowhere'" in result.stderr
 
 
 def test_every_image_is_pinned(rendered: list[dict[str, Any]], compose: dict[str, Any]) -> None:

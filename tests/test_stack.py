@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -375,4 +376,49 @@ def test_a_proxy_that_refuses_its_configuration_later_is_not_restarted(tmp_path:
         assert len(stack.pids("proxy")) == 2  # restarted once after the kill, and no more
     finally:
         stack.stop()
+    stack.assert_nothing_left()
+
+
+def test_sighup_to_make_run_reloads_the_users_file_and_a_broken_edit_keeps_what_is_served(
+    tmp_path: Path,
+) -> None:
+    """The walkthrough's next step: the user edits their file and sends make run SIGHUP (or
+    ``kill -HUP`` the proxy's pid, which make run prints); no restart, nothing refused."""
+    users_file = tmp_path / "my.yaml"
+    users_file.write_text(USERS_FILE)
+    stack = Stack(
+        tmp_path,
+        repository=_users_repository(tmp_path),
+        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
+    )
+    rows = {"data": wine.load()[0][:3].tolist()}
+
+    def label(name: str) -> httpx.Response:
+        return httpx.post(f"{stack.url}/compositions/{name}/label", json=rows, timeout=10)
+
+    def sighup_until(done: Callable[[], bool]) -> None:
+        stack.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, stack.err.read_text()
+            time.sleep(0.05)
+
+    try:
+        stack.wait_serving()
+        (proxy,) = stack.pids("proxy")
+        assert label("my_max").status_code == 404
+        users_file.write_text(
+            USERS_FILE
+            + "  my_max:\n    services:\n"
+            + "".join(f'      my_{k}: {{target: "${{TRITON_GRPC_URL}}/my_{k}"}}\n' for k in ("logreg", "gbt"))
+            + "    aggregator: max\n"
+        )
+        sighup_until(lambda: label("my_max").status_code == 200)
+        users_file.write_text("compositions: [this is not a mapping\n")
+        sighup_until(lambda: "refused, configuration 2 kept" in stack.err.read_text())
+        assert label("my_max").status_code == 200 and label("my_mean").status_code == 200
+        assert stack.pids("proxy") == [proxy] and stack.process.poll() is None  # never restarted
+        assert stack.err.read_text().count("stack: SIGHUP: the proxy reloads its configuration") == 2
+    finally:
+        assert stack.stop() == 0
     stack.assert_nothing_left()

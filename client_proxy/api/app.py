@@ -9,7 +9,6 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -40,13 +39,14 @@ from client_proxy.config import (
     load_settings,
 )
 from client_proxy.core.dataplane import DataPlane, Ensemble
-from client_proxy.core.declared import Declared, load_declared
+from client_proxy.core.declared import Configuration, load_configuration
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
 from client_proxy.logs import RequestObserver, configure_logging
 from client_proxy.observability import ProxyMetrics
+from client_proxy.reloading import Reloader
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
@@ -75,8 +75,7 @@ def create_app(
     # Off unless the OTEL_* variables switch it on.
     tracing.configure(tracing_settings or TracingSettings.from_environ(os.environ))
     ensemble = ensemble_service(settings, services)
-    declared = load_declared(settings, services, os.environ)
-    compositions = declared.compositions
+    config = load_configuration(settings, services, os.environ)
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings, listener=metrics)
     coalescer = Coalescer(
@@ -94,7 +93,6 @@ def create_app(
     ensemble_rows = ensemble_coalescer.infer if settings.coalesce else gateway.ensemble_rows
     state = ProxyState(
         settings=settings,
-        services=services,
         gateway=gateway,
         fanout=FanOut(
             infer,
@@ -103,23 +101,17 @@ def create_app(
             submitter=coalescer if settings.coalesce else None,
         ),
         metrics=metrics,
-        pipelines=declared.pipelines,
-        pipelines_source=declared.pipelines_source,
         ensemble=ensemble,
-        compositions=compositions,
-        compositions_source=str(settings.compositions_file) if settings.compositions_file else None,
         admission=Admission(settings.max_in_flight, metrics.shed),
     )
     metrics.watch_in_flight(state.admission)
 
     if settings.feature_store is not None:
         state.features = open_store(settings.feature_store, settings.feature_store_pool)
-    webhooks = _webhook_sender(settings, declared, metrics)
-    state.alerts = Alerter(metrics, webhooks)
+    alerter = state.alerts = Alerter(metrics, _webhook_sender(settings, config, metrics))
+    models = ServedModels(gateway, config)
     state.plane = DataPlane(
-        ServedModels(
-            gateway, compositions, declared.pipelines, partial(getattr, state, "services"), state.service_map
-        ),
+        models,
         gateway,
         state.fanout,
         RequestObserver(metrics),
@@ -130,23 +122,43 @@ def create_app(
         Ensemble(ensemble, ensemble_rows) if ensemble is not None else None,
     )
 
+    def on_config(config: Configuration) -> None:
+        # A rule with a webhook in a reloaded file gets a sender, as it would have at start.
+        if alerter.webhooks is None:
+            alerter.webhooks = _webhook_sender(settings, config, metrics)
+            if alerter.webhooks is not None:
+                alerter.webhooks.start()
+
+    reloader = state.reloader = Reloader(settings, os.environ, models, gateway.open, metrics, on_config)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _drain_on_sigterm(state, settings.shutdown_delay_ms / 1000)
-        gateway.open([*services, *(s for c in compositions.values() for s in c.services)])
+        gateway.open(config.every_service())
         logger.info("serving %s", ", ".join(f"{s.name}={s.describe()}" for s in services))
         grpc_server = (
             await grpc_door.start(state, settings.host, settings.grpc_port) if settings.grpc_port else None
         )
-        if webhooks is not None:
-            webhooks.start()
+        if alerter.webhooks is not None:
+            alerter.webhooks.start()
+        stop_reloading = _reload_on_sighup(reloader)
+        watcher = (
+            asyncio.create_task(reloader.watch(settings.watch_interval_ms / 1000))
+            if settings.watch_config
+            else None
+        )
         try:
             yield
         finally:
+            stop_reloading()
+            if watcher is not None:
+                watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
-            if webhooks is not None:
-                await webhooks.aclose()  # the alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS
+            if alerter.webhooks is not None:
+                await (
+                    alerter.webhooks.aclose()
+                )  # the alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS
             if state.features is not None:
                 await state.features.aclose()
             await coalescer.aclose()
@@ -212,11 +224,11 @@ def _cors(origins: list[str]) -> Callable[[ASGIApp], ASGIApp] | None:
     return wrap
 
 
-def _webhook_sender(settings: Settings, declared: Declared, metrics: ProxyMetrics) -> WebhookSender | None:
+def _webhook_sender(settings: Settings, config: Configuration, metrics: ProxyMetrics) -> WebhookSender | None:
     """The webhook sender, when some rule has a webhook (none otherwise: no client, no task)."""
     rules = [
-        *((c.name, r) for c in declared.compositions.values() for r in c.rules),
-        *((p.name, r) for p in declared.pipelines.values() for r in p.rules),
+        *((c.name, r) for c in config.compositions.values() for r in c.rules),
+        *((p.name, r) for p in config.pipelines.values() for r in p.rules),
     ]
     hooked = [f"{owner}/{rule.name}" for owner, rule in rules if rule.webhook is not None]
     if not hooked:
@@ -240,6 +252,17 @@ def _webhook_sender(settings: Settings, declared: Declared, metrics: ProxyMetric
     )
     metrics.watch_webhooks(sender)
     return sender
+
+
+def _reload_on_sighup(reloader: Reloader) -> Callable[[], object]:
+    """SIGHUP reloads the configuration (``client_proxy.reloading``), as nginx and Prometheus do;
+    returns what undoes it. Only in the main thread of a process (uvicorn's): elsewhere (an ASGI
+    test client) it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 def _drain_on_sigterm(state: ProxyState, delay_s: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
@@ -11,36 +11,31 @@ from starlette.responses import JSONResponse
 
 from client_proxy.api.admission import Admission
 from client_proxy.config import Settings
-from client_proxy.core.compositions import Composition
 from client_proxy.core.dataplane import DataPlane
-from client_proxy.core.declared import service_map
+from client_proxy.core.declared import Configuration
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore
-from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.rules import AlertSink
 from client_proxy.core.services import Service
 from client_proxy.observability import ProxyMetrics
 from client_proxy.triton.gateway import TritonGateway
 
+if TYPE_CHECKING:
+    from client_proxy.reloading import Reloader
+
 
 @dataclass
 class ProxyState:
     settings: Settings
-    services: list[Service]
     gateway: TritonGateway
     fanout: FanOut
     metrics: ProxyMetrics
-    pipelines: dict[str, Pipeline]
-    pipelines_source: str
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
     changes: list[dict[str, Any]] = field(default_factory=list)
     """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False
     """A SIGTERM has started the shutdown: ``/health/ready`` answers 503 from then on."""
-    compositions: dict[str, Composition] = field(default_factory=dict)
-    """From ``PROXY_COMPOSITIONS_FILE``; ``default`` is added at request time unless it declares one."""
-    compositions_source: str | None = None
     admission: Admission = field(default_factory=lambda: Admission(0))
     """The bound on inference requests in flight (``PROXY_MAX_IN_FLIGHT``), both doors."""
     features: FeatureStore | None = None
@@ -50,13 +45,15 @@ class ProxyState:
     plane: DataPlane = field(init=False)
     """Every inference request's one path (``client_proxy.core.dataplane``), whichever door."""
 
-    def service_map(self) -> dict[str, Service]:
-        """The services pipelines name, as they are now (the admin endpoints may change them)."""
-        return service_map(self.services, self.compositions.values())
+    reloader: Reloader = field(init=False)
+    """What changes the configuration: reloads (SIGHUP, ``POST /admin/reload``,
+    ``PROXY_WATCH_CONFIG``) and the admin endpoints' changes (``client_proxy.reloading``)."""
 
-    def default_composition(self) -> Composition:
-        """The ``default`` composition (``ServedModels.default``)."""
-        return self.plane.models.default()
+    @property
+    def config(self) -> Configuration:
+        """The configuration now (``declared.Configuration``): what the models are, whole; read it
+        once per use, as a reload may put another in its place."""
+        return self.plane.models.config
 
 
 async def _state(request: Request) -> ProxyState:

@@ -6,7 +6,7 @@ alerts). To the dataplane a composition is a model like any other (``served.Mode
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -64,7 +64,7 @@ class Composition:
         object.__setattr__(self, "services", tuple(m.service for m in self.members))
         object.__setattr__(self, "weights", {m.service.name: m.weight for m in self.members})
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+    def inputs_go_to(self) -> tuple[Service, ...]:
         return self.services
 
     async def run(

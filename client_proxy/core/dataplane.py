@@ -149,7 +149,7 @@ class Ensemble(OwnNothing):
     def description(self) -> str:
         return f"Triton's ensemble {self.service.model}"
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+    def inputs_go_to(self) -> tuple[Service, ...]:
         return ()  # Triton checks the ensemble's input
 
     async def run(
@@ -255,7 +255,7 @@ class DataPlane:
         answer.rows = row_count(x)
         answer.one_row = answer.rows == 1
         served = answer.served  # described (named tensors): its services known
-        services = served.services if served is not None else model.inputs_go_to(self.models.services)
+        services = served.services if served is not None else model.inputs_go_to()
         if not self.gateway.fits(services, x):
             await self.gateway.ensure_fit(services, x, time_left(deadline))
         return model, answer, x, deadline

@@ -1,16 +1,24 @@
-"""What the operator's files declare: the compositions and the pipelines, read together.
+"""What the proxy serves, whole: the services, and the compositions and pipelines the operator's
+files declare, read together into one ``Configuration``.
 
-Read once by ``python -m client_proxy`` (so that a mistake stops the start with one line) and
-again by each app worker; the pipelines may name the compositions' services.
+A configuration is never changed in place. A reload (``client_proxy.reloading``) or an admin
+change makes a new one and puts it in place with one assignment (``ServedModels.swap``); a
+request looks its model up once, and that model holds everything it calls (a composition its
+members' services, a pipeline its steps'), so a request runs on the configuration it started
+with, whole, while the next request gets the new one.
+
+Read by ``python -m client_proxy`` (so that a mistake stops the start with one line), by each
+app worker at start, and again at each reload; the pipelines may name the compositions' services.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from client_proxy.config import Settings
-from client_proxy.core.compositions import Composition
+from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.compositions_file import load_compositions
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.pipelines_file import configured_pipelines
@@ -18,10 +26,72 @@ from client_proxy.core.services import Service
 
 
 @dataclass(frozen=True)
-class Declared:
-    compositions: dict[str, Composition]
-    pipelines: dict[str, Pipeline]
-    pipelines_source: str
+class Configuration:
+    """The services (``SERVICE_*``, ``PROXY_SERVICES_FILE`` or the admin endpoints'), the
+    compositions and the pipelines, as one value."""
+
+    services: tuple[Service, ...]
+    """The ``SERVICE_*`` services, sorted by name: the ``default`` composition's, unless the
+    compositions file declares ``default``."""
+    compositions: Mapping[str, Composition]
+    """From ``PROXY_COMPOSITIONS_FILE`` (``default`` only if the file declares it)."""
+    pipelines: Mapping[str, Pipeline]
+    compositions_source: str | None = None
+    pipelines_source: str = ""
+    generation: int = 1
+    """1 at start, one more at each change (reload or admin)."""
+    loaded_at: float = field(default_factory=time.time)
+    """When it was made (Unix time)."""
+
+    default: Composition = field(init=False, repr=False, compare=False)
+    """The ``default`` composition: the file's, else the services with the seed's rule."""
+    by_name: dict[str, Service] = field(init=False, repr=False, compare=False)
+    """Every service by name: the compositions' members and the ``SERVICE_*`` services, which win
+    a name both have. What a pipeline may name, and what the protocol serves as a model."""
+
+    def __post_init__(self) -> None:
+        default = self.compositions.get("default") or Composition(
+            name="default",
+            description="the SERVICE_* services, each a one-vs-rest classifier: the highest P(class) wins",
+            members=tuple(Member(s) for s in self.services),
+            aggregator="one_vs_rest",
+        )
+        object.__setattr__(self, "default", default)
+        object.__setattr__(self, "by_name", service_map(self.services, self.compositions.values()))
+
+    def with_services(self, services: Sequence[Service]) -> Configuration:
+        """The next configuration: the same files, these ``SERVICE_*`` services (an admin change);
+        the pipelines call the services now named as they name (KeyError: one is gone)."""
+        by_name = service_map(services, self.compositions.values())
+        return Configuration(
+            tuple(sorted(services)),
+            self.compositions,
+            {name: p.bind(by_name) for name, p in self.pipelines.items()},
+            self.compositions_source,
+            self.pipelines_source,
+            self.generation + 1,
+        )
+
+    def every_service(self) -> list[Service]:
+        """Every service some model of it calls, each once (the clients to open)."""
+        found = {id(s): s for s in (*self.services, *self.by_name.values())}
+        for composition in self.compositions.values():
+            found.update((id(s), s) for s in composition.services)
+        for pipeline in self.pipelines.values():
+            found.update((id(s), s) for s in pipeline.services)
+        return list(found.values())
+
+    def describe(self) -> dict[str, object]:
+        """What ``/metadata`` and ``/admin/reload`` show of it."""
+        return {
+            "generation": self.generation,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "compositions_file": self.compositions_source,
+            "pipelines_file": self.pipelines_source,
+            "services": [s.name for s in self.services],
+            "compositions": sorted(self.compositions),
+            "pipelines": sorted(self.pipelines),
+        }
 
 
 def service_map(services: Iterable[Service], compositions: Iterable[Composition]) -> dict[str, Service]:
@@ -32,12 +102,16 @@ def service_map(services: Iterable[Service], compositions: Iterable[Composition]
     return found
 
 
-def load_declared(
-    settings: Settings, services: list[Service], environ: Mapping[str, str], warn: bool = True
-) -> Declared:
-    """The compositions and pipelines files, their ``${VAR}`` read from ``environ``;
-    ``CompositionError`` or ``PipelineError`` naming the file and line for a mistake. ``warn``:
-    log that the shipped pipelines are left out."""
+def load_configuration(
+    settings: Settings,
+    services: Sequence[Service],
+    environ: Mapping[str, str],
+    warn: bool = True,
+    generation: int = 1,
+) -> Configuration:
+    """The compositions and pipelines files over ``services``, their ``${VAR}`` read from
+    ``environ``; ``CompositionError`` or ``PipelineError`` naming the file and line for a mistake.
+    ``warn``: log that the shipped pipelines are left out."""
     compositions = (
         load_compositions(
             settings.compositions_file, {s.name: s for s in services}, settings.protocol, environ
@@ -48,4 +122,11 @@ def load_declared(
     pipelines, source = configured_pipelines(
         settings.pipelines_file, service_map(services, compositions.values()), environ, warn
     )
-    return Declared(compositions, pipelines, source)
+    return Configuration(
+        tuple(sorted(services)),
+        compositions,
+        pipelines,
+        str(settings.compositions_file) if settings.compositions_file is not None else None,
+        source,
+        generation,
+    )

@@ -11,8 +11,8 @@ pipeline is a model like any other (``served.Model``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -70,15 +70,26 @@ class Pipeline(OwnNothing):
     keys: str = "fetch"
     """``fetch``: the proxy reads a request's keys' rows; ``forward``: the steps that take the
     request get the keys (a ``BYTES`` tensor ``[N, 1]``), models that read their own features."""
+    services: tuple[Service, ...] = ()
+    """The services its steps name, in ``service_names``' order (``bind``): a pipeline holds what
+    it calls, as a composition does, so that a request runs on one whole configuration."""
 
+    by_name: dict[str, Service] = field(init=False, repr=False, compare=False)
     kind: ClassVar[Literal["pipeline"]] = "pipeline"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", dict(zip(self.service_names, self.services, strict=False)))
 
     @property
     def service_names(self) -> list[str]:
         return list(dict.fromkeys(name for step in self.steps for name in step.services))
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> list[Service]:
-        known = services()
+    def bind(self, services: Mapping[str, Service]) -> Pipeline:
+        """This pipeline calling the services of ``services`` its steps name (KeyError: one missing)."""
+        return replace(self, services=tuple(services[name] for name in self.service_names))
+
+    def inputs_go_to(self) -> list[Service]:
+        known = self.by_name
         return [known[n] for step in self.steps if step.input == "request" for n in step.services]
 
     async def run(
@@ -87,7 +98,7 @@ class Pipeline(OwnNothing):
         answer.report = await run_pipeline(
             self,
             x,
-            plane.models.services(),
+            self.by_name,
             plane.fanout,
             plane.gateway,
             request.request_id,

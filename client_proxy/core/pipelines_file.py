@@ -104,7 +104,7 @@ def load_pipelines(
         keys = read_key_mode(pnode.value.get("keys"), f"pipeline {name!r}", fail)
         pipelines[name] = Pipeline(
             name, str(description or ""), tuple(steps), str(aggregator.value), classes, rules, features, keys
-        )
+        ).bind(services)
     return pipelines
 
 

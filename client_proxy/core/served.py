@@ -20,16 +20,15 @@ How an answer becomes the protocol's tensors is ``client_proxy.api.oip.outputs_o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy.core.compositions import Composition, Member
+from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import Contract, ContractMismatch
-from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import (
@@ -42,6 +41,7 @@ from client_proxy.errors import (
 
 if TYPE_CHECKING:
     from client_proxy.core.dataplane import DataPlane, InferenceAnswer, InferenceRequest
+    from client_proxy.core.declared import Configuration
 
 #: Version every served model reports (the proxy's models have one).
 VERSION = "1"
@@ -84,9 +84,8 @@ class Model(Protocol):
     def min_answers(self) -> int:
         """How many of its services' models must be ready for it to be."""
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> Sequence[Service]:
-        """The services a request's input goes to as it is (and is checked against);
-        ``services()``: every service by name now."""
+    def inputs_go_to(self) -> Sequence[Service]:
+        """The services a request's input goes to as it is (and is checked against)."""
 
     async def run(
         self, plane: DataPlane, answer: InferenceAnswer, x: Inputs, request: InferenceRequest, deadline: float
@@ -274,71 +273,54 @@ _PIPELINE_OUTPUTS = (
 
 
 class ServedModels:
-    """Every model the proxy serves, looked up by name at request time (the admin endpoints may
-    change the services), and how each looks over the Open Inference Protocol."""
+    """Every model the proxy serves, looked up by name in the configuration now in place
+    (``declared.Configuration``: a reload or an admin change swaps it whole), and how each looks
+    over the Open Inference Protocol."""
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        compositions: Mapping[str, Composition],
-        pipelines: Mapping[str, Pipeline],
-        seed_services: Callable[[], list[Service]],
-        services: Callable[[], Mapping[str, Service]],
-    ) -> None:
-        """``seed_services()``: the ``SERVICE_*`` services now (the default composition's, unless
-        the compositions file declares ``default``); ``services()``: every service by name now."""
+    def __init__(self, gateway: Gateway, config: Configuration) -> None:
         self._gateway = gateway
-        self._compositions = compositions
-        self._pipelines = pipelines
-        self._seed_services = seed_services
-        self._default: tuple[list[Service] | None, Composition | None] = (None, None)
-        self.services = services
+        self.config = config
+        """The configuration now: read once per lookup; replaced, never changed (``swap``)."""
         self._described: dict[str, tuple[Any, Served]] = {}
+
+    def swap(self, config: Configuration) -> Configuration:
+        """Puts ``config`` in place for the next lookups (requests already running keep the
+        models they found); the one it replaces is returned."""
+        old, self.config = self.config, config
+        served = {DEFAULT_ALIAS, "default", *config.compositions, *config.pipelines, *config.by_name}
+        for name in [n for n in self._described if n not in served]:
+            del self._described[name]
+        return old
 
     def find(self, name: str, kind: Kind | None = None) -> Model:
         """The model ``name``: a composition (``default``, and ``iris_fanout`` to the protocol: the
         default one), a pipeline or a service, in that order, or only of ``kind``; 404 otherwise
         (``UnknownComposition`` and ``UnknownPipeline`` naming the known ones, for their doors)."""
+        config = self.config
         if kind in (None, "composition"):
-            if name in self._compositions:
-                return self._compositions[name]
+            if name in config.compositions:
+                return config.compositions[name]
             if name == "default" or (name == DEFAULT_ALIAS and kind is None):
-                return self.default()
-        if kind in (None, "pipeline") and name in self._pipelines:
-            return self._pipelines[name]
-        if kind in (None, "service"):
-            services = self.services()
-            if name in services:
-                return services[name]
+                return config.default
+        if kind in (None, "pipeline") and name in config.pipelines:
+            return config.pipelines[name]
+        if kind in (None, "service") and name in config.by_name:
+            return config.by_name[name]
         if kind == "composition":
-            known = ", ".join(sorted({*self._compositions, "default"}))
+            known = ", ".join(sorted({*config.compositions, "default"}))
             raise UnknownComposition(f"no composition {name!r} (known: {known})")
         if kind == "pipeline":
-            known = ", ".join(sorted(self._pipelines)) or "none"
+            known = ", ".join(sorted(config.pipelines)) or "none"
             raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
         raise UnknownModel(f"Request for unknown model: '{name}' is not found")
 
     def default(self) -> Composition:
-        """The ``default`` composition: the compositions file's, else the ``SERVICE_*`` services
-        (as the admin endpoints left them) with the seed's rule, made again only when the admin
-        endpoints replace the list (every request of the seed's routes asks for it)."""
-        declared = self._compositions.get("default")
-        if declared is not None:
-            return declared
-        services, made = self._default
-        if services is not (services := self._seed_services()) or made is None:
-            made = Composition(
-                name="default",
-                description="the SERVICE_* services, each a one-vs-rest classifier: "
-                "the highest P(class) wins",
-                members=tuple(Member(s) for s in services),
-                aggregator="one_vs_rest",
-            )
-            self._default = (services, made)
-        return made
+        """The ``default`` composition now (``Configuration.default``)."""
+        return self.config.default
 
     def names(self) -> list[str]:
-        return [DEFAULT_ALIAS, *self._compositions, *self._pipelines, *self.services()]
+        config = self.config
+        return [DEFAULT_ALIAS, *config.compositions, *config.pipelines, *config.by_name]
 
     async def read_tensors(
         self,
@@ -364,7 +346,7 @@ class ServedModels:
         if target is None:
             target = self.find(name)
         kind = target.kind
-        services = target.inputs_go_to(self.services)
+        services = target.inputs_go_to()
         contracts = await _contracts(self._gateway, services, timeout)
         key = (target, tuple(map(id, services)), tuple(map(id, contracts)))
         cached = self._described.get(name)
@@ -401,7 +383,7 @@ class ServedModels:
     async def ready(self, name: str, timeout: float) -> bool:
         """Ready when enough of its services' models are (a composition: ``min_answers``)."""
         target = self.find(name)
-        services = target.inputs_go_to(self.services)
+        services = target.inputs_go_to()
 
         async def one(service: Service) -> bool:
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -160,7 +160,7 @@ class Service(OwnNothing):
     def description(self) -> str:
         return f"the service {self.name}: {self.describe()}"
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> tuple[Service, ...]:
+    def inputs_go_to(self) -> tuple[Service, ...]:
         return (self,)
 
     async def run(

@@ -5,7 +5,7 @@ and the Triton side are stand-ins; the real ones are run by the integration test
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -32,7 +32,7 @@ class Echo:
     def __init__(self) -> None:
         self.runs: list[tuple[Inputs, float, TimeoutPolicy]] = []
 
-    def inputs_go_to(self, services: Callable[[], Mapping[str, Service]]) -> Sequence[Service]:
+    def inputs_go_to(self) -> Sequence[Service]:
         return ()
 
     async def run(

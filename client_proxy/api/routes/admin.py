@@ -1,4 +1,5 @@
-"""``/admin/services``: add and remove services without a restart.
+"""``/admin/services``: add and remove services without a restart; ``/admin/reload``: read the
+configuration's files again (``client_proxy.reloading``).
 
 Registered only when ``PROXY_ADMIN_TOKEN`` is set; every call needs ``Authorization: Bearer
 <token>`` (compared in constant time). A change applies to the next request at once, is kept
@@ -61,7 +62,7 @@ Admin = Annotated[str, Depends(_admin)]
 
 def _listing(state: ProxyState) -> dict[str, Any]:
     return {
-        "services": [{"name": s.name, "target": s.describe()} for s in state.services],
+        "services": [{"name": s.name, "target": s.describe()} for s in state.config.services],
         "persisted_to": str(state.settings.services_file) if state.settings.services_file else None,
     }
 
@@ -74,7 +75,9 @@ def _apply(state: ProxyState, services: list[Service], change: dict[str, Any]) -
             raise PersistFailed(
                 f"could not write PROXY_SERVICES_FILE ({exc.strerror}); nothing changed"
             ) from None
-    state.services = services  # one assignment: each request sees the old list or the new one
+    # One assignment: each request sees the old configuration or the new one.
+    state.reloader.put(state.config.with_services(services), f"admin {change['action']} {change['service']}")
+    state.reloader.files_written()
     change["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state.changes.append(change)
     del state.changes[:-MAX_CHANGES]
@@ -102,9 +105,9 @@ async def add_service(request: Request, body: NewService, by: Admin) -> JSON:
         service = parse_service(body.name, body.target, state.settings.protocol, "service")
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from None
-    if any(s.name == service.name for s in state.services):
+    if any(s.name == service.name for s in state.config.services):
         raise Conflict(f"service {service.name!r} exists: remove it first")
-    _apply(state, sorted([*state.services, service]), {"action": "add", "service": service.name,
+    _apply(state, sorted([*state.config.services, service]), {"action": "add", "service": service.name,
                                                          "target": service.describe(), "by": by})  # fmt: skip
     return JSON({**_listing(state), "added": service.name}, status_code=201)
 
@@ -113,13 +116,33 @@ async def add_service(request: Request, body: NewService, by: Admin) -> JSON:
 async def remove_service(request: Request, name: str, by: Admin) -> JSON:
     """Remove a service; the fan-out stops calling it from the next request on."""
     state: ProxyState = request.app.state.proxy
-    if not any(s.name == name for s in state.services):
+    config = state.config
+    if not any(s.name == name for s in config.services):
         raise UnknownService(f"no service {name!r}")
-    users = [p.name for p in state.pipelines.values() if any(name in step.services for step in p.steps)]
+    users = [p.name for p in config.pipelines.values() if name in p.service_names]
     if users:
         raise Conflict(f"service {name!r} is used by pipeline(s) {', '.join(users)}")
-    remaining = [s for s in state.services if s.name != name]
+    remaining = [s for s in config.services if s.name != name]
     if not remaining:
         raise Conflict("cannot remove the last service")
     _apply(state, remaining, {"action": "remove", "service": name, "by": by})
     return JSON({**_listing(state), "removed": name})
+
+
+class ConfigRefused(ProxyError):
+    status_code = 422
+    code = "config_refused"
+
+
+@router.post("/reload", response_class=JSON, responses={401: {}, 422: {"description": "Invalid files: kept"}})
+async def reload(request: Request, by: Admin) -> JSON:
+    """Read the compositions, pipelines and services files again and serve what they say; an
+    invalid file keeps the configuration in place (422, naming the file and line)."""
+    state: ProxyState = request.app.state.proxy
+    logger.warning("admin by=%s reload", by)
+    done = await state.reloader.reload(f"POST /admin/reload by {by}")
+    if done.outcome == "refused":
+        raise ConfigRefused(
+            f"configuration {done.config.generation} kept: {done.error}", kept=done.config.describe()
+        )
+    return JSON(done.describe())

@@ -42,10 +42,10 @@ async def _request(state: ProxyState, request: Request, endpoint: str) -> Infere
 @router.get("/compositions", response_class=JSON)
 async def list_compositions(request: Request) -> JSON:
     """Every composition: its services and targets, weights, aggregator, classes, policy, deadline."""
-    state: ProxyState = request.app.state.proxy
-    every = {"default": state.default_composition(), **state.compositions}
+    config = request.app.state.proxy.config
+    every = {"default": config.default, **config.compositions}
     return JSON(
-        {"file": state.compositions_source, "compositions": {n: c.describe() for n, c in every.items()}}
+        {"file": config.compositions_source, "compositions": {n: c.describe() for n, c in every.items()}}
     )
 
 

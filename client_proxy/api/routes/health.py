@@ -58,7 +58,7 @@ async def ready(state: State) -> JSON:
 
 async def _default_readiness(state: State) -> list[tuple[Service, dict[str, Any]]]:
     """Each service of the default composition with its model's readiness (``_model_readiness``)."""
-    services = list(state.services)
+    services = list(state.config.services)
     results = await asyncio.gather(*(_model_readiness(state, s) for s in services))
     return list(zip(services, results, strict=True))
 
@@ -118,7 +118,7 @@ async def health_all(state: State) -> JSON:
 
     ``status`` is ``ok`` when every service is ready, ``degraded`` otherwise; always HTTP 200.
     """
-    services = list(state.services)
+    services = list(state.config.services)
     results = await asyncio.gather(*(_readiness(state, s) for s in services))
     by_name = {s.name: r for s, r in zip(services, results, strict=True)}
     status = "ok" if all(r["ready"] for r in results) else "degraded"
@@ -191,7 +191,8 @@ def _rows_of(described: list[dict[str, Any]]) -> tuple[str, int]:
 @router.get("/metadata", response_class=JSON, responses={200: {"model": Metadata}})
 async def metadata(state: State) -> JSON:
     """The request and response formats, and each service's model as Triton describes it."""
-    services = list(state.services)
+    config = state.config
+    services = list(config.services)
     described = await asyncio.gather(*(_describe(state, s) for s in services))
     settings = state.settings
     data_type, width = _rows_of(described)
@@ -211,7 +212,8 @@ async def metadata(state: State) -> JSON:
             "service_timeout_ms": settings.service_timeout_ms,
             "services": {s.name: d for s, d in zip(services, described, strict=True)},
             "service_changes": state.changes,
-            "pipelines": sorted(state.pipelines),
+            "pipelines": sorted(config.pipelines),
+            "configuration": config.describe(),
             "label_route": settings.label_route,
             "ensemble": state.ensemble.describe(),
         }

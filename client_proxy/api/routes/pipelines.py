@@ -21,10 +21,11 @@ router = APIRouter(tags=["pipelines"])
 async def list_pipelines(request: Request) -> JSON:
     """The pipelines loaded from ``PROXY_PIPELINES_FILE``, step by step."""
     state: ProxyState = request.app.state.proxy
+    config = state.config
     return JSON(
         {
-            "file": state.pipelines_source,
-            "pipelines": {name: p.describe() for name, p in state.pipelines.items()},
+            "file": config.pipelines_source,
+            "pipelines": {name: p.describe() for name, p in config.pipelines.items()},
         }
     )
 
