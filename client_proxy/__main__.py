@@ -11,9 +11,10 @@ import contextlib
 import os
 import resource
 import sys
+import tempfile
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
 from client_proxy import tracing
 from client_proxy.api.lingering import LingeringHttpToolsProtocol
@@ -29,6 +30,7 @@ from client_proxy.core.declared import load_configuration
 from client_proxy.core.pipelines_file import PipelineError
 from client_proxy.core.services import ConfigError
 from client_proxy.logs import uvicorn_log_config
+from client_proxy.workers import WORKERS_DIR, Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--check"]:
         return 0
     _raise_descriptor_limit()
-    uvicorn.run(
+    config = uvicorn.Config(
         "client_proxy.asgi:app",
         host=settings.host,
         port=settings.port,
@@ -70,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.deadline_ms / 1000) + 5,
         server_header=False,
     )
+    if settings.workers == 1:
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        return 0 if server.started else STARTUP_FAILURE
+    # Several workers: uvicorn's supervisor (SIGHUP handed on: workers.Supervisor), and a directory
+    # of this user's alone where the workers share their metrics.
+    with tempfile.TemporaryDirectory(prefix="client-proxy-") as directory:
+        os.environ[WORKERS_DIR] = directory
+        with contextlib.suppress(KeyboardInterrupt):
+            Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
 
 

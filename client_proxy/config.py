@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -173,10 +173,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """``text``, or ``json``: one JSON object per line, uvicorn's lines too."""
     workers: int = Field(1, ge=1, le=64)
-    """uvicorn worker processes (``python -m client_proxy``)."""
+    """uvicorn worker processes (``python -m client_proxy``); several act as one proxy: one
+    ``/metrics`` for all, SIGHUP and the admin endpoints reaching each (``client_proxy.workers``)."""
     metrics: bool = True
-    """Serve ``GET /metrics``. Several workers need it off: each would answer a scrape with its
-    own figures alone (``check_settings``)."""
+    """Serve ``GET /metrics`` (with several workers, every worker's figures, added up)."""
     shutdown_delay_ms: float = Field(0.0, ge=0, le=600_000)
     """After a SIGTERM, how long (ms) the proxy goes on serving while ``/health/ready`` answers
     503, so that load balancers stop sending before it stops accepting connections and drains.
@@ -256,16 +256,11 @@ class Settings(BaseSettings):
 
 def check_settings(settings: Settings) -> None:
     """What no single field can check."""
-    if settings.admin_token is not None and settings.workers > 1:
-        # Each worker would hold its own list of services: a change would reach one of them.
-        raise ConfigError("PROXY_ADMIN_TOKEN: the admin endpoints need PROXY_WORKERS=1")
-    if settings.metrics and settings.workers > 1:
-        # Each worker counts its own requests: a scrape would get one worker's figures, a
-        # different one each time. One worker per container, scaled by replicas, keeps /metrics
-        # whole (and is what the compose file and the Kubernetes manifests run).
+    if settings.admin_token is not None and settings.workers > 1 and settings.services_file is None:
+        # A change reaches one worker; the others read it from the file (client_proxy.workers).
         raise ConfigError(
-            f"PROXY_WORKERS={settings.workers}: /metrics would show one worker's figures; run one "
-            "worker per container (more replicas for more throughput), or set PROXY_METRICS=false"
+            f"PROXY_ADMIN_TOKEN with PROXY_WORKERS={settings.workers} needs PROXY_SERVICES_FILE: "
+            "the workers share the admin endpoints' changes through it"
         )
 
 
@@ -356,31 +351,45 @@ def ensemble_service(settings: Settings, services: list[Service]) -> Service:
     return Service("ensemble", settings.protocol, url, "iris_ensemble")
 
 
-def services_from_file(path: Path, settings: Settings) -> list[Service]:
-    """Services kept by the admin endpoints: ``[{"name": ..., "target": ...}, ...]``."""
+def read_services_file(path: Path, settings: Settings) -> tuple[list[Service], list[dict[str, Any]]]:
+    """The services the admin endpoints keep, and their changes, newest last:
+    ``{"services": [{"name": ..., "target": ...}, ...], "changes": [...]}`` (or the list of
+    services alone, as a hand-written file may be)."""
     try:
-        entries = json.loads(path.read_text())
+        document = json.loads(path.read_text())
+        entries, changes = (
+            (document["services"], list(document.get("changes", [])))
+            if isinstance(document, dict)
+            else (document, [])
+        )
         found = [
             parse_service(e["name"], e["target"], settings.protocol, f"{path}: {e['name']}") for e in entries
         ]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"PROXY_SERVICES_FILE={path}: unreadable ({exc})") from None
-    return sorted(found)
+    return sorted(found), changes
 
 
-def save_services(path: Path, services: list[Service]) -> None:
+def save_services(path: Path, services: Sequence[Service], changes: Sequence[Mapping[str, Any]]) -> None:
     """Write the services file atomically (a crash leaves the old one or the new one)."""
     entries = [{"name": s.name, "target": s.describe()} for s in services]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
+    tmp.write_text(json.dumps({"services": entries, "changes": list(changes)}, indent=2) + "\n")
     os.replace(tmp, path)
 
 
 def initial_services(environ: Mapping[str, str], settings: Settings) -> list[Service]:
     """The services file when there is one, else ``SERVICE_*`` variables, else the defaults."""
     if settings.services_file is not None and settings.services_file.exists():
-        return services_from_file(settings.services_file, settings)
+        return read_services_file(settings.services_file, settings)[0]
     return services_from_env(environ, settings)
+
+
+def stored_changes(settings: Settings) -> list[dict[str, Any]]:
+    """The admin endpoints' changes the services file keeps (none without one)."""
+    if settings.services_file is not None and settings.services_file.exists():
+        return read_services_file(settings.services_file, settings)[1]
+    return []
 
 
 def services_from_env(environ: Mapping[str, str], settings: Settings) -> list[Service]:

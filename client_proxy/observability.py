@@ -17,7 +17,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -153,10 +153,25 @@ class MetricInfo:
     kind: str
     labels: tuple[str, ...]
     help: str
+    across_workers: str = "sum"
+    """With several workers, how the workers' values make the one shown (``ACROSS_WORKERS``)."""
 
 
 class ProxyMetrics:
     """The proxy's Prometheus metrics, in a registry of their own (one per app)."""
+
+    #: With several workers (``client_proxy.workers``), how a gauge's values in each are shown as
+    #: one: ``sum`` (the default), ``min``, ``max``, or ``self`` (the worker that answers the
+    #: scrape). Counters and histograms are summed.
+    ACROSS_WORKERS: ClassVar[dict[str, str]] = {
+        "proxy_ready": "self",  # measured by the worker answering the scrape
+        "proxy_service_ready": "self",
+        "proxy_config_generation": "min",  # the oldest configuration a worker serves
+        "proxy_config_last_reload_successful": "min",  # 0 when any worker refused
+        "process_start_time_seconds": "min",
+        "process_max_fds": "self",
+        "process_virtual_memory_max_bytes": "self",
+    }
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -346,7 +361,8 @@ class ProxyMetrics:
             if kind is None or name is None:
                 continue
             shown = f"{name}_total" if kind == "counter" else name
-            found.append(MetricInfo(shown, kind, tuple(metric._labelnames), metric._documentation))
+            across = self.ACROSS_WORKERS.get(name, "sum") if kind == "gauge" else "sum"
+            found.append(MetricInfo(shown, kind, tuple(metric._labelnames), metric._documentation, across))
         return found
 
     def observe_outcome(self, outcome: Outcome) -> None:

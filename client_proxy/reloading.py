@@ -26,20 +26,30 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from client_proxy.config import Settings, services_from_file
+from client_proxy.config import Settings, read_services_file
 from client_proxy.core.compositions_file import CompositionError
 from client_proxy.core.declared import Configuration, load_configuration
 from client_proxy.core.pipelines_file import PipelineError
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import ConfigError, Service
+from client_proxy.errors import ProxyError
 from client_proxy.observability import ProxyMetrics
 
 logger = logging.getLogger("client_proxy.reload")
+#: How long a reload asked of every worker may take to reach this one.
+EVERYWHERE_TIMEOUT_S = 30.0
+
+
+class WorkersLate(ProxyError):
+    status_code = 503
+    code = "workers_late"
 
 
 @dataclass(frozen=True)
@@ -72,9 +82,11 @@ class Reloader:
         open_clients: Callable[[list[Service]], None],
         metrics: ProxyMetrics,
         on_config: Callable[[Configuration], None] = lambda config: None,
+        supervisor: int | None = None,
     ) -> None:
         """``environ``: what the files' ``${VAR}`` are read from; ``open_clients``: the gateway's
-        ``open``; ``on_config``: told of each configuration before it is served."""
+        ``open``; ``on_config``: told of each configuration before it is served; ``supervisor``:
+        with several workers, the process that hands SIGHUP to each (``client_proxy.workers``)."""
         self._settings = settings
         self._environ = dict(environ)
         self._models = models
@@ -84,6 +96,8 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._seen = self._digest()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._supervisor = supervisor
+        self._waiting: list[asyncio.Future[Reload]] = []
         self.last: Reload | None = None
         """The last reload (None: none since the start)."""
 
@@ -105,25 +119,53 @@ class Reloader:
         """Reads the files again and serves what they say, or keeps what is served when they are
         invalid (see the module)."""
         async with self._lock:
-            while True:
-                current = self._models.config
-                try:
-                    digest, config = await asyncio.to_thread(self._load, current)
-                except (ConfigError, CompositionError, PipelineError) as exc:
-                    self._metrics.config_reloaded("refused", current.generation)
-                    logger.error(
-                        "reload (%s) refused, configuration %d kept: %s", cause, current.generation, exc
-                    )
-                    self.last = Reload("refused", current, cause, str(exc))
-                    return self.last
-                if self._models.config is current:
-                    break
-                # An admin change came while the files were read: read them again over it.
-            self._seen = digest
-            self.put(config, cause)
-            self._metrics.config_reloaded("applied", config.generation)
-            self.last = Reload("applied", config, cause)
-            return self.last
+            waiting, self._waiting = self._waiting, []
+            done = await self._reload(cause)
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(done)
+            return done
+
+    async def _reload(self, cause: str) -> Reload:
+        while True:
+            current = self._models.config
+            try:
+                digest, config = await asyncio.to_thread(self._load, current)
+            except (ConfigError, CompositionError, PipelineError) as exc:
+                self._metrics.config_reloaded("refused", current.generation)
+                logger.error("reload (%s) refused, configuration %d kept: %s", cause, current.generation, exc)
+                self.last = Reload("refused", current, cause, str(exc))
+                return self.last
+            if self._models.config is current:
+                break
+            # An admin change came while the files were read: read them again over it.
+        self._seen = digest
+        self.put(config, cause)
+        self._metrics.config_reloaded("applied", config.generation)
+        self.last = Reload("applied", config, cause)
+        return self.last
+
+    @property
+    def several(self) -> bool:
+        """Whether this is one of several workers (a change must reach the others too)."""
+        return self._supervisor is not None
+
+    async def reload_everywhere(self, cause: str) -> Reload:
+        """``reload`` in every worker: here, when this process is the only one; else by SIGHUP to
+        the supervisor, which hands it to each worker, this one's reload awaited and returned."""
+        if self._supervisor is None:
+            return await self.reload(cause)
+        waiter: asyncio.Future[Reload] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        logger.info("%s: every worker reloads (SIGHUP to the supervisor, pid %d)", cause, self._supervisor)
+        os.kill(self._supervisor, signal.SIGHUP)
+        try:
+            return await asyncio.wait_for(waiter, EVERYWHERE_TIMEOUT_S)
+        except TimeoutError:
+            raise WorkersLate(
+                f"the workers did not reload within {EVERYWHERE_TIMEOUT_S:.0f} s (is the supervisor "
+                "python -m client_proxy?)"
+            ) from None
 
     def reload_soon(self, cause: str) -> None:
         """``reload`` in a task of its own (a signal handler's way)."""
@@ -152,10 +194,12 @@ class Reloader:
         digest = self._digest()
         settings = self._settings
         if settings.services_file is not None and settings.services_file.exists():
-            services = services_from_file(settings.services_file, settings)
+            services, changes = read_services_file(settings.services_file, settings)
         else:
-            services = list(current.services)
-        config = load_configuration(settings, services, self._environ, generation=current.generation + 1)
+            services, changes = list(current.services), [dict(c) for c in current.changes]
+        config = load_configuration(
+            settings, services, self._environ, generation=current.generation + 1, changes=changes
+        )
         return digest, config
 
     def _digest(self) -> str:

@@ -75,16 +75,28 @@ def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
     ]
     assert TOKEN not in log_path.read_text()
 
-    assert [e["name"] for e in json.loads(store.read_text())] == ["setosa", "setosa_b", "virginica"]
+    kept = json.loads(store.read_text())
+    assert [e["name"] for e in kept["services"]] == ["setosa", "setosa_b", "virginica"]
+    assert [(c["action"], c["service"]) for c in kept["changes"]] == [
+        ("add", "setosa_b"),
+        ("remove", "versicolor"),
+    ]
     # Restarted with other SERVICE_* variables: the file takes priority over them.
     others = services_on(triton, "grpc", {"versicolor": "versicolor"})
     with running_proxy(proxy_settings, others) as url:
         answers = httpx.post(f"{url}/predict", json=ROW).json()
         assert set(answers) == {"setosa", "setosa_b", "virginica"}
         assert answers["setosa_b"] == answers["setosa"] and "error" not in answers["setosa_b"]
+        # And the file keeps the changes' history too.
+        changes = httpx.get(f"{url}/metadata").json()["service_changes"]
+        assert [(c["action"], c["service"]) for c in changes] == [
+            ("add", "setosa_b"),
+            ("remove", "versicolor"),
+        ]
 
 
-def test_the_admin_token_is_refused_with_several_workers(triton: TritonServer) -> None:
+def test_the_admin_token_with_several_workers_needs_a_services_file(triton: TritonServer) -> None:
+    """The workers share the admin endpoints' changes through the file (``client_proxy.workers``)."""
     env = proxy_environment(
         settings(admin_token=TOKEN, workers=2), services_on(triton, "grpc"), free_ports(1)[0]
     )
@@ -98,7 +110,8 @@ def test_the_admin_token_is_refused_with_several_workers(triton: TritonServer) -
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "client_proxy: error: PROXY_ADMIN_TOKEN: the admin endpoints need PROXY_WORKERS=1"
+        "client_proxy: error: PROXY_ADMIN_TOKEN with PROXY_WORKERS=2 needs PROXY_SERVICES_FILE: "
+        "the workers share the admin endpoints' changes through it"
     ]
 
 

@@ -37,6 +37,7 @@ from client_proxy.config import (
     ensemble_service,
     initial_services,
     load_settings,
+    stored_changes,
 )
 from client_proxy.core.dataplane import DataPlane, Ensemble
 from client_proxy.core.declared import Configuration, load_configuration
@@ -50,6 +51,7 @@ from client_proxy.reloading import Reloader
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
+from client_proxy.workers import Sharing, sharing_directory
 
 logger = logging.getLogger("client_proxy")
 
@@ -75,7 +77,7 @@ def create_app(
     # Off unless the OTEL_* variables switch it on.
     tracing.configure(tracing_settings or TracingSettings.from_environ(os.environ))
     ensemble = ensemble_service(settings, services)
-    config = load_configuration(settings, services, os.environ)
+    config = load_configuration(settings, services, os.environ, changes=stored_changes(settings))
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings, listener=metrics)
     coalescer = Coalescer(
@@ -129,7 +131,15 @@ def create_app(
             if alerter.webhooks is not None:
                 alerter.webhooks.start()
 
-    reloader = state.reloader = Reloader(settings, os.environ, models, gateway.open, metrics, on_config)
+    # Several workers (python -m client_proxy made their directory): metrics shared, and SIGHUP
+    # through the supervisor for a change that must reach every worker.
+    directory = sharing_directory(os.environ)
+    if directory is not None and settings.metrics:
+        state.sharing = Sharing(directory, metrics.registry, metrics.ACROSS_WORKERS)
+    supervisor = os.getppid() if directory is not None else None
+    reloader = state.reloader = Reloader(
+        settings, os.environ, models, gateway.open, metrics, on_config, supervisor
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,6 +151,8 @@ def create_app(
         )
         if alerter.webhooks is not None:
             alerter.webhooks.start()
+        if state.sharing is not None:
+            await state.sharing.start()
         stop_reloading = _reload_on_sighup(reloader)
         watcher = (
             asyncio.create_task(reloader.watch(settings.watch_interval_ms / 1000))
@@ -155,6 +167,8 @@ def create_app(
                 watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
+            if state.sharing is not None:
+                await state.sharing.aclose()  # after the last request: its counts kept for the others
             if alerter.webhooks is not None:
                 await (
                     alerter.webhooks.aclose()

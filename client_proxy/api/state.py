@@ -22,6 +22,7 @@ from client_proxy.triton.gateway import TritonGateway
 
 if TYPE_CHECKING:
     from client_proxy.reloading import Reloader
+    from client_proxy.workers import Sharing
 
 
 @dataclass
@@ -32,8 +33,6 @@ class ProxyState:
     metrics: ProxyMetrics
     ensemble: Service
     """Triton's own fan-out, for ``/predict/label?route=ensemble``."""
-    changes: list[dict[str, Any]] = field(default_factory=list)
-    """The admin endpoints' changes to the services, newest last (shown in ``/metadata``)."""
     draining: bool = False
     """A SIGTERM has started the shutdown: ``/health/ready`` answers 503 from then on."""
     admission: Admission = field(default_factory=lambda: Admission(0))
@@ -42,6 +41,8 @@ class ProxyState:
     """The feature store requests by key read (``PROXY_FEATURE_STORE``); None: none."""
     alerts: AlertSink | None = None
     """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
+    sharing: Sharing | None = None
+    """With several workers: this worker's side of the metrics they share (``client_proxy.workers``)."""
     plane: DataPlane = field(init=False)
     """Every inference request's one path (``client_proxy.core.dataplane``), whichever door."""
 

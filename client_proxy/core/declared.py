@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
@@ -23,6 +24,9 @@ from client_proxy.core.compositions_file import load_compositions
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.pipelines_file import configured_pipelines
 from client_proxy.core.services import Service
+
+#: The admin endpoints' changes a configuration remembers (``/metadata``, the services file).
+MAX_CHANGES = 100
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Configuration:
     pipelines_source: str = ""
     generation: int = 1
     """1 at start, one more at each change (reload or admin)."""
+    changes: tuple[Mapping[str, Any], ...] = ()
+    """The admin endpoints' changes to the services, newest last (``MAX_CHANGES`` at most)."""
     loaded_at: float = field(default_factory=time.time)
     """When it was made (Unix time)."""
 
@@ -59,9 +65,10 @@ class Configuration:
         object.__setattr__(self, "default", default)
         object.__setattr__(self, "by_name", service_map(self.services, self.compositions.values()))
 
-    def with_services(self, services: Sequence[Service]) -> Configuration:
-        """The next configuration: the same files, these ``SERVICE_*`` services (an admin change);
-        the pipelines call the services now named as they name (KeyError: one is gone)."""
+    def with_services(self, services: Sequence[Service], change: Mapping[str, Any]) -> Configuration:
+        """The next configuration: the same files, these ``SERVICE_*`` services (the admin
+        endpoints' ``change``); the pipelines call the services now named as they name (KeyError:
+        one is gone)."""
         by_name = service_map(services, self.compositions.values())
         return Configuration(
             tuple(sorted(services)),
@@ -70,6 +77,7 @@ class Configuration:
             self.compositions_source,
             self.pipelines_source,
             self.generation + 1,
+            (*self.changes, change)[-MAX_CHANGES:],
         )
 
     def every_service(self) -> list[Service]:
@@ -108,6 +116,7 @@ def load_configuration(
     environ: Mapping[str, str],
     warn: bool = True,
     generation: int = 1,
+    changes: Sequence[Mapping[str, Any]] = (),
 ) -> Configuration:
     """The compositions and pipelines files over ``services``, their ``${VAR}`` read from
     ``environ``; ``CompositionError`` or ``PipelineError`` naming the file and line for a mistake.
@@ -129,4 +138,5 @@ def load_configuration(
         str(settings.compositions_file) if settings.compositions_file is not None else None,
         source,
         generation,
+        tuple(changes)[-MAX_CHANGES:],
     )

@@ -97,8 +97,9 @@ def metrics_table() -> str:
     rows = []
     for m in ProxyMetrics().catalogue():
         labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
-        rows.append(f"| `{m.name}` | {m.kind} | {labels} | {_text(m.help)} |")
-    return "\n".join(["| metric | type | labels | what it counts |", "| --- | --- | --- | --- |", *rows])
+        rows.append(f"| `{m.name}` | {m.kind} | {labels} | {_text(m.help)} | {m.across_workers} |")
+    header = "| metric | type | labels | what it counts | across workers |"
+    return "\n".join([header, "| --- | --- | --- | --- | --- |", *rows])
 
 
 def bench_report() -> str:

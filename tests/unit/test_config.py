@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,23 +72,27 @@ def test_cli_refuses_bad_settings_with_one_line() -> None:
     assert result.returncode == 2 and "SERVICE_SETOSA" in result.stderr
 
 
-def test_several_workers_are_refused_while_metrics_are_on() -> None:
-    """Each worker would answer a scrape with its own figures: the combination stops the start."""
+def test_several_workers_with_the_admin_token_need_a_services_file(tmp_path: Path) -> None:
+    """A change reaches one worker, the others read it from the file: without one, the
+    combination stops the start; metrics are shared by the workers, so they are no obstacle."""
     from client_proxy.config import check_settings
 
-    with pytest.raises(ConfigError, match=r"PROXY_WORKERS=2: /metrics would show one worker's figures"):
-        check_settings(load_settings(workers=2))
-    check_settings(load_settings(workers=2, metrics=False))  # no /metrics: nothing to get wrong
-    check_settings(load_settings(workers=1))
+    with pytest.raises(
+        ConfigError, match=r"PROXY_ADMIN_TOKEN with PROXY_WORKERS=2 needs PROXY_SERVICES_FILE"
+    ):
+        check_settings(load_settings(workers=2, admin_token="t"))
+    check_settings(load_settings(workers=2, admin_token="t", services_file=tmp_path / "services.json"))
+    check_settings(load_settings(workers=2))
+    check_settings(load_settings(workers=1, admin_token="t"))
 
 
-def test_python_m_client_proxy_refuses_several_workers_with_metrics_in_one_line() -> None:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PROXY_WORKERS": "3"}
+def test_python_m_client_proxy_refuses_several_workers_with_the_token_alone_in_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PROXY_WORKERS": "3", "PROXY_ADMIN_TOKEN": "t"}
     result = subprocess.run(
         [sys.executable, "-m", "client_proxy"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "client_proxy: error: PROXY_WORKERS=3: /metrics would show one worker's figures; run one worker "
-        "per container (more replicas for more throughput), or set PROXY_METRICS=false"
+        "client_proxy: error: PROXY_ADMIN_TOKEN with PROXY_WORKERS=3 needs PROXY_SERVICES_FILE: the workers "
+        "share the admin endpoints' changes through it"
     ]

@@ -57,8 +57,8 @@ def test_an_admin_change_is_a_new_configuration_whose_pipelines_call_the_new_ser
     old = _services("one:8001")
     config = Configuration(tuple(old), {}, _cascade(tmp_path, old), generation=4)
     moved = [Service("setosa", "grpc", "two:8001", "setosa"), *old[1:]]
-    changed = config.with_services(moved)
-    assert changed.generation == 5
+    changed = config.with_services(moved, {"action": "add", "service": "setosa"})
+    assert changed.generation == 5 and changed.changes == ({"action": "add", "service": "setosa"},)
     assert changed.pipelines["cascade"].by_name["setosa"].url == "two:8001"
     assert config.pipelines["cascade"].by_name["setosa"].url == "one:8001"  # the old one is untouched
     assert changed.default.services[0].url == "two:8001"

@@ -25,7 +25,6 @@ from client_proxy.errors import Conflict, InvalidInput, ProxyError, Unauthorized
 
 logger = logging.getLogger("client_proxy.admin")
 router = APIRouter(prefix="/admin", tags=["admin"])
-MAX_CHANGES = 100
 
 
 class NewService(BaseModel):
@@ -40,6 +39,11 @@ class NewService(BaseModel):
 class PersistFailed(ProxyError):
     status_code = 503
     code = "persist_failed"
+
+
+class ConfigRefused(ProxyError):
+    status_code = 422
+    code = "config_refused"
 
 
 def token_id(token: str) -> str:
@@ -67,20 +71,18 @@ def _listing(state: ProxyState) -> dict[str, Any]:
     }
 
 
-def _apply(state: ProxyState, services: list[Service], change: dict[str, Any]) -> None:
+async def _apply(state: ProxyState, services: list[Service], change: dict[str, Any]) -> None:
+    """The change applied: kept in ``PROXY_SERVICES_FILE`` when set, then served (by every worker:
+    through the file and a reload of each, ``client_proxy.workers``)."""
+    change["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    changed = state.config.with_services(services, change)
     if state.settings.services_file is not None:
         try:
-            save_services(state.settings.services_file, services)
+            save_services(state.settings.services_file, changed.services, changed.changes)
         except OSError as exc:
             raise PersistFailed(
                 f"could not write PROXY_SERVICES_FILE ({exc.strerror}); nothing changed"
             ) from None
-    # One assignment: each request sees the old configuration or the new one.
-    state.reloader.put(state.config.with_services(services), f"admin {change['action']} {change['service']}")
-    state.reloader.files_written()
-    change["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    state.changes.append(change)
-    del state.changes[:-MAX_CHANGES]
     logger.warning(
         "admin by=%s %s service %s %s",
         change["by"],
@@ -88,13 +90,26 @@ def _apply(state: ProxyState, services: list[Service], change: dict[str, Any]) -
         change["service"],
         change.get("target", ""),
     )
+    cause = f"admin {change['action']} {change['service']}"
+    if state.reloader.several:
+        done = await state.reloader.reload_everywhere(cause)
+        if done.outcome == "refused":
+            raise ConfigRefused(
+                f"the change is in PROXY_SERVICES_FILE, but the workers kept configuration "
+                f"{done.config.generation}: {done.error}",
+                kept=done.config.describe(),
+            )
+        return
+    # One assignment: each request sees the old configuration or the new one.
+    state.reloader.put(changed, cause)
+    state.reloader.files_written()
 
 
 @router.get("/services", response_class=JSON, responses={401: {"description": "Missing or wrong token"}})
 async def list_services(request: Request, by: Admin) -> JSON:
     """The services the fan-out calls now."""
     state: ProxyState = request.app.state.proxy
-    return JSON({**_listing(state), "changes": state.changes})
+    return JSON({**_listing(state), "changes": list(state.config.changes)})
 
 
 @router.post("/services", response_class=JSON, status_code=201, responses={401: {}, 409: {}, 422: {}})
@@ -107,7 +122,7 @@ async def add_service(request: Request, body: NewService, by: Admin) -> JSON:
         raise InvalidInput(str(exc)) from None
     if any(s.name == service.name for s in state.config.services):
         raise Conflict(f"service {service.name!r} exists: remove it first")
-    _apply(state, sorted([*state.config.services, service]), {"action": "add", "service": service.name,
+    await _apply(state, sorted([*state.config.services, service]), {"action": "add", "service": service.name,
                                                          "target": service.describe(), "by": by})  # fmt: skip
     return JSON({**_listing(state), "added": service.name}, status_code=201)
 
@@ -125,13 +140,8 @@ async def remove_service(request: Request, name: str, by: Admin) -> JSON:
     remaining = [s for s in config.services if s.name != name]
     if not remaining:
         raise Conflict("cannot remove the last service")
-    _apply(state, remaining, {"action": "remove", "service": name, "by": by})
+    await _apply(state, remaining, {"action": "remove", "service": name, "by": by})
     return JSON({**_listing(state), "removed": name})
-
-
-class ConfigRefused(ProxyError):
-    status_code = 422
-    code = "config_refused"
 
 
 @router.post("/reload", response_class=JSON, responses={401: {}, 422: {"description": "Invalid files: kept"}})
@@ -140,7 +150,7 @@ async def reload(request: Request, by: Admin) -> JSON:
     invalid file keeps the configuration in place (422, naming the file and line)."""
     state: ProxyState = request.app.state.proxy
     logger.warning("admin by=%s reload", by)
-    done = await state.reloader.reload(f"POST /admin/reload by {by}")
+    done = await state.reloader.reload_everywhere(f"POST /admin/reload by {by}")
     if done.outcome == "refused":
         raise ConfigRefused(
             f"configuration {done.config.generation} kept: {done.error}", kept=done.config.describe()

@@ -211,7 +211,7 @@ async def metadata(state: State) -> JSON:
             "deadline_ms": settings.deadline_ms,
             "service_timeout_ms": settings.service_timeout_ms,
             "services": {s.name: d for s, d in zip(services, described, strict=True)},
-            "service_changes": state.changes,
+            "service_changes": list(config.changes),
             "pipelines": sorted(config.pipelines),
             "configuration": config.describe(),
             "label_route": settings.label_route,
@@ -231,4 +231,6 @@ async def metrics(state: State) -> Response:
     for service, result in readiness:
         state.metrics.service_ready.labels(service.name).set(1 if result["ready"] else 0)
     state.metrics.ready.set(1 if any(r["ready"] for _, r in readiness) and not state.draining else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # With several workers, every worker's figures (client_proxy.workers).
+    registry = await state.sharing.gather() if state.sharing is not None else state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

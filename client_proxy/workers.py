@@ -1,0 +1,204 @@
+"""Several worker processes (``PROXY_WORKERS>1``) that act as one proxy: one ``/metrics``, one
+configuration.
+
+- **Metrics.** Each worker keeps its metrics in its own memory, as one worker does (the hot path
+  pays nothing for the workers beside it), and answers its figures on a Unix socket in a
+  directory only this user can open, which ``python -m client_proxy`` makes for the workers and
+  removes after them (``WORKERS_DIR``). A scrape, whichever worker it reaches, asks every other
+  worker and adds their figures to its own: counters and histograms are summed (each request
+  counted once, by the worker that answered it), gauges merged as ``ProxyMetrics.ACROSS_WORKERS``
+  says. A worker that stops leaves its counters and histograms in a file, so totals never go
+  back when uvicorn replaces a worker (one killed outright takes its figures with it: Prometheus
+  takes the drop for a counter reset).
+- **Configuration.** SIGHUP to the supervisor (``Supervisor``, uvicorn's own with this one
+  change) is handed to every worker, each of which reloads its files (``client_proxy.reloading``),
+  instead of uvicorn's replacing of the workers. ``POST /admin/reload`` and the admin endpoints'
+  changes, which reach one worker, go the same way: that worker writes the services file (it
+  is how the workers share the services), sends its supervisor SIGHUP, and answers once its own
+  reload is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
+from uvicorn.supervisors import Multiprocess
+
+logger = logging.getLogger("client_proxy.workers")
+
+#: The variable ``python -m client_proxy`` names the workers' shared directory in.
+WORKERS_DIR = "CLIENT_PROXY_WORKERS_DIR"
+#: How long a scrape waits for another worker's figures.
+ASK_TIMEOUT_S = 2.0
+#: Families whose samples are added up (gauges are merged by name: ``merge``).
+_SUMMED = ("counter", "histogram", "summary", "gaugehistogram")
+
+Family = dict[str, Any]
+"""A metric family as it crosses between workers: name, type, documentation, unit, samples."""
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of the worker processes, which on SIGHUP replaces every worker; this
+    one hands SIGHUP to each worker instead, and each reloads its configuration in place."""
+
+    def handle_hup(self) -> None:
+        logger.info("SIGHUP: every worker reloads its configuration")
+        for process in self.processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+
+
+def families_of(registry: CollectorRegistry) -> list[Family]:
+    """The registry's metric families now, as plain data (``_created`` samples left out: a sum of
+    creation times means nothing)."""
+    return [
+        {
+            "name": metric.name,
+            "type": metric.type,
+            "documentation": metric.documentation,
+            "unit": metric.unit,
+            "samples": [
+                [s.name, s.labels, s.value] for s in metric.samples if not s.name.endswith("_created")
+            ],
+        }
+        for metric in registry.collect()
+    ]
+
+
+def merge(per_worker: Iterable[list[Family]], gauges: Mapping[str, str]) -> list[Metric]:
+    """The families of several workers as one proxy's, the first worker's (the one answering the
+    scrape) first. Counters and histograms: summed. Gauges, by ``gauges[name]``: ``sum``
+    (the default), ``min``, ``max``, or ``self`` (the answering worker's value alone)."""
+    merged: dict[str, tuple[Family, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for index, families in enumerate(per_worker):
+        for family in families:
+            name = family["name"]
+            if name not in merged:
+                merged[name] = (family, {})
+            values = merged[name][1]
+            mode = "sum" if family["type"] in _SUMMED else gauges.get(name, "sum")
+            if family["type"] in ("info", "stateset"):
+                mode = "self"
+            for sample, labels, value in family["samples"]:
+                key = (sample, tuple(sorted(labels.items())))
+                if key not in values:
+                    if mode != "self" or index == 0:
+                        values[key] = value
+                elif mode == "sum":
+                    values[key] += value
+                elif mode == "min":
+                    values[key] = min(values[key], value)
+                elif mode == "max":
+                    values[key] = max(values[key], value)
+    found = []
+    for family, values in merged.values():
+        metric = Metric(family["name"], family["documentation"], family["type"], family["unit"])
+        for (sample, labels), value in values.items():
+            metric.add_sample(sample, dict(labels), value)
+        found.append(metric)
+    return found
+
+
+class Registry:
+    """What ``generate_latest`` reads: families already merged."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+class Sharing:
+    """One worker's side (see the module): its figures on a socket while it runs and in a file
+    when it stops, and every worker's figures gathered for a scrape."""
+
+    def __init__(self, directory: Path, registry: CollectorRegistry, gauges: Mapping[str, str]) -> None:
+        self._directory = directory
+        self._registry = registry
+        self._gauges = gauges
+        self._pid = os.getpid()
+        self._socket = directory / f"{self._pid}.sock"
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._answer, path=str(self._socket))
+
+    async def aclose(self) -> None:
+        """Stops answering, and leaves this worker's counters and histograms for the others."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self._socket.unlink()
+        kept = [f for f in families_of(self._registry) if f["type"] in _SUMMED]
+        tmp = self._directory / f".{self._pid}.gone.tmp"
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, self._directory / f"{self._pid}.gone")
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(json.dumps(families_of(self._registry)).encode())
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def gather(self) -> Registry:
+        """Every worker's figures, merged, this worker's first."""
+        others = [p for p in self._directory.glob("*.sock") if p != self._socket]
+        asked = await asyncio.gather(*(self._ask(p) for p in others))
+        gone = []
+        for path in self._directory.glob("*.gone"):
+            with contextlib.suppress(OSError, ValueError):
+                gone.append(json.loads(path.read_text()))
+        own = families_of(self._registry)
+        return Registry(merge([own, *(a for a in asked if a is not None), *gone], self._gauges))
+
+    async def _ask(self, path: Path) -> list[Family] | None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), ASK_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            if not _alive(path.stem):
+                with contextlib.suppress(OSError):
+                    path.unlink()  # a worker killed outright: its figures went with it
+                return None
+            logger.warning("metrics: worker %s does not answer; its figures are left out", path.stem)
+            return None
+        try:
+            data = await asyncio.wait_for(reader.read(), ASK_TIMEOUT_S)
+            families: list[Family] = json.loads(data)
+            return families
+        except (OSError, ValueError, TimeoutError):
+            logger.warning("metrics: worker %s answered badly; its figures are left out", path.stem)
+            return None
+        finally:
+            writer.close()
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sharing_directory(environ: Mapping[str, str]) -> Path | None:
+    """The workers' directory when this process is one of several workers; None otherwise."""
+    value = environ.get(WORKERS_DIR)
+    return Path(value) if value else None
