@@ -114,6 +114,13 @@ lock: $(VENV)/.installed-test
 	$(UV_COMPILE) --extra server -c requirements/test.txt -o requirements/run.txt
 	$(UV_COMPILE) --extra train -c requirements/test.txt -o requirements/train.txt
 	$(UV_COMPILE) -c requirements/test.txt -o requirements/proxy.txt
+	# Triton 24.10's Python (3.10), for the by_key models' store reading (deploy/triton/Dockerfile).
+	$(BIN)/uv pip compile deploy/triton/requirements.in -c requirements/proxy.txt --quiet \
+		--python-version 3.10 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+		-o requirements/triton-by-key.txt
+	$(BIN)/uv pip compile deploy/triton/requirements-test.in -c requirements/triton-by-key.txt --quiet \
+		--python-version 3.10 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+		-o requirements/triton-by-key-test.txt
 
 # The documentation site (mkdocs.yml): --strict, so a broken link or a missing page fails; the
 # settings, metrics and benchmark lists are generated from the code (docs/hooks/generated.py).

@@ -174,6 +174,25 @@ def _python_libdir() -> str | None:
     return None
 
 
+def _ask(python: Path, code: str) -> str:
+    try:
+        return subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"the stubs' Python {python} does not run: {exc}") from None
+
+
+def _libdir_of(python: Path) -> str | None:
+    """``_python_libdir`` of another interpreter."""
+    found = _ask(
+        python,
+        "import sysconfig; print(sysconfig.get_config_var('LIBDIR') "
+        "if sysconfig.get_config_var('Py_ENABLE_SHARED') else '')",
+    )
+    return found or None
+
+
 @dataclass
 class TritonServer:
     """One ``tritonserver`` process. Use as a context manager, or ``start()`` / ``stop()``.
@@ -203,6 +222,9 @@ class TritonServer:
     #: Variables added to the server's environment (its Python models see them):
     #: ``FEATURE_STORE`` for the ``by_key`` models.
     environment: Mapping[str, str] = field(default_factory=dict)
+    #: The Python the python backend's stubs embed, its version's stub among the wheel's (None:
+    #: this one). Another Python's models find their packages through ``environment``'s PYTHONPATH.
+    python: Path | None = None
     #: Set from another thread (a signal handler) to abandon a start that is still waiting.
     cancel: threading.Event | None = None
     _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
@@ -272,7 +294,7 @@ class TritonServer:
         if self._process is not None:
             raise RuntimeError("server already started")
         check_platform()
-        layout = WheelLayout.find()
+        layout = WheelLayout.find(self._python_version())
         repository = Path(self.model_repository).resolve()
         if not repository.is_dir():
             raise LaunchError(f"model repository {repository} does not exist: run 'make train' to create it")
@@ -319,17 +341,24 @@ class TritonServer:
                     f"(ss -ltnp 'sport = :{port}') or choose another with --{kind}-port"
                 )
 
+    def _python_version(self) -> tuple[int, int] | None:
+        if self.python is None:
+            return None
+        version = _ask(self.python, "import sys; print(*sys.version_info[:2])").split()
+        return int(version[0]), int(version[1])
+
     def _environment(self, layout: WheelLayout) -> dict[str, str]:
         env = dict(os.environ)
         lib_path = [str(layout.libs)]
-        libdir = _python_libdir()
+        libdir = _python_libdir() if self.python is None else _libdir_of(self.python)
         if libdir:
             lib_path.insert(0, libdir)
         if env.get("LD_LIBRARY_PATH"):
             lib_path.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_path)
         # The stub finds numpy and onnxruntime through the python first on PATH: make it ours.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        python = self.python or Path(sys.executable)
+        env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
         # The by_key backend reads the feature store with the proxy's own code.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT), env.get("PYTHONPATH", "")) if p)
         env.update(self.environment)

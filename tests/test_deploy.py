@@ -35,6 +35,7 @@ BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 MODELS_DOCKERFILE = ROOT / "deploy" / "models" / "Dockerfile"
+TRITON_DOCKERFILE = ROOT / "deploy" / "triton" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
 TRITON_IMAGE = f"nvcr.io/nvidia/tritonserver:{TRITON_RELEASE}-py3"
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -96,9 +97,17 @@ def test_compose_file_matches_the_compose_specification(tmp_path: Path) -> None:
 
 def test_triton_runs_the_embedded_release_on_the_committed_repository(compose: dict[str, Any]) -> None:
     triton = compose["services"]["triton"]
-    assert triton["image"] == TRITON_IMAGE
+    # NVIDIA's image at the embedded server's release, built on with the by_key models.
+    assert triton["build"] == {"context": ".", "dockerfile": "deploy/triton/Dockerfile"}
+    assert re.findall(r"^FROM (\S+)", TRITON_DOCKERFILE.read_text(), re.M) == [TRITON_IMAGE]
+    assert triton["image"].startswith("iris-triton-msa/triton:")
     assert "./model_repository:/models:ro" in triton["volumes"]
     assert "--model-repository=/models" in triton["command"]
+    assert "--model-repository=/opt/by_key/models" in triton["command"]
+    assert "COPY model_repository_by_key /opt/by_key/models" in TRITON_DOCKERFILE.read_text()
+    # The by_key models read the store the proxy reads.
+    proxy = _environment(compose["services"]["proxy"]["environment"])
+    assert _environment(triton["environment"])["FEATURE_STORE"] == proxy["PROXY_FEATURE_STORE"]
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert triton["shm_size"] and triton["ulimits"]["memlock"] == -1
     published = [p.split(":") for p in triton["ports"]]
@@ -187,7 +196,9 @@ def test_dockerfile_final_stage_is_slim_non_root_and_serves_the_proxy() -> None:
     assert not any(re.search(r"\b(gcc|build-essential|apt-get install)\b", line) for line in stage)
 
 
-@pytest.mark.parametrize("dockerfile", [DOCKERFILE, MODELS_DOCKERFILE], ids=["proxy", "models"])
+@pytest.mark.parametrize(
+    "dockerfile", [DOCKERFILE, MODELS_DOCKERFILE, TRITON_DOCKERFILE], ids=["proxy", "models", "triton"]
+)
 def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     result = subprocess.run(
         [str(BIN / "hadolint"), str(dockerfile)], capture_output=True, text=True, timeout=60, check=False
@@ -236,6 +247,14 @@ def test_dockerignore_keeps_the_context_small() -> None:
     # The models image has its own ignore file (BuildKit reads <Dockerfile>.dockerignore first).
     models_ignored = (MODELS_DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
     assert models_ignored[models_ignored.index("*") + 1] == "!model_repository/"
+    # And the Triton image: what its Dockerfile copies, nothing else.
+    triton_ignored = (TRITON_DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    copied = {
+        source.rstrip("/")
+        for line in re.findall(r"^COPY (.+)$", TRITON_DOCKERFILE.read_text(), re.M)
+        for source in line.split()[:-1]
+    }
+    assert {entry[1:].rstrip("/") for entry in triton_ignored if entry.startswith("!")} == copied
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +385,13 @@ def test_probes_point_at_endpoints_that_really_answer(
 def test_k8s_proxy_image_is_the_compose_image(
     compose: dict[str, Any], rendered: list[dict[str, Any]]
 ) -> None:
-    image = _kind(rendered, "Deployment", "proxy")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == compose["services"]["proxy"]["image"]
+    for name in ("proxy", "triton"):
+        image = _kind(rendered, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image == compose["services"][name]["image"], name
+    triton = _kind(rendered, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=/opt/by_key/models" in triton["args"]
+    stores = {e["name"]: e["value"] for e in triton["env"]}
+    assert stores["FEATURE_STORE"] == _proxy_config(rendered)["data"]["PROXY_FEATURE_STORE"]
 
 
 def test_deployment_files_use_only_known_settings() -> None:
@@ -503,7 +527,8 @@ def test_every_image_is_pinned(rendered: list[dict[str, Any]], compose: dict[str
         for c in pod.get("initContainers", []) + pod["containers"]
     ]
     images += [service["image"] for service in compose["services"].values()]
-    images += re.findall(r"^FROM (\S+)", DOCKERFILE.read_text() + MODELS_DOCKERFILE.read_text(), re.M)
+    dockerfiles = (DOCKERFILE, MODELS_DOCKERFILE, TRITON_DOCKERFILE)
+    images += re.findall(r"^FROM (\S+)", "".join(d.read_text() for d in dockerfiles), re.M)
     for image in images:
         name, _, tag = image.partition("@")[0].rpartition(":")
         assert "@sha256:" in image or (name and tag and tag != "latest"), image

@@ -292,17 +292,24 @@ def _users_repository(tmp_path: Path) -> Path:
     return repository
 
 
+def _users_stack(tmp_path: Path, text: str = USERS_FILE, *extra: str) -> tuple[Path, Stack]:
+    """make run with the user's models and their file (``text``) as PROXY_COMPOSITIONS_FILE."""
+    users_file = tmp_path / "my.yaml"
+    users_file.write_text(text)
+    stack = Stack(
+        tmp_path,
+        *extra,
+        repository=_users_repository(tmp_path),
+        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
+    )
+    return users_file, stack
+
+
 def test_a_users_own_models_and_file_are_served_on_the_first_try(tmp_path: Path) -> None:
     """The walkthrough as written: their models in the repository, their file named by
     PROXY_COMPOSITIONS_FILE, make run. The example pipelines file (which names the example
     compositions' services) is not loaded beside it."""
-    users_file = tmp_path / "my.yaml"
-    users_file.write_text(USERS_FILE)
-    stack = Stack(
-        tmp_path,
-        repository=_users_repository(tmp_path),
-        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
-    )
+    _, stack = _users_stack(tmp_path)
     try:
         stack.wait_serving()
         x, y = wine.load()
@@ -334,13 +341,7 @@ def test_a_users_own_models_and_file_are_served_on_the_first_try(tmp_path: Path)
 def test_a_broken_file_stops_make_run_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
     """A mistake is not a crash: the configuration is checked before Triton starts, its one
     line printed, and make run stops with exit code 2, nothing restarted."""
-    users_file = tmp_path / "my.yaml"
-    users_file.write_text(USERS_FILE.replace("aggregator: vote", "aggregator: average"))
-    stack = Stack(
-        tmp_path,
-        repository=_users_repository(tmp_path),
-        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
-    )
+    _, stack = _users_stack(tmp_path, USERS_FILE.replace("aggregator: vote", "aggregator: average"))
     try:
         assert stack.process.wait(timeout=5) == 2  # the issue's bound: the check alone runs
         lines = stack.err.read_text().splitlines()
@@ -357,15 +358,7 @@ def test_a_broken_file_stops_make_run_with_one_line_and_exit_code_2(tmp_path: Pa
 def test_a_proxy_that_refuses_its_configuration_later_is_not_restarted(tmp_path: Path) -> None:
     """The file broken while make run serves, then the proxy killed: it is started again, refuses
     the file with its one line, and make run stops with exit code 2 instead of looping."""
-    users_file = tmp_path / "my.yaml"
-    users_file.write_text(USERS_FILE)
-    stack = Stack(
-        tmp_path,
-        "--restart-delay",
-        "0.2",
-        repository=_users_repository(tmp_path),
-        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
-    )
+    users_file, stack = _users_stack(tmp_path, USERS_FILE, "--restart-delay", "0.2")
     try:
         stack.wait_serving()
         users_file.write_text("compositions: [this is not a mapping\n")
@@ -384,13 +377,7 @@ def test_sighup_to_make_run_reloads_the_users_file_and_a_broken_edit_keeps_what_
 ) -> None:
     """The walkthrough's next step: the user edits their file and sends make run SIGHUP (or
     ``kill -HUP`` the proxy's pid, which make run prints); no restart, nothing refused."""
-    users_file = tmp_path / "my.yaml"
-    users_file.write_text(USERS_FILE)
-    stack = Stack(
-        tmp_path,
-        repository=_users_repository(tmp_path),
-        environment={"PROXY_COMPOSITIONS_FILE": str(users_file)},
-    )
+    users_file, stack = _users_stack(tmp_path)
     rows = {"data": wine.load()[0][:3].tolist()}
 
     def label(name: str) -> httpx.Response:

@@ -170,9 +170,8 @@ def create_app(
             if state.sharing is not None:
                 await state.sharing.aclose()  # after the last request: its counts kept for the others
             if alerter.webhooks is not None:
-                await (
-                    alerter.webhooks.aclose()
-                )  # the alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS
+                # The alerts of the last requests, within PROXY_WEBHOOK_FLUSH_MS.
+                await alerter.webhooks.aclose()
             if state.features is not None:
                 await state.features.aclose()
             await coalescer.aclose()

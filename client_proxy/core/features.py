@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sys
 import time
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,13 @@ from numpy.typing import NDArray
 
 from client_proxy.core.services import TimeoutPolicy, time_left
 from client_proxy.errors import FeatureStoreError, FeatureStoreTimeout, UnknownKeys
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # Triton 24.10's Python 3.10, where the by_key backend runs fetch_rows (redis needs it there)
+    from async_timeout import timeout as _timeout
+#: What a timed-out lookup raises: TimeoutError, which asyncio's was not before Python 3.11.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 
 #: A key: what fits in a URL path segment, a Redis hash field and a SQL text column alike.
 KEY = re.compile(r"^[A-Za-z0-9._:@/\-]{1,128}$")
@@ -124,9 +132,9 @@ async def fetch_rows(
     distinct = list(dict.fromkeys(keys))
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(time_left(deadline)):
+        async with _timeout(time_left(deadline)):
             found = await store.fetch(feature_set, distinct)
-    except TimeoutError:
+    except _TIMEOUTS:
         raise FeatureStoreTimeout(
             f"feature store {store.url}: no answer within the request's deadline", store=store.kind
         ) from None

@@ -6,11 +6,21 @@ in ``SERVICE_*`` variables, the compositions file and the admin endpoints.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Triton 24.10's Python, where the by_key backend reads the feature store with this code
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
