@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from client_proxy.feature_loader import read_csv
 from local_triton import TritonServer, free_ports
 from local_triton.server import BY_KEY_REPOSITORY, LaunchError
 
+from .conftest import TEST_MODELS
 from .helpers import metric, running_proxy, services_on, settings
 from .servers import IRIS_CSV, loaded_store
 
@@ -233,3 +236,42 @@ def test_a_by_key_model_names_an_unknown_key_as_invalid_argument(served: tuple[T
         assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     finally:
         client.close()
+
+
+def test_a_scoring_model_that_is_late_fails_the_batch_in_model_timeout_ms_and_frees_the_instance(
+    tmp_path: Path,
+) -> None:
+    """``model_timeout_ms`` bounds the BLS call (a Triton request timeout would bound only its
+    queueing): a by-key model whose scorer takes 3 s answers INTERNAL naming it after 300 ms, and
+    its one instance takes the next request at once instead of waiting out the late call."""
+    repository = tmp_path / "repository"
+    shutil.copytree(TEST_MODELS / "slow", repository / "very_slow")
+    slow = repository / "very_slow" / "config.pbtxt"
+    slow.write_text(slow.read_text().replace('name: "slow"', 'name: "very_slow"').replace('"400"', '"3000"'))
+    shutil.copytree(BY_KEY_REPOSITORY / "setosa_by_key", repository / "slow_by_key")
+    config = repository / "slow_by_key" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        .replace('name: "setosa_by_key"', 'name: "slow_by_key"')
+        .replace('"setosa"', '"very_slow"')
+        + 'parameters {\n  key: "model_timeout_ms"\n  value: { string_value: "300" }\n}\n'
+    )
+    with (
+        loaded_store("sqlite", tmp_path) as store,
+        TritonServer(
+            model_repository=repository,
+            http_port=0,
+            grpc_port=0,
+            metrics_port=0,
+            environment={"FEATURE_STORE": store},
+        ) as triton,
+    ):
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        try:
+            for _ in range(2):  # the second: the instance is free again
+                started = time.monotonic()
+                with pytest.raises(InferenceServerException, match="model 'very_slow' did not answer within"):
+                    client.infer("slow_by_key", [_keys_tensor(["flower-3"])])
+                assert 0.25 < time.monotonic() - started < 2.0  # 300 ms, far from the model's 3 s
+        finally:
+            client.close()

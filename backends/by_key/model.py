@@ -22,7 +22,11 @@ Parameters (``parameters`` in the model's config, all strings):
   (default ``FP32``);
 - ``model_output``: its output's name (default: this model's own output's name);
 - ``store_timeout_ms``: the longest a lookup may take when the request sets no timeout
-  (default 1000); ``store_pool``: connections to the store (default ``FEATURE_STORE_POOL``, else 2).
+  (default 1000); ``store_pool``: connections to the store (default ``FEATURE_STORE_POOL``, else 2);
+- ``model_timeout_ms``: the longest the scoring model's answer is waited for (default 1000), or
+  less when the requests set a timeout: then the requests fail with ``INTERNAL`` naming the model,
+  and this instance takes the next batch (the late call is left to finish; its answer is
+  dropped). A Triton request timeout bounds only its time in a queue, not a model that is slow.
 
 A key the store does not hold fails the requests that name it with ``INVALID_ARG``, naming the
 keys; a store that cannot be read (or not within the time) fails the batch with ``INTERNAL``,
@@ -38,6 +42,8 @@ import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -93,10 +99,11 @@ class TritonPythonModel:
         self.dtype = _DTYPES[datatype]
         try:
             self.timeout_s = int(_parameter(config, "store_timeout_ms", "1000")) / 1000
+            self.model_timeout_s = int(_parameter(config, "model_timeout_ms", "1000")) / 1000
             pool = int(_parameter(config, "store_pool", os.environ.get("FEATURE_STORE_POOL", "2")))
         except ValueError:
             raise pb_utils.TritonModelException(
-                f"{self.name}: store_timeout_ms and store_pool are integers"
+                f"{self.name}: store_timeout_ms, model_timeout_ms and store_pool are integers"
             ) from None
         url = os.environ.get("FEATURE_STORE", "")
         try:
@@ -113,6 +120,9 @@ class TritonPythonModel:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{self.name}-store", daemon=True)
         self.thread.start()
+        # The scoring model's calls, waited for with a bound (a late one keeps its thread until it
+        # ends: a few threads, so that late calls do not hold up the next batch's).
+        self.calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"{self.name}-bls")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         keys_per_request = []
@@ -122,7 +132,9 @@ class TritonPythonModel:
             keys_per_request.append([k.decode() if isinstance(k, bytes) else str(k) for k in array.ravel()])
         every = [k for keys in keys_per_request for k in keys]
         timeouts = [r.timeout() / 1e6 for r in requests if r.timeout()]
-        deadline = time.monotonic() + min([self.timeout_s, *timeouts])
+        started = time.monotonic()
+        deadline = started + min([self.timeout_s, *timeouts])
+        model_deadline = started + min([self.model_timeout_s, *timeouts])
         fetch = self._fetch_rows(self.store, self.feature_set, every, deadline, self._policy)
         try:
             fetched = asyncio.run_coroutine_threadsafe(fetch, self.loop).result()
@@ -153,11 +165,21 @@ class TritonPythonModel:
             return responses
 
         rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        scored = pb_utils.InferenceRequest(
+        call = pb_utils.InferenceRequest(
             model_name=self.scorer,
             requested_output_names=[self.scorer_output],
             inputs=[pb_utils.Tensor(self.scorer_input, rows)],
-        ).exec()
+        )
+        try:
+            scored = self.calls.submit(call.exec).result(
+                timeout=max(model_deadline - time.monotonic(), 0.001)
+            )
+        except FutureTimeout:
+            waited = (time.monotonic() - started) * 1000
+            message = f"{self.name}: model {self.scorer!r} did not answer within {waited:.0f} ms"
+            for index in good:
+                responses[index] = _error(message, "INTERNAL")
+            return responses
         if scored.has_error():
             message = f"{self.name}: model {self.scorer!r} failed: {scored.error().message()}"
             for index in good:
@@ -174,6 +196,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
+        self.calls.shutdown(wait=False, cancel_futures=True)
         try:
             asyncio.run_coroutine_threadsafe(self.store.aclose(), self.loop).result(timeout=5)
         finally:
