@@ -228,6 +228,7 @@ def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
         by[whole[0]] += 1
     # Both configurations answered during the load: the check above saw reloads happen.
     assert by["a"] > 20 and by["b"] > 20, by
+    print(f"{len(answers)} requests during 20 reloads: {by['a']} answered by a, {by['b']} by b")
     assert _reloads(client, "applied") - applied == 20 - sequence[:20].count("c")
     assert _reloads(client, "refused") - refused == sequence[:20].count("c") == 7
     assert process.poll() is None
