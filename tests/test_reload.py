@@ -17,10 +17,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
 
 from bench.webhook_receiver import webhook_receiver
-from local_triton import TritonServer
+from local_triton import TritonServer, free_ports
 
 from .helpers import metric, proxy_process, services_on, settings
 
@@ -82,30 +84,50 @@ def _strip(body: Any) -> Any:
     return body
 
 
-def _requests(rows: NDArray[np.float32]) -> Callable[[int], tuple[str, dict[str, Any]]]:
-    """The ``i``-th request of the load: a composition's label, its services' predictions, the
-    pipeline, and the composition over the Open Inference Protocol, in turn, on three rows."""
-    kinds = (
-        "/compositions/probe/label",
-        "/compositions/probe/predict",
-        "/pipelines/cascade",
-        "/v2/models/probe/infer",
-    )
+KINDS = (
+    "/compositions/probe/label",
+    "/compositions/probe/predict",
+    "/pipelines/cascade",
+    "/v2/models/probe/infer",
+    "grpc ModelInfer probe",
+)
 
-    def request(i: int) -> tuple[str, dict[str, Any]]:
-        path = kinds[i % len(kinds)]
-        picked = rows[[i % 50, 50 + i % 50, 100 + i % 50]]
-        if path.startswith("/v2"):
-            body = {
-                "inputs": [
-                    {"name": "input", "datatype": "FP32", "shape": [3, 4], "data": picked.ravel().tolist()}
-                ]
+
+class Sender:
+    """The load's requests through every door: the ``i``-th is a composition's label, its services'
+    predictions, the pipeline, the composition over the Open Inference Protocol by HTTP, and by
+    gRPC, in turn, on three rows; each answer as (status, what is compared)."""
+
+    def __init__(self, rows: NDArray[np.float32], url: str, grpc_url: str) -> None:
+        self._rows = rows
+        self._http = httpx.Client(base_url=url, timeout=10)
+        self._grpc = grpcclient.InferenceServerClient(grpc_url)
+
+    def send(self, i: int) -> tuple[int, Any]:
+        kind = KINDS[i % len(KINDS)]
+        picked = self._rows[[i % 50, 50 + i % 50, 100 + i % 50]]
+        if kind.startswith("grpc"):
+            tensor = grpcclient.InferInput("input", list(picked.shape), "FP32")
+            tensor.set_data_from_numpy(picked.astype(np.float32))
+            try:
+                result = self._grpc.infer("probe", [tensor])
+            except InferenceServerException as exc:
+                return 500, str(exc)
+            names = [[c.decode() for c in row] for row in result.as_numpy("class_name").tolist()]
+            return 200, {"class_name": names, **{n: result.as_numpy(n).tolist() for n in ("proba", "scores")}}
+        if kind.startswith("/v2"):
+            data = picked.ravel().tolist()
+            body: dict[str, Any] = {
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 4], "data": data}]
             }
         else:
             body = {"data": picked.tolist()}
-        return path, body
+        response = self._http.post(kind, json=body)
+        return response.status_code, _strip(response.json())
 
-    return request
+    def close(self) -> None:
+        self._http.close()
+        self._grpc.close()
 
 
 @pytest.fixture
@@ -128,13 +150,19 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def proxy(triton: TritonServer, files: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[str, Any]]:
+def proxy(triton: TritonServer, files: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[str, Any, str]]:
+    """The proxy serving configuration a: its URL, its process and its gRPC door's address."""
     compositions, pipelines = files
     a = _configurations(triton)["a"]
     _write(compositions, a[0])
     _write(pipelines, a[1])
+    (door,) = free_ports(1)
     proxy_settings = settings(
-        admin_token=TOKEN, compositions_file=compositions, pipelines_file=pipelines, coalesce=True
+        admin_token=TOKEN,
+        compositions_file=compositions,
+        pipelines_file=pipelines,
+        coalesce=True,
+        grpc_port=door,
     )
     with (
         open(tmp_path / "proxy.log", "w") as log,
@@ -143,7 +171,7 @@ def proxy(triton: TritonServer, files: tuple[Path, Path], tmp_path: Path) -> Ite
             process,
         ),
     ):
-        yield url, process
+        yield url, process, f"127.0.0.1:{door}"
 
 
 def _reloads(client: httpx.Client, outcome: str) -> float:
@@ -153,15 +181,15 @@ def _reloads(client: httpx.Client, outcome: str) -> float:
 def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
     clients: Callable[[str], httpx.Client],
     triton: TritonServer,
-    proxy: tuple[str, Any],
+    proxy: tuple[str, Any, str],
     files: tuple[Path, Path],
     iris: tuple[NDArray[np.float32], NDArray[np.int64]],
 ) -> None:
-    url, process = proxy
+    url, process, door = proxy
     configurations = _configurations(triton)
-    request = _requests(iris[0])
-    count = 200  # distinct requests: 4 kinds x 50 row triples
+    count = 250  # distinct requests: 5 kinds x 50 row triples
     client = clients(url)
+    quiet = Sender(iris[0], url, door)
 
     def apply(name: str, by_signal: bool) -> None:
         before = _reloads(client, "applied") + _reloads(client, "refused")
@@ -183,11 +211,11 @@ def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
         apply(name, by_signal=False)
         expected[name] = []
         for i in range(count):
-            path, body = request(i)
-            response = client.post(path, json=body)
-            assert response.status_code == 200, response.text
-            expected[name].append(_strip(response.json()))
+            status, answer = quiet.send(i)
+            assert status == 200, answer
+            expected[name].append(answer)
         assert expected[name][0]["prediction"][0]["label"].startswith(f"{name}_")
+        assert expected[name][4]["class_name"][0][0].startswith(f"{name}_")  # the gRPC door's
     assert all(expected["a"][i] != expected["b"][i] for i in range(count))
     apply("a", by_signal=False)
     applied, refused = _reloads(client, "applied"), _reloads(client, "refused")
@@ -196,13 +224,15 @@ def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
     stop = threading.Event()
 
     def load(worker: int) -> None:
-        with httpx.Client(base_url=url, timeout=10) as own:
+        own = Sender(iris[0], url, door)
+        try:
             i = worker
             while not stop.is_set():
-                path, body = request(i % count)
-                response = own.post(path, json=body)
-                answers.append((i % count, response.status_code, response.json()))
+                status, answer = own.send(i % count)
+                answers.append((i % count, status, answer))
                 i += 16
+        finally:
+            own.close()
 
     threads = [threading.Thread(target=load, args=(w,)) for w in range(16)]
     for thread in threads:
@@ -218,11 +248,11 @@ def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
         for thread in threads:
             thread.join()
 
+    quiet.close()
     failed = [(i, status, body) for i, status, body in answers if status != 200]
     assert not failed, failed[:3]
     by: dict[str, int] = {"a": 0, "b": 0}
-    for i, _, body in answers:
-        found = _strip(body)
+    for i, _, found in answers:
         whole = [name for name in ("a", "b") if found == expected[name][i]]
         assert whole, f"request {i} answered by no one configuration: {found}"
         by[whole[0]] += 1
@@ -237,10 +267,10 @@ def test_twenty_reloads_under_load_fail_no_request_and_mix_no_configuration(
 def test_an_invalid_file_keeps_what_is_served_says_where_and_counts_it(
     clients: Callable[[str], httpx.Client],
     triton: TritonServer,
-    proxy: tuple[str, Any],
+    proxy: tuple[str, Any, str],
     files: tuple[Path, Path],
 ) -> None:
-    url, _ = proxy
+    url, _, _ = proxy
     client = clients(url)
     row = {"data": [[5.1, 3.5, 1.4, 0.2]]}
     assert client.post("/compositions/probe/label", json=row).json()["prediction"]["label"] == "a_setosa"
