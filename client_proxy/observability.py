@@ -402,10 +402,10 @@ class ProxyMetrics:
         """``proxy_webhook_queued`` reads ``sender.queued`` when scraped."""
         self.webhook_queued.set_function(lambda: sender.queued)
 
-    def config_reloaded(self, outcome: str, generation: int) -> None:
+    def config_reloaded(self, outcome: str) -> None:
+        """A reload's outcome (the generation served is set when a configuration is put in place)."""
         self.config_reloads.labels(outcome).inc()
         self.config_last_reload_ok.set(1 if outcome == "applied" else 0)
-        self.config_generation.set(generation)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)

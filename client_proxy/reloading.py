@@ -132,7 +132,7 @@ class Reloader:
             try:
                 digest, config = await asyncio.to_thread(self._load, current)
             except (ConfigError, CompositionError, PipelineError) as exc:
-                self._metrics.config_reloaded("refused", current.generation)
+                self._metrics.config_reloaded("refused")
                 logger.error("reload (%s) refused, configuration %d kept: %s", cause, current.generation, exc)
                 self.last = Reload("refused", current, cause, str(exc))
                 return self.last
@@ -141,7 +141,7 @@ class Reloader:
             # An admin change came while the files were read: read them again over it.
         self._seen = digest
         self.put(config, cause)
-        self._metrics.config_reloaded("applied", config.generation)
+        self._metrics.config_reloaded("applied")
         self.last = Reload("applied", config, cause)
         return self.last
 

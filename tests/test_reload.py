@@ -150,7 +150,7 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def proxy(triton: TritonServer, files: tuple[Path, Path], tmp_path: Path) -> Iterator[tuple[str, Any, str]]:
+def proxy(triton: TritonServer, files: tuple[Path, Path]) -> Iterator[tuple[str, Any, str]]:
     """The proxy serving configuration a: its URL, its process and its gRPC door's address."""
     compositions, pipelines = files
     a = _configurations(triton)["a"]
@@ -164,13 +164,7 @@ def proxy(triton: TritonServer, files: tuple[Path, Path], tmp_path: Path) -> Ite
         coalesce=True,
         grpc_port=door,
     )
-    with (
-        open(tmp_path / "proxy.log", "w") as log,
-        proxy_process(proxy_settings, services_on(triton, "grpc"), log) as (
-            url,
-            process,
-        ),
-    ):
+    with proxy_process(proxy_settings, services_on(triton, "grpc")) as (url, process):
         yield url, process, f"127.0.0.1:{door}"
 
 
@@ -326,10 +320,7 @@ def test_watching_follows_a_configmap_style_swap_and_ignores_a_rewrite_of_the_sa
     row = {"data": [[5.1, 3.5, 1.4, 0.2]]}
     with (
         open(tmp_path / "proxy.log", "w") as log,
-        proxy_process(proxy_settings, services_on(triton, "grpc"), log) as (
-            url,
-            _,
-        ),
+        proxy_process(proxy_settings, services_on(triton, "grpc"), log) as (url, _),
     ):
         client = clients(url)
 
@@ -384,8 +375,7 @@ def test_a_services_file_changed_by_hand_and_a_new_webhook_apply_on_sighup(
     row = {"data": [[5.1, 3.5, 1.4, 0.2]]}
     with (
         webhook_receiver() as receiver,
-        open(tmp_path / "proxy.log", "w") as log,
-        proxy_process(proxy_settings, [], log) as (url, process),
+        proxy_process(proxy_settings, []) as (url, process),
     ):
         client = clients(url)
         assert set(client.post("/predict", json=row).json()) == set(IRIS)

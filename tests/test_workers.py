@@ -80,13 +80,7 @@ def two_workers(triton: TritonServer, tmp_path: Path) -> Iterator[tuple[str, int
         compositions_file=compositions,
         pipelines_file=empty,
     )
-    with (
-        open(tmp_path / "proxy.log", "w") as log,
-        proxy_process(two, services_on(triton, "grpc"), log) as (
-            url,
-            process,
-        ),
-    ):
+    with proxy_process(two, services_on(triton, "grpc")) as (url, process):
         deadline = time.monotonic() + 30
         while len(_workers(process.pid)) < 2:
             assert time.monotonic() < deadline, "the two workers did not start"

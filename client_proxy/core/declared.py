@@ -81,12 +81,12 @@ class Configuration:
         )
 
     def every_service(self) -> list[Service]:
-        """Every service some model of it calls, each once (the clients to open)."""
-        found = {id(s): s for s in (*self.services, *self.by_name.values())}
+        """Every service some model of it calls, each once (the clients to open): ``by_name``
+        (the ``SERVICE_*`` services, and what the pipelines are bound to) and the compositions'
+        members, one of which a ``SERVICE_*`` service of the same name hides from ``by_name``."""
+        found = {id(s): s for s in self.by_name.values()}
         for composition in self.compositions.values():
             found.update((id(s), s) for s in composition.services)
-        for pipeline in self.pipelines.values():
-            found.update((id(s), s) for s in pipeline.services)
         return list(found.values())
 
     def describe(self) -> dict[str, object]:

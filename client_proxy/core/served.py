@@ -314,10 +314,6 @@ class ServedModels:
             raise UnknownPipeline(f"no pipeline {name!r} (known: {known})")
         raise UnknownModel(f"Request for unknown model: '{name}' is not found")
 
-    def default(self) -> Composition:
-        """The ``default`` composition now (``Configuration.default``)."""
-        return self.config.default
-
     def names(self) -> list[str]:
         config = self.config
         return [DEFAULT_ALIAS, *config.compositions, *config.pipelines, *config.by_name]
