@@ -30,7 +30,7 @@ from client_proxy.core.declared import load_configuration
 from client_proxy.core.pipelines_file import PipelineError
 from client_proxy.core.services import ConfigError
 from client_proxy.logs import uvicorn_log_config
-from client_proxy.workers import WORKERS_DIR, Supervisor
+from client_proxy.workers import GENERATION, WORKERS_DIR, Supervisor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     if settings.workers == 1:
+        os.environ.pop(GENERATION, None)
         server = uvicorn.Server(config)
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # of this user's alone where the workers share their metrics.
     with tempfile.TemporaryDirectory(prefix="client-proxy-") as directory:
         os.environ[WORKERS_DIR] = directory
+        os.environ[GENERATION] = "1"
         with contextlib.suppress(KeyboardInterrupt):
             Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,25 @@ from client_proxy.observability import ProxyMetrics
 logger = logging.getLogger("client_proxy.reload")
 #: How long a reload asked of every worker may take to reach this one.
 EVERYWHERE_TIMEOUT_S = 30.0
+
+
+_held: list[int] = []
+
+
+def hold_sighup() -> None:
+    """Until the app's lifespan takes SIGHUP (``sighup_held``), one that arrives is kept rather
+    than stopping the process: with several workers, the supervisor hands each worker the
+    SIGHUP of an admin change, which may come while a worker starts (after it read the files,
+    or before). Only in a process's main thread (elsewhere: nothing to do)."""
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda signum, frame: _held.append(signum))
+
+
+def sighup_held() -> bool:
+    """Whether a SIGHUP came while held (``hold_sighup``); it is forgotten once asked."""
+    held = bool(_held)
+    _held.clear()
+    return held
 
 
 class WorkersLate(ProxyError):

@@ -15,7 +15,10 @@ configuration.
   instead of uvicorn's replacing of the workers. ``POST /admin/reload`` and the admin endpoints'
   changes, which reach one worker, go the same way: that worker writes the services file (it
   is how the workers share the services), sends its supervisor SIGHUP, and answers once its own
-  reload is done.
+  reload is done. Each worker numbers its configurations (``proxy_config_generation``); one
+  that starts after SIGHUPs (a worker replaced) starts at the supervisor's count of them
+  (``GENERATION``), so the same files have the same number in every worker, and a SIGHUP that
+  comes while a worker starts is kept until it can reload (``reloading.hold_sighup``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ logger = logging.getLogger("client_proxy.workers")
 
 #: The variable ``python -m client_proxy`` names the workers' shared directory in.
 WORKERS_DIR = "CLIENT_PROXY_WORKERS_DIR"
+#: The variable the supervisor hands each worker it starts the generation of its files in
+#: (1, and one more at each SIGHUP handed on).
+GENERATION = "CLIENT_PROXY_GENERATION"
 #: How long a scrape waits for another worker's figures.
 ASK_TIMEOUT_S = 2.0
 #: Families whose samples are added up (gauges are merged by name: ``merge``).
@@ -53,10 +59,20 @@ class Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         logger.info("SIGHUP: every worker reloads its configuration")
+        # A worker started from now on reads the files as they are: it starts at their number.
+        os.environ[GENERATION] = str(first_generation() + 1)
         for process in self.processes:
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
+
+
+def first_generation() -> int:
+    """The generation this worker's first configuration has (``GENERATION``; 1 alone)."""
+    try:
+        return max(int(os.environ.get(GENERATION, "1")), 1)
+    except ValueError:
+        return 1
 
 
 def families_of(registry: CollectorRegistry) -> list[Family]:

@@ -47,11 +47,11 @@ from client_proxy.core.services import Service
 from client_proxy.errors import ProxyError
 from client_proxy.logs import RequestObserver, configure_logging
 from client_proxy.observability import ProxyMetrics
-from client_proxy.reloading import Reloader
+from client_proxy.reloading import Reloader, sighup_held
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
-from client_proxy.workers import Sharing, sharing_directory
+from client_proxy.workers import Sharing, first_generation, sharing_directory
 
 logger = logging.getLogger("client_proxy")
 
@@ -77,7 +77,9 @@ def create_app(
     # Off unless the OTEL_* variables switch it on.
     tracing.configure(tracing_settings or TracingSettings.from_environ(os.environ))
     ensemble = ensemble_service(settings, services)
-    config = load_configuration(settings, services, os.environ, changes=stored_changes(settings))
+    config = load_configuration(
+        settings, services, os.environ, generation=first_generation(), changes=stored_changes(settings)
+    )
     metrics = ProxyMetrics()
     gateway = TritonGateway(settings, listener=metrics)
     coalescer = Coalescer(
@@ -275,6 +277,8 @@ def _reload_on_sighup(reloader: Reloader) -> Callable[[], object]:
         return lambda: None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
+    if sighup_held():  # it came while the app started: the files may have changed since read
+        reloader.reload_soon("SIGHUP during the start")
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
