@@ -133,6 +133,14 @@ class Settings(BaseSettings):
     replica too; a composition's service may set its own ``hedge``."""
     hedge_budget: float = Field(0.1, ge=0, le=1)
     """Most hedged calls, as a fraction of a service's calls (a token bucket)."""
+    variant_header: str = Field("x-user-id", pattern=r"^[a-z0-9-]+$", max_length=64)
+    """The request header (gRPC metadata) whose value keeps a caller on one variant of an
+    experiment (any case: read in lower case); without it, the first key of a request by key does."""
+    shadow_concurrency: int = Field(4, ge=1, le=1024)
+    """Most copies of requests one experiment's shadow answers at once, off the requests' path."""
+    shadow_queue: int = Field(64, ge=0, le=100_000)
+    """Most copies waiting for one shadow; past it a copy is dropped and counted
+    (``proxy_shadow_requests_total{outcome="dropped"}``)."""
     grpc_cancel: bool = False
     """Cancel on Triton a gRPC call the proxy no longer waits for (a hedge's loser, a fan-out that
     stopped early, a client gone). Off: the call is left to finish within its deadline and its
@@ -252,6 +260,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("variant_header", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
 
 def check_settings(settings: Settings) -> None:

@@ -108,12 +108,16 @@ class RequestObserver:
     def answered(self, request: InferenceRequest, answer: InferenceAnswer) -> None:
         endpoint = request.endpoint
         named = endpoint.replace("{name}", request.model) if "{" in endpoint else endpoint
+        variant = answer.variant.name if answer.variant is not None else None
         if answer.report is not None:
-            log_steps(request.request_id, named, answer.report)
+            log_steps(request.request_id, named, answer.report, variant)
         else:
-            log_request(request.request_id, named, answer.outcomes)
+            log_request(request.request_id, named, answer.outcomes, variant)
         if answer.partial:
             self._metrics.partial_answers.labels(endpoint).inc()
+
+    def variant_answered(self, experiment: str, variant: str, seconds: float) -> None:
+        self._metrics.experiments.variant_answered(experiment, variant, seconds)
 
     def keys_read(self, store: str, outcome: str, fetched: Fetched | None, missing: int) -> None:
         metrics = self._metrics
@@ -125,18 +129,29 @@ class RequestObserver:
             metrics.feature_keys.inc(("missing",), missing)
 
 
-def log_steps(request_id: str, endpoint: str, report: PipelineResult) -> None:
-    """A pipeline's request line: each step's status and latency, and the Triton calls made."""
+def log_steps(request_id: str, endpoint: str, report: PipelineResult, variant: str | None = None) -> None:
+    """A pipeline's request line: each step's status and latency, and the Triton calls made (and
+    the experiment's ``variant`` that answered)."""
     if logger.isEnabledFor(logging.INFO):
         steps = " ".join(f"{r.step}={r.status}/{r.latency_ms:.1f}ms" for r in report.path)
-        logger.info("request_id=%s endpoint=%s %s calls=%d", request_id, endpoint, steps, report.calls)
+        if variant is not None:
+            steps = f"variant={variant} {steps}"
+        extra = {"variant": variant} if variant is not None else {}
+        logger.info(
+            "request_id=%s endpoint=%s %s calls=%d", request_id, endpoint, steps, report.calls, extra=extra
+        )
 
 
-def log_request(request_id: str, endpoint: str, outcomes: Collection[Outcome]) -> None:
-    """One line per request: each service's outcome and latency, with the request id."""
+def log_request(
+    request_id: str, endpoint: str, outcomes: Collection[Outcome], variant: str | None = None
+) -> None:
+    """One line per request: each service's outcome and latency, with the request id (and the
+    experiment's ``variant`` that answered)."""
     if not logger.isEnabledFor(logging.INFO):
         return
     parts = " ".join(f"{o.service}={o.reason}/{o.latency_s * 1000:.1f}ms" for o in outcomes)
+    if variant is not None:
+        parts = f"variant={variant} {parts}"
     ok = all(o.error is None for o in outcomes)
     trace_id = tracing.trace_id() if tracing.ENABLED else None
     if trace_id is not None:
@@ -168,6 +183,7 @@ def log_request(request_id: str, endpoint: str, outcomes: Collection[Outcome]) -
             "endpoint": endpoint,
             "services": services,
             **({"trace_id": trace_id} if trace_id is not None else {}),
+            **({"variant": variant} if variant is not None else {}),
         },
     )
 

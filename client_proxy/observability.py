@@ -39,7 +39,7 @@ _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 logger = logging.getLogger("client_proxy")
 #: Probes and scrapes: no spans (they would be most of a trace store's traces and say nothing).
@@ -187,7 +187,7 @@ class ProxyMetrics:
             "proxy_http_request_duration_seconds",
             "Time to answer an HTTP request, by route",
             ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.service_calls = LoopCounter(
@@ -200,7 +200,7 @@ class ProxyMetrics:
             "proxy_service_call_duration_seconds",
             "Time for one service's answer, by service",
             ["service"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         # (proxy_service_timeouts_total and proxy_upstream_errors_total, which counted the same
@@ -222,6 +222,11 @@ class ProxyMetrics:
         self.partial_answers = Counter(
             "proxy_partial_answers", "Answers given without every service, by route", ["endpoint"], registry=r
         )
+
+        from client_proxy.experiment_metrics import ExperimentMetrics  # it builds on this module
+
+        self.experiments = ExperimentMetrics(r)
+        """An experiment's variants and shadows (``core/experiments.py``, ``core/shadows.py``)."""
 
         self.replica_calls = LoopCounter(
             "proxy_replica_calls",
@@ -295,7 +300,7 @@ class ProxyMetrics:
             "proxy_feature_lookup_duration_seconds",
             "Time for one feature store lookup (all of a request's keys), by store",
             ["store"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.feature_keys = LoopCounter(
@@ -356,7 +361,7 @@ class ProxyMetrics:
         """Every ``proxy_*`` metric registered here, in order (the documentation's metrics table
         is made from it). The process, platform and garbage-collector collectors are not listed."""
         found = []
-        for metric in vars(self).values():
+        for metric in [*vars(self).values(), *vars(self.experiments).values()]:
             kind, name = getattr(metric, "_type", None), getattr(metric, "_name", None)
             if kind is None or name is None:
                 continue

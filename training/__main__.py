@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from numpy.typing import NDArray
+from sklearn.pipeline import Pipeline
 
 from training import data, export, features, models, repository, wine
 from training.data import CLASS_NAMES
@@ -67,7 +68,35 @@ def render_wine_report(result: wine.WineResult) -> list[str]:
     return lines
 
 
-def render_report(result: models.TrainingResult, wine_result: wine.WineResult) -> str:
+def render_candidate_report(
+    result: models.TrainingResult, candidate: Pipeline, x: NDArray[np.float32], y: NDArray[np.int64]
+) -> list[str]:
+    """What the example experiment's shadow measures, computed here: the rows whose label the
+    candidate changes."""
+    served = models.class_probabilities(result.classifiers, x)
+    replaced = served.copy()
+    replaced[:, CLASS_NAMES.index(models.CANDIDATE_OF)] = candidate.predict_proba(x)[:, 0]
+    changed = int((served.argmax(axis=1) != replaced.argmax(axis=1)).sum())
+    accuracy = float((replaced.argmax(axis=1) == y).mean())
+    return [
+        f"## The candidate {models.CANDIDATE}",
+        "",
+        f"A second version of {models.CANDIDATE_OF}'s classifier, for the example experiment",
+        "(docs/experiments.md): linear (`StandardScaler -> LogisticRegression`, C=1), trained on",
+        f"the same rows. With it in place of {models.CANDIDATE_OF}, the combined label changes on",
+        f"{changed} of the {len(y)} rows, and the accuracy on all rows is {accuracy:.4f}",
+        f"(against {result.all_rows_label_accuracy:.4f}).",
+        "",
+    ]
+
+
+def render_report(
+    result: models.TrainingResult,
+    wine_result: wine.WineResult,
+    candidate: Pipeline,
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
+) -> str:
     """The committed report: only figures that every CPU reproduces (no floating-point noise digits)."""
     lines = [
         "# Training report",
@@ -98,6 +127,7 @@ def render_report(result: models.TrainingResult, wine_result: wine.WineResult) -
         "it). On one machine, retraining writes the same bytes.",
         "",
     ]
+    lines += render_candidate_report(result, candidate, x, y)
     lines += render_wine_report(wine_result)
     return "\n".join(lines)
 
@@ -131,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         except export.ExportMismatchError as exc:
             print(f"error: ONNX export check failed for model {exc}", file=sys.stderr)
             return 1
+    candidate = models.train_candidate(x, y, seed=args.seed)
+    onnx_models[models.CANDIDATE] = export.classifier_to_onnx(candidate, models.CANDIDATE)
+    try:
+        diffs[models.CANDIDATE] = export.check_classifier(
+            candidate, onnx_models[models.CANDIDATE], models.CANDIDATE, x
+        )
+    except export.ExportMismatchError as exc:
+        print(f"error: ONNX export check failed for model {exc}", file=sys.stderr)
+        return 1
     aggregate = export.aggregate_model()
     _check_aggregate(aggregate, result, x)
 
@@ -155,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
-    for name in CLASS_NAMES:
+    for name in (*CLASS_NAMES, models.CANDIDATE):
         repository.write_model(out, name, repository.classifier_config(name), onnx_models[name])
     repository.write_model(out, repository.AGGREGATE, repository.aggregate_config(), aggregate)
     repository.write_model(out, repository.ENSEMBLE, repository.ensemble_config(), None)
@@ -163,12 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         repository.write_model(
             out, m.name, repository.wine_config(m), wine_models[m.name], labels=wine.WINE_CLASSES
         )
-    report = render_report(result, wine_result)
+    report = render_report(result, wine_result, candidate, x, y)
     (out / REPORT_NAME).write_text(report)
     print(report)
     for name, diff in diffs.items():
         print(f"{name}: max |ONNX - scikit-learn| on every row = {diff:.1e}")
-    written = [*CLASS_NAMES, repository.AGGREGATE, repository.ENSEMBLE, *(m.name for m in wine.MODELS)]
+    written = [
+        *CLASS_NAMES,
+        models.CANDIDATE,
+        repository.AGGREGATE,
+        repository.ENSEMBLE,
+        *(m.name for m in wine.MODELS),
+    ]
     print(f"wrote {', '.join(written)} to {out}")
     csvs = features.write_csvs(args.features or out.resolve().parent / "features")
     print(f"wrote {', '.join(str(p) for p in csvs)} (the feature sets of requests by key)")

@@ -60,6 +60,31 @@ def build_pipeline(seed: int) -> Pipeline:
     )
 
 
+#: A second version of versicolor's classifier, the example experiment's candidate
+#: (``examples/compositions.yaml``, docs/experiments.md): trained with other settings, linear (no
+#: quadratic features), on the same rows. Cheaper, and a little worse: the experiment's shadow
+#: shows on which rows.
+CANDIDATE = "versicolor_v2"
+CANDIDATE_OF = "versicolor"
+
+
+def build_candidate(seed: int) -> Pipeline:
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("clf", LogisticRegression(C=1.0, solver="newton-cholesky", max_iter=200, random_state=seed)),
+        ]
+    )
+
+
+def train_candidate(x: NDArray[np.float32], y: NDArray[np.int64], seed: int = DEFAULT_SEED) -> Pipeline:
+    """``CANDIDATE``, fitted on the training split ``train`` uses."""
+    x_train, _, y_train, _ = train_test_split(x, y, test_size=TEST_SIZE, stratify=y, random_state=seed)
+    model = build_candidate(seed)
+    model.fit(x_train, one_vs_rest(y_train, CLASS_NAMES.index(CANDIDATE_OF)))
+    return model
+
+
 def class_probabilities(classifiers: dict[str, Pipeline], x: NDArray[np.float32]) -> NDArray[np.float64]:
     """P(class) from each classifier, columns in ``CLASS_NAMES`` order: ``[N, 3]``."""
     # predict_proba column 0 is label 0, which is "this class".

@@ -11,7 +11,6 @@ import orjson
 from numpy.typing import NDArray
 
 from client_proxy.core.dataplane import InferenceAnswer
-from client_proxy.core.features import Fetched
 from client_proxy.core.outcomes import FanOutResult, Outcome, failure
 from client_proxy.core.pipelines import Pipeline, PipelineResult
 from client_proxy.core.rules import Alert
@@ -103,13 +102,16 @@ def with_alerts(body: dict[str, Any], alerts: Sequence[Alert]) -> dict[str, Any]
     return body
 
 
-def with_keys(body: dict[str, Any], fetched: Fetched | None) -> dict[str, Any]:
-    """``body`` with the key of each row (``keys``) and the keys not found (``missing_keys``,
-    and ``partial``), for a request by key; as it was otherwise."""
+def finished(body: dict[str, Any], answer: InferenceAnswer) -> dict[str, Any]:
+    """``body`` with, for a request by key, the key of each row (``keys``) and the keys not found
+    (``missing_keys``, and ``partial``); for an experiment, the ``variant`` that answered."""
+    fetched = answer.fetched
     if fetched is not None:
         body.update(fetched.describe())
         if fetched.missing:
             body["partial"] = True
+    if answer.variant is not None:
+        body["variant"] = answer.variant.name
     return body
 
 
@@ -117,19 +119,19 @@ def with_keys(body: dict[str, Any], fetched: Fetched | None) -> dict[str, Any]:
 def seed_predictions(answer: InferenceAnswer) -> dict[str, Any]:
     """``/predict``: every service's ``[P(class), P(other)]``, the keys for a request by key."""
     assert answer.result is not None
-    return with_keys(predictions_body(answer.result, answer.one_row), answer.fetched)
+    return finished(predictions_body(answer.result, answer.one_row), answer)
 
 
 def seed_label(answer: InferenceAnswer) -> dict[str, Any]:
     """``/predict/label``: the label per row (the fan-out's or the ensemble's), the keys."""
-    return with_keys(label_body(seed_labels(answer), answer.one_row, answer.result), answer.fetched)
+    return finished(label_body(seed_labels(answer), answer.one_row, answer.result), answer)
 
 
 def composition_predictions(answer: InferenceAnswer) -> dict[str, Any]:
     """``/compositions/{name}/predict``: each service's output, the alerts, the keys."""
     assert answer.result is not None
     body = with_alerts(predictions_body(answer.result, answer.one_row), answer.alerts)
-    return with_keys(body, answer.fetched)
+    return finished(body, answer)
 
 
 def composition_label(answer: InferenceAnswer) -> dict[str, Any]:
@@ -137,14 +139,14 @@ def composition_label(answer: InferenceAnswer) -> dict[str, Any]:
     when some service did not answer, the alerts, the keys."""
     rows = label_rows(answer)
     body = with_missing({"prediction": rows[0] if answer.one_row else rows}, answer.result)
-    return with_keys(with_alerts(body, answer.alerts), answer.fetched)
+    return finished(with_alerts(body, answer.alerts), answer)
 
 
 def pipeline_answer(answer: InferenceAnswer) -> dict[str, Any]:
     """``/pipelines/{name}``: the label per row, the path taken, each step's latency, the keys."""
     pipeline, report = answer.target, answer.report
     assert isinstance(pipeline, Pipeline) and report is not None
-    return with_keys(report_body(pipeline, report, one_row=answer.one_row), answer.fetched)
+    return finished(report_body(pipeline, report, one_row=answer.one_row), answer)
 
 
 def report_body(pipeline: Pipeline, result: PipelineResult, one_row: bool) -> dict[str, Any]:

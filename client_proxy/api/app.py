@@ -28,6 +28,7 @@ from client_proxy.api.fastlane import FastLane, document
 from client_proxy.api.reading import ARRIVAL
 from client_proxy.api.routes import admin, health, predict, v2
 from client_proxy.api.routes import compositions as composition_routes
+from client_proxy.api.routes import experiments as experiment_routes
 from client_proxy.api.routes import pipelines as pipeline_routes
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.config import (
@@ -44,6 +45,7 @@ from client_proxy.core.declared import Configuration, load_configuration
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.served import ServedModels
 from client_proxy.core.services import Service
+from client_proxy.core.shadows import Shadows
 from client_proxy.errors import ProxyError
 from client_proxy.logs import RequestObserver, configure_logging
 from client_proxy.observability import ProxyMetrics
@@ -114,6 +116,19 @@ def create_app(
         state.features = open_store(settings.feature_store, settings.feature_store_pool)
     alerter = state.alerts = Alerter(metrics, _webhook_sender(settings, config, metrics))
     models = ServedModels(gateway, config)
+    # The experiments' shadows run on a dataplane of their own: their calls are never coalesced
+    # with the requests', and their rules raise no alerts (core/shadows.py).
+    shadow_plane = DataPlane(
+        models,
+        gateway,
+        FanOut(gateway.infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
+        RequestObserver(metrics),
+        settings.timeout_policy,
+        settings.feature_set,
+    )
+    state.shadows = Shadows(
+        shadow_plane, metrics.experiments, settings.shadow_concurrency, settings.shadow_queue
+    )
     state.plane = DataPlane(
         models,
         gateway,
@@ -124,6 +139,7 @@ def create_app(
         state.features,
         state.alerts,
         Ensemble(ensemble, ensemble_rows) if ensemble is not None else None,
+        state.shadows,
     )
 
     def on_config(config: Configuration) -> None:
@@ -169,6 +185,8 @@ def create_app(
                 watcher.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=settings.deadline_ms / 1000)
+            if state.shadows is not None:
+                await state.shadows.aclose()  # copies, not answers: not waited for
             if state.sharing is not None:
                 await state.sharing.aclose()  # after the last request: its counts kept for the others
             if alerter.webhooks is not None:
@@ -203,6 +221,7 @@ def create_app(
     app.include_router(composition_routes.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
+        app.include_router(experiment_routes.router)
     # The inference routes, declared once: the lane serves them, FastAPI documents them.
     lane_routes = [*predict.ROUTES, *composition_routes.ROUTES, *pipeline_routes.ROUTES, *v2.ROUTES]
     document(app, lane_routes)

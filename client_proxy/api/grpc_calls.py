@@ -91,8 +91,8 @@ class Context:
         self._metadata = metadata
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The client's trace context headers (``traceparent``, ``tracestate``): the only
-        metadata this server keeps."""
+        """The metadata the server keeps (``LeanGrpcServer.kept``: the trace context, and what
+        chooses an experiment's variant)."""
         return self._metadata
 
     def time_remaining(self) -> float | None:

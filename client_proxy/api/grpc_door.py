@@ -122,6 +122,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     def __init__(self, state: ProxyState) -> None:
         self._state = state
+        self._variant_header = state.settings.variant_header
 
     @property
     def _timeout(self) -> float:
@@ -226,9 +227,17 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         try:
             self._version(request.model_name, request.model_version)
             outputs = [o.name for o in request.outputs] or None
+            variant = variant_key = None
+            for key, value in context.invocation_metadata() or ():
+                if key == "x-variant":
+                    variant = str(value)
+                elif key == self._variant_header:
+                    variant_key = str(value)
             try:
                 inference = self._inference(
-                    request, outputs, CallOptions(request_id, None, started, deadline)
+                    request,
+                    outputs,
+                    CallOptions(request_id, None, started, deadline, variant, variant_key),
                 )
             except ProxyError:
                 state.plane.models.find(request.model_name)  # unknown: NOT_FOUND whatever the inputs
@@ -292,6 +301,7 @@ async def start(state: ProxyState, host: str, port: int) -> Door:
                 connection_window=settings.grpc_connection_window,
             ),
             max_connections=settings.grpc_max_connections,
+            kept=grpc_calls.TRACE_HEADERS | {b"x-variant", settings.variant_header.encode()},
         )
         try:
             # Every uvicorn worker starts its own door: with several, they share the port.

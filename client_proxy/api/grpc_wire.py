@@ -94,8 +94,12 @@ class LeanGrpcServer:
         max_message_bytes: int,
         limits: Limits | None = None,
         max_connections: int = 1024,
+        kept: frozenset[bytes] = TRACE_HEADERS,
     ) -> None:
+        """``kept``: the metadata a handler is given (``Context.invocation_metadata``); the rest
+        is read and dropped."""
         self.methods = {path.encode(): method for path, method in methods.items()}
+        self.kept = kept
         self.max_message_bytes = max_message_bytes
         limits = limits or Limits()
         # A whole message must fit the connection's receive window, which comes back only when
@@ -238,6 +242,7 @@ class _ServerConnection(Connection):
         method = path = content_type = timeout = None
         encoding: bytes = b"identity"
         metadata: list[tuple[str, str]] = []
+        kept = self._server.kept
         problem = ""
         regular = False
         seen = 0
@@ -261,7 +266,7 @@ class _ServerConnection(Connection):
                     timeout = value
                 elif name == b"grpc-encoding":
                     encoding = value
-                elif name in TRACE_HEADERS:
+                elif name in kept:
                     metadata.append((name.decode("latin-1"), value.decode("latin-1")))
                 else:
                     problem = field_problem(name, value) or problem

@@ -257,7 +257,7 @@ def inference_request(
     )
     return InferenceRequest(
         model, endpoint, options.request_id, options.started, deadline, policy,
-        tensors=tensors, outputs=outputs,
+        tensors=tensors, outputs=outputs, variant=options.variant, variant_key=options.variant_key,
     )  # fmt: skip
 
 
@@ -311,7 +311,8 @@ def outputs_of(
     """The answer as the protocol's output tensors (those ``asked``, all when None) and response
     parameters: a composition's ``scores``, ``label``, ``proba``, ``class_name`` (each service's
     output with ``aggregator: none``), a pipeline's ``class_name``, ``proba``, ``stopped_at``, a
-    service's own; a partial answer's missing services and the alerts in the parameters."""
+    service's own; a partial answer's missing services, the alerts, and an experiment's
+    ``variant`` in the parameters."""
     if answer.outputs is not None:
         outputs, parameters = answer.outputs, {}
     elif answer.report is not None:
@@ -329,6 +330,8 @@ def outputs_of(
         outputs, parameters = _composition_outputs(answer)
     if asked is not None:
         outputs = {o: outputs[o] for o in asked if o in outputs}
+    if answer.variant is not None:
+        parameters = {**parameters, "variant": answer.variant.name}
     return outputs, parameters
 
 

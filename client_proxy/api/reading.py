@@ -39,6 +39,10 @@ class CallOptions:
     deadline: float
     """``time.monotonic()`` instant by which the answer must be sent (a composition's own
     ``deadline_ms`` may shorten it: the dataplane's)."""
+    variant: str | None = None
+    """``X-Variant``: the experiment's variant the client asks for."""
+    variant_key: str | None = None
+    """The ``PROXY_VARIANT_HEADER`` header: what keeps the caller on one variant."""
 
 
 POLICIES = {p.value: p for p in TimeoutPolicy}
@@ -87,7 +91,14 @@ def call_options(request: Request, settings: Settings) -> CallOptions:
                 )
             budget_ms = min(asked, ceiling_ms)
     request_id, started = request.scope.get(ARRIVAL) or ("", time.monotonic())
-    return CallOptions(request_id, policy, started, started + budget_ms / 1000.0)
+    return CallOptions(
+        request_id,
+        policy,
+        started,
+        started + budget_ms / 1000.0,
+        header(request, "x-variant"),
+        header(request, settings.variant_header),
+    )
 
 
 _HEADERS = "client_proxy.headers"
@@ -186,5 +197,13 @@ async def inference_request(
 def with_options(options: CallOptions, model: str, endpoint: str, **fields: Any) -> InferenceRequest:
     """The request for ``model`` with ``options``' id, start, deadline and policy, and ``fields``."""
     return InferenceRequest(
-        model, endpoint, options.request_id, options.started, options.deadline, options.policy, **fields
+        model,
+        endpoint,
+        options.request_id,
+        options.started,
+        options.deadline,
+        options.policy,
+        variant=options.variant,
+        variant_key=options.variant_key,
+        **fields,
     )

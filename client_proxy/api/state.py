@@ -17,6 +17,7 @@ from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore
 from client_proxy.core.rules import AlertSink
 from client_proxy.core.services import Service
+from client_proxy.core.shadows import Shadows
 from client_proxy.observability import ProxyMetrics
 from client_proxy.triton.gateway import TritonGateway
 
@@ -43,6 +44,8 @@ class ProxyState:
     """Where the rules' alerts go (``client_proxy.alerts.Alerter``): counted, logged, posted."""
     sharing: Sharing | None = None
     """With several workers: this worker's side of the metrics they share (``client_proxy.workers``)."""
+    shadows: Shadows | None = None
+    """What runs the experiments' shadows, and keeps their disagreeing rows (``core/shadows.py``)."""
     plane: DataPlane = field(init=False)
     """Every inference request's one path (``client_proxy.core.dataplane``), whichever door."""
 

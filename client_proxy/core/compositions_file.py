@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from client_proxy.core import yamlfile
 from client_proxy.core.compositions import AGGREGATOR_NAMES, Composition, Member
+from client_proxy.core.experiments import ExperimentSpec, read_experiments
 from client_proxy.core.features import FEATURE_SET
 from client_proxy.core.rules import read_rules
 from client_proxy.core.services import (
@@ -72,7 +73,18 @@ def load_compositions(
     default_protocol: Protocol,
     environ: Mapping[str, str],
 ) -> dict[str, Composition]:
-    """The compositions in ``path``; ``CompositionError`` naming the line for anything invalid.
+    """The compositions in ``path`` (``read_compositions_file``)."""
+    return read_compositions_file(path, services, default_protocol, environ).compositions
+
+
+def read_compositions_file(
+    path: Path,
+    services: Mapping[str, Service],
+    default_protocol: Protocol,
+    environ: Mapping[str, str],
+) -> CompositionsFile:
+    """The compositions and experiments in ``path``; ``CompositionError`` naming the line for
+    anything invalid.
 
     A service is the one ``services`` (the ``SERVICE_*`` variables) names, or its own ``target``,
     in which ``${VAR}`` and ``${VAR:-default}`` are read from ``environ`` (the caller's: the
@@ -90,7 +102,21 @@ def load_compositions(
     found = {}
     for name, node in root["compositions"].value.items():
         found[name] = _composition(name, node, services, default_protocol, fail, environ)
-    return found
+
+    def candidate_service(name: str, node: Node) -> Service:
+        return _target(f"experiment candidate {name!r}", name, node, default_protocol, fail, environ)
+
+    experiments = read_experiments(root.get("experiments"), fail, candidate_service)
+    return CompositionsFile(found, experiments)
+
+
+@dataclass(frozen=True)
+class CompositionsFile:
+    """What a compositions file declares."""
+
+    compositions: dict[str, Composition]
+    experiments: dict[str, ExperimentSpec]
+    """Bound to the models once the pipelines are read too (``declared.load_configuration``)."""
 
 
 def _composition(
@@ -241,16 +267,8 @@ def _member(
     if unknown:
         raise fail(entry, f"composition {composition!r}, service {name!r}: unknown key(s) {sorted(unknown)}")
     if "target" in fields:
-        target = expand(str(fields["target"].value), environ)
-        if target is None:
-            raise fail(
-                fields["target"], f"composition {composition!r}, service {name!r}: target "
-                f"{fields['target'].value!r} names an environment variable that is not set (and no default)"
-            )  # fmt: skip
-        try:
-            service = parse_service(name, target, default_protocol, f"service {name!r}")
-        except ConfigError as exc:
-            raise fail(fields["target"], f"composition {composition!r}: {exc}") from None
+        owner = f"composition {composition!r}"
+        service = _target(owner, name, fields["target"], default_protocol, fail, environ)
     elif name in services:
         service = services[name]
     else:
@@ -277,3 +295,19 @@ def _member(
             raise fail(fields["hedge"], str(exc)) from None
         service = replace(service, hedge=hedge)
     return Member(service, float(weight.value))
+
+
+def _target(
+    owner: str, name: str, node: Node, default_protocol: Protocol, fail: Any, environ: Mapping[str, str]
+) -> Service:
+    """The service ``name`` a ``target`` entry declares, its ``${VAR}`` read from ``environ``."""
+    target = expand(str(node.value), environ)
+    if target is None:
+        raise fail(
+            node, f"{owner}, service {name!r}: target {node.value!r} names an environment variable "
+            "that is not set (and no default)"
+        )  # fmt: skip
+    try:
+        return parse_service(name, target, default_protocol, f"service {name!r}")
+    except ConfigError as exc:
+        raise fail(node, f"{owner}: {exc}") from None

@@ -23,6 +23,7 @@ happens in between happens here, once, for every door:
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from numpy.typing import NDArray
 
 from client_proxy.core.aggregators import Aggregated
 from client_proxy.core.compositions import Composition
+from client_proxy.core.experiments import Experiment, Variant
 from client_proxy.core.fanout import FanOut
 from client_proxy.core.features import FeatureStore, Fetched, fetch_rows
 from client_proxy.core.outcomes import FanOutResult, Outcome
@@ -40,6 +42,7 @@ from client_proxy.core.pipelines import PipelineResult
 from client_proxy.core.rules import Alert, AlertSink
 from client_proxy.core.served import Gateway, Kind, Model, Served, ServedModels
 from client_proxy.core.services import OwnNothing, Service, TimeoutPolicy, time_left
+from client_proxy.core.shadows import ShadowJob, Shadows
 from client_proxy.core.tensors import Inputs, row_count
 from client_proxy.errors import (
     FeatureStoreError,
@@ -82,6 +85,10 @@ class InferenceRequest:
     target: Model | None = None
     """The model, when the door has it already (the compositions' label door reads its
     aggregator first); None: looked up here (404 for an unknown one)."""
+    variant: str | None = None
+    """The variant the client asked for (``X-Variant``), for an experiment that allows it."""
+    variant_key: str | None = None
+    """What keeps a caller on one variant of an experiment (``PROXY_VARIANT_HEADER``)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +118,10 @@ class InferenceAnswer:
     """A stream's last word when it could not be answered (``infer`` raises instead)."""
     outcomes: Collection[Outcome] = ()
     """Every service call's outcome, in order."""
+    experiment: Experiment | None = None
+    """The experiment the model asked for is (``experiments.py``); None: it is none."""
+    variant: Variant | None = None
+    """The experiment's variant that answered."""
 
     @property
     def partial(self) -> bool:
@@ -125,6 +136,9 @@ class Observer(Protocol):
 
     def keys_read(self, store: str, outcome: str, fetched: Fetched | None, missing: int) -> None:
         """A feature-store lookup: ``ok``, ``timeout`` or ``unavailable``; keys found and missing."""
+
+    def variant_answered(self, experiment: str, variant: str, seconds: float) -> None:
+        """An experiment's variant answered a request (its run took ``seconds``)."""
 
 
 EnsembleCall = Callable[[Service, Inputs, str, float], Awaitable[NDArray[Any]]]
@@ -178,8 +192,10 @@ class DataPlane:
         store: FeatureStore | None = None,
         sink: AlertSink | None = None,
         ensemble: Ensemble | None = None,
+        shadows: Shadows | None = None,
     ) -> None:
-        """``ensemble``: Triton's own ensemble, answering the seed's ``?route=ensemble``."""
+        """``ensemble``: Triton's own ensemble, answering the seed's ``?route=ensemble``;
+        ``shadows``: what runs the experiments' shadows (None: a shadow's plane, which has none)."""
         self.models = models
         self.gateway = gateway
         self.fanout = fanout
@@ -189,14 +205,33 @@ class DataPlane:
         self.store = store
         self.sink = sink
         self._ensemble = ensemble
+        self.shadows = shadows
 
     # -- one request -------------------------------------------------------------------------
     async def infer(self, request: InferenceRequest) -> InferenceAnswer:
         """The answer to ``request``; a ``ProxyError`` (4xx/5xx) when it cannot be given."""
         model, answer, x, deadline = await self._prepare(request)
+        if answer.experiment is None:
+            await model.run(self, answer, x, request, deadline)
+            self._observer.answered(request, answer)
+            return answer
+        started = time.monotonic()
         await model.run(self, answer, x, request, deadline)
         self._observer.answered(request, answer)
+        self._experimented(request, answer, x, started)
         return answer
+
+    def _experimented(
+        self, request: InferenceRequest, answer: InferenceAnswer, x: Inputs, started: float
+    ) -> None:
+        """An experiment's variant answered: counted, and copies to the shadows it has."""
+        experiment, variant = answer.experiment, answer.variant
+        assert experiment is not None and variant is not None
+        self._observer.variant_answered(experiment.name, variant.name, time.monotonic() - started)
+        shadows = self.shadows
+        if shadows is not None:
+            for shadow in experiment.shadows_for(variant):
+                shadows.offer(ShadowJob(experiment, variant, shadow, x, answer, request))
 
     async def stream(self, request: InferenceRequest) -> tuple[InferenceAnswer, AsyncIterator[Outcome]]:
         """A composition's answer, to be filled, and its services' outcomes the moment each
@@ -205,7 +240,7 @@ class DataPlane:
         model, answer, x, deadline = await self._prepare(request)
         if not isinstance(model, Composition):
             raise InvalidInput(f"{request.model!r} is a {model.kind}: only a composition streams")
-        return answer, self._stream(request, model, answer, x, deadline)
+        return answer, self._stream(request, model, answer, x, deadline, time.monotonic())
 
     async def _stream(
         self,
@@ -214,6 +249,7 @@ class DataPlane:
         answer: InferenceAnswer,
         x: Inputs,
         deadline: float,
+        started: float,
     ) -> AsyncIterator[Outcome]:
         arrived: dict[str, Outcome] = {}
         fail_fast = answer.policy is TimeoutPolicy.ALL_OR_NOTHING
@@ -231,6 +267,8 @@ class DataPlane:
             answer.error = exc
         else:
             self._observer.answered(request, answer)
+            if answer.experiment is not None:
+                self._experimented(request, answer, x, started)
 
     # -- the steps ---------------------------------------------------------------------------
     async def _prepare(self, request: InferenceRequest) -> tuple[Model, InferenceAnswer, Inputs, float]:
@@ -242,11 +280,21 @@ class DataPlane:
             model = self._ensemble
         else:
             model = request.target or self.models.find(request.model, request.kind)
+        experiment = variant = None
+        if isinstance(model, Experiment):
+            experiment = model
+            key = request.variant_key
+            if key is None and request.keys:
+                key = request.keys[0]
+            variant = experiment.choose(request.variant, key)
+            model = variant.model
+        elif request.variant is not None:
+            raise InvalidInput(f"X-Variant: {request.model!r} is not an experiment: it has no variants")
         deadline = request.deadline
         if model.deadline_ms is not None:
             deadline = min(deadline, request.started + model.deadline_ms / 1000)
         policy = request.policy or model.timeout_policy or self._default_policy
-        answer = InferenceAnswer(model, policy, 0)
+        answer = InferenceAnswer(model, policy, 0, experiment=experiment, variant=variant)
         x = (
             request.inputs
             if request.inputs is not None

@@ -16,14 +16,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
-from client_proxy.core.compositions_file import load_compositions
+from client_proxy.core.compositions_file import CompositionError, CompositionsFile, read_compositions_file
+from client_proxy.core.experiments import Experiment, ExperimentSpec, bind_experiments
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.pipelines_file import configured_pipelines
 from client_proxy.core.services import Service
+
+if TYPE_CHECKING:
+    from client_proxy.core.served import Model
 
 #: The admin endpoints' changes a configuration remembers (``/metadata``, the services file).
 MAX_CHANGES = 100
@@ -48,12 +52,17 @@ class Configuration:
     """The admin endpoints' changes to the services, newest last (``MAX_CHANGES`` at most)."""
     loaded_at: float = field(default_factory=time.time)
     """When it was made (Unix time)."""
+    experiment_specs: Mapping[str, ExperimentSpec] = field(default_factory=dict)
+    """The compositions file's experiments, as declared (bound to the models: ``experiments``)."""
 
     default: Composition = field(init=False, repr=False, compare=False)
     """The ``default`` composition: the file's, else the services with the seed's rule."""
     by_name: dict[str, Service] = field(init=False, repr=False, compare=False)
     """Every service by name: the compositions' members and the ``SERVICE_*`` services, which win
     a name both have. What a pipeline may name, and what the protocol serves as a model."""
+    experiments: dict[str, Experiment] = field(init=False, repr=False, compare=False)
+    """The experiments, their variants this configuration's models (``CompositionError`` when
+    one names a model it does not have)."""
 
     def __post_init__(self) -> None:
         default = self.compositions.get("default") or Composition(
@@ -64,6 +73,20 @@ class Configuration:
         )
         object.__setattr__(self, "default", default)
         object.__setattr__(self, "by_name", service_map(self.services, self.compositions.values()))
+        where = self.compositions_source
+
+        def fail(line: int, message: str) -> CompositionError:
+            return CompositionError(f"{where}: line {line}: {message}")
+
+        object.__setattr__(self, "experiments", bind_experiments(self.experiment_specs, self.model, fail))
+
+    def model(self, name: str) -> Model | None:
+        """The composition, pipeline or service ``name`` (in that order), experiments aside."""
+        if name in self.compositions:
+            return self.compositions[name]
+        if name == "default":
+            return self.default
+        return self.pipelines.get(name) or self.by_name.get(name)
 
     def with_services(self, services: Sequence[Service], change: Mapping[str, Any]) -> Configuration:
         """The next configuration: the same files, these ``SERVICE_*`` services (the admin
@@ -78,6 +101,7 @@ class Configuration:
             self.pipelines_source,
             self.generation + 1,
             (*self.changes, change)[-MAX_CHANGES:],
+            experiment_specs=self.experiment_specs,
         )
 
     def every_service(self) -> list[Service]:
@@ -87,6 +111,8 @@ class Configuration:
         found = {id(s): s for s in self.by_name.values()}
         for composition in self.compositions.values():
             found.update((id(s), s) for s in composition.services)
+        for experiment in self.experiments.values():
+            found.update((id(v.model), v.model) for v in experiment.variants if isinstance(v.model, Service))
         return list(found.values())
 
     def describe(self) -> dict[str, object]:
@@ -99,6 +125,7 @@ class Configuration:
             "services": [s.name for s in self.services],
             "compositions": sorted(self.compositions),
             "pipelines": sorted(self.pipelines),
+            "experiments": sorted(self.experiments),
         }
 
 
@@ -121,13 +148,14 @@ def load_configuration(
     """The compositions and pipelines files over ``services``, their ``${VAR}`` read from
     ``environ``; ``CompositionError`` or ``PipelineError`` naming the file and line for a mistake.
     ``warn``: log that the shipped pipelines are left out."""
-    compositions = (
-        load_compositions(
+    declared = (
+        read_compositions_file(
             settings.compositions_file, {s.name: s for s in services}, settings.protocol, environ
         )
         if settings.compositions_file is not None
-        else {}
+        else CompositionsFile({}, {})
     )
+    compositions = declared.compositions
     pipelines, source = configured_pipelines(
         settings.pipelines_file, service_map(services, compositions.values()), environ, warn
     )
@@ -139,4 +167,5 @@ def load_configuration(
         source,
         generation,
         tuple(changes)[-MAX_CHANGES:],
+        experiment_specs=declared.experiments,
     )

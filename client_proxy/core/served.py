@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import Contract, ContractMismatch
+from client_proxy.core.experiments import Experiment
 from client_proxy.core.services import Service, TimeoutPolicy
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import (
@@ -281,15 +282,17 @@ class ServedModels:
         self._gateway = gateway
         self.config = config
         """The configuration now: read once per lookup; replaced, never changed (``swap``)."""
-        self._described: dict[str, tuple[Any, Served]] = {}
+        self._described: dict[tuple[str, str], tuple[Any, Served]] = {}
+        """By the name asked for and the model that answers it (an experiment's variants each)."""
 
     def swap(self, config: Configuration) -> Configuration:
         """Puts ``config`` in place for the next lookups (requests already running keep the
         models they found); the one it replaces is returned."""
         old, self.config = self.config, config
         served = {DEFAULT_ALIAS, "default", *config.compositions, *config.pipelines, *config.by_name}
-        for name in [n for n in self._described if n not in served]:
-            del self._described[name]
+        served.update(config.experiments)
+        for key in [k for k in self._described if k[0] not in served]:
+            del self._described[key]
         return old
 
     def find(self, name: str, kind: Kind | None = None) -> Model:
@@ -297,6 +300,10 @@ class ServedModels:
         default one), a pipeline or a service, in that order, or only of ``kind``; 404 otherwise
         (``UnknownComposition`` and ``UnknownPipeline`` naming the known ones, for their doors)."""
         config = self.config
+        if config.experiments:
+            experiment = config.experiments.get("default" if name == DEFAULT_ALIAS and kind is None else name)
+            if experiment is not None and kind in (None, experiment.kind):
+                return experiment
         if kind in (None, "composition"):
             if name in config.compositions:
                 return config.compositions[name]
@@ -316,7 +323,8 @@ class ServedModels:
 
     def names(self) -> list[str]:
         config = self.config
-        return [DEFAULT_ALIAS, *config.compositions, *config.pipelines, *config.by_name]
+        names = [DEFAULT_ALIAS, *config.compositions, *config.pipelines, *config.by_name]
+        return list(dict.fromkeys([*names, *config.experiments]))
 
     async def read_tensors(
         self,
@@ -341,11 +349,13 @@ class ServedModels:
         ``target``: the model, already looked up (``find``)."""
         if target is None:
             target = self.find(name)
+        if isinstance(target, Experiment):  # shown as its primary; each variant as itself
+            target = target.primary.model
         kind = target.kind
         services = target.inputs_go_to()
         contracts = await _contracts(self._gateway, services, timeout)
         key = (target, tuple(map(id, services)), tuple(map(id, contracts)))
-        cached = self._described.get(name)
+        cached = self._described.get((name, target.name))
         if cached is not None and cached[0] == key:
             return cached[1]
         if isinstance(target, Service):
@@ -373,7 +383,7 @@ class ServedModels:
         else:
             inputs, batch, _ = _shared_inputs(contracts)
             served = Served(name, kind, target, inputs, _PIPELINE_OUTPUTS, batch, services)
-        self._described[name] = (key, served)
+        self._described[(name, target.name)] = (key, served)
         return served
 
     async def ready(self, name: str, timeout: float) -> bool:

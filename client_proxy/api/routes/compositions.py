@@ -16,10 +16,10 @@ from starlette.responses import StreamingResponse
 from client_proxy.api.answers import (
     composition_label,
     composition_predictions,
+    finished,
     line,
     service_line,
     with_alerts,
-    with_keys,
     with_missing,
 )
 from client_proxy.api.fastlane import route
@@ -87,7 +87,7 @@ async def stream(request: Request) -> StreamingResponse:
         else:
             if answer.error is not None:
                 final.update(answer.error.body())
-            with_keys(with_missing(with_alerts(final, answer.alerts), answer.result), answer.fetched)
+            finished(with_missing(with_alerts(final, answer.alerts), answer.result), answer)
         yield line(final)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")

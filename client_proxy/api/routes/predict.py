@@ -10,13 +10,13 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from client_proxy.api.answers import (
+    finished,
     label_body,
     line,
     seed_label,
     seed_labels,
     seed_predictions,
     service_line,
-    with_keys,
 )
 from client_proxy.api.fastlane import route
 from client_proxy.api.inputs import SAMPLE_ROW, parse_rows
@@ -81,7 +81,7 @@ async def predict_stream(request: Request) -> StreamingResponse:
     async def lines() -> AsyncIterator[bytes]:
         async for outcome in outcomes:
             yield service_line(outcome, answer.one_row)
-        yield line(with_keys(_final_line(answer), answer.fetched))
+        yield line(finished(_final_line(answer), answer))
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
