@@ -27,6 +27,7 @@ def test_without_a_token_the_admin_endpoints_do_not_exist(triton: TritonServer) 
             == 404
         )
         assert "/admin/services" not in httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert httpx.get(f"{url}/experiments", headers=AUTH).status_code == 404
 
 
 def test_add_and_remove_take_effect_at_once_and_survive_a_restart(
@@ -113,6 +114,25 @@ def test_the_admin_token_with_several_workers_needs_a_services_file(triton: Trit
         "client_proxy: error: PROXY_ADMIN_TOKEN with PROXY_WORKERS=2 needs PROXY_SERVICES_FILE: "
         "the workers share the admin endpoints' changes through it"
     ]
+
+
+def test_a_service_an_experiment_answers_with_cannot_be_removed(triton: TritonServer, tmp_path: Path) -> None:
+    compositions = tmp_path / "compositions.yaml"
+    compositions.write_text(
+        "compositions: {}\nexperiments:\n  versicolor:\n    candidates:\n"
+        f"      versicolor_b: {{target: '{triton.grpc_url}/versicolor_v2', shadow: 100}}\n"
+    )
+    no_pipelines = tmp_path / "pipelines.yaml"
+    no_pipelines.write_text("pipelines: {}\n")
+    chosen = settings(admin_token=TOKEN, compositions_file=compositions, pipelines_file=no_pipelines)
+    with running_proxy(chosen, services_on(triton, "grpc")) as url:
+        response = httpx.delete(f"{url}/admin/services/versicolor", headers=AUTH)
+        assert response.status_code == 409, response.text
+        message = response.json()["error"]["message"]
+        assert "experiment 'versicolor'" in message and "compositions file" in message
+        listed = httpx.get(f"{url}/experiments", headers=AUTH).json()["experiments"]
+        assert listed["versicolor"]["variants"]["versicolor_b"]["kind"] == "service"
+        assert httpx.delete(f"{url}/admin/services/setosa", headers=AUTH).status_code == 200
 
 
 def test_a_service_used_by_a_pipeline_cannot_be_removed(triton: TritonServer) -> None:

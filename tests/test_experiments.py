@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,11 +21,13 @@ import onnxruntime as ort
 import pytest
 from numpy.typing import NDArray
 
+from bench.webhook_receiver import webhook_receiver
 from client_proxy.core.experiments import key_point
 from local_triton import TritonServer, free_ports
 
 from .conftest import MODEL_REPOSITORY
 from .helpers import metric, proxy_process, services_on, settings
+from .servers import loaded_store
 
 TOKEN = "experiments-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -175,12 +177,24 @@ def test_a_90_10_split_holds_over_2000_requests_and_is_sticky_per_caller(
 def test_the_agreement_counted_equals_onnxruntime_and_the_sample_holds_the_disagreeing_rows(
     triton: TritonServer, tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]]
 ) -> None:
+    with ExitStack() as stack:
+        _agreement(stack, triton, tmp_path, iris)
+
+
+def _agreement(
+    stack: ExitStack,
+    triton: TritonServer,
+    tmp_path: Path,
+    iris: tuple[NDArray[np.float32], NDArray[np.int64]],
+) -> None:
     x, _ = iris
     expected = _ort_labels(x, "versicolor")
     theirs = _ort_labels(x, "versicolor_v2")
     differing = {i for i in range(len(x)) if expected[i] != theirs[i]}
     assert 0 < len(differing) < 20  # the candidate disagrees somewhere, as TRAINING.md says
-    experiments = "  iris:\n    candidates:\n      iris_v2: {shadow: 100}\n    sample: 50\n"
+    receiver = stack.enter_context(webhook_receiver())
+    shadowed = "  iris:\n    candidates:\n      iris_v2: {shadow: 100}\n    sample: 50\n"
+    experiments = f"{shadowed}    webhook: {receiver.url}\n"
     with _proxy(triton, tmp_path, _file(triton.grpc_url, experiments)) as url:
         where: dict[tuple[str, int], int] = {}
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -215,7 +229,8 @@ def test_the_agreement_counted_equals_onnxruntime_and_the_sample_holds_the_disag
         assert metric(text, "proxy_shadow_score_delta_sum", **versicolor) == pytest.approx(
             delta.sum(), abs=1e-3
         )
-        assert metric(text, "proxy_shadow_score_delta_sum", **{**labels, "class": "setosa"}) == 0
+        # the same model, batched otherwise: the same to float32's last bits
+        assert metric(text, "proxy_shadow_score_delta_sum", **{**labels, "class": "setosa"}) < 1e-5
 
         report = httpx.get(f"{url}/experiments/iris", headers=AUTH, timeout=10).json()
         assert report["rows"] == {
@@ -229,6 +244,12 @@ def test_the_agreement_counted_equals_onnxruntime_and_the_sample_holds_the_disag
         for i, d in rows.items():
             assert d["answered"]["variant"] == "iris" and d["answered"]["label"] == expected[i]
             assert d["shadow"]["variant"] == "iris_v2" and d["shadow"]["label"] == theirs[i]
+        # Posted to the experiment's webhook too: each request's disagreeing rows, once.
+        posted = [p.payload for p in receiver.wait_for(len({r["request_id"] for r in rows.values()}))]
+        assert all(p["type"] == "disagreement" and p["experiment"] == "iris" for p in posted)
+        assert sorted(where[(p["request_id"], r["row"])] for p in posted for r in p["rows"]) == sorted(
+            differing
+        )
         assert httpx.get(f"{url}/experiments/iris", timeout=10).status_code == 401
         assert httpx.get(f"{url}/experiments/nope", headers=AUTH, timeout=10).status_code == 404
 
@@ -361,3 +382,32 @@ def test_promote_and_roll_back_by_reload_under_load(
     for number, (_, allowed) in enumerate(stages):
         answered = {v for s, v in seen if s == number}
         assert answered and answered <= allowed, (number, answered)
+
+
+def test_a_request_by_key_keeps_its_variant_by_its_first_key(triton: TritonServer, tmp_path: Path) -> None:
+    experiments = "  iris:\n    candidates:\n      iris_v2: {split: 30, shadow: 100}\n"
+    file = _file(triton.grpc_url, experiments)
+    with (
+        loaded_store("sqlite", tmp_path) as store,
+        _proxy(triton, tmp_path, file, feature_store=store) as url,
+    ):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for i in range(60):
+                keys = [f"flower-{i}", f"flower-{149 - i}"]
+                want = "iris_v2" if key_point("iris", keys[0]) >= 70 else "iris"
+                for _ in range(2):
+                    body = client.post("/compositions/iris/label", json={"keys": keys}).json()
+                    assert body["variant"] == want and body["keys"] == keys, body
+            # The header, when sent, is the caller's key rather than the rows'.
+            header = client.post(
+                "/compositions/iris/label", json={"keys": ["flower-0"]}, headers={"X-User-ID": "user-7"}
+            ).json()
+            assert header["variant"] == ("iris_v2" if key_point("iris", "user-7") >= 70 else "iris")
+        # The shadow got the rows read once, not the keys to read again.
+        deadline = time.monotonic() + 30
+        while metric(_scrape(url), "proxy_shadow_rows_total", experiment="iris") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        report = httpx.get(f"{url}/experiments/iris", headers=AUTH, timeout=10).json()
+        assert all(d["key"].startswith("flower-") for d in report["disagreements"])
+        assert metric(_scrape(url), "proxy_feature_lookups_total") == 121  # one per request

@@ -126,8 +126,13 @@ def create_app(
         settings.timeout_policy,
         settings.feature_set,
     )
+
+    def post(url: str, source: str, payload: dict[str, Any]) -> None:
+        if alerter.webhooks is not None:
+            alerter.webhooks.submit(url, source, payload)
+
     state.shadows = Shadows(
-        shadow_plane, metrics.experiments, settings.shadow_concurrency, settings.shadow_queue
+        shadow_plane, metrics.experiments, settings.shadow_concurrency, settings.shadow_queue, post
     )
     state.plane = DataPlane(
         models,
@@ -259,12 +264,14 @@ def _cors(origins: list[str]) -> Callable[[ASGIApp], ASGIApp] | None:
 
 
 def _webhook_sender(settings: Settings, config: Configuration, metrics: ProxyMetrics) -> WebhookSender | None:
-    """The webhook sender, when some rule has a webhook (none otherwise: no client, no task)."""
+    """The webhook sender, when some rule or experiment has a webhook (none otherwise: no client,
+    no task)."""
     rules = [
         *((c.name, r) for c in config.compositions.values() for r in c.rules),
         *((p.name, r) for p in config.pipelines.values() for r in p.rules),
     ]
     hooked = [f"{owner}/{rule.name}" for owner, rule in rules if rule.webhook is not None]
+    hooked += [f"experiment/{e.name}" for e in config.experiments.values() if e.webhook is not None]
     if not hooked:
         return None
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret is not None else None

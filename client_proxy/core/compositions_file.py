@@ -106,7 +106,9 @@ def read_compositions_file(
     def candidate_service(name: str, node: Node) -> Service:
         return _target(f"experiment candidate {name!r}", name, node, default_protocol, fail, environ)
 
-    experiments = read_experiments(root.get("experiments"), fail, candidate_service)
+    experiments = read_experiments(
+        root.get("experiments"), fail, candidate_service, lambda text: expand(text, environ)
+    )
     return CompositionsFile(found, experiments)
 
 

@@ -15,6 +15,7 @@ Declared in the compositions file, beside the compositions::
         allow_pin: true            # X-Variant: iris_v2 chooses (default: refused, 403)
         sample: 100                # disagreeing rows kept for GET /experiments/iris
         shadow_deadline_ms: 2000   # a shadow's own deadline (default: its request's budget)
+        webhook: "${DISAGREEMENT_WEBHOOK_URL:-}"   # the disagreeing rows posted, as alerts are
 
 Which variant answers a request (``Experiment.choose``): the one ``X-Variant`` names when the
 experiment allows it; else the one the caller's key falls in (the ``PROXY_VARIANT_HEADER``
@@ -39,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.rules import read_webhook
+from client_proxy.core.services import Service, TimeoutPolicy, valid_name
 from client_proxy.core.tensors import Inputs
 from client_proxy.core.yamlfile import Node
 from client_proxy.errors import InvalidInput, ProxyError
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 #: Disagreeing rows an experiment keeps (``sample``) by default, and at most.
 DEFAULT_SAMPLE = 100
 MAX_SAMPLE = 10_000
-_KEYS = {"description", "primary", "candidates", "allow_pin", "sample", "shadow_deadline_ms"}
+_KEYS = {"description", "primary", "candidates", "allow_pin", "sample", "shadow_deadline_ms", "webhook"}
 _CANDIDATE_KEYS = {"target", "split", "shadow"}
 
 
@@ -85,6 +87,8 @@ class Experiment:
     allow_pin: bool = False
     sample: int = DEFAULT_SAMPLE
     shadow_deadline_ms: float | None = None
+    webhook: str | None = None
+    """Where each shadow's disagreeing rows are posted (``client_proxy.alerts``); None: nowhere."""
 
     _ranges: tuple[tuple[float, Variant], ...] = field(init=False, repr=False, compare=False)
     _shadows: tuple[Variant, ...] = field(init=False, repr=False, compare=False)
@@ -170,6 +174,7 @@ class Experiment:
             "allow_pin": self.allow_pin,
             "sample": self.sample,
             "shadow_deadline_ms": self.shadow_deadline_ms,
+            "webhook": self.webhook,
         }
 
 
@@ -286,22 +291,25 @@ class ExperimentSpec:
     allow_pin: bool
     sample: int
     shadow_deadline_ms: float | None
+    webhook: str | None
 
 
 def read_experiments(
     node: Node | None,
     fail: Callable[[Node, str], ValueError],
     make_service: Callable[[str, Node], Service],
+    expand: Callable[[str], str | None],
 ) -> dict[str, ExperimentSpec]:
     """The file's ``experiments`` mapping, checked as far as it can be without the models;
-    ``make_service(name, target node)``: a candidate's own Triton model."""
+    ``make_service(name, target node)``: a candidate's own Triton model; ``expand``: a webhook's
+    ``${VAR}``."""
     if node is None:
         return {}
     if not isinstance(node.value, dict):
         raise fail(node, "experiments must be a mapping of experiment names")
     found = {}
     for name, entry in node.value.items():
-        found[name] = _experiment(name, entry, fail, make_service)
+        found[name] = _experiment(name, entry, fail, make_service, expand)
     return found
 
 
@@ -317,9 +325,8 @@ def _experiment(
     node: Node,
     fail: Callable[[Node, str], ValueError],
     make_service: Callable[[str, Node], Service],
+    expand: Callable[[str], str | None],
 ) -> ExperimentSpec:
-    from client_proxy.core.services import valid_name
-
     owner = f"experiment {name!r}"
     if not valid_name(name):
         raise fail(node, f"experiment name {name!r} must be lower-case letters, digits and '_'")
@@ -381,6 +388,7 @@ def _experiment(
         allow_pin.value,
         sample.value,
         float(deadline.value) if deadline is not None else None,
+        read_webhook(fields.get("webhook"), owner, fail, expand),
     )
 
 
@@ -437,5 +445,6 @@ def bind_experiments(
             spec.allow_pin,
             spec.sample,
             spec.shadow_deadline_ms,
+            spec.webhook,
         )
     return found

@@ -162,7 +162,12 @@ def read_rules(
         if not isinstance(severity.value, str) or not severity.value:
             raise fail(severity, f"{where}: severity must be a word, such as 'warning' or 'critical'")
         rules.append(
-            Rule(name.value, condition, severity.value, _webhook(fields.get("webhook"), where, fail, expand))
+            Rule(
+                name.value,
+                condition,
+                severity.value,
+                read_webhook(fields.get("webhook"), where, fail, expand),
+            )
         )
     return tuple(rules)
 
@@ -183,12 +188,14 @@ def _unusable(condition: Condition, services: Sequence[str], classes: Sequence[s
     return ""
 
 
-def _webhook(
+def read_webhook(
     node: Node | None,
     where: str,
     fail: Callable[[Node, str], ValueError],
     expand: Callable[[str], str | None],
 ) -> str | None:
+    """A ``webhook`` entry (a rule's, an experiment's): an http(s) URL, its ``${VAR}`` read by
+    ``expand``; None when there is none, or its optional variable is empty."""
     if node is None:
         return None
     url = expand(str(node.value))

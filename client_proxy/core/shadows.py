@@ -16,7 +16,8 @@ its place in a coalesced batch:
 
 Each compared row is counted (``agree``, ``disagree``, or ``failed`` when the shadow gave no
 answer), each class's score difference observed, and each disagreeing row kept in the
-experiment's sample (the newest ``sample`` of them): ``GET /experiments/<name>``.
+experiment's sample (the newest ``sample`` of them): ``GET /experiments/<name>``; with a
+``webhook``, posted there too, as the rules' alerts are (queued, retried, signed).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from client_proxy.core.experiments import Comparison, Experiment, Variant, Verdict, compare, verdict_of
+from client_proxy.core.experiments import Experiment, Variant, Verdict, compare, verdict_of
 from client_proxy.core.services import time_left
 from client_proxy.core.tensors import Inputs
 from client_proxy.errors import ProxyError
@@ -78,9 +79,18 @@ class _Lane:
 class Shadows:
     """Runs the shadows (see the module) and keeps each experiment's disagreeing rows."""
 
-    def __init__(self, plane: DataPlane, observer: ShadowObserver, concurrency: int, queue: int) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        observer: ShadowObserver,
+        concurrency: int,
+        queue: int,
+        post: Callable[[str, str, dict[str, Any]], object] | None = None,
+    ) -> None:
         """``plane``: the shadows' own (see the module); ``concurrency`` and ``queue``: each
-        shadow's (a slow one takes none of another's)."""
+        shadow's (a slow one takes none of another's); ``post(url, source, payload)``: where an
+        experiment's ``webhook`` gets its disagreeing rows (``client_proxy.alerts``)."""
+        self._post = post
         self._plane = plane
         self._observer = observer
         self._concurrency = max(concurrency, 1)
@@ -158,8 +168,14 @@ class Shadows:
         self._observer.score_deltas(name, answered.name, shadow.name, comparison.deltas)
         self._count(name, "agree", rows - len(disagreeing))
         self._count(name, "disagree", len(disagreeing))
-        if disagreeing and experiment.sample > 0:
-            self._keep(job, ours, theirs, comparison, disagreeing)
+        if disagreeing and (experiment.sample > 0 or experiment.webhook is not None):
+            found = self._rows(job, ours, theirs, disagreeing)
+            if experiment.sample > 0:
+                self._keep(experiment, found)
+            if experiment.webhook is not None and self._post is not None:
+                payload = {"type": "disagreement", "experiment": name, "request_id": job.request.request_id,
+                           "time": found[0]["at"], "rows": found}  # fmt: skip
+                self._post(experiment.webhook, f"experiment/{name}", payload)
 
     async def _answer(self, job: ShadowJob) -> Verdict | None:
         """The shadow's answer to the copy, or None when it gave none (logged at DEBUG)."""
@@ -198,25 +214,29 @@ class Shadows:
         counts = self.counts.setdefault(experiment, {"agree": 0, "disagree": 0, "failed": 0, "dropped": 0})
         counts[outcome] += rows
 
-    def _keep(
-        self, job: ShadowJob, ours: Verdict, theirs: Verdict, comparison: Comparison, rows: list[int]
-    ) -> None:
-        name = job.experiment.name
-        sample = self._samples.get(name)
-        if sample is None or sample.maxlen != job.experiment.sample:
-            sample = self._samples[name] = deque(sample or (), maxlen=job.experiment.sample)
+    def _rows(
+        self, job: ShadowJob, ours: Verdict, theirs: Verdict, disagreeing: list[int]
+    ) -> list[dict[str, Any]]:
+        """The disagreeing rows as an operator reads them: request id, row, both answers."""
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for i in rows:
-            sample.append(
-                {
-                    "at": at,
-                    "request_id": job.request.request_id,
-                    "row": i,
-                    **({"key": job.answer.fetched.keys[i]} if job.answer.fetched is not None else {}),
-                    "answered": {"variant": job.answered.name, **ours.row(i)},
-                    "shadow": {"variant": job.shadow.name, **theirs.row(i)},
-                }
-            )
+        fetched = job.answer.fetched
+        return [
+            {
+                "at": at,
+                "request_id": job.request.request_id,
+                "row": i,
+                **({"key": fetched.keys[i]} if fetched is not None else {}),
+                "answered": {"variant": job.answered.name, **ours.row(i)},
+                "shadow": {"variant": job.shadow.name, **theirs.row(i)},
+            }
+            for i in disagreeing
+        ]
+
+    def _keep(self, experiment: Experiment, rows: list[dict[str, Any]]) -> None:
+        sample = self._samples.get(experiment.name)
+        if sample is None or sample.maxlen != experiment.sample:  # new, or resized by a reload
+            sample = self._samples[experiment.name] = deque(sample or (), maxlen=experiment.sample)
+        sample.extend(rows)
 
     def sample(self, experiment: str) -> list[dict[str, Any]]:
         """The experiment's disagreeing rows kept, the oldest first."""

@@ -321,13 +321,17 @@ def test_webhooks_without_a_secret_start_with_a_warning_naming_them(caplog: pyte
 
     hooked = Rule("sure", parse("proba >= 0.9"), "critical", "http://127.0.0.1:9/alerts")
     declared = types.SimpleNamespace(
-        compositions={"iris": types.SimpleNamespace(name="iris", rules=[hooked])}, pipelines={}
+        compositions={"iris": types.SimpleNamespace(name="iris", rules=[hooked])},
+        pipelines={},
+        experiments={"canary": types.SimpleNamespace(name="canary", webhook="http://127.0.0.1:9/rows")},
     )
     with caplog.at_level(logging.WARNING, logger="client_proxy"):
         sender = _webhook_sender(load_settings(), declared, ProxyMetrics())  # type: ignore[arg-type]
     assert sender is not None
     (record,) = [r for r in caplog.records if "PROXY_WEBHOOK_SECRET" in r.getMessage()]
-    assert record.getMessage() == "PROXY_WEBHOOK_SECRET is not set: the webhooks of iris/sure are not signed"
+    assert record.getMessage() == (
+        "PROXY_WEBHOOK_SECRET is not set: the webhooks of iris/sure, experiment/canary are not signed"
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="client_proxy"):
         _webhook_sender(load_settings(webhook_secret=SECRET), declared, ProxyMetrics())  # type: ignore[arg-type]

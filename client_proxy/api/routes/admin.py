@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from client_proxy.api.state import JSON, ProxyState
 from client_proxy.config import save_services
+from client_proxy.core.compositions_file import CompositionError
 from client_proxy.core.services import ConfigError, Service, parse_service
 from client_proxy.errors import Conflict, InvalidInput, ProxyError, Unauthorized, UnknownService
 
@@ -75,7 +76,10 @@ async def _apply(state: ProxyState, services: list[Service], change: dict[str, A
     """The change applied: kept in ``PROXY_SERVICES_FILE`` when set, then served (by every worker:
     through the file and a reload of each, ``client_proxy.workers``)."""
     change["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    changed = state.config.with_services(services, change)
+    try:
+        changed = state.config.with_services(services, change)
+    except CompositionError as exc:  # an experiment names the service: the file must change first
+        raise Conflict(f"{exc.args[0].partition(': ')[2]}; change the compositions file first") from None
     if state.settings.services_file is not None:
         try:
             save_services(state.settings.services_file, changed.services, changed.changes)
