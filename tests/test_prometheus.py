@@ -151,13 +151,32 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     A fourth service whose model Triton does not have makes the partial answers, the failed
     calls and a replica's ejection that some panels show."""
     services = [*services_on(triton, "grpc"), Service("ghost", "grpc", triton.grpc_url, "no_such_model")]
-    with running_proxy(settings(), services) as proxy_url:
+    # An experiment, for the experiments' panels: iris_v2 answers a tenth and shadows the rest,
+    # on rows where it disagrees with iris now and then (python -m training: 4 of the 150).
+    compositions = tmp_path / "compositions.yaml"
+    members = {"setosa": "setosa", "versicolor": "versicolor", "virginica": "virginica"}
+    compositions.write_text(
+        "compositions:\n"
+        + "".join(
+            f"  {name}:\n    services:\n"
+            + "".join(f"      {s}: {{target: '{triton.grpc_url}/{m}'}}\n" for s, m in models.items())
+            + "    aggregator: one_vs_rest\n"
+            for name, models in (("iris", members), ("iris_v2", {**members, "versicolor": "versicolor_v2"}))
+        )
+        + "experiments:\n  iris:\n    candidates:\n      iris_v2: {split: 10, shadow: 100}\n"
+    )
+    no_pipelines = tmp_path / "pipelines.yaml"
+    no_pipelines.write_text("pipelines: {}\n")
+    chosen = settings(compositions_file=compositions, pipelines_file=no_pipelines)
+    rows = {"data": [[5.1, 3.5, 1.4, 0.2], [5.9, 3.2, 4.8, 1.8], [6.0, 2.2, 5.0, 1.5]]}  # 0, 70, 119
+    with running_proxy(chosen, services) as proxy_url:
         stop = threading.Event()
 
         def traffic() -> None:
             with httpx.Client(base_url=proxy_url, timeout=10) as client:
                 while not stop.is_set():
                     client.post("/predict/label", json={"data": [[5.1, 3.5, 1.4, 0.2]] * 3})
+                    client.post("/compositions/iris/label", json=rows)
                     time.sleep(0.02)
 
         load = threading.Thread(target=traffic, daemon=True)
