@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import alerts, by_key, connections, cpu_profile, perf_analyzer, resilience, workers
+from bench import alerts, by_key, connections, cpu_profile, perf_analyzer, resilience, shadows, workers
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.processes import MODELS, serve, start_proxy
@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         overload = resilience.overload_section(triton, 2.0 if args.smoke else 2 * args.seconds, args.repeats)
         tracing = _tracing_section(results, levels, receiver, traced_requests)
         rules = alerts.alerts_section(triton, args.seconds, args.repeats, args.warmup)
+        shadowing = shadows.shadows_section(triton, args.seconds, args.repeats, args.warmup)
         several = workers.workers_section(triton, args.seconds, args.repeats, args.warmup)
     replicas = resilience.replicas_section(args.seconds, args.repeats, args.warmup)
     keys = by_key.by_key_section(args.seconds, args.repeats, args.warmup)
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         render_markdown(rows, header, verdicts, CEILING, SEED)
         + tracing
         + rules
+        + shadowing
         + keys
         + oip
         + profiles

@@ -48,6 +48,13 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
                 "receiver down (connection refused)", "receiver slow (answers after 1 s)",
                 "receiver answers 500"):  # fmt: skip
         assert f"| {row} |" in report, row
+    # Shadows: none, on every request, sampled; every shadow's copies were answered or dropped.
+    assert "## Shadows" in report
+    shadows = report.split("## Shadows", 1)[1].split("\n## ", 1)[0]
+    for row in ("no experiment", "shadow on every request", "shadow on 10 % (sampled)"):
+        assert f"| {row} |" in shadows, row
+    every = next(line for line in shadows.splitlines() if line.startswith("| shadow on every request |"))
+    assert int(every.split("|")[-3].strip().replace(",", "")) > 0  # copies answered
     # Inputs by key: the three ways on each store, and where the time goes.
     assert "## Inputs by key" in report and "Where the time goes" in report
     for store in ("sqlite", "redis", "postgresql"):

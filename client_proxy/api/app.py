@@ -116,12 +116,18 @@ def create_app(
         state.features = open_store(settings.feature_store, settings.feature_store_pool)
     alerter = state.alerts = Alerter(metrics, _webhook_sender(settings, config, metrics))
     models = ServedModels(gateway, config)
-    # The experiments' shadows run on a dataplane of their own: their calls are never coalesced
-    # with the requests', and their rules raise no alerts (core/shadows.py).
+    # The experiments' shadows run on a dataplane of their own: their calls are coalesced among
+    # themselves, never with the requests', and their rules raise no alerts (core/shadows.py).
+    shadow_coalescer = Coalescer(gateway.infer, settings.max_rows, settings.in_flight_per_service)
     shadow_plane = DataPlane(
         models,
         gateway,
-        FanOut(gateway.infer, settings.service_timeout_ms / 1000, on_outcome=metrics.observe_outcome),
+        FanOut(
+            shadow_coalescer.infer if settings.coalesce else gateway.infer,
+            settings.service_timeout_ms / 1000,
+            on_outcome=metrics.observe_outcome,
+            submitter=shadow_coalescer if settings.coalesce else None,
+        ),
         RequestObserver(metrics),
         settings.timeout_policy,
         settings.feature_set,
@@ -200,6 +206,7 @@ def create_app(
             if state.features is not None:
                 await state.features.aclose()
             await coalescer.aclose()
+            await shadow_coalescer.aclose()
             await ensemble_coalescer.aclose()
             closed = await gateway.aclose()
             logger.info("shut down: closed the clients of %d Triton server(s)", closed)

@@ -10,8 +10,8 @@ its place in a coalesced batch:
 - a shadow has its own deadline (the experiment's ``shadow_deadline_ms``, else its request's
   budget), counted from when it starts, and its own timeout policy (the client's, else its
   model's, else the one the request was answered with);
-- its Triton calls go one by one, never coalesced with the requests' (``shadow_plane``: a
-  dataplane of its own whose fan-out does not batch, and whose rules raise no alerts);
+- its Triton calls are coalesced with other shadows' only, never with the requests' (a
+  dataplane of its own, with a coalescer of its own, whose rules raise no alerts);
 - whatever it raises is its own failure, counted (``failed``), never the client's.
 
 Each compared row is counted (``agree``, ``disagree``, or ``failed`` when the shadow gave no
