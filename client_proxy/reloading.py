@@ -58,6 +58,8 @@ def hold_sighup() -> None:
     or before). Only in a process's main thread (elsewhere: nothing to do)."""
     if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda signum, frame: _held.append(signum))
+        # A worker starts with SIGHUP blocked (client_proxy.workers): one already sent arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def sighup_held() -> bool:

@@ -57,6 +57,20 @@ class Supervisor(Multiprocess):
     """uvicorn's supervisor of the worker processes, which on SIGHUP replaces every worker; this
     one hands SIGHUP to each worker instead, and each reloads its configuration in place."""
 
+    # A worker is started with SIGHUP blocked, so that one sent before it can take it waits for it
+    # (``reloading.hold_sighup`` unblocks it) instead of ending it, which is what it does by default.
+    def init_processes(self) -> None:
+        with _sighup_blocked():
+            super().init_processes()
+
+    def keep_subprocess_alive(self) -> None:
+        with _sighup_blocked():
+            super().keep_subprocess_alive()
+
+    def handle_ttin(self) -> None:
+        with _sighup_blocked():
+            super().handle_ttin()
+
     def handle_hup(self) -> None:
         logger.info("SIGHUP: every worker reloads its configuration")
         # A worker started from now on reads the files as they are: it starts at their number.
@@ -65,6 +79,16 @@ class Supervisor(Multiprocess):
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _sighup_blocked() -> Iterator[None]:
+    """SIGHUP held back in this thread (and in the processes it starts, which inherit the mask)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def first_generation() -> int:

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from local_triton import TritonServer, models_in
 from training import CLASS_NAMES, wine
+from training.models import CANDIDATE
 
 from .conftest import MODEL_REPOSITORY
 
@@ -41,7 +42,9 @@ def infer(client: Client, model: str, x: np.ndarray, outputs: list[str]) -> list
 
 def test_every_model_in_the_repository_is_ready(client: Client) -> None:
     names = models_in(MODEL_REPOSITORY)
-    assert set(names) == {*CLASS_NAMES, "aggregate", "iris_ensemble", *(m.name for m in wine.MODELS)}
+    assert set(names) == {
+        *CLASS_NAMES, CANDIDATE, "aggregate", "iris_ensemble", *(m.name for m in wine.MODELS)
+    }
     assert client.is_server_ready()
     for name in names:
         assert client.is_model_ready(name), name

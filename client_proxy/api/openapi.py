@@ -43,6 +43,14 @@ PARAMETERS: dict[str, Any] = {
             "schema": {"type": "number", "minimum": 50},
         },
         {
+            "name": "X-Variant",
+            "in": "header",
+            "required": False,
+            "description": "For an experiment that allows it (allow_pin), the variant that answers; "
+            "the one that did is the answer's 'variant'",
+            "schema": {"type": "string", "maxLength": 128},
+        },
+        {
             "name": "X-Request-ID",
             "in": "header",
             "required": False,

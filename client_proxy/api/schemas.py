@@ -60,6 +60,8 @@ class LabelAnswer(BaseModel):
     prediction: Label | list[Label]
     partial: bool | None = None
     missing: dict[str, Failure] | None = None
+    variant: str | None = None
+    """For an experiment: the variant that answered."""
 
 
 class Health(BaseModel):
@@ -104,6 +106,8 @@ class PipelineAnswer(BaseModel):
     prediction: PipelineLabel | list[PipelineLabel]
     path: list[dict[str, Any]]
     triton_calls: int
+    variant: str | None = None
+    """For an experiment: the variant that answered."""
 
 
 def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:

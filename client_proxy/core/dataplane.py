@@ -19,6 +19,10 @@ happens in between happens here, once, for every door:
    steps (a pipeline), one call (a service), or Triton's own ensemble (``Ensemble``, the seed's
    ``?route=ensemble``); the rules' alerts;
 6. the request log line and the metrics, by the ``Observer``.
+
+An experiment (``experiments.py``) is found in step 1 like a model; the variant that answers is
+chosen there (``Experiment.choose``) and is the model from then on. Once it has answered, copies
+go to the experiment's shadows (``shadows.py``), off the request's path.
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ class InferenceAnswer:
     outcomes: Collection[Outcome] = ()
     """Every service call's outcome, in order."""
     experiment: Experiment | None = None
-    """The experiment the model asked for is (``experiments.py``); None: it is none."""
+    """The experiment the request named (``experiments.py``); None: it named no experiment."""
     variant: Variant | None = None
     """The experiment's variant that answered."""
 

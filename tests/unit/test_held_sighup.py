@@ -3,14 +3,16 @@ process nor is lost; a worker started after SIGHUPs starts at their count (``wor
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from client_proxy.reloading import hold_sighup, sighup_held
-from client_proxy.workers import GENERATION, Supervisor, first_generation
+from client_proxy.workers import GENERATION, Supervisor, _sighup_blocked, first_generation
 
 
 @pytest.fixture
@@ -38,3 +40,24 @@ def test_a_worker_started_after_sighups_starts_at_their_count(monkeypatch: pytes
     assert first_generation() == 3
     monkeypatch.setenv(GENERATION, "not a number")
     assert first_generation() == 1
+
+
+def _worker(go: Any, told: Any) -> None:
+    go.wait(10)  # SIGHUP is sent meanwhile, before this process takes it
+    hold_sighup()
+    told.put(sighup_held())
+
+
+def test_a_worker_started_by_the_supervisor_keeps_a_sighup_sent_before_it_takes_it() -> None:
+    # Before it took SIGHUP, a SIGHUP would have ended the worker: it is started with it blocked.
+    context = multiprocessing.get_context("spawn")  # as uvicorn starts its workers
+    go, told = context.Event(), context.Queue()
+    with _sighup_blocked():
+        worker = context.Process(target=_worker, args=(go, told))
+        worker.start()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()  # this process: as it was
+    os.kill(worker.pid or 0, signal.SIGHUP)
+    go.set()
+    assert told.get(timeout=30) is True
+    worker.join(30)
+    assert worker.exitcode == 0
