@@ -43,7 +43,11 @@ def infer(client: Client, model: str, x: np.ndarray, outputs: list[str]) -> list
 def test_every_model_in_the_repository_is_ready(client: Client) -> None:
     names = models_in(MODEL_REPOSITORY)
     assert set(names) == {
-        *CLASS_NAMES, CANDIDATE, "aggregate", "iris_ensemble", *(m.name for m in wine.MODELS)
+        *CLASS_NAMES,
+        CANDIDATE,
+        "aggregate",
+        "iris_ensemble",
+        *(m.name for m in wine.MODELS),
     }
     assert client.is_server_ready()
     for name in names:
