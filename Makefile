@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 MODEL_FILES := $(foreach m,setosa versicolor virginica aggregate,model_repository/$(m)/1/model.onnx) \
                model_repository/iris_ensemble/config.pbtxt
 
-.PHONY: help install tools perf-analyzer proxy-wheels train models run triton test test-unit bench soak lint lock docs docs-serve clean
+.PHONY: help install tools perf-analyzer proxy-wheels ray train models run triton test test-unit bench soak lint lock docs docs-serve clean
 
 help:
 	@echo "make run      set up, train if needed, serve Triton (:8000/:8001/:8002) and the proxy (:9000)"
@@ -19,7 +19,7 @@ help:
 	@echo "make test-unit  the core's unit tests only (no Triton; seconds)"
 	@echo "make train    retrain and rewrite model_repository/"
 	@echo "make triton   serve the embedded Triton only"
-	@echo "make bench    the proxy against Triton's ensemble and the seed's design (about 25 minutes)"
+	@echo "make bench    the proxy against Triton's ensemble, BLS, Ray Serve and the seed's design (about 40 minutes)"
 	@echo "make soak     the proxy at concurrency 64 for 3 minutes: errors, p99, memory, descriptors"
 	@echo "make lint     ruff and mypy"
 	@echo "make docs     build the documentation site into site/ (offline, --strict)"
@@ -71,7 +71,7 @@ triton: $(VENV)/.installed-run models
 run: $(VENV)/.installed-run models
 	$(BIN)/python -m local_triton.stack
 
-test: $(VENV)/.installed-test models tools perf-analyzer proxy-wheels
+test: $(VENV)/.installed-test models tools perf-analyzer proxy-wheels ray
 	$(BIN)/python -m pytest
 
 # The wheels of requirements/proxy.txt (hash-checked), fetched before the tests, so that the test
@@ -99,8 +99,19 @@ $(PERF_ANALYZER): requirements/perf-analyzer.txt | $(VENV)/.installed-test
 test-unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/unit
 
-bench: $(VENV)/.installed-test models tools perf-analyzer
+bench: $(VENV)/.installed-test models tools perf-analyzer ray
 	$(BIN)/python -m bench
+
+# Ray Serve, a peer of the proxy in make bench ("Peers", bench/peer_bench.py), in an environment of
+# its own inside the venv: kept out of the project's installs (requirements/ray.txt).
+RAY_VENV := $(VENV)/ray
+ray: $(RAY_VENV)/.installed
+$(RAY_VENV)/.installed: requirements/ray.txt | $(BIN)/python
+	rm -rf $(RAY_VENV)
+	$(BIN)/python -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/python -m pip install --quiet --require-hashes --no-deps --only-binary=:all: \
+		-r requirements/ray.txt
+	touch $@
 
 # Not part of `make test`: concurrency 64 for 3 minutes against /predict/label.
 soak: $(VENV)/.installed-test models tools
@@ -121,6 +132,9 @@ lock: $(VENV)/.installed-test
 	$(BIN)/uv pip compile deploy/triton/requirements-test.in -c requirements/triton-by-key.txt --quiet \
 		--python-version 3.10 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 		-o requirements/triton-by-key-test.txt
+	# Ray Serve, make bench's peer, in its own environment (bench/peers/ray.in).
+	$(BIN)/uv pip compile bench/peers/ray.in --quiet --universal --python-version 3.11 --generate-hashes \
+		$(if $(UPGRADE),--upgrade) -o requirements/ray.txt
 
 # The documentation site (mkdocs.yml): --strict, so a broken link or a missing page fails; the
 # settings, metrics and benchmark lists are generated from the code (docs/hooks/generated.py).

@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,9 +31,20 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import alerts, by_key, connections, cpu_profile, perf_analyzer, resilience, shadows, workers
-from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
+from bench import (
+    alerts,
+    by_key,
+    connections,
+    cpu_profile,
+    peer_bench,
+    perf_analyzer,
+    resilience,
+    shadows,
+    workers,
+)
+from bench.loadgen import CpuMeter, Measurement, process_tree, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
+from bench.peer_bench import BLS, RAY
 from bench.processes import MODELS, serve, start_proxy
 from bench.report import Row, check_targets, render_markdown, render_plot
 from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
@@ -46,6 +58,8 @@ ENSEMBLE_BODY = json.dumps(
         "outputs": [{"name": "class_name"}, {"name": "proba"}],
     }
 ).encode()
+
+BLS_BODY = peer_bench.bls_body("iris_bls", SEED_ROW)
 
 CEILING = "Triton iris_ensemble, direct (HTTP)"
 DIRECT = "direct fan-out, async tritonclient (gRPC)"
@@ -360,7 +374,16 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with ExitStack() as stack:
-        triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
+        # model_repository/ and the BLS peers (bench/peer_bench.py), in one Triton.
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        triton = stack.enter_context(
+            TritonServer(
+                model_repository=peer_bench.triton_repository(folder),
+                http_port=0,
+                grpc_port=0,
+                metrics_port=0,
+            )
+        )
         triton_pid = triton.pid
         assert triton_pid is not None
         grpc_door, grpcio_door = free_ports(2)
@@ -397,6 +420,20 @@ def main(argv: list[str] | None = None) -> int:
                    lambda c, s: run_wrk(f"{grpc_proxy}/predict/label?route=ensemble", PROXY_BODY, c, s),
                    {"triton": triton_pid, "proxy": grpc_pid}),
         ]  # fmt: skip
+        # The peers a user might pick instead: Triton BLS on this Triton, Ray Serve beside it.
+        bls_url = f"http://{triton.http_url}/v2/models/iris_bls/infer"
+        targets.append(Target(BLS, lambda c, s: run_wrk(bls_url, BLS_BODY, c, s), {"triton": triton_pid}))
+        ray, ray_reason = peer_bench.start_ray(stack, folder)
+        if ray is not None:
+            targets.append(
+                Target(
+                    RAY, lambda c, s: run_wrk(f"{ray.url}/predict/label", PROXY_BODY, c, s), {"ray": ray.pid}
+                )
+            )
+        else:
+            print(f"bench: Ray Serve not measured: {ray_reason}", flush=True)
+        peer_bench.check_answers(grpc_proxy, triton.http_url, ray)
+        _check_answer(bls_url, BLS_BODY, "virginica")
         _check_answer(ensemble_url, ENSEMBLE_BODY, "virginica")
         _check_answer(f"{traced_proxy}/predict/label", PROXY_BODY, "virginica")
         _check_answer(f"{sampled_proxy}/predict/label", PROXY_BODY, "virginica")
@@ -446,6 +483,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         overload = resilience.overload_section(triton, 2.0 if args.smoke else 2 * args.seconds, args.repeats)
         tracing = _tracing_section(results, levels, receiver, traced_requests)
+        triton_tree = process_tree(triton_pid)
+        memory = peer_bench.memory_mib(
+            {
+                "Triton's ensemble": [triton_pid],
+                "Triton BLS": triton_tree,  # Triton and its Python stubs (the BLS models')
+                "proxy": [triton_pid, *process_tree(grpc_pid)],
+                **({"Ray Serve": process_tree(ray.pid)} if ray is not None else {}),
+            }
+        )
+        peers = peer_bench.peers_section(
+            results,
+            {"Triton's ensemble": CEILING, "Triton BLS": BLS, "Ray Serve": RAY, "proxy": PROXY_GRPC},
+            memory,
+            ray_reason,
+        )
         rules = alerts.alerts_section(triton, args.seconds, args.repeats, args.warmup)
         shadowing = shadows.shadows_section(triton, args.seconds, args.repeats, args.warmup)
         several = workers.workers_section(triton, args.seconds, args.repeats, args.warmup)
@@ -466,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = check_targets(rows, CEILING, DIRECT, PROXY_GRPC, SEED)
     markdown = (
         render_markdown(rows, header, verdicts, CEILING, SEED)
+        + peers
         + tracing
         + rules
         + shadowing

@@ -121,7 +121,9 @@ def render_markdown(
 
 
 _ORDER = [
-    "Triton",
+    "Triton iris_ensemble",
+    "Triton BLS",
+    "Ray Serve",
     "direct",
     "proxy /predict/label over gRPC",
     "proxy /predict/label over HTTP",
@@ -147,7 +149,7 @@ def render_plot(rows: list[Row], path: Path, header: dict[str, str]) -> None:
     levels = sorted({r.concurrency for r in rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5))
     width = 0.84 / max(len(names), 1)
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # a colour each
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(levels))]
         found = [_find(rows, name, c) for c in levels]
@@ -155,7 +157,7 @@ def render_plot(rows: list[Row], path: Path, header: dict[str, str]) -> None:
             (left, [m.throughput if m else 0.0 for m in found], "{:,.0f}"),
             (right, [m.p99_ms if m else 0.0 for m in found], "{:,.1f}"),
         ):
-            bars = axis.bar(xs, values, width, label=name, color=colours(i % 10))
+            bars = axis.bar(xs, values, width, label=name, color=colours(i % 20))
             axis.bar_label(bars, labels=[fmt.format(v) for v in values], rotation=90, padding=2, fontsize=7)
     for axis, title, unit in (
         (left, "Throughput (higher is better)", "requests/s"),

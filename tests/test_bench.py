@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
 
 ROWS = [
@@ -19,9 +21,11 @@ ROWS = [
     "proxy /predict/stream over gRPC",
     "proxy /predict/label?route=ensemble over gRPC",
     "seed design (FastAPI services, httpx client per request)",
+    "Triton BLS iris_bls, direct (HTTP)",
 ]
 
 
+@pytest.mark.timeout(600)  # every section once, Ray Serve's cluster started and stopped among them
 def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
@@ -48,6 +52,13 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
                 "receiver down (connection refused)", "receiver slow (answers after 1 s)",
                 "receiver answers 500"):  # fmt: skip
         assert f"| {row} |" in report, row
+    # Peers: Triton's ensemble, BLS and the proxy; Ray Serve, or the reason it was not measured.
+    peers = report.split("## Peers", 1)[1].split("\n## ", 1)[0]
+    for row in ("Triton's ensemble", "Triton BLS", "proxy"):
+        for concurrency in (1, 16):
+            assert f"| {row} | {concurrency} |" in peers, (row, concurrency)
+    assert "| Ray Serve | 16 |" in peers or "Ray Serve was not measured on this machine: " in peers
+    assert "Where a peer is ahead of the proxy: " in peers or "No peer is ahead" in peers
     # Shadows: none, on every request, sampled; every shadow's copies were answered or dropped.
     assert "## Shadows" in report
     shadows = report.split("## Shadows", 1)[1].split("\n## ", 1)[0]

@@ -63,3 +63,17 @@ def test_serving_installs_no_test_lint_or_benchmark_tool() -> None:
     for lock in ("proxy", "run"):
         assert not tools & set(locked(LOCKS / f"{lock}.txt")), lock
     assert "nvidia-pytriton" not in locked(LOCKS / "proxy.txt")
+
+
+def test_ray_is_locked_for_the_bench_alone() -> None:
+    """Ray Serve, make bench's peer, has a lock of its own (its own environment), with
+    bench/peers/ray.in's pins, and no other lock holds it."""
+    ray = locked(LOCKS / "ray.txt")
+    pins = [
+        line for line in (ROOT / "bench" / "peers" / "ray.in").read_text().splitlines() if line[:1].isalpha()
+    ]
+    assert pins
+    for pin in pins:
+        assert ray.get(_name(pin)) == pin.split("==", 1)[1], f"ray.txt: {pin} (run make lock)"
+    for lock in ("proxy", "run", "train", "test"):
+        assert "ray" not in locked(LOCKS / f"{lock}.txt"), lock

@@ -1,0 +1,99 @@
+"""Ray Serve, a peer of the proxy in ``make bench`` ("Peers"): the three Iris classifiers as three
+deployments running the committed ONNX files with onnxruntime, and an ingress deployment that
+calls them at once through ``DeploymentHandle``s and answers the seed's ``/predict/label``
+(``{"data": [[...]]}`` -> ``{"prediction": {"proba", "label"}}``, a list for N rows), the highest
+P(class) winning, the first on ties, as the proxy's ``one_vs_rest``.
+
+Run in its own virtual environment (``.venv-ray``, from ``requirements/ray.txt``: Ray is kept out
+of the project's own installs) by ``python -m bench.peers.ray_serve --port P``; it serves until
+SIGTERM or SIGINT. A local Ray cluster starts with it (its processes are this one's descendants,
+so the bench counts their CPU), on the CPUs the machine has, without its dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import ray
+from numpy.typing import NDArray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+CLASSES = ("setosa", "versicolor", "virginica")
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+class Classifier:
+    """One classifier: P(class) per row."""
+
+    def __init__(self, path: str) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # as Triton's models are configured
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        p: NDArray[np.float32] = self._session.run(None, {"input": x})[0][:, 0]
+        return p
+
+
+class Ingress:
+    """``POST /predict/label``: the three classifiers at once, the seed's rule over their answers."""
+
+    def __init__(self, *classifiers: Any) -> None:
+        self._classifiers = classifiers
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            x = np.asarray((await request.json())["data"], dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != 4:
+                raise ValueError(f"expected rows of 4 features, not shape {x.shape}")
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        columns = await asyncio.gather(*(c.remote(x) for c in self._classifiers))
+        scores = np.stack(columns, axis=1)
+        label = scores.argmax(axis=1)
+        rows = [{"proba": float(scores[i, j]), "label": CLASSES[j]} for i, j in enumerate(label)]
+        return JSONResponse({"prediction": rows[0] if len(rows) == 1 else rows})
+
+
+def application(repository: Path = REPOSITORY) -> Any:
+    """The ingress bound to the three classifiers, each a deployment that asks Ray for no CPU of
+    its own (four actors on a machine of two cores: Ray would otherwise wait for CPUs to free)."""
+    deployment = serve.deployment(ray_actor_options={"num_cpus": 0})
+    classifiers = [deployment(Classifier).bind(str(repository / n / "1" / "model.onnx")) for n in CLASSES]
+    return deployment(Ingress).bind(*classifiers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.peers.ray_serve", description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--repository", type=Path, default=REPOSITORY)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(application(args.repository), route_prefix="/predict/label")
+        print(f"ray serve: /predict/label on 127.0.0.1:{args.port}", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
