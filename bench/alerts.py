@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_wrk
-from bench.processes import MODELS, compositions_proxy
+from bench.processes import MODELS, compositions_proxy, counts_by_outcome
 from bench.webhook_receiver import WebhookReceiver
 from local_triton import TritonServer, free_ports
 
@@ -41,15 +40,8 @@ def _file(folder: Path, triton: TritonServer, webhook: str | None) -> Path:
 
 def _deliveries(url: str) -> dict[str, float]:
     """``proxy_webhook_deliveries_total`` by outcome, and ``proxy_alerts_total``, from /metrics."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("proxy_webhook_deliveries_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
-        elif line.startswith("proxy_alerts_total{"):
-            found["alerts"] = found.get("alerts", 0.0) + float(line.rsplit(" ", 1)[1])
+    found = counts_by_outcome(url, "proxy_webhook_deliveries_total")
+    found["alerts"] = sum(counts_by_outcome(url, "proxy_alerts_total").values())
     return found
 
 

@@ -76,3 +76,16 @@ def compositions_proxy(stack: ExitStack, compositions: Path, **extra_env: str) -
         serve([sys.executable, "-m", "client_proxy"], env, f"http://127.0.0.1:{port}/health")
     )
     return f"http://127.0.0.1:{port}", process.pid
+
+
+def counts_by_outcome(url: str, family: str) -> dict[str, float]:
+    """The samples of the counter ``family`` (``proxy_..._total``) that ``url``/metrics shows,
+    summed by their ``outcome`` label (``""`` for samples without one)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith((f"{family}{{", f"{family} ")):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0] if 'outcome="' in line else ""
+            found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_wrk
-from bench.processes import MODELS, compositions_proxy
+from bench.processes import MODELS, compositions_proxy, counts_by_outcome
 from local_triton import TritonServer
 
 BODY = b'{"data": [[5.1, 3.5, 1.4, 0.2]]}'  # the seed's row: one of the 146 the two agree on
@@ -39,21 +39,6 @@ def _file(folder: Path, triton: TritonServer, shadow: int | None) -> Path:
     path = folder / f"compositions-{shadow}.yaml"
     path.write_text(text)
     return path
-
-
-def _copies(url: str) -> dict[str, float]:
-    """``proxy_shadow_requests_total`` by outcome, and the rows compared, from /metrics."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("proxy_shadow_requests_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            found[outcome] = found.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
-        elif line.startswith("proxy_shadow_rows_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            found[f"rows {outcome}"] = found.get(f"rows {outcome}", 0.0) + float(line.rsplit(" ", 1)[1])
-    return found
 
 
 def shadows_section(triton: TritonServer, seconds: float, repeats: int, warmup: float) -> str:
@@ -86,7 +71,9 @@ def shadows_section(triton: TritonServer, seconds: float, repeats: int, warmup: 
                     f"errors {m.errors}",
                     flush=True,
                 )
-        copies = {name: _copies(url) for name, (url, _) in proxies.items()}
+        copies = {
+            name: counts_by_outcome(url, "proxy_shadow_requests_total") for name, (url, _) in proxies.items()
+        }
 
     def med(name: str, value: str) -> float:
         ms = measured[name]

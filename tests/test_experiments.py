@@ -411,3 +411,52 @@ def test_a_request_by_key_keeps_its_variant_by_its_first_key(triton: TritonServe
         report = httpx.get(f"{url}/experiments/iris", headers=AUTH, timeout=10).json()
         assert all(d["key"].startswith("flower-") for d in report["disagreements"])
         assert metric(_scrape(url), "proxy_feature_lookups_total") == 121  # one per request
+
+
+CASCADE = """pipelines:
+  iris_cascade:
+    steps:
+      - {name: setosa, services: [setosa], stop_if: "setosa >= 0.9", on_failure: skip}
+      - {name: versicolor_or_virginica, services: [versicolor, virginica], on_failure: fail}
+"""
+
+
+def test_a_pipeline_experiment_is_shadowed_by_a_composition_row_by_row(
+    triton: TritonServer, tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]]
+) -> None:
+    x, _ = iris
+    p = {name: _ort_p(x, name) for name in ("setosa", "versicolor", "virginica")}
+    cascade = [
+        "setosa"
+        if p["setosa"][i] >= 0.9
+        else ("versicolor" if p["versicolor"][i] >= p["virginica"][i] else "virginica")
+        for i in range(len(x))
+    ]
+    composition = _ort_labels(x, "versicolor")
+    differing = sum(a != b for a, b in zip(cascade, composition, strict=True))
+    experiments = "  iris_cascade:\n    candidates:\n      iris: {shadow: 100}\n    allow_pin: true\n"
+    compositions = tmp_path / "compositions.yaml"
+    compositions.write_text(_file(triton.grpc_url, experiments))
+    pipelines = tmp_path / "cascade.yaml"
+    pipelines.write_text(CASCADE)
+    chosen = settings(admin_token=TOKEN, compositions_file=compositions, pipelines_file=pipelines)
+    with proxy_process(chosen, services_on(triton, "grpc")) as (url, _):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            answer = client.post("/pipelines/iris_cascade", json={"data": x.tolist()})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["variant"] == "iris_cascade" and body["pipeline"] == "iris_cascade"
+            assert [p["label"] for p in body["prediction"]] == cascade
+            # The composition only shadows: a pin to it is refused, naming why.
+            pinned = client.post(
+                "/pipelines/iris_cascade", json={"data": x[:1].tolist()}, headers={"X-Variant": "iris"}
+            )
+            assert pinned.status_code == 422 and "only shadows" in pinned.json()["error"]["message"]
+        deadline = time.monotonic() + 30
+        while (compared := metric(_scrape(url), "proxy_shadow_rows_total", experiment="iris_cascade")) < 150:
+            assert time.monotonic() < deadline, compared
+            time.sleep(0.05)
+        text = _scrape(url)
+        labels = {"experiment": "iris_cascade", "variant": "iris_cascade", "shadow": "iris"}
+        assert metric(text, "proxy_shadow_rows_total", outcome="disagree", **labels) == differing
+        assert metric(text, "proxy_shadow_rows_total", outcome="agree", **labels) == 150 - differing

@@ -148,6 +148,11 @@ class Experiment:
                 raise PinRefused(f"experiment {self.name!r} does not allow X-Variant (allow_pin: true)")
             for variant in self.variants:
                 if variant.name == pin:
+                    if variant.model.kind != self.kind:  # a shadow of another kind: no door renders it
+                        raise InvalidInput(
+                            f"X-Variant: {pin!r} is a {variant.model.kind}, {self.name!r} a {self.kind}: "
+                            "it only shadows"
+                        )
                     return variant
             known = ", ".join(v.name for v in self.variants)
             raise InvalidInput(

@@ -118,6 +118,11 @@ def test_the_variant_follows_the_pin_then_the_key_then_the_draw(tmp_path: Path) 
     assert pinned.experiments["iris"].choose("iris_v2", "k1").name == "iris_v2"  # the pin wins
     with pytest.raises(InvalidInput, match=r"known: iris, iris_v2"):
         pinned.experiments["iris"].choose("v3", None)
+    shadowed = _configuration(
+        tmp_path, "  iris:\n    candidates:\n      setosa: {shadow: 5}\n    allow_pin: true\n"
+    )
+    with pytest.raises(InvalidInput, match=r"'setosa' is a service, 'iris' a composition: it only shadows"):
+        shadowed.experiments["iris"].choose("setosa", None)
 
 
 def test_a_key_stays_where_it_is_as_a_candidates_split_grows(tmp_path: Path) -> None:
