@@ -30,7 +30,7 @@ from typing import Any
 
 from client_proxy.core import yamlfile
 from client_proxy.core.compositions import AGGREGATOR_NAMES, Composition, Member
-from client_proxy.core.experiments import ExperimentSpec, read_experiments
+from client_proxy.core.experiments_file import ExperimentSpec, read_experiments
 from client_proxy.core.features import FEATURE_SET
 from client_proxy.core.rules import read_rules
 from client_proxy.core.services import (

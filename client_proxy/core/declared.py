@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from client_proxy.config import Settings
 from client_proxy.core.compositions import Composition, Member
 from client_proxy.core.compositions_file import CompositionError, CompositionsFile, read_compositions_file
-from client_proxy.core.experiments import Experiment, ExperimentSpec, bind_experiments
+from client_proxy.core.experiments import Experiment
+from client_proxy.core.experiments_file import ExperimentSpec, bind_experiments
 from client_proxy.core.pipelines import Pipeline
 from client_proxy.core.pipelines_file import configured_pipelines
 from client_proxy.core.services import Service
