@@ -123,6 +123,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10  # a killed process is gone a moment later, not at once
+    while any(_running(pid) for pid in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
     process.kill()
     process.wait()
 
