@@ -14,7 +14,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.loadgen import CpuMeter, Measurement, run_wrk
+from bench.loadgen import interleaved_runs, run_wrk
 from bench.processes import MODELS, compositions_proxy, counts_by_outcome
 from bench.webhook_receiver import WebhookReceiver
 from local_triton import TritonServer, free_ports
@@ -66,22 +66,11 @@ def alerts_section(triton: TritonServer, seconds: float, repeats: int, warmup: f
             name: compositions_proxy(stack, _file(folder, triton, hook), PROXY_WEBHOOK_SECRET=SECRET)
             for name, hook in hooks.items()
         }
-        measured: dict[str, list[Measurement]] = {}
         for url, _ in proxies.values():
             run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, warmup)
-        for repeat in range(repeats):
-            for name, (url, pid) in proxies.items():
-                meter = CpuMeter({"proxy": pid, "triton": triton.pid or 0})
-                meter.start()
-                m = run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, seconds)
-                m.cpu_s = meter.stop()
-                measured.setdefault(name, []).append(m)
-                print(
-                    f"c={CONCURRENCY:<3} run {repeat + 1}/{repeats} rules, {name:<38} "
-                    f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
-                    f"errors {m.errors}",
-                    flush=True,
-                )
+        measured = interleaved_runs(
+            proxies, "/compositions/iris/label", BODY, CONCURRENCY, repeats, seconds, triton.pid or 0, "rules"
+        )
         outcomes = {name: _deliveries(url) for name, (url, _) in proxies.items()}
         got = {name: len(r.received) for name, r in receivers.items()}
 

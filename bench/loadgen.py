@@ -201,3 +201,33 @@ class CpuMeter:
         if include_self_as:
             used[include_self_as] = time.process_time() - self._own
         return used
+
+
+def interleaved_runs(
+    proxies: dict[str, tuple[str, int]],
+    path: str,
+    body: bytes,
+    concurrency: int,
+    repeats: int,
+    seconds: float,
+    triton_pid: int,
+    section: str,
+) -> dict[str, list[Measurement]]:
+    """wrk on ``path`` of each proxy (name -> (URL, pid)) in turn, ``repeats`` times, each run
+    with the CPU its proxy and Triton used; each run printed under ``section``."""
+    measured: dict[str, list[Measurement]] = {}
+    width = max(len(name) for name in proxies)
+    for repeat in range(repeats):
+        for name, (url, pid) in proxies.items():
+            meter = CpuMeter({"proxy": pid, "triton": triton_pid})
+            meter.start()
+            m = run_wrk(f"{url}{path}", body, concurrency, seconds)
+            m.cpu_s = meter.stop()
+            measured.setdefault(name, []).append(m)
+            print(
+                f"c={concurrency:<3} run {repeat + 1}/{repeats} {section}, {name:<{width}} "
+                f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
+                f"errors {m.errors}",
+                flush=True,
+            )
+    return measured

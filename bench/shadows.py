@@ -15,7 +15,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.loadgen import CpuMeter, Measurement, run_wrk
+from bench.loadgen import interleaved_runs, run_wrk
 from bench.processes import MODELS, compositions_proxy, counts_by_outcome
 from local_triton import TritonServer
 
@@ -57,20 +57,16 @@ def shadows_section(triton: TritonServer, seconds: float, repeats: int, warmup: 
             if b'"label":"setosa"' not in answer:  # the primary's answer, whatever the shadow
                 raise SystemExit(f"bench: unexpected answer from {url}: {answer[:200]!r}")
             run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, warmup)
-        measured: dict[str, list[Measurement]] = {}
-        for repeat in range(repeats):
-            for name, (url, pid) in proxies.items():
-                meter = CpuMeter({"proxy": pid, "triton": triton.pid or 0})
-                meter.start()
-                m = run_wrk(f"{url}/compositions/iris/label", BODY, CONCURRENCY, seconds)
-                m.cpu_s = meter.stop()
-                measured.setdefault(name, []).append(m)
-                print(
-                    f"c={CONCURRENCY:<3} run {repeat + 1}/{repeats} shadows, {name:<28} "
-                    f"{m.throughput:8.1f} req/s  p50 {m.p50_ms:7.2f} ms  p99 {m.p99_ms:7.2f} ms  "
-                    f"errors {m.errors}",
-                    flush=True,
-                )
+        measured = interleaved_runs(
+            proxies,
+            "/compositions/iris/label",
+            BODY,
+            CONCURRENCY,
+            repeats,
+            seconds,
+            triton.pid or 0,
+            "shadows",
+        )
         copies = {
             name: counts_by_outcome(url, "proxy_shadow_requests_total") for name, (url, _) in proxies.items()
         }
