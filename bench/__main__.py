@@ -45,7 +45,7 @@ from bench import (
 from bench.loadgen import CpuMeter, Measurement, process_tree, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.peer_bench import BLS, RAY
-from bench.processes import MODELS, serve, start_proxy
+from bench.processes import MODELS, serve, start_proxy, stop_on_sigterm
 from bench.report import Row, check_targets, render_markdown, render_plot
 from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
 
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a short run that proves the harness works")
     parser.add_argument("--skip-seed", action="store_true", help="leave out the seed's design")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     if args.smoke:
         args.concurrency, args.seconds, args.repeats, args.warmup = "1,16", 1.0, 1, 0.5
     levels = [int(c) for c in args.concurrency.split(",")]

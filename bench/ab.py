@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
-from bench.processes import MODELS, start_proxy
+from bench.processes import MODELS, start_proxy, stop_on_sigterm
 from local_triton import TritonServer
 
 BODY = b'{"data": [[6.3, 3.3, 6.0, 2.5]]}'
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
+    stop_on_sigterm()
     with ExitStack() as stack:
         triton = stack.enter_context(TritonServer(http_port=0, grpc_port=0, metrics_port=0))
         proxies = {

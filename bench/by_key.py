@@ -31,7 +31,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.loadgen import CpuMeter, Measurement, run_wrk
-from bench.processes import MODELS, compositions_proxy
+from bench.processes import MODELS, compositions_proxy, stop_on_sigterm
 from client_proxy.feature_loader import read_csv
 from local_triton import TritonServer
 from local_triton.server import BY_KEY_REPOSITORY
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     print(by_key_section(args.seconds, args.repeats, args.warmup))
     return 0
 

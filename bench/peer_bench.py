@@ -39,6 +39,7 @@ import numpy as np
 from bench.connections import rss_kib
 from bench.loadgen import Measurement, process_tree
 from local_triton import free_ports
+from local_triton.server import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "bench" / "peers"
@@ -88,6 +89,7 @@ def start_ray(stack: ExitStack, folder: Path) -> tuple[RayPeer | None, str]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ray's processes are its descendants: stopped as a group
+            preexec_fn=die_with_parent,  # and Serve shuts its cluster down if the bench is killed
         )
     stack.callback(_stop, process)
     url = f"http://127.0.0.1:{port}"

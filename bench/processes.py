@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,9 +13,21 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from local_triton import TritonServer, free_ports
-from local_triton.server import terminate
+from local_triton.server import die_with_parent, terminate
 
 MODELS = ["setosa", "versicolor", "virginica"]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does: its ``with`` blocks and ``finally`` clauses run,
+    so the servers it started are stopped (Python's default for SIGTERM ends it on the spot, and
+    a server started with its own session, as Ray's cluster is, would be left running)."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the stopping itself is not interrupted
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -33,7 +46,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
 def serve(
     args: list[str], env: dict[str, str], health_url: str, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    process = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=cwd,
+        preexec_fn=die_with_parent,  # a benchmark killed outright still takes its servers with it
+    )
     try:
         wait_http(health_url)
         yield process

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import run_wrk
-from bench.processes import start_proxy
+from bench.processes import start_proxy, stop_on_sigterm
 from local_triton import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=15.0, help="seconds per measured window")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     windows, idle, after = soak(args.seconds, args.concurrency, args.window)
     report = render(windows, idle, after, args.concurrency, args.window)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,14 @@ No figure is asserted: performance is measured by ``make bench``, never by a uni
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .conftest import ROOT
@@ -27,10 +31,7 @@ ROWS = [
 
 @pytest.mark.timeout(600)  # every section once, Ray Serve's cluster started and stopped among them
 def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+    result = _bench(["--smoke", "--out", str(tmp_path)], timeout=570)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = (tmp_path / "latest.md").read_text()
     for row in ROWS:
@@ -82,6 +83,80 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
     assert "| proxy iris_fanout, gRPC, grpcio server and client (before) | 16 |" in report
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report in result.stdout  # printed as well as written
+
+
+def _bench(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench args``; past ``timeout`` it is stopped as a user would (SIGTERM, so it
+    stops the servers it started; subprocess.run's timeout would SIGKILL it) and the test fails."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=120)
+            pytest.fail(f"the bench took over {timeout:.0f} s: {stdout[-2000:]}{stderr[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _bench_measuring(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[psutil.Process]]:
+    """The smoke bench, once it has started its servers and measures; and its descendants."""
+    output = tmp_path / "bench.out"
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench", "--smoke", "--skip-seed", "--out", str(tmp_path)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    while b" run 1/1 " not in output.read_bytes():
+        assert process.poll() is None, output.read_text()[-2000:]
+        time.sleep(0.2)
+    children = psutil.Process(process.pid).children(recursive=True)
+    names = {child.name() for child in children}
+    assert "tritonserver" in names and sum(n.startswith("python") for n in names) >= 1, names
+    return process, children
+
+
+def _left(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Those of ``processes`` still running (not zombies) after up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        left = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(process)
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_a_bench_stopped_with_sigterm_stops_every_server_it_started(tmp_path: Path) -> None:
+    # As CI's or a user's timeout stops it: the bench unwinds and stops Triton and its proxies.
+    process, children = _bench_measuring(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=120)
+    left = _left(children, within=30)
+    for child in left:
+        child.kill()
+    assert code == 128 + signal.SIGTERM  # it exited as SIGTERM asks, through its cleanup
+    assert not left, [(child.pid, child.name()) for child in left]
+
+
+@pytest.mark.timeout(300)
+def test_a_bench_killed_outright_still_takes_its_servers_with_it(tmp_path: Path) -> None:
+    # SIGKILL runs no cleanup: each server the bench started gets SIGTERM when it dies (Linux).
+    process, children = _bench_measuring(tmp_path)
+    process.kill()
+    process.wait()
+    left = _left(children, within=60)
+    for child in left:
+        child.kill()
+    assert not left, [(child.pid, child.name()) for child in left]
 
 
 def test_a_reference_that_completed_nothing_is_not_measured_rather_than_a_crash() -> None:
