@@ -9,7 +9,8 @@ configuration.
   counted once, by the worker that answered it), gauges merged as ``ProxyMetrics.ACROSS_WORKERS``
   says. A worker that stops leaves its counters and histograms in a file, so totals never go
   back when uvicorn replaces a worker (one killed outright takes its figures with it: Prometheus
-  takes the drop for a counter reset).
+  takes the drop for a counter reset). The experiments' comparisons (``GET /experiments``) are
+  shared the same way: each is a ``Topic``.
 - **Configuration.** SIGHUP to the supervisor (``Supervisor``, uvicorn's own with this one
   change) is handed to every worker, each of which reloads its files (``client_proxy.reloading``),
   instead of uvicorn's replacing of the workers. ``POST /admin/reload`` and the admin endpoints'
@@ -29,7 +30,8 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +162,31 @@ class Registry:
         return iter(self._metrics)
 
 
-class Sharing:
-    """One worker's side (see the module): its figures on a socket while it runs and in a file
-    when it stops, and every worker's figures gathered for a scrape."""
+@dataclass(frozen=True)
+class Topic:
+    """Something every worker keeps for itself and one answer shows for all: ``now()``, this
+    worker's as plain data; ``left()``, what it leaves for the others when it stops (None:
+    nothing)."""
 
-    def __init__(self, directory: Path, registry: CollectorRegistry, gauges: Mapping[str, str]) -> None:
+    now: Callable[[], Any]
+    left: Callable[[], Any] | None = None
+
+
+def metrics_topic(registry: CollectorRegistry) -> Topic:
+    """The metrics: a stopped worker leaves its counters and histograms."""
+    return Topic(
+        lambda: families_of(registry),
+        lambda: [f for f in families_of(registry) if f["type"] in _SUMMED],
+    )
+
+
+class Sharing:
+    """One worker's side (see the module): its topics on a socket while it runs and in a file
+    when it stops, and every worker's of a topic gathered for one answer."""
+
+    def __init__(self, directory: Path, topics: Mapping[str, Topic]) -> None:
         self._directory = directory
-        self._registry = registry
-        self._gauges = gauges
+        self._topics = topics
         self._pid = os.getpid()
         self._socket = directory / f"{self._pid}.sock"
         self._server: asyncio.AbstractServer | None = None
@@ -176,38 +195,44 @@ class Sharing:
         self._server = await asyncio.start_unix_server(self._answer, path=str(self._socket))
 
     async def aclose(self) -> None:
-        """Stops answering, and leaves this worker's counters and histograms for the others."""
+        """Stops answering, and leaves what its topics leave for the others."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self._socket.unlink()
-        kept = [f for f in families_of(self._registry) if f["type"] in _SUMMED]
+        kept = {name: topic.left() for name, topic in self._topics.items() if topic.left is not None}
         tmp = self._directory / f".{self._pid}.gone.tmp"
         tmp.write_text(json.dumps(kept))
         os.replace(tmp, self._directory / f"{self._pid}.gone")
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One question (a topic's name on a line), one answer (its JSON; ``null`` for a topic
+        this worker does not have), then the connection closes."""
         try:
-            writer.write(json.dumps(families_of(self._registry)).encode())
+            asked = await asyncio.wait_for(reader.readline(), ASK_TIMEOUT_S)
+            topic = self._topics.get(asked.decode(errors="replace").strip())
+            writer.write(json.dumps(topic.now() if topic is not None else None).encode())
             await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, TimeoutError, ValueError):
             pass
         finally:
             writer.close()
 
-    async def gather(self) -> Registry:
-        """Every worker's figures, merged, this worker's first."""
+    async def gather(self, name: str) -> list[Any]:
+        """Every worker's ``name``, this worker's first, then the running workers', then what
+        stopped workers left."""
         others = [p for p in self._directory.glob("*.sock") if p != self._socket]
-        asked = await asyncio.gather(*(self._ask(p) for p in others))
+        asked = await asyncio.gather(*(self._ask(p, name) for p in others))
         gone = []
         for path in self._directory.glob("*.gone"):
-            with contextlib.suppress(OSError, ValueError):
-                gone.append(json.loads(path.read_text()))
-        own = families_of(self._registry)
-        return Registry(merge([own, *(a for a in asked if a is not None), *gone], self._gauges))
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                left = json.loads(path.read_text()).get(name)
+                if left is not None:
+                    gone.append(left)
+        return [self._topics[name].now(), *(a for a in asked if a is not None), *gone]
 
-    async def _ask(self, path: Path) -> list[Family] | None:
+    async def _ask(self, path: Path, name: str) -> Any:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), ASK_TIMEOUT_S)
         except (OSError, TimeoutError):
@@ -215,14 +240,15 @@ class Sharing:
                 with contextlib.suppress(OSError):
                     path.unlink()  # a worker killed outright: its figures went with it
                 return None
-            logger.warning("metrics: worker %s does not answer; its figures are left out", path.stem)
+            logger.warning("workers: worker %s does not answer; its %s are left out", path.stem, name)
             return None
         try:
+            writer.write(f"{name}\n".encode())
+            await writer.drain()
             data = await asyncio.wait_for(reader.read(), ASK_TIMEOUT_S)
-            families: list[Family] = json.loads(data)
-            return families
+            return json.loads(data)
         except (OSError, ValueError, TimeoutError):
-            logger.warning("metrics: worker %s answered badly; its figures are left out", path.stem)
+            logger.warning("workers: worker %s answered badly; its %s are left out", path.stem, name)
             return None
         finally:
             writer.close()

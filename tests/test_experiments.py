@@ -254,6 +254,43 @@ def _agreement(
         assert httpx.get(f"{url}/experiments/nope", headers=AUTH, timeout=10).status_code == 404
 
 
+def test_with_two_workers_every_report_adds_up_both_workers_rows(
+    triton: TritonServer, tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]]
+) -> None:
+    # Each worker compares the requests it answered; a report, whichever worker gives it, has all.
+    x, _ = iris
+    expected, theirs = _ort_labels(x, "versicolor"), _ort_labels(x, "versicolor_v2")
+    differing = {i for i in range(len(x)) if expected[i] != theirs[i]}
+    experiments = "  iris:\n    candidates:\n      iris_v2: {shadow: 100}\n    sample: 50\n"
+    two = {"workers": 2, "services_file": tmp_path / "services.json"}
+    with _proxy(triton, tmp_path, _file(triton.grpc_url, experiments), **two) as url:
+        where: dict[str, int] = {}
+        for i, row in enumerate(x.tolist()):  # a connection each: both workers answer some
+            response = httpx.post(f"{url}/compositions/iris/label", json={"data": [row]}, timeout=10)
+            assert response.status_code == 200
+            where[response.headers["x-request-id"]] = i
+        assert len({request_id[:16] for request_id in where}) == 2  # each worker's own id prefix
+        deadline = time.monotonic() + 30
+        while (compared := metric(_scrape(url), "proxy_shadow_rows_total", experiment="iris")) < 150:
+            assert time.monotonic() < deadline, f"{compared} rows compared of 150"
+            time.sleep(0.05)
+        reporters = set()
+        for _ in range(200):
+            response = httpx.get(f"{url}/experiments/iris", headers=AUTH, timeout=10)
+            assert response.status_code == 200
+            reporters.add(response.headers["x-request-id"][:16])
+            report = response.json()
+            assert report["rows"] == {"agree": 150 - len(differing), "disagree": len(differing),
+                                      "failed": 0, "dropped": 0}  # fmt: skip
+            assert sorted(where[d["request_id"]] for d in report["disagreements"]) == sorted(differing)
+            assert "worker" not in report
+            listed = httpx.get(f"{url}/experiments", headers=AUTH, timeout=10).json()
+            assert listed["experiments"]["iris"]["rows"] == report["rows"]
+            if len(reporters) == 2:
+                break
+        assert len(reporters) == 2, "one worker gave every report"
+
+
 def test_a_slow_failing_or_down_shadow_changes_neither_the_answers_nor_their_p99(
     explicit_triton: TritonServer, tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]]
 ) -> None:

@@ -53,7 +53,7 @@ from client_proxy.reloading import Reloader, sighup_held
 from client_proxy.stores import open_store
 from client_proxy.triton.coalesce import Coalescer
 from client_proxy.triton.gateway import TritonGateway
-from client_proxy.workers import Sharing, first_generation, sharing_directory
+from client_proxy.workers import Sharing, Topic, first_generation, metrics_topic, sharing_directory
 
 logger = logging.getLogger("client_proxy")
 
@@ -163,8 +163,11 @@ def create_app(
     # Several workers (python -m client_proxy made their directory): metrics shared, and SIGHUP
     # through the supervisor for a change that must reach every worker.
     directory = sharing_directory(os.environ)
-    if directory is not None and settings.metrics:
-        state.sharing = Sharing(directory, metrics.registry, metrics.ACROSS_WORKERS)
+    if directory is not None:
+        topics = {"experiments": Topic(state.shadows.now, state.shadows.now)}
+        if settings.metrics:
+            topics["metrics"] = metrics_topic(metrics.registry)
+        state.sharing = Sharing(directory, topics)
     supervisor = os.getppid() if directory is not None else None
     reloader = state.reloader = Reloader(
         settings, os.environ, models, gateway.open, metrics, on_config, supervisor

@@ -241,3 +241,21 @@ class Shadows:
     def sample(self, experiment: str) -> list[dict[str, Any]]:
         """The experiment's disagreeing rows kept, the oldest first."""
         return list(self._samples.get(experiment, ()))
+
+    def now(self) -> dict[str, Any]:
+        """Every experiment's counts and rows kept, as plain data (what one worker shows the
+        others: ``merged``)."""
+        return {"counts": self.counts, "samples": {name: list(rows) for name, rows in self._samples.items()}}
+
+
+def merged(snapshots: list[dict[str, Any]], experiment: str, keep: int) -> tuple[dict[str, int], list[Any]]:
+    """One experiment's counts and disagreeing rows over several workers' ``Shadows.now()``:
+    the counts added up, the newest ``keep`` rows (the oldest first)."""
+    counts: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    for snapshot in snapshots:
+        for outcome, n in snapshot.get("counts", {}).get(experiment, {}).items():
+            counts[outcome] = counts.get(outcome, 0) + n
+        rows += snapshot.get("samples", {}).get(experiment, [])
+    rows.sort(key=lambda row: row["at"])  # stable: a worker's own order within a second
+    return counts, rows[-keep:] if keep > 0 else []

@@ -16,6 +16,7 @@ from client_proxy.core.dataplane import InferenceAnswer
 from client_proxy.core.declared import Configuration, load_configuration
 from client_proxy.core.experiments import PinRefused, compare, key_point, verdict_of
 from client_proxy.core.services import Service, TimeoutPolicy
+from client_proxy.core.shadows import merged
 from client_proxy.errors import InvalidInput
 
 SERVICES = [Service(n, "grpc", "triton:8001", n) for n in ("setosa", "versicolor", "virginica")]
@@ -166,3 +167,23 @@ def test_a_services_output_is_labelled_by_its_argmax_or_at_one_half() -> None:
     assert verdict_of(wide).labels == ["1", "0"]
     one = InferenceAnswer(service, TimeoutPolicy.PARTIAL, 2, outputs={"p": np.array([[0.2], [0.7]])})
     assert verdict_of(one).labels == ["0", "1"]
+
+
+def test_several_workers_counts_add_up_and_their_newest_rows_are_kept() -> None:
+    def row(at: str, request_id: str) -> dict[str, object]:
+        return {"at": at, "request_id": request_id, "row": 0}
+
+    first = {
+        "counts": {"iris": {"agree": 10, "disagree": 2, "failed": 0, "dropped": 1}},
+        "samples": {"iris": [row("2026-01-01T00:00:01Z", "a"), row("2026-01-01T00:00:03Z", "c")]},
+    }
+    second = {
+        "counts": {"iris": {"agree": 5, "disagree": 1, "failed": 2, "dropped": 0}, "other": {"agree": 9}},
+        "samples": {"iris": [row("2026-01-01T00:00:02Z", "b")]},
+    }
+    idle: dict[str, object] = {"counts": {}, "samples": {}}  # a worker that compared nothing yet
+    counts, rows = merged([first, second, idle], "iris", keep=2)
+    assert counts == {"agree": 15, "disagree": 3, "failed": 2, "dropped": 1}
+    assert [r["request_id"] for r in rows] == ["b", "c"]  # the newest two, the oldest first
+    assert merged([first, second], "iris", keep=0)[1] == []
+    assert merged([first], "nope", keep=5) == ({}, [])

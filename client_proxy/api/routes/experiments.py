@@ -4,13 +4,13 @@ same token: the disagreeing rows are the requests' answers."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from client_proxy.api.routes.admin import Admin
 from client_proxy.api.state import JSON, ProxyState
+from client_proxy.core.shadows import merged
 from client_proxy.errors import ProxyError
 
 router = APIRouter(prefix="/experiments", tags=["admin"])
@@ -21,39 +21,39 @@ class UnknownExperiment(ProxyError):
     code = "unknown_experiment"
 
 
-def _figures(state: ProxyState, name: str) -> dict[str, Any]:
-    counts = dict(state.shadows.counts.get(name, {})) if state.shadows is not None else {}
+async def _figures(state: ProxyState, name: str, keep: int) -> tuple[dict[str, Any], list[Any]]:
+    """The experiment's rows compared so far and the disagreeing rows kept: every worker's."""
+    assert state.shadows is not None
+    sharing = state.sharing
+    snapshots = await sharing.gather("experiments") if sharing is not None else [state.shadows.now()]
+    counts, sample = merged(snapshots, name, keep)
     for outcome in ("agree", "disagree", "failed", "dropped"):
         counts.setdefault(outcome, 0)
     compared = counts["agree"] + counts["disagree"]
-    found: dict[str, Any] = {
-        "rows": counts,
-        "agreement": round(counts["agree"] / compared, 6) if compared else None,
-    }
-    if state.settings.workers > 1:
-        found["worker"] = os.getpid()  # each worker compares its own requests' rows
-    return found
+    agreement = round(counts["agree"] / compared, 6) if compared else None
+    return {"rows": counts, "agreement": agreement}, sample
 
 
 @router.get("", response_class=JSON, responses={401: {"description": "Missing or wrong token"}})
 async def list_experiments(request: Request, by: Admin) -> JSON:
     """Every experiment: its variants, splits and shadows, and its rows compared so far."""
     state: ProxyState = request.app.state.proxy
-    experiments = state.config.experiments
-    return JSON(
-        {"experiments": {n: {**e.describe(), **_figures(state, n)} for n, e in sorted(experiments.items())}}
-    )
+    found = {}
+    for name, experiment in sorted(state.config.experiments.items()):
+        figures, _ = await _figures(state, name, 0)
+        found[name] = {**experiment.describe(), **figures}
+    return JSON({"experiments": found})
 
 
 @router.get("/{name}", response_class=JSON, responses={401: {}, 404: {}})
 async def experiment(request: Request, name: str, by: Admin) -> JSON:
     """One experiment, its rows compared (``agree``, ``disagree``, ``failed``; copies ``dropped``)
     and the disagreeing rows kept (``disagreements``, the oldest first): request id, row, both
-    answers."""
+    answers. With several workers, every worker's."""
     state: ProxyState = request.app.state.proxy
     found = state.config.experiments.get(name)
     if found is None:
         known = ", ".join(sorted(state.config.experiments)) or "none"
         raise UnknownExperiment(f"no experiment {name!r} (known: {known})")
-    sample = state.shadows.sample(name) if state.shadows is not None else []
-    return JSON({**found.describe(), **_figures(state, name), "disagreements": sample})
+    figures, sample = await _figures(state, name, found.sample)
+    return JSON({**found.describe(), **figures, "disagreements": sample})

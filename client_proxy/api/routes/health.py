@@ -14,6 +14,7 @@ from client_proxy.api.schemas import Health, HealthAll, Live, Metadata, Ready
 from client_proxy.api.state import JSON, State
 from client_proxy.core.services import Service, Target
 from client_proxy.errors import NotFound, UpstreamError
+from client_proxy.workers import Registry, merge
 
 router = APIRouter(tags=["operations"])
 
@@ -232,5 +233,9 @@ async def metrics(state: State) -> Response:
         state.metrics.service_ready.labels(service.name).set(1 if result["ready"] else 0)
     state.metrics.ready.set(1 if any(r["ready"] for _, r in readiness) and not state.draining else 0)
     # With several workers, every worker's figures (client_proxy.workers).
-    registry = await state.sharing.gather() if state.sharing is not None else state.metrics.registry
+    registry = (
+        Registry(merge(await state.sharing.gather("metrics"), state.metrics.ACROSS_WORKERS))
+        if state.sharing is not None
+        else state.metrics.registry
+    )
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
