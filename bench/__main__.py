@@ -42,10 +42,11 @@ from bench import (
     shadows,
     workers,
 )
-from bench.loadgen import CpuMeter, Measurement, process_tree, run_direct_fanout, run_wrk
+from bench.loadgen import CpuMeter, Measurement, run_direct_fanout, run_wrk
 from bench.otlp_receiver import Receiver, otlp_receiver
 from bench.peer_bench import BLS, RAY
 from bench.processes import MODELS, serve, start_proxy, stop_on_sigterm
+from bench.reaping import process_tree
 from bench.report import Row, check_targets, render_markdown, render_plot
 from local_triton import TRITON_RELEASE, TRITON_SERVER_VERSION, TritonServer, free_ports
 

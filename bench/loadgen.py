@@ -22,6 +22,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 
+from bench.reaping import process_tree
+
 WRK_TIMEOUT_S = 10  # wrk counts a request slower than this as an error instead of measuring it
 
 _DONE_HOOK = """
@@ -159,26 +161,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(p) for p in task.read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Triton's python backend stubs, uvicorn workers)."""
-    tree, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        tree.append(current)
-        queue += _children(current)
-    return tree
 
 
 class CpuMeter:

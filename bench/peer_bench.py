@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from bench.connections import rss_kib
-from bench.loadgen import Measurement, process_tree
+from bench.loadgen import Measurement
+from bench.reaping import end_leftovers, process_tree
 from local_triton import free_ports
 from local_triton.server import die_with_parent
 
@@ -111,33 +112,17 @@ def _tail(log: Path) -> str:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Ray Serve stopped as it stops itself (SIGTERM: serve and ray shut down), then whatever of
-    its cluster is still there a few seconds later killed (some of Ray's processes leave the
-    process group, and exit a moment after the driver)."""
+    """Ray Serve stopped as it stops itself (SIGTERM: serve and ray shut down, and the driver
+    ends what is left of its cluster), then whatever of it is still there a few seconds later
+    killed."""
     cluster = process_tree(process.pid)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(60)
-    deadline = time.monotonic() + 10
-    while (left := [pid for pid in cluster if _running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10  # a killed process is gone a moment later, not at once
-    while any(_running(pid) for pid in left) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    end_leftovers(cluster, grace=10)
     process.kill()
     process.wait()
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _post(url: str, body: bytes, timeout: float = 30) -> Any:

@@ -17,7 +17,7 @@ import pytest
 from numpy.typing import NDArray
 
 from bench import peer_bench
-from bench.loadgen import process_tree
+from bench.reaping import process_tree, running
 from local_triton import TritonServer
 from training import wine
 
@@ -86,4 +86,4 @@ def test_ray_serve_answers_the_iris_rows_as_onnxruntime_and_stops_whole(
         refused.value.close()
         cluster = process_tree(ray.pid)
         assert len(cluster) > 3  # the driver, Ray's own processes and the deployments' workers
-    assert not [pid for pid in cluster if peer_bench._running(pid)]  # none left behind
+    assert not [pid for pid in cluster if running(pid)]  # none left behind

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from numpy.typing import NDArray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+from bench.reaping import end_leftovers, session_members
 
 CLASSES = ("setosa", "versicolor", "virginica")
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -83,23 +86,55 @@ def application(repository: Path = REPOSITORY) -> Any:
     return deployment(Ingress).bind(*classifiers)
 
 
+#: How long the driver's shutdown may take before every process of its session is killed.
+SHUTDOWN_S = 30.0
+
+
+def _end_session(grace: float) -> None:
+    """Every other process of this session (the bench starts this driver in one of its own)
+    ended: given ``grace`` seconds, then killed."""
+    end_leftovers([p for p in session_members(os.getsid(0)) if p != os.getpid()], grace)
+
+
+def _end_session_after(delay: float) -> None:
+    """The session ended ``delay`` seconds from now, this process with it: a shutdown that hangs
+    leaves nothing behind."""
+    time.sleep(delay)
+    _end_session(grace=0)
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.peers.ray_serve", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args(argv)
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+
+    def on_signal(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: the shutdown is not cut short
+        stop.set()
+
+    def take_signals() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+
+    take_signals()
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+    take_signals()  # ray.init puts its own SIGTERM handler in place (sys.exit, anywhere)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(application(args.repository), route_prefix="/predict/label")
         print(f"ray serve: /predict/label on 127.0.0.1:{args.port}", flush=True)
         stop.wait()
     finally:
+        # Whatever the shutdown does, the cluster ends within SHUTDOWN_S: some of Ray's agents
+        # outlive it (seen: the dashboard and runtime-env agents still there a minute later when
+        # the bench was killed and nobody came to end them). They all stay in this session.
+        threading.Thread(target=_end_session_after, args=(SHUTDOWN_S,), daemon=True).start()
         serve.shutdown()
         ray.shutdown()
+        _end_session(grace=5)
     return 0
 
 
