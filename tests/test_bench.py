@@ -107,7 +107,9 @@ def _bench_measuring(tmp_path: Path) -> tuple[subprocess.Popen[bytes], list[psut
     with output.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "bench", "--smoke", "--skip-seed", "--out", str(tmp_path)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            # its temporary directories here: a bench killed outright leaves them behind
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)},
         )  # fmt: skip
     while b" run 1/1 " not in output.read_bytes():
         assert process.poll() is None, output.read_text()[-2000:]
