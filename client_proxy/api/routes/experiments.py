@@ -21,11 +21,15 @@ class UnknownExperiment(ProxyError):
     code = "unknown_experiment"
 
 
-async def _figures(state: ProxyState, name: str, keep: int) -> tuple[dict[str, Any], list[Any]]:
-    """The experiment's rows compared so far and the disagreeing rows kept: every worker's."""
+async def _snapshots(state: ProxyState) -> list[dict[str, Any]]:
+    """Every worker's comparisons (``Shadows.now()``), asked once per answer."""
     assert state.shadows is not None
     sharing = state.sharing
-    snapshots = await sharing.gather("experiments") if sharing is not None else [state.shadows.now()]
+    return await sharing.gather("experiments") if sharing is not None else [state.shadows.now()]
+
+
+def _figures(snapshots: list[dict[str, Any]], name: str, keep: int) -> tuple[dict[str, Any], list[Any]]:
+    """The experiment's rows compared so far and the disagreeing rows kept: every worker's."""
     counts, sample = merged(snapshots, name, keep)
     for outcome in ("agree", "disagree", "failed", "dropped"):
         counts.setdefault(outcome, 0)
@@ -39,8 +43,9 @@ async def list_experiments(request: Request, by: Admin) -> JSON:
     """Every experiment: its variants, splits and shadows, and its rows compared so far."""
     state: ProxyState = request.app.state.proxy
     found = {}
+    snapshots = await _snapshots(state)
     for name, experiment in sorted(state.config.experiments.items()):
-        figures, _ = await _figures(state, name, 0)
+        figures, _ = _figures(snapshots, name, 0)
         found[name] = {**experiment.describe(), **figures}
     return JSON({"experiments": found})
 
@@ -55,5 +60,5 @@ async def experiment(request: Request, name: str, by: Admin) -> JSON:
     if found is None:
         known = ", ".join(sorted(state.config.experiments)) or "none"
         raise UnknownExperiment(f"no experiment {name!r} (known: {known})")
-    figures, sample = await _figures(state, name, found.sample)
+    figures, sample = _figures(await _snapshots(state), name, found.sample)
     return JSON({**found.describe(), **figures, "disagreements": sample})
