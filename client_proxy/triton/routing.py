@@ -179,7 +179,8 @@ class Routing:
             pending[task] = (replica, now, hedge)
 
         send(replicas.pick(), False)
-        hedge_at: float | None = started + delay
+        # From the call going out: making a server's client on first use is not the replica's delay.
+        hedge_at: float | None = time.monotonic() + delay
         error: UpstreamError | None = None
         cause: BaseException | None = None
         try:

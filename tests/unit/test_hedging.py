@@ -105,11 +105,12 @@ def test_a_slow_call_is_hedged_on_another_replica_and_the_loser_is_cancelled() -
 def test_a_call_that_answers_before_the_delay_is_not_hedged() -> None:
     recorder = Recorder()
     gateway = _gateway(recorder)
-    service = _service("200ms")
-    call, cancelled = _calls({"a": 0.001, "b": 0.001})
+    # Calls that answer at once against a 5 s delay: only a stall of seconds could hedge one.
+    service = _service("5000ms")
+    call, cancelled = _calls({"a": 0.0, "b": 0.0})
 
     async def run() -> list[str]:
-        return [await gateway.routing.call(service, 2.0, call) for _ in range(10)]
+        return [await gateway.routing.call(service, 20.0, call) for _ in range(10)]
 
     assert sorted(set(asyncio.run(run()))) == ["a", "b"]
     assert recorder.hedges == [] and cancelled == []
