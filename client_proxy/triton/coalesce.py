@@ -77,7 +77,10 @@ class _Lane:
         """Whether a call may go out now: none is in flight, or all are late and a slot is free."""
         if self.in_flight == 0:
             return True
-        return self.in_flight < max_in_flight and now - self.started[-1] >= self.stall_s()
+        # The instant compared as ``_look_again`` computes it: ``now - started >= stall`` can be
+        # False by a rounding error at the very instant the timer was set for, and the timer
+        # set again at once, and again, until the clock ticks.
+        return self.in_flight < max_in_flight and now >= self.started[-1] + self.stall_s()
 
     def went_out(self, now: float) -> None:
         self.in_flight += 1
@@ -97,9 +100,13 @@ class Coalescer:
         max_rows: int,
         max_in_flight: int = 2,
         on_batch: Callable[[str, int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``on_batch(service name, rows, requests)`` hears of every Triton call sent."""
+        """``on_batch(service name, rows, requests)`` hears of every Triton call sent; ``clock``
+        is ``time.monotonic``, as the event loop's timers are (a test's own clock stands in for
+        both)."""
         self._infer = infer
+        self._clock = clock
         self._on_batch = on_batch
         self._max_rows = max_rows
         self._max_in_flight = max_in_flight
@@ -114,7 +121,7 @@ class Coalescer:
 
     async def infer(self, service: Service, x: Inputs, request_id: str, timeout: float) -> NDArray[Any]:
         lane = self._lane(service)
-        now = time.monotonic()
+        now = self._clock()
         if not lane.waiting and lane.may_send(self._max_in_flight, now):
             lane.went_out(now)
             if self._on_batch is not None:
@@ -122,7 +129,7 @@ class Coalescer:
             try:
                 return await self._infer(service, x, request_id, timeout)
             finally:
-                lane.came_back(now, time.monotonic())
+                lane.came_back(now, self._clock())
                 self._next_batch(service, lane)
         future: asyncio.Future[NDArray[Any]] = asyncio.get_running_loop().create_future()
         trace = tracing.current() if tracing.ENABLED else None
@@ -142,7 +149,7 @@ class Coalescer:
         waiting = lane.waiting
         trace = tracing.current() if tracing.ENABLED else None
         waiting.append(_Waiter(x, request_id, timeout, future, trace))
-        now = time.monotonic()
+        now = self._clock()
         if len(waiting) == 1 and lane.may_send(self._max_in_flight, now):
             self._next_batch(service, lane)
         else:
@@ -183,7 +190,7 @@ class Coalescer:
         lane.waiting = [w for w in lane.waiting if not w.future.done()]  # callers that gave up
         if not lane.waiting:
             return
-        now = time.monotonic()
+        now = self._clock()
         if not lane.may_send(self._max_in_flight, now):
             self._look_again(service, lane, now)
             return
@@ -259,14 +266,14 @@ class Coalescer:
             for waiter in batch:
                 if not waiter.future.done():
                     waiter.future.set_exception(bug)
-        lane.came_back(started, time.monotonic())
+        lane.came_back(started, self._clock())
         self._next_batch(service, lane)
 
     async def _alone(self, service: Service, waiter: _Waiter, started: float) -> None:
         """``waiter``'s input in a call of its own, within what is left of its time."""
         if waiter.future.done():
             return
-        left = max(waiter.timeout - (time.monotonic() - started), 0.001)
+        left = max(waiter.timeout - (self._clock() - started), 0.001)
         try:
             output = await self._infer(service, waiter.x, waiter.request_id, left)
         except UpstreamError as exc:

@@ -15,6 +15,8 @@ No tensor name is written here: each is read from the model's contract.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,9 +37,15 @@ from client_proxy.triton.routing import Routing
 class TritonGateway:
     """Calls the models behind the services. Shared by every request of one app."""
 
-    def __init__(self, settings: Settings, listener: Listener | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        listener: Listener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: what the routing's deadlines, hedges and ejections are timed by."""
         self.clients = Clients(settings)
-        self.routing = Routing(settings, self.clients, listener)
+        self.routing = Routing(settings, self.clients, listener, clock)
         # Late-bound: a test may stand in for the metadata read.
         self.contracts = ContractBook(lambda s, t: self.model_description(s, t), self.routing)
         # What the parts answer alone, bound once (``fits`` is asked on every request).

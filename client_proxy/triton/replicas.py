@@ -26,7 +26,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -148,7 +148,9 @@ class ReplicaSet:
         rng: random.Random | None = None,
         balancer: Balancer = "p2c",
         hedge_budget: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock``: seconds, as ``time.monotonic`` (a test's own clock stands in for it)."""
         self.service = service
         self.replicas = [Replica(t) for t in targets]
         self.balancer = balancer
@@ -162,6 +164,7 @@ class ReplicaSet:
         self._base_ejection_s = base_ejection_s
         self._max_ejection_s = max_ejection_s
         self._random = rng or random.Random()
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -170,7 +173,7 @@ class ReplicaSet:
         """The replica for the next call (none of ``exclude`` unless nothing else is left)."""
         if len(self.replicas) == 1:
             return self.replicas[0]
-        now = time.monotonic()
+        now = self._clock()
         excluded = {id(r) for r in exclude}
         left = [r for r in self.replicas if id(r) not in excluded] or self.replicas
         # Healthy ones; a half-open one takes a single probing call at a time.
@@ -189,7 +192,7 @@ class ReplicaSet:
 
     def other(self, tried: Iterable[Replica]) -> Replica | None:
         """A replica not in ``tried`` that may take a call now (not ejected), for a hedge."""
-        now = time.monotonic()
+        now = self._clock()
         excluded = {id(r) for r in tried}
         if not any(id(r) not in excluded and r.state(now) == "healthy" for r in self.replicas):
             return None
@@ -234,7 +237,7 @@ class ReplicaSet:
         other failures after ``failures_to_eject`` in a row; a failed probe always does."""
         self._call(replica, reason)
         replica.failures += 1
-        now = time.monotonic()
+        now = self._clock()
         probing = replica.ejected and now >= replica.ejected_until
         if fatal or probing or replica.failures >= self._failures_to_eject:
             if replica.ejected and not probing:
@@ -256,7 +259,7 @@ class ReplicaSet:
 
     def describe(self) -> list[dict[str, object]]:
         """Each replica's state and why, for ``/health/all`` and ``/metadata``."""
-        now = time.monotonic()
+        now = self._clock()
         out: list[dict[str, object]] = []
         for r in self.replicas:
             entry: dict[str, object] = {"target": r.name, "state": r.state(now), "outstanding": r.outstanding}

@@ -33,8 +33,17 @@ class Routing:
     """The replica sets of every service (shared by services with the same targets), and the
     calls routed through them."""
 
-    def __init__(self, settings: Settings, clients: Clients, listener: Listener | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        listener: Listener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: seconds, as ``time.monotonic`` (and the event loop's ``time``, by which
+        ``asyncio`` waits: a test's own clock stands in for both)."""
         self._settings = settings
+        self._clock = clock
         self._clients = clients
         self._listener = listener
         self._hedge = settings.default_hedge
@@ -55,6 +64,7 @@ class Routing:
                 max_ejection_s=settings.ejection_max_ms / 1000,
                 balancer=settings.balancer,
                 hedge_budget=settings.hedge_budget,
+                clock=self._clock,
             )
         return found
 
@@ -79,13 +89,14 @@ class Routing:
         delay = replicas.hedge_delay(service.hedge or self._hedge)
         if delay is not None and delay < timeout:
             return await self._hedged(service, replicas, timeout, delay, call, operation)
-        started = time.monotonic()
+        clock = self._clock
+        started = clock()
         tried: list[Replica] = []
         while True:
             replica = replicas.pick(tried)
             tried.append(replica)
             replica.outstanding += 1
-            sent = time.monotonic()
+            sent = clock()
             budget = timeout - (sent - started)
             try:
                 if tracing.ENABLED:
@@ -96,11 +107,11 @@ class Routing:
                 raise
             except Exception as exc:
                 error = translate(exc, service)
-                left = timeout - (time.monotonic() - started)
+                left = timeout - (clock() - started)
                 if not self._retry(service, replicas, replica, error, tried, left):
                     raise error from exc
             else:
-                replicas.latencies.add(time.monotonic() - sent)
+                replicas.latencies.add(clock() - sent)
                 replicas.succeeded(replica)
                 return result
             finally:
@@ -160,15 +171,15 @@ class Routing:
         spent, when no other replica may take calls, or when the deadline leaves less than the
         service's median latency (a hedge that cannot finish in time is only load). A fast
         failure is sent again as in ``call``."""
-        started = time.monotonic()
-        deadline = started + timeout
+        clock = self._clock
+        deadline = clock() + timeout
         pending: dict[asyncio.Task[T], tuple[Replica, float, bool]] = {}
         tried: list[Replica] = []
 
         def send(replica: Replica, hedge: bool) -> None:
             tried.append(replica)
             replica.outstanding += 1
-            now = time.monotonic()
+            now = clock()
             if tracing.ENABLED:
                 started_call = self._traced(
                     service, replica, operation, len(tried), hedge, call, deadline - now
@@ -180,12 +191,12 @@ class Routing:
 
         send(replicas.pick(), False)
         # From the call going out: making a server's client on first use is not the replica's delay.
-        hedge_at: float | None = time.monotonic() + delay
+        hedge_at: float | None = clock() + delay
         error: UpstreamError | None = None
         cause: BaseException | None = None
         try:
             while pending:
-                wait = None if hedge_at is None else max(hedge_at - time.monotonic(), 0.0)
+                wait = None if hedge_at is None else max(hedge_at - clock(), 0.0)
                 done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     hedge_at = None
@@ -196,7 +207,7 @@ class Routing:
                     replica.outstanding -= 1
                     exc = task.exception()
                     if exc is None:
-                        replicas.latencies.add(time.monotonic() - sent)
+                        replicas.latencies.add(clock() - sent)
                         replicas.succeeded(replica)
                         if hedge:
                             replicas.hedges_won += 1
@@ -204,7 +215,7 @@ class Routing:
                                 self._listener.hedge(service.name, "won")
                         return task.result()
                     error, cause = translate(exc, service), exc
-                    left = deadline - time.monotonic()
+                    left = deadline - clock()
                     if self._retry(service, replicas, replica, error, tried, left) and not pending:
                         other = replicas.pick(tried)
                         send(other, False)
@@ -233,7 +244,7 @@ class Routing:
         median = replicas.latencies.percentile(50) or 0.0
         if other is None:
             outcome = "no_replica"
-        elif deadline - time.monotonic() < max(median, MIN_RETRY_S):
+        elif deadline - self._clock() < max(median, MIN_RETRY_S):
             outcome = "deadline"
         elif not replicas.budget.take():
             outcome = "budget"

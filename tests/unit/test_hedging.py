@@ -1,12 +1,15 @@
 """Hedged calls and the balancers, on the gateway's own replica logic with calls that only sleep
-(no server: the hedging state machine alone; tests/test_hedging.py runs it against Triton)."""
+(no server: the hedging state machine alone; tests/test_hedging.py runs it against Triton).
+
+The calls sleep on a test clock (``virtual_time``): a hedge delay of 10 ms against a call of
+40 ms is decided by those figures alone, however busy the machine running the test is."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,6 +19,12 @@ from client_proxy.errors import UpstreamTimeout, UpstreamUnavailable
 from client_proxy.triton.gateway import TritonGateway
 from client_proxy.triton.replicas import HEDGE_BURST_CALLS, MIN_LATENCIES, ReplicaSet
 
+from .virtual_time import Clock, run_on
+
+#: The tests' clock: each test has its own gateway, and the clock only goes forward.
+CLOCK = Clock()
+
+T = TypeVar("T")
 A, B, C = (Target("grpc", f"{h}:8001", "m") for h in ("a", "b", "c"))
 
 
@@ -38,7 +47,11 @@ class Recorder:
 
 
 def _gateway(recorder: Recorder | None = None, **settings: Any) -> TritonGateway:
-    return TritonGateway(load_settings(**{"balancer": "round_robin", **settings}), recorder)
+    return TritonGateway(load_settings(**{"balancer": "round_robin", **settings}), recorder, CLOCK)
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return run_on(CLOCK, coroutine)
 
 
 def _service(hedge: str = "20ms", targets: tuple[Target, ...] = (A, B)) -> Service:
@@ -90,9 +103,9 @@ def test_a_slow_call_is_hedged_on_another_replica_and_the_loser_is_cancelled() -
         answer = await gateway.routing.call(service, 2.0, call)
         return answer, loop.time() - started
 
-    answer, took = asyncio.run(run())
+    answer, took = _run(run())
     assert answer == "b"  # round robin sent the first try to a, which did not answer in 20 ms
-    assert took < 1.0  # not a's 5 s
+    assert took == pytest.approx(0.021)  # the hedge's 20 ms and b's 1 ms, not a's 5 s
     assert cancelled == ["a"]
     assert recorder.hedges == ["sent", "won"]
     assert ("a", "cancelled") in recorder.outcomes and ("b", "ok") in recorder.outcomes
@@ -105,14 +118,13 @@ def test_a_slow_call_is_hedged_on_another_replica_and_the_loser_is_cancelled() -
 def test_a_call_that_answers_before_the_delay_is_not_hedged() -> None:
     recorder = Recorder()
     gateway = _gateway(recorder)
-    # Calls that answer at once against a 5 s delay: only a stall of seconds could hedge one.
-    service = _service("5000ms")
-    call, cancelled = _calls({"a": 0.0, "b": 0.0})
+    service = _service("200ms")
+    call, cancelled = _calls({"a": 0.199, "b": 0.001})
 
     async def run() -> list[str]:
-        return [await gateway.routing.call(service, 20.0, call) for _ in range(10)]
+        return [await gateway.routing.call(service, 2.0, call) for _ in range(10)]
 
-    assert sorted(set(asyncio.run(run()))) == ["a", "b"]
+    assert sorted(set(_run(run()))) == ["a", "b"]
     assert recorder.hedges == [] and cancelled == []
 
 
@@ -121,7 +133,7 @@ def test_the_first_answer_wins_even_when_it_is_the_first_try() -> None:
     gateway = _gateway(recorder)
     service = _service("10ms")
     call, cancelled = _calls({"a": 0.05, "b": 5.0})  # a is late, but b is later still
-    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "a"
+    assert _run(gateway.routing.call(service, 2.0, call)) == "a"
     assert recorder.hedges == ["sent"] and cancelled == ["b"]
 
 
@@ -134,7 +146,7 @@ def test_hedges_stay_within_their_budget() -> None:
     async def run() -> None:
         await asyncio.gather(*(gateway.routing.call(service, 2.0, call) for _ in range(300)))
 
-    asyncio.run(run())
+    _run(run())
     assert recorder.hedges.count("budget") > 0
     sent = recorder.hedges.count("sent")
     burst = 0.1 * HEDGE_BURST_CALLS
@@ -151,7 +163,7 @@ def test_no_hedge_when_the_deadline_leaves_less_than_a_typical_call() -> None:
     for _ in range(MIN_LATENCIES):
         replicas.latencies.add(0.1)  # the service usually takes 100 ms
     call, _ = _calls({"a": 0.04, "b": 0.04})
-    asyncio.run(gateway.routing.call(service, 0.06, call))  # 50 ms left at the hedge: too little
+    _run(gateway.routing.call(service, 0.06, call))  # 50 ms left at the hedge: too little
     assert recorder.hedges == ["deadline"]
 
 
@@ -174,7 +186,7 @@ def test_a_hedge_never_goes_to_an_ejected_replica_nor_with_one_replica() -> None
     replicas = gateway.replicas(service)
     replicas.failed(replicas.replicas[1], "unavailable", True, "down")
     call, _ = _calls({"a": 0.03, "b": 0.001})
-    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "a"
+    assert _run(gateway.routing.call(service, 2.0, call)) == "a"
     assert recorder.hedges == ["no_replica"]
     assert replicas.hedge_delay(Hedge(delay_ms=5)) is not None
     assert ReplicaSet("one", [A]).hedge_delay(Hedge(delay_ms=5)) is None
@@ -192,7 +204,7 @@ def test_a_fast_failure_while_the_hedge_is_out_leaves_the_hedge_to_answer() -> N
         await asyncio.sleep(0.05)
         return "b"
 
-    assert asyncio.run(gateway.routing.call(service, 2.0, call)) == "b"
+    assert _run(gateway.routing.call(service, 2.0, call)) == "b"
     assert recorder.hedges == ["sent", "won"]
     assert [r.outstanding for r in gateway.replicas(service).replicas] == [0, 0]
 
@@ -208,7 +220,7 @@ def test_a_request_given_up_cancels_both_calls() -> None:
                 await gateway.routing.call(service, 2.0, call)
         await asyncio.sleep(0)  # the cancelled calls run their last step
 
-    asyncio.run(run())
+    _run(run())
     assert sorted(cancelled) == ["a", "b"]
     assert [r.outstanding for r in gateway.replicas(service).replicas] == [0, 0]
 
@@ -244,7 +256,7 @@ def test_a_late_call_is_not_sent_again_but_a_fast_failure_is() -> None:
             except Exception as exc:
                 return exc
 
-        return asyncio.run(run()), tried
+        return _run(run()), tried
 
     assert scenario(UpstreamUnavailable("s: down", service="s")) == ("b", ["a", "b"])
     late, tried = scenario(TimeoutError())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import time
-import types
 
 import pytest
 
 from client_proxy.core.services import Target, parse_service
 from client_proxy.triton.replicas import ReplicaSet
+
+from .virtual_time import Clock
 
 A, B, C = (Target("grpc", f"{h}:8001", "m") for h in ("a", "b", "c"))
 
@@ -57,12 +57,15 @@ def test_load_spreads_over_healthy_replicas() -> None:
 
 def test_an_unreachable_replica_is_ejected_at_once_then_probed_and_returned() -> None:
     recorder = Recorder()
-    replicas = ReplicaSet("s", [A, B], recorder, base_ejection_s=0.05, rng=random.Random(3))
+    clock = Clock()
+    replicas = ReplicaSet("s", [A, B], recorder, base_ejection_s=0.05, rng=random.Random(3), clock=clock)
     dead = replicas.replicas[0]
     replicas.failed(dead, "unavailable", True, "s: its Triton server is unreachable")
     assert [r["state"] for r in replicas.describe()] == ["ejected", "healthy"]
     assert all(replicas.pick() is replicas.replicas[1] for _ in range(20))  # no call while ejected
-    time.sleep(0.06)
+    clock.advance(0.049)
+    assert replicas.describe()[0]["state"] == "ejected"
+    clock.advance(0.001)
     assert replicas.describe()[0]["state"] == "probing"
     probe = replicas.pick(exclude=[replicas.replicas[1]])
     assert probe is dead
@@ -75,13 +78,14 @@ def test_an_unreachable_replica_is_ejected_at_once_then_probed_and_returned() ->
 
 
 def test_the_back_off_doubles_with_each_ejection_in_a_row() -> None:
-    replicas = ReplicaSet("s", [A, B], base_ejection_s=1.0, max_ejection_s=3.0)
+    clock = Clock()
+    replicas = ReplicaSet("s", [A, B], base_ejection_s=1.0, max_ejection_s=3.0, clock=clock)
     replica = replicas.replicas[0]
     lengths = []
     for _ in range(4):
-        replica.ejected_until = 0.0  # its back-off has passed: the next failure is a failed probe
         replicas.failed(replica, "unavailable", True, "down")
-        lengths.append(round(replica.ejected_until - time.monotonic()))
+        lengths.append(replica.ejected_until - clock())
+        clock.advance(lengths[-1])  # its back-off has passed: the next failure is a failed probe
     assert lengths == [1, 2, 3, 3]  # doubling, up to max_ejection_s
 
 
@@ -106,15 +110,15 @@ def test_with_every_replica_ejected_the_one_back_soonest_is_still_called() -> No
     assert replicas.pick() is replicas.replicas[1]
 
 
-def test_the_ejection_settings_reach_every_replica_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ejection_settings_reach_every_replica_set() -> None:
     from client_proxy.config import load_settings
     from client_proxy.core.services import Service
-    from client_proxy.triton import replicas as replicas_module
     from client_proxy.triton.gateway import TritonGateway
 
-    now = 1000.0  # an injected clock: the ejection's length is read exactly
-    monkeypatch.setattr(replicas_module, "time", types.SimpleNamespace(monotonic=lambda: now))
-    gateway = TritonGateway(load_settings(ejection_failures=2, ejection_base_ms=50, ejection_max_ms=80))
+    clock = Clock()  # the ejection's length is read exactly
+    now = clock()
+    settings = load_settings(ejection_failures=2, ejection_base_ms=50, ejection_max_ms=80)
+    gateway = TritonGateway(settings, clock=clock)
     replicas = gateway.replicas(Service("s", "grpc", "a:8001", "m", more=(B,)))
     replica = replicas.replicas[0]
     replicas.failed(replica, "error", False, "failed")
