@@ -194,6 +194,11 @@ def _canonical_names(model: onnx.ModelProto) -> None:
 
 def _finalise(model: onnx.ModelProto) -> onnx.ModelProto:
     _canonical_names(model)
+    # skl2onnx lists the opsets in a set's order, which changes with each process's string
+    # hashing (PYTHONHASHSEED): sorted, the same model is the same bytes from any process.
+    opsets = sorted(model.opset_import, key=lambda opset: opset.domain)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
