@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -113,6 +114,34 @@ def test_metadata_config_and_health_as_triton_gives_them(proxy: str, triton: Tri
         with pytest.raises(InferenceServerException) as unimplemented:
             through.get_inference_statistics()
         assert unimplemented.value.status() == "StatusCode.UNIMPLEMENTED"
+    finally:
+        direct.close()
+        through.close()
+
+
+def test_a_version_other_than_1_is_an_unknown_model_as_in_triton(proxy: str, triton: TritonServer) -> None:
+    """As over HTTP: version 1 is the model, any other NOT_FOUND in Triton's words (metadata,
+    config, infer) and not ready (without an error, as Triton answers); Triton's classifier alike."""
+    direct, through = (
+        grpcclient.InferenceServerClient(triton.grpc_url),
+        grpcclient.InferenceServerClient(proxy),
+    )
+    try:
+        for client, model in ((direct, "virginica"), (through, "iris_fanout"), (through, "virginica")):
+            calls = {
+                "metadata": partial(client.get_model_metadata, model, "2"),
+                "config": partial(client.get_model_config, model, "2"),
+                "infer": partial(client.infer, model, [_row()], model_version="2"),
+            }
+            for what, call in calls.items():
+                with pytest.raises(InferenceServerException) as error:
+                    call()
+                assert error.value.status() == "StatusCode.NOT_FOUND", (model, what)
+                assert f"Request for unknown model: '{model}' version 2 is not found" in str(error.value)
+            assert not client.is_model_ready(model, "2") and client.is_model_ready(model, "1")
+            assert client.get_model_metadata(model, "1", as_json=True)["name"] == model
+            assert client.get_model_config(model, "1", as_json=True)["config"]["name"] == model
+            assert client.infer(model, [_row()], model_version="1").get_response().outputs
     finally:
         direct.close()
         through.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,37 @@ def test_metadata_and_config_show_what_the_ensemble_shows(proxy: str, triton: Tr
         assert through.is_server_live() and through.is_server_ready()
         assert through.is_model_ready("iris_fanout") and not through.is_model_ready("nope")
         assert through.get_server_metadata()["name"] == "client_proxy"
+
+
+def test_a_version_other_than_1_is_an_unknown_model_as_in_triton(proxy: str, triton: TritonServer) -> None:
+    """Every model route under ``/versions/{version}``: version 1 is the model, any other a 404 in
+    Triton's words (metadata, config, infer), and not ready; Triton's own classifier alike."""
+    row = httpclient.InferInput("input", [1, 4], "FP32")
+    row.set_data_from_numpy(np.asarray([[6.3, 3.3, 6.0, 2.5]], dtype=np.float32))
+    with (
+        httpclient.InferenceServerClient(triton.http_url) as direct,
+        httpclient.InferenceServerClient(proxy) as through,
+    ):
+        for client, model in ((direct, "virginica"), (through, "iris_fanout"), (through, "virginica")):
+            calls = {
+                "metadata": partial(client.get_model_metadata, model, "2"),
+                "config": partial(client.get_model_config, model, "2"),
+                "infer": partial(client.infer, model, [row], model_version="2"),
+            }
+            for what, call in calls.items():
+                with pytest.raises(InferenceServerException) as error:
+                    call()
+                assert str(error.value.status()) == "404", (model, what)
+                assert f"Request for unknown model: '{model}' version 2 is not found" in str(error.value)
+            assert not client.is_model_ready(model, "2") and client.is_model_ready(model, "1")
+            assert client.get_model_metadata(model, "1")["name"] == model
+            assert client.get_model_config(model, "1")["name"] == model
+            assert (
+                client.infer(model, [row], model_version="1").as_numpy(
+                    "class_name" if model == "iris_fanout" else "probabilities"
+                )
+                is not None
+            )
 
 
 def test_a_service_passes_through_as_its_model(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import numpy as np
@@ -24,12 +24,19 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from client_proxy import tracing
 from client_proxy.api import grpc_calls, grpc_wire
-from client_proxy.api.oip import SERVER, from_bytes, inference_request, outputs_of, raw_outputs
+from client_proxy.api.oip import (
+    SERVER,
+    check_version,
+    from_bytes,
+    inference_request,
+    outputs_of,
+    raw_outputs,
+)
 from client_proxy.api.reading import CallOptions
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.dataplane import InferenceRequest
-from client_proxy.core.served import VERSION
+from client_proxy.core.served import VERSION, Served
 from client_proxy.errors import InvalidInput, ProxyError
 from client_proxy.http2 import Limits
 from client_proxy.observability import request_id_from
@@ -62,8 +69,9 @@ _CONTENTS = {
 }
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: ProxyError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: ProxyError) -> NoReturn:
     await context.abort(_CODES.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
+    raise AssertionError("context.abort returned")  # it raises, in grpcio and in the lean server
 
 
 def _decode_contents(tensor: Any, shape: list[int]) -> NDArray[Any]:
@@ -140,32 +148,28 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerMetadataResponse(**SERVER)
 
-    def _version(self, name: str, version: str) -> None:
-        if version not in ("", VERSION):
-            raise InvalidInput(f"Request for unknown model: '{name}' version {version} is not found")
-
     async def ModelReady(self, request: Any, context: Any) -> Any:
+        if request.version not in ("", VERSION):
+            return service_pb2.ModelReadyResponse(ready=False)  # as Triton answers
         try:
-            self._version(request.name, request.version)
             ready = await self._state.plane.models.ready(request.name, self._timeout)
         except ProxyError as exc:
             await _abort(context, exc)
         return service_pb2.ModelReadyResponse(ready=ready)
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+    async def _described(self, request: Any, context: Any) -> Served:
         try:
-            self._version(request.name, request.version)
-            served = await self._state.plane.models.describe(request.name, self._timeout)
+            check_version(request.name, request.version)
+            return await self._state.plane.models.describe(request.name, self._timeout)
         except ProxyError as exc:
             await _abort(context, exc)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        served = await self._described(request, context)
         return json_format.ParseDict(served.metadata(), service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        try:
-            self._version(request.name, request.version)
-            served = await self._state.plane.models.describe(request.name, self._timeout)
-        except ProxyError as exc:
-            await _abort(context, exc)
+        served = await self._described(request, context)
         config = json_format.ParseDict(
             served.config(), model_config_pb2.ModelConfig(), ignore_unknown_fields=True
         )
@@ -225,7 +229,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if not admission.enter("grpc"):
             await context.abort(grpc.StatusCode.UNAVAILABLE, admission.reason())
         try:
-            self._version(request.model_name, request.model_version)
+            if request.model_version:
+                check_version(request.model_name, request.model_version)
             outputs = [o.name for o in request.outputs] or None
             variant = variant_key = None
             for key, value in context.invocation_metadata() or ():

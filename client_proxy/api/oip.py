@@ -26,6 +26,7 @@ from client_proxy.core.compositions import Composition
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.dataplane import InferenceAnswer, InferenceRequest
 from client_proxy.core.rules import Alert
+from client_proxy.core.served import VERSION, UnknownModel
 from client_proxy.core.services import TimeoutPolicy
 from client_proxy.errors import BadRequest, Failure, InvalidInput, InvalidJSON
 
@@ -240,6 +241,13 @@ def encode_response(
 
 
 # -- the request's parameters, and the answer as the protocol's tensors -------------------------
+def check_version(name: str, version: str | None) -> None:
+    """Only version 1 of each model is served (both doors; none named: the latest, 1). Another
+    is an unknown model, a 404 (gRPC NOT_FOUND) in Triton's words."""
+    if version not in (None, "", VERSION):
+        raise UnknownModel(f"Request for unknown model: '{name}' version {version} is not found")
+
+
 def inference_request(
     model: str,
     endpoint: str,

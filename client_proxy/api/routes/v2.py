@@ -8,6 +8,7 @@ request, 404 for an unknown model, 503 when too few services answered, 504 past 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -16,6 +17,7 @@ from client_proxy.api.fastlane import LaneRoute, Reply, reply, route
 from client_proxy.api.oip import (
     HEADER,
     SERVER,
+    check_version,
     http_answer,
     inference_request,
     parse_request,
@@ -34,8 +36,8 @@ from client_proxy.api.schemas import (
     oip_errors,
 )
 from client_proxy.api.state import ProxyState
-from client_proxy.core.served import VERSION
-from client_proxy.errors import InvalidInput, ProxyError
+from client_proxy.core.served import VERSION, Served
+from client_proxy.errors import ProxyError
 
 
 def _error(exc: ProxyError) -> Reply:
@@ -45,10 +47,9 @@ def _error(exc: ProxyError) -> Reply:
 
 
 def _version(request: Request) -> None:
-    version = request.path_params.get("version")
-    if version not in (None, "", VERSION):
-        name = request.path_params["name"]
-        raise InvalidInput(f"Request for unknown model: '{name}' version {version} is not found")
+    params = request.path_params
+    if "version" in params:  # a route under /versions/{version}
+        check_version(params["name"], params["version"])
 
 
 def _timeout(state: ProxyState) -> float:
@@ -76,25 +77,23 @@ async def server_ready(request: Request) -> Reply:
     return reply({"ready": False, "error": "the default fan-out is not ready"}, 503)
 
 
-async def model_metadata(request: Request) -> Reply:
+async def _described(request: Request, view: Callable[[Served], dict[str, Any]]) -> Reply:
     state: ProxyState = request.app.state.proxy
     try:
         _version(request)
         served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
     except ProxyError as exc:
         return _error(exc)
-    return reply(served.metadata())
+    return reply(view(served))
+
+
+async def model_metadata(request: Request) -> Reply:
+    return await _described(request, Served.metadata)
 
 
 async def model_config(request: Request) -> Reply:
     """Triton's model configuration extension (``perf_analyzer`` reads it)."""
-    state: ProxyState = request.app.state.proxy
-    try:
-        _version(request)
-        served = await state.plane.models.describe(request.path_params["name"], _timeout(state))
-    except ProxyError as exc:
-        return _error(exc)
-    return reply(served.config())
+    return await _described(request, Served.config)
 
 
 async def model_ready(request: Request) -> Reply:
