@@ -17,7 +17,7 @@ import time
 import urllib.request
 from contextlib import ExitStack
 
-from bench.loadgen import CpuMeter, Measurement, run_wrk
+from bench.loadgen import Measurement, interleaved_runs, run_wrk
 from bench.processes import start_proxy
 from local_triton import TritonServer
 
@@ -59,16 +59,15 @@ def workers_section(triton: TritonServer, seconds: float, repeats: int, warmup: 
         }
         for workers, (url, _) in proxies.items():
             _wait_for_workers(url, workers)
+        named = {f"workers={n}": proxies[n] for n in WORKERS}
         for concurrency in LEVELS:
             for url, _ in proxies.values():
                 run_wrk(f"{url}/predict/label", BODY, concurrency, warmup)
-            for _ in range(repeats):
-                for workers, (url, pid) in proxies.items():
-                    meter = CpuMeter({"proxy": pid, "triton": triton_pid})
-                    meter.start()
-                    measurement = run_wrk(f"{url}/predict/label", BODY, concurrency, seconds)
-                    measurement.cpu_s = meter.stop()
-                    results.setdefault((workers, concurrency), []).append(measurement)
+            measured = interleaved_runs(
+                named, "/predict/label", BODY, concurrency, repeats, seconds, triton_pid, "several workers"
+            )
+            for n in WORKERS:
+                results[n, concurrency] = measured[f"workers={n}"]
         scrape = {workers: _scrape_ms(url) for workers, (url, _) in proxies.items()}
 
     lines = [
