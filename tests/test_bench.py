@@ -67,6 +67,11 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
         assert f"| {row} |" in shadows, row
     every = next(line for line in shadows.splitlines() if line.startswith("| shadow on every request |"))
     assert int(every.split("|")[-3].strip().replace(",", "")) > 0  # copies answered
+    # Several workers: one and two, each measured, and the ratio between them.
+    several = report.split("## Several workers", 1)[1].split("\n## ", 1)[0]
+    for workers in (1, 2):
+        assert f"| {workers} | 16 |" in several, workers
+    assert "Two workers against one, requests per second: c=16: " in several
     # Inputs by key: the three ways on each store, and where the time goes.
     assert "## Inputs by key" in report and "Where the time goes" in report
     for store in ("sqlite", "redis", "postgresql"):

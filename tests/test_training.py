@@ -106,16 +106,10 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-def test_training_reproduces_the_committed_models_under_blas_kernel(
-    kernel: str, tmp_path: Path, iris: tuple[np.ndarray, np.ndarray]
-) -> None:
-    if KERNELS[kernel] not in _cpu_flags():
-        pytest.skip(f"this CPU lacks {KERNELS[kernel]}, which OpenBLAS's {kernel} kernel needs")
-    env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
-    env.pop("OPENBLAS_L2_SIZE", None)
+def _retrain(output: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Training into ``output`` in a process of its own, with ``env``; it prints OpenBLAS's kernels."""
     done = subprocess.run(
-        [sys.executable, "-c", _RETRAIN, str(tmp_path)],
+        [sys.executable, "-c", _RETRAIN, str(output)],
         env=env,
         cwd=MODEL_REPOSITORY.parent,
         capture_output=True,
@@ -124,6 +118,18 @@ def test_training_reproduces_the_committed_models_under_blas_kernel(
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_training_reproduces_the_committed_models_under_blas_kernel(
+    kernel: str, tmp_path: Path, iris: tuple[np.ndarray, np.ndarray]
+) -> None:
+    if KERNELS[kernel] not in _cpu_flags():
+        pytest.skip(f"this CPU lacks {KERNELS[kernel]}, which OpenBLAS's {kernel} kernel needs")
+    env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
+    env.pop("OPENBLAS_L2_SIZE", None)
+    done = _retrain(tmp_path, env)
     # The kernel really was the one asked for (OpenBLAS ignores a name it does not know).
     assert kernel in json.loads(done.stdout.splitlines()[-1])
     assert_reproduces_committed(tmp_path, iris[0])
@@ -134,16 +140,7 @@ def test_training_is_deterministic(retrained: Path, tmp_path: Path) -> None:
     string hashing differs (PYTHONHASHSEED 0 and 1 list skl2onnx's opsets in other orders)."""
     assert main(["--output", str(tmp_path / "again")]) == 0
     for seed in ("0", "1"):
-        done = subprocess.run(
-            [sys.executable, "-m", "training", "--output", str(tmp_path / seed)],
-            env={**os.environ, "PYTHONHASHSEED": seed},
-            cwd=MODEL_REPOSITORY.parent,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        _retrain(tmp_path / seed, {**os.environ, "PYTHONHASHSEED": seed})
     for name in MODELS:
         first = (retrained / name / "1" / "model.onnx").read_bytes()
         for run in ("again", "0", "1"):
