@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,22 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 
 #: The session's Triton servers, once started: each test checks they are still alive after it.
 _SESSION_SERVERS: list[TritonServer] = []
+
+
+#: Where Triton's Python backend makes a directory per Python model it loads (a fixed path in
+#: its code, not $TMPDIR), left behind, empty, by a server that is stopped.
+PYTHON_ENVS = "/tmp/python_env_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_python_envs_left() -> Iterator[None]:
+    """The empty ``python_env_*`` directories the session's Tritons left are removed at its end;
+    those that were there before it, or that hold anything, are not touched."""
+    before = set(glob.glob(PYTHON_ENVS))
+    yield
+    for folder in set(glob.glob(PYTHON_ENVS)) - before:
+        with contextlib.suppress(OSError):  # not empty, or not ours to remove
+            os.rmdir(folder)
 
 
 @pytest.fixture(autouse=True)
