@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +114,20 @@ def proxy_process(
         terminate(process)
         if own_log is not None:
             own_log.close()
+
+
+@contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A temporary directory of the test's own directly under /tmp, removed afterwards: for a
+    program started with it as ``TMPDIR`` that puts Unix sockets below it (Ray: its session in
+    ``$TMPDIR/ray``, instead of ``/tmp/ray``), whose paths pytest's ``tmp_path`` makes too long
+    (108 bytes at most)."""
+    folder = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))
+    folder.chmod(0o711)  # other users may pass through, as /tmp lets them (PostgreSQL runs as its own)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def processes_mentioning(text: str, *also: str) -> list[int]:

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from .conftest import ROOT
+from .helpers import short_tmpdir
 
 ROWS = [
     "Triton iris_ensemble, direct (HTTP)",
@@ -93,10 +94,14 @@ def test_bench_smoke_writes_the_report_and_the_plot(tmp_path: Path) -> None:
 def _bench(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """``python -m bench args``; past ``timeout`` it is stopped as a user would (SIGTERM, so it
     stops the servers it started; subprocess.run's timeout would SIGKILL it) and the test fails."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "bench", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    ) as process:  # fmt: skip
+    with (
+        short_tmpdir() as tmpdir,  # the bench's temporary directories and Ray's, not /tmp/ray
+        subprocess.Popen(
+            [sys.executable, "-m", "bench", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TMPDIR": str(tmpdir)},
+        ) as process,
+    ):  # fmt: skip
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -22,6 +22,7 @@ from local_triton import TritonServer
 from training import wine
 
 from .conftest import MODEL_REPOSITORY
+from .helpers import short_tmpdir
 
 CLASSES = ("setosa", "versicolor", "virginica")
 
@@ -69,12 +70,14 @@ def test_triton_bls_answers_the_wine_rows_as_the_weighted_mean(bls_triton: Trito
 
 
 def test_ray_serve_answers_the_iris_rows_as_onnxruntime_and_stops_whole(
-    tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]]
+    tmp_path: Path, iris: tuple[NDArray[np.float32], NDArray[np.int64]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x, _ = iris
     scores = np.stack([_p(n, x) for n in CLASSES], axis=1)
     expected = [CLASSES[i] for i in scores.argmax(axis=1)]
     with ExitStack() as stack:
+        # Ray's session (its logs and sockets) in a directory of the test's own, not /tmp/ray.
+        monkeypatch.setenv("TMPDIR", str(stack.enter_context(short_tmpdir())))
         ray, reason = peer_bench.start_ray(stack, tmp_path)
         assert ray is not None, f"Ray Serve did not start: {reason}"
         assert peer_bench._labels(f"{ray.url}/predict/label", x.tolist()) == expected
