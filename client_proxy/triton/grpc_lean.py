@@ -309,6 +309,7 @@ class LeanChannel:
         block = self._block(path, timeout)
         if metadata:
             block += b"".join(literal(k.lower().encode(), v.encode()) for k, v in metadata.items())
+        sent = time.monotonic()
         stream = connection.start(block, message, future)
         timer = loop.call_at(deadline, _expire, future)
         try:
@@ -319,7 +320,7 @@ class LeanChannel:
         except CallError as exc:
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 connection.forget(stream, self._cancel)
-                if time.monotonic() - connection.last_heard >= timeout:
+                if connection.last_heard <= sent:  # not a word from the server since the call left
                     connection.suspect()
             raise
         finally:
