@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from bench.reaping import running
 from local_triton import TritonServer, free_ports
 from local_triton.server import BACKEND_DIR_PREFIX, remove_stale_backend_dirs
 from training import wine
@@ -33,15 +34,6 @@ from .helpers import (
     settings,
     stub_processes,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_stack_serves_the_seed_requests_and_stops_both(tmp_path: Path) -> None:
@@ -122,7 +114,7 @@ def test_a_crashed_triton_is_restarted_and_the_proxy_serves_throughout(tmp_path:
         assert statuses[503] + statuses[504] > 0, "the kill was never seen: the test proved nothing"
         back = min(t for t, s in results if s == 200 and t > killed_at)
         assert back - killed_at < 60, "the proxy did not answer 200 again within 60 s"
-        assert stack.pids("proxy") == [proxy_pid] and _alive(proxy_pid), "the proxy was restarted"
+        assert stack.pids("proxy") == [proxy_pid] and running(proxy_pid), "the proxy was restarted"
         assert len(stack.pids("Triton")) == 2 and stack.pids("Triton")[1] != triton_pid
         log = stack.err.read_text()
         assert "Triton was killed by signal 9" in log and "Triton is back" in log
@@ -143,7 +135,7 @@ def test_a_crashed_proxy_is_restarted_and_triton_keeps_running(tmp_path: Path) -
             time.sleep(0.2)
         stack.wait_serving(timeout=60)
         assert httpx.post(f"{stack.url}/predict/label", json={"data": [[1, 2, 3, 4]]}).status_code == 200
-        assert stack.pids("Triton") == [triton_pid] and _alive(triton_pid)
+        assert stack.pids("Triton") == [triton_pid] and running(triton_pid)
         assert "proxy was killed by signal 9" in stack.err.read_text()
         # "Back" once it answers /health/ready (which wait_serving saw), said once.
         deadline = time.monotonic() + 10

@@ -36,7 +36,7 @@ from client_proxy.api.reading import CallOptions
 from client_proxy.api.state import ProxyState
 from client_proxy.core.contracts import NUMPY_DTYPES
 from client_proxy.core.dataplane import InferenceRequest
-from client_proxy.core.served import VERSION, Served
+from client_proxy.core.served import VERSION, Served, UnknownModel
 from client_proxy.errors import InvalidInput, ProxyError
 from client_proxy.http2 import Limits
 from client_proxy.observability import request_id_from
@@ -149,7 +149,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.ServerMetadataResponse(**SERVER)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        if request.version not in ("", VERSION):
+        try:
+            check_version(request.name, request.version)
+        except UnknownModel:
             return service_pb2.ModelReadyResponse(ready=False)  # as Triton answers
         try:
             ready = await self._state.plane.models.ready(request.name, self._timeout)
