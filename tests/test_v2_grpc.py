@@ -200,17 +200,18 @@ def test_the_clients_deadline_is_the_requests_and_partial_answers_say_so(
 ) -> None:
     (port,) = free_ports(1)
     models = {"setosa": "setosa", "versicolor": "versicolor", "very_slow": "very_slow"}
-    # The service timeout (10 s) is not what cuts very_slow (3 s) here: the client's deadline is,
-    # and Triton's ``timeout`` parameter.
+    # The service timeout (20 s) is not what cuts very_slow (3 s) here: the client's deadline is,
+    # and Triton's ``timeout`` parameter. The proxy's deadline (15 s) leaves the last request room
+    # for the calls the earlier ones left running on very_slow (3 s each, queued on Triton).
     with running_proxy(
-        settings(grpc_port=port, deadline_ms=5000, service_timeout_ms=10_000),
+        settings(grpc_port=port, deadline_ms=15_000, service_timeout_ms=20_000),
         services_on(explicit_triton, "grpc", models),
     ):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         try:
             started = time.monotonic()
             result = client.infer("iris_fanout", [_row()], client_timeout=0.8)  # seconds: the gRPC deadline
-            assert time.monotonic() - started < 2.0  # the client's deadline, not the proxy's 5 s
+            assert time.monotonic() - started < 2.0  # the client's deadline, not the proxy's 15 s
             parameters = result.get_response().parameters
             assert parameters["partial"].bool_param is True
             assert parameters["missing"].string_param == "very_slow"
@@ -223,7 +224,7 @@ def test_the_clients_deadline_is_the_requests_and_partial_answers_say_so(
                     parameters={"timeout_policy": "all_or_nothing"},
                 )
             assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-            # Triton's timeout parameter (µs): without it very_slow would answer, 3 s on (within 5 s).
+            # Triton's timeout parameter (µs): without it very_slow would answer, 3 s on (within 15 s).
             quick = client.infer("iris_fanout", [_row()], timeout=300_000)
             assert quick.get_response().parameters["missing"].string_param == "very_slow"
             whole = client.infer("iris_fanout", [_row()])
